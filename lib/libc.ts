@@ -1,0 +1,124 @@
+/**
+ * Typed FFI to the few libc entry points Node does not offer. Every call here
+ * is synchronous on the main thread on purpose: ptrace requests belong to the
+ * tracer thread, and koffi's async calls would run on a worker and get ESRCH.
+ */
+import koffi from 'koffi';
+import { CkptError } from './errors.js';
+
+const libc = koffi.load('libc.so.6');
+
+const _ptraceN = libc.func('long ptrace(int req, int pid, uintptr_t addr, uintptr_t data)');
+const _ptraceP = libc.func('long ptrace(int req, int pid, uintptr_t addr, _Inout_ void *data)');
+const _waitpid = libc.func('int waitpid(int pid, _Out_ int *status, int options)');
+const _syscall = libc.func('long syscall(long nr, ...)');
+const _posixSpawn = libc.func(
+  'int posix_spawn(_Out_ int *pid, const char *path, void *fa, void *attr, const char **argv, const char **envp)',
+);
+const _kill = libc.func('int kill(int pid, int sig)');
+const _fcntl = libc.func('int fcntl(int fd, int cmd, ...)');
+const _prctl = libc.func('int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)');
+const _prctlP = libc.func('int prctl(int option, unsigned long a2, void *a3, unsigned long a4, unsigned long a5)');
+const _execvp = libc.func('int execvp(const char *file, const char **argv)');
+const _signal = libc.func('uintptr_t signal(int sig, uintptr_t handler)');
+const _sigprocmask = libc.func('int sigprocmask(int how, void *set, void *old)');
+const _setpriority = libc.func('int setpriority(int which, int who, int prio)');
+const _poll = libc.func('int poll(_Inout_ void *fds, unsigned long nfds, int timeout)');
+
+export const errnoNow = (): number => koffi.errno();
+export const addressOf = (buf: Buffer): bigint => koffi.address(buf) as bigint;
+
+/** Throw a CkptError carrying errno when a libc call returned -1. */
+function check(ret: number, op: string, detail: string): number {
+  if (ret === -1) {
+    const e = koffi.errno();
+    throw new CkptError(e, op, detail);
+  }
+  return ret;
+}
+
+export const sys = {
+  ptrace(req: number, pid: number, addr: number | bigint = 0, data: number | bigint = 0): number {
+    return _ptraceN(req, pid, addr, data) as number;
+  },
+  ptraceBuf(req: number, pid: number, addr: number | bigint, data: Buffer): number {
+    return _ptraceP(req, pid, addr, data) as number;
+  },
+  /** Returns [pid, status]; pid -1 with errno on failure, 0 with WNOHANG. */
+  waitpid(pid: number, options: number): [number, number] {
+    const st = [0];
+    const r = _waitpid(pid, st, options) as number;
+    return [r, st[0]];
+  },
+  /** Raw syscall with up to 6 long arguments; returns -1 and sets errno. */
+  syscall(nr: number, ...args: (number | bigint)[]): number {
+    const va: unknown[] = [];
+    for (const a of args) va.push('long', a);
+    return Number(_syscall(nr, ...va));
+  },
+  kill(pid: number, sig: number): number {
+    return _kill(pid, sig) as number;
+  },
+  tgkill(tgid: number, tid: number, sig: number): number {
+    return sys.syscall(SYS.tgkill, tgid, tid, sig);
+  },
+  fcntl(fd: number, cmd: number, arg = 0): number {
+    return _fcntl(fd, cmd, 'int', arg) as number;
+  },
+  prctl(option: number, a2: number | bigint = 0, a3: number | bigint = 0, a4 = 0, a5 = 0): number {
+    return _prctl(option, a2, a3, a4, a5) as number;
+  },
+  prctlBuf(option: number, a2: number, a3: Buffer): number {
+    return _prctlP(option, a2, a3, 0, 0) as number;
+  },
+  /** execvp(3): PATH search, the C environment as it is. */
+  execvp(file: string, argv: string[]): number {
+    return _execvp(file, [...argv, null]) as number;
+  },
+  signalDefault(sig: number): void {
+    _signal(sig, 0);
+  },
+  signalIgnore(sig: number): void {
+    _signal(sig, 1);
+  },
+  unblockAllSignals(): void {
+    _sigprocmask(2 /* SIG_SETMASK */, Buffer.alloc(128), null);
+  },
+  setpriority(which: number, who: number, prio: number): number {
+    return _setpriority(which, who, prio) as number;
+  },
+  /** poll(2) on one fd; returns revents or 0 on timeout. */
+  pollOne(fd: number, events: number, timeoutMs: number): number {
+    const b = Buffer.alloc(8);
+    b.writeInt32LE(fd, 0);
+    b.writeInt16LE(events, 4);
+    const r = check(_poll(b, 1, timeoutMs) as number, 'poll', `fd ${fd}`);
+    return r === 0 ? 0 : b.readInt16LE(6);
+  },
+  posixSpawn(path: string, argv: string[], envp: string[]): number {
+    const pid = [0];
+    const r = _posixSpawn(pid, path, null, null, [...argv, null], [...envp, null]) as number;
+    if (r !== 0) throw new CkptError(r, 'posix_spawn', path);
+    return pid[0];
+  },
+  pidfdOpen(pid: number): number {
+    return check(sys.syscall(SYS.pidfd_open, pid, 0), 'pidfd_open', `pid ${pid}`);
+  },
+  /** Duplicate fd `fd` of process `pid` into the supervisor. */
+  pidfdGetfd(pidfd: number, fd: number): number {
+    return sys.syscall(SYS.pidfd_getfd, pidfd, fd, 0);
+  },
+};
+
+export { check };
+
+/** x86-64 syscall numbers used by the supervisor or injected into tracees. */
+export const SYS = {
+  read: 0, write: 1, open: 2, close: 3, lseek: 8, mmap: 9, mprotect: 10, munmap: 11,
+  brk: 12, rt_sigaction: 13, rt_sigprocmask: 14, madvise: 28, dup2: 33, getpid: 39,
+  clone: 56, fork: 57, wait4: 61, kill: 62, fcntl: 72, chdir: 80, fchdir: 81, umask: 95,
+  getuid: 102, prctl: 157, arch_prctl: 158, gettid: 186, tgkill: 234, openat: 257,
+  mremap: 25, set_robust_list: 273, dup3: 292, rt_tgsigqueueinfo: 297,
+  pidfd_open: 434, clone3: 435, close_range: 436, pidfd_getfd: 438,
+  setresuid: 117, setresgid: 119, setgroups: 116, sigaltstack: 131, exit: 60,
+} as const;

@@ -1,0 +1,116 @@
+/** Readers of /proc/PID files. Pure parsing is exported separately for tests. */
+import fs from 'node:fs';
+
+export interface MapEntry {
+  start: bigint;
+  end: bigint;
+  perms: string; // "rwxp"
+  offset: bigint;
+  dev: string;
+  inode: number;
+  path: string; // "" for anonymous, "[heap]", "/usr/lib/...", "... (deleted)"
+  flags?: string[]; // VmFlags from smaps
+}
+
+export function parseMaps(text: string): MapEntry[] {
+  const out: MapEntry[] = [];
+  for (const line of text.split('\n')) {
+    if (!line) continue;
+    const m = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$/.exec(line);
+    if (!m) continue;
+    out.push({
+      start: BigInt('0x' + m[1]), end: BigInt('0x' + m[2]), perms: m[3],
+      offset: BigInt('0x' + m[4]), dev: m[5], inode: Number(m[6]), path: m[7],
+    });
+  }
+  return out;
+}
+
+/** smaps: the maps lines plus each VMA's VmFlags. */
+export function parseSmaps(text: string): MapEntry[] {
+  const out: MapEntry[] = [];
+  for (const line of text.split('\n')) {
+    if (/^[0-9a-f]+-[0-9a-f]+ /.test(line)) out.push(...parseMaps(line));
+    else if (line.startsWith('VmFlags:') && out.length) out[out.length - 1].flags = line.slice(8).trim().split(/\s+/);
+  }
+  return out;
+}
+
+export const readMaps = (pid: number): MapEntry[] => parseMaps(fs.readFileSync(`/proc/${pid}/maps`, 'utf8'));
+export const readSmaps = (pid: number): MapEntry[] => parseSmaps(fs.readFileSync(`/proc/${pid}/smaps`, 'utf8'));
+
+export function parseStatus(text: string): Map<string, string> {
+  const m = new Map<string, string>();
+  for (const line of text.split('\n')) {
+    const i = line.indexOf(':');
+    if (i > 0) m.set(line.slice(0, i), line.slice(i + 1).trim());
+  }
+  return m;
+}
+
+export const readStatus = (pid: number): Map<string, string> => parseStatus(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+
+/** /proc/PID/stat split after the comm field (which may hold spaces and parens). */
+export function parseStat(text: string): { comm: string; fields: string[] } {
+  const open = text.indexOf('(');
+  const close = text.lastIndexOf(')');
+  const rest = text.slice(close + 2).trim().split(' ');
+  // fields[0] is field 3 (state) of proc(5)
+  return { comm: text.slice(open + 1, close), fields: rest };
+}
+
+export function readStat(pid: number): { comm: string; field: (n: number) => string } {
+  const { comm, fields } = parseStat(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  return { comm, field: (n: number) => fields[n - 3] };
+}
+
+export function listTids(pid: number): number[] {
+  return fs.readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => a - b);
+}
+
+export function listFds(pid: number): number[] {
+  return fs.readdirSync(`/proc/${pid}/fd`).map(Number).sort((a, b) => a - b);
+}
+
+export interface FdInfo {
+  pos: bigint;
+  flags: number;
+  mntId: number;
+  extra: Map<string, string>;
+}
+
+export function parseFdinfo(text: string): FdInfo {
+  const kv = parseStatus(text);
+  return {
+    pos: BigInt(kv.get('pos') ?? '0'),
+    flags: parseInt(kv.get('flags') ?? '0', 8),
+    mntId: Number(kv.get('mnt_id') ?? 0),
+    extra: kv,
+  };
+}
+
+export const readFdinfo = (pid: number, fd: number): FdInfo =>
+  parseFdinfo(fs.readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+
+/** Pagemap entries for [start, end): bit 63 present, 62 swapped, 61 file/shared. */
+export function readPagemap(pid: number, start: bigint, end: bigint, fd?: number): BigUint64Array {
+  const pages = Number((end - start) / 4096n);
+  const buf = Buffer.alloc(pages * 8);
+  const own = fd === undefined;
+  const f = fd ?? fs.openSync(`/proc/${pid}/pagemap`, 'r');
+  try {
+    let done = 0;
+    while (done < buf.length) {
+      const n = fs.readSync(f, buf, done, buf.length - done, Number((start / 4096n) * 8n) + done);
+      if (n <= 0) break;
+      done += n;
+    }
+  } finally {
+    if (own) fs.closeSync(f);
+  }
+  return new BigUint64Array(buf.buffer, buf.byteOffset, pages);
+}
+
+export const PM_PRESENT = 1n << 63n;
+export const PM_SWAP = 1n << 62n;
+export const PM_FILE = 1n << 61n;

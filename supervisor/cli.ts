@@ -1,0 +1,50 @@
+#!/usr/bin/env node
+/** ckpt-supervise [options] -- prog args...: run prog as the root of a supervised tree. */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { Tracer } from './tracer.js';
+import { launch } from './spawn.js';
+import { sys } from '../lib/libc.js';
+import { Supervisor } from '../syscalls/context.js';
+import { serve } from '../syscalls/table.js';
+import { logError } from '../lib/log.js';
+
+const PR_SET_CHILD_SUBREAPER = 36, PRIO_PROCESS = 0;
+
+const argv = yargs(hideBin(process.argv))
+  .scriptName('ckpt-supervise')
+  .usage('$0 [options] -- prog [args...]\n\nRun prog as the root of a supervised tree that may call the ckpt system calls.')
+  .option('max-checkpoints', { type: 'number', default: 64, describe: 'cap on live in-memory checkpoints' })
+  .parserConfiguration({ 'halt-at-non-option': true, 'populate--': true })
+  .strict()
+  .help()
+  .parseSync();
+
+const cmd = [...(argv._ as string[]).map(String), ...((argv['--'] as string[] | undefined) ?? [])];
+if (cmd.length === 0) {
+  logError('no program given (usage: ckpt-supervise [options] -- prog args...)');
+  process.exit(2);
+}
+
+// Orphans of the tree come to us, so that their exits are reaped.
+sys.prctl(PR_SET_CHILD_SUBREAPER, 1);
+let rootPid: number;
+try {
+  rootPid = launch(cmd[0], cmd.slice(1));
+} catch (e) {
+  logError(`cannot start ${cmd[0]}: ${(e as Error).message}`);
+  process.exit(127);
+}
+// A terminal's ^C and ^\ go to the whole foreground group: the tree decides
+// what they mean, the supervisor outlives them. Also: the freeze window is
+// shorter at a higher priority (only this thread does the tracing).
+sys.signalIgnore(2);
+sys.signalIgnore(3);
+sys.setpriority(PRIO_PROCESS, 0, -10);
+
+const sv = new Supervisor(new Tracer((tracer, task) => serve(sv, tracer, task)), {
+  maxCheckpoints: argv['max-checkpoints'],
+});
+sv.tracer.rootPid = rootPid;
+sv.tracer.add(rootPid, rootPid);
+process.exit(sv.tracer.run());

@@ -1,0 +1,130 @@
+/**
+ * Remote syscalls (rr's AutoRemoteSyscalls): make a stopped tracee run
+ * syscalls we choose, then put back every register and byte we touched.
+ *
+ * From a seccomp stop the first call swaps orig_rax and runs to the syscall
+ * exit (PTRACE_SYSCALL). From any other stop we point rip at a `syscall`
+ * instruction and single-step it: the step trap is a SIGTRAP
+ * signal-delivery-stop, i.e. inside get_signal(), so when the saved
+ * registers are put back the kernel still applies its own -ERESTART*
+ * handling to the interrupted syscall and no such code leaks to the program.
+ */
+import { CkptError, errno } from '../lib/errors.js';
+import { PT, PTRACE_EVENT, Regs, getRegs, setRegs, getEventMsg } from '../lib/ptrace.js';
+import { sys, SYS } from '../lib/libc.js';
+import { RemoteMem } from '../lib/mem.js';
+import { readMaps } from '../lib/proc.js';
+import { log } from '../lib/log.js';
+import type { Task, Tracer } from './tracer.js';
+
+const SIGTRAP = 5;
+const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;
+
+export class Remote {
+  readonly saved: Regs;
+  private syscallAddr: bigint;
+  private scratchAddr = 0n;
+  private ownScratch = false;
+  /** Children created by an injected fork/clone, by their pid. */
+  readonly newChildren: number[] = [];
+  mem: RemoteMem;
+
+  constructor(private readonly tracer: Tracer, readonly task: Task) {
+    if (task.stop === 'running') throw new Error(`remote: task ${task.tid} is not stopped`);
+    this.saved = getRegs(task.tid);
+    this.mem = new RemoteMem(task.tid, true);
+    this.syscallAddr = this.findSyscallInsn();
+  }
+
+  /** rip-2 when the task sits just after a syscall instruction, else one in [vdso]. */
+  private findSyscallInsn(): bigint {
+    const rip = this.saved.get('rip');
+    try {
+      const b = this.mem.read(rip - 2n, 2);
+      if (b[0] === 0x0f && b[1] === 0x05) return rip - 2n;
+    } catch { /* rip at a page start; fall through */ }
+    const vdso = readMaps(this.task.tgid).find((m) => m.path === '[vdso]');
+    if (vdso) {
+      const text = this.mem.read(vdso.start, Number(vdso.end - vdso.start));
+      for (let i = 0; i + 1 < text.length; i++) if (text[i] === 0x0f && text[i + 1] === 0x05) return vdso.start + BigInt(i);
+    }
+    throw new CkptError(errno('EOPNOTSUPP'), 'remote', `task ${this.task.tid}: no syscall instruction found`);
+  }
+
+  /** Use another syscall instruction from now on (the restore gadget). */
+  useSyscallAt(addr: bigint): void {
+    this.syscallAddr = addr;
+  }
+
+  /** Run one syscall in the tracee; returns the raw (signed) result. */
+  call(nr: number, ...args: (bigint | number)[]): bigint {
+    const t = this.task;
+    const regs = this.saved.clone();
+    ARG_REGS.forEach((r, i) => regs.set(r, BigInt(args[i] ?? 0)));
+    let req: number;
+    if (t.stop === 'seccomp') {
+      regs.set('orig_rax', nr);
+      req = PT.SYSCALL;
+    } else {
+      regs.set('rip', this.syscallAddr);
+      regs.set('rax', nr);
+      // -1: no syscall in progress, so the kernel does not "restart" ours.
+      regs.set('orig_rax', -1n);
+      req = PT.SINGLESTEP;
+    }
+    setRegs(t.tid, regs);
+    for (;;) {
+      if (sys.ptrace(req, t.tid, 0, 0) === -1) throw this.gone();
+      const ev = this.tracer.wait(t.tid);
+      if (!ev || ev.kind !== 'stopped') throw this.gone();
+      if (ev.event === PTRACE_EVENT.FORK || ev.event === PTRACE_EVENT.CLONE || ev.event === PTRACE_EVENT.VFORK) {
+        const child = getEventMsg(t.tid);
+        this.tracer.add(child, ev.event === PTRACE_EVENT.CLONE ? undefined : child);
+        this.newChildren.push(child);
+        continue;
+      }
+      if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event === 0)) break;
+      if (ev.event === 0) t.heldSignals.push(ev.signal); // a real signal: keep it for later
+      // otherwise a stray PTRACE_EVENT_STOP (a pending interrupt): go on
+    }
+    t.stop = 'stopped';
+    const res = getRegs(t.tid).getSigned('rax');
+    log.remote('%d: syscall %d(%s) = %d', t.tid, nr, args.join(', '), res);
+    return res;
+  }
+
+  /** Like call(), but a negative result throws with its errno. */
+  check(what: string, nr: number, ...args: (bigint | number)[]): bigint {
+    const r = this.call(nr, ...args);
+    if (r < 0n && r > -4096n) throw new CkptError(Number(-r), what, `task ${this.task.tid}: injected syscall ${nr} failed`);
+    return r;
+  }
+
+  /** A page of scratch memory in the tracee (mapped on first use unless given). */
+  scratch(): bigint {
+    if (!this.scratchAddr) {
+      this.scratchAddr = this.check('remote:scratch', SYS.mmap, 0, 4096, 3, 0x22, -1, 0);
+      this.ownScratch = true;
+    }
+    return this.scratchAddr;
+  }
+
+  setScratch(addr: bigint): void {
+    this.scratchAddr = addr;
+    this.ownScratch = false;
+  }
+
+  /** Put back the registers (and free scratch) so the task is as we found it. */
+  finish(): void {
+    try {
+      if (this.ownScratch) this.call(SYS.munmap, this.scratchAddr, 4096);
+      setRegs(this.task.tid, this.saved);
+    } finally {
+      this.mem.close();
+    }
+  }
+
+  private gone(): CkptError {
+    return new CkptError(errno('ESRCH'), 'remote', `task ${this.task.tid} died during an injected syscall`);
+  }
+}

@@ -1,0 +1,160 @@
+/**
+ * The tracee registry and the one event loop. `wait` is the only waitpid
+ * call in the code base: every other part that needs a particular task to
+ * stop asks the tracer, so no stop is ever stolen or lost.
+ */
+import fs from 'node:fs';
+import { sys, errnoNow } from '../lib/libc.js';
+import { errno } from '../lib/errors.js';
+import { PT, PTRACE_EVENT, WALL, decodeWaitStatus, getEventMsg, type WaitEvent } from '../lib/ptrace.js';
+import { log } from '../lib/log.js';
+
+const SIGTRAP = 5, SIGSTOP = 19, SIGTSTP = 20, SIGTTIN = 21, SIGTTOU = 22;
+const STOP_SIGNALS = new Set([SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU]);
+
+export interface Task {
+  tid: number;
+  tgid: number;
+  /** Where a stopped task is parked, which decides how it can be resumed or used. */
+  stop: 'running' | 'seccomp' | 'stopped';
+  /** The stop event the loop has not dispatched yet (a frozen task's). */
+  parked?: WaitEvent;
+  /** Signals that arrived while we held the task; delivered when it runs again. */
+  heldSignals: number[];
+}
+
+export type SeccompHandler = (tracer: Tracer, task: Task) => void;
+
+export class Tracer {
+  readonly tasks = new Map<number, Task>();
+  /** Stops already collected (during a freeze or remote call) still to dispatch. */
+  private readonly pending: WaitEvent[] = [];
+  rootPid = 0;
+  rootStatus: { code: number } | { signal: number } | null = null;
+
+  constructor(private readonly onSeccomp: SeccompHandler) {}
+
+  /** Register a tracee we learnt about (fork event, auto-attach, launch). */
+  add(tid: number, tgid?: number): Task {
+    let t = this.tasks.get(tid);
+    if (!t) {
+      t = { tid, tgid: tgid ?? readTgid(tid) ?? tid, stop: 'running', heldSignals: [] };
+      this.tasks.set(tid, t);
+    }
+    return t;
+  }
+
+  /** All traced thread ids of process tgid. */
+  threadsOf(tgid: number): Task[] {
+    return [...this.tasks.values()].filter((t) => t.tgid === tgid);
+  }
+
+  processes(): number[] {
+    return [...new Set([...this.tasks.values()].map((t) => t.tgid))];
+  }
+
+  /**
+   * THE waitpid site. `pid` -1 waits for any tracee. Deaths are recorded here,
+   * whoever asked, so the registry can never miss one.
+   */
+  wait(pid = -1): WaitEvent | null {
+    for (;;) {
+      const [r, status] = sys.waitpid(pid, WALL);
+      if (r === -1) {
+        const e = errnoNow();
+        if (e === errno('EINTR')) continue;
+        return null; // ECHILD: nothing left to wait for
+      }
+      const ev = decodeWaitStatus(r, status);
+      if (ev.kind !== 'stopped') this.forget(ev);
+      else {
+        const t = this.tasks.get(r) ?? this.add(r);
+        t.stop = ev.event === PTRACE_EVENT.SECCOMP ? 'seccomp' : 'stopped';
+      }
+      return ev;
+    }
+  }
+
+  private forget(ev: Extract<WaitEvent, { kind: 'exited' | 'killed' }>): void {
+    const t = this.tasks.get(ev.pid);
+    this.tasks.delete(ev.pid);
+    if (ev.pid === this.rootPid) {
+      this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };
+    }
+    log.trace('%d %s %o', ev.pid, ev.kind, t ? '' : '(unregistered)');
+  }
+
+  /** Queue a stop for the loop to dispatch (e.g. a frozen task being thawed). */
+  defer(ev: WaitEvent): void {
+    this.pending.push(ev);
+  }
+
+  /** Resume a stopped task, first re-sending any signal we held back. */
+  resume(task: Task, sig = 0, req: number = PT.CONT): void {
+    for (const s of task.heldSignals.splice(0)) sys.tgkill(task.tgid, task.tid, s);
+    task.stop = 'running';
+    task.parked = undefined;
+    sys.ptrace(req, task.tid, 0, sig); // ESRCH: it died meanwhile, the loop will see it
+  }
+
+  /** Run until every tracee is gone; returns the exit status for the shell. */
+  run(): number {
+    for (;;) {
+      const ev = this.pending.shift() ?? this.wait(-1);
+      if (!ev) break;
+      this.dispatch(ev);
+    }
+    const st = this.rootStatus;
+    if (!st) return 1;
+    return 'code' in st ? st.code : 128 + st.signal;
+  }
+
+  private dispatch(ev: WaitEvent): void {
+    if (ev.kind !== 'stopped') return;
+    const task = this.tasks.get(ev.pid);
+    if (!task) return;
+    switch (ev.event) {
+      case PTRACE_EVENT.SECCOMP:
+        task.stop = 'seccomp';
+        this.onSeccomp(this, task);
+        return;
+      case PTRACE_EVENT.FORK:
+      case PTRACE_EVENT.VFORK:
+      case PTRACE_EVENT.CLONE: {
+        const child = getEventMsg(task.tid);
+        this.add(child, ev.event === PTRACE_EVENT.CLONE ? undefined : child);
+        this.resume(task);
+        return;
+      }
+      case PTRACE_EVENT.EXEC: {
+        // execve by a non-leader thread: the other threads are gone and the
+        // thread now runs under the leader's id.
+        const former = getEventMsg(task.tid);
+        for (const t of this.threadsOf(task.tgid)) if (t.tid !== task.tid) this.tasks.delete(t.tid);
+        if (former !== task.tid) this.tasks.delete(former);
+        this.resume(task);
+        return;
+      }
+      case PTRACE_EVENT.STOP:
+        if (STOP_SIGNALS.has(ev.signal)) {
+          // A group-stop: LISTEN keeps it stopped, as without a tracer, yet
+          // lets SIGCONT and our PTRACE_INTERRUPT through.
+          task.stop = 'running';
+          sys.ptrace(PT.LISTEN, task.tid, 0, 0);
+        } else this.resume(task);
+        return;
+      default:
+        if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event !== 0)) this.resume(task);
+        else this.resume(task, ev.signal); // a real signal: deliver it
+    }
+  }
+}
+
+export function readTgid(tid: number): number | undefined {
+  try {
+    const m = /^Tgid:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${tid}/status`, 'utf8'));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,28 @@
+/** What a syscall handler works with: no module globals, all state is here. */
+import type { Tracer, Task } from '../supervisor/tracer.js';
+
+export interface SupervisorOptions {
+  /** Cap on live in-memory checkpoints (EAGAIN past it). */
+  maxCheckpoints: number;
+}
+
+/** One supervisor's state: the tracer and everything the syscalls keep. */
+export class Supervisor {
+  private lastCrid = 0;
+  constructor(readonly tracer: Tracer, readonly options: SupervisorOptions) {}
+  newCrid(): number {
+    return ++this.lastCrid;
+  }
+}
+
+export interface SyscallCtx {
+  sv: Supervisor;
+  tracer: Tracer;
+  caller: Task;
+  args: bigint[];
+}
+
+/** A handler's outcome: the value for rax, or "the caller was already resumed elsewhere". */
+export const NO_RETURN = Symbol('no-return');
+export type HandlerResult = bigint | number | typeof NO_RETURN;
+export type Handler = (ctx: SyscallCtx) => HandlerResult;

@@ -1,0 +1,57 @@
+/**
+ * The syscall table (gVisor style): number -> handler. The tracer calls
+ * `serve` at every seccomp stop; handlers throw CkptError for errors, which
+ * become -errno in the caller plus one log line.
+ */
+import { NR, type SyscallName } from './abi.js';
+import { CkptError, asCkptError, errno, errnoName } from '../lib/errors.js';
+import { getRegs, setRegs } from '../lib/ptrace.js';
+import { log, logError } from '../lib/log.js';
+import type { Tracer, Task } from '../supervisor/tracer.js';
+import { NO_RETURN, type Handler, type Supervisor } from './context.js';
+import { checkpoint } from './checkpoint.js';
+import { restart } from './restart.js';
+
+const notYet = (name: string): Handler => () => {
+  throw new CkptError(errno('ENOSYS'), name, 'not implemented yet');
+};
+
+export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
+  [NR.checkpoint]: { name: 'checkpoint', handler: checkpoint },
+  [NR.restart]: { name: 'restart', handler: restart },
+  [NR.ckpt_writeback]: { name: 'ckpt_writeback', handler: notYet('ckpt_writeback') },
+  [NR.ckpt_release]: { name: 'ckpt_release', handler: notYet('ckpt_release') },
+  [NR.ckpt_query]: { name: 'ckpt_query', handler: notYet('ckpt_query') },
+};
+
+const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;
+
+export function serve(sv: Supervisor, tracer: Tracer, caller: Task): void {
+  const regs = getRegs(caller.tid);
+  const nr = Number(regs.getSigned('orig_rax'));
+  const args = ARG_REGS.map((r) => regs.get(r));
+  const entry = TABLE[nr];
+  let ret: bigint;
+  if (!entry) {
+    ret = -BigInt(errno('ENOSYS'));
+  } else {
+    try {
+      const r = entry.handler({ sv, tracer, caller, args });
+      if (r === NO_RETURN) return;
+      ret = BigInt(r);
+    } catch (e) {
+      const err = asCkptError(e, entry.name);
+      logError(`task ${caller.tid}: ${entry.name}: ${errnoName(err.errno)}: ${err.op === entry.name ? '' : err.op + ': '}${err.detail}`);
+      ret = -BigInt(err.errno);
+    }
+  }
+  log.syscall('%d: %s(%s) = %d', caller.tid, entry?.name ?? nr, args.slice(0, 3).join(', '), ret);
+  if (!tracer.tasks.has(caller.tid)) return; // the caller was in a killed subtree
+  // Whatever stop the caller is in now (seccomp, or a stop after injected
+  // syscalls that put its registers back), orig_rax -1 skips any syscall.
+  const now = getRegs(caller.tid);
+  now.set('rax', ret);
+  now.set('orig_rax', -1n);
+  setRegs(caller.tid, now);
+  tracer.resume(caller);
+}
