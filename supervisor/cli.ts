@@ -8,6 +8,10 @@ import { sys } from '../lib/libc.js';
 import { Supervisor } from '../syscalls/context.js';
 import { serve } from '../syscalls/table.js';
 import { logError } from '../lib/log.js';
+import { inheritedFds } from '../syscalls/resources/files.js';
+
+// Before anything else opens a descriptor: these are what we were given.
+const outsideFds = inheritedFds();
 
 const PR_SET_CHILD_SUBREAPER = 36, PRIO_PROCESS = 0;
 
@@ -44,6 +48,7 @@ sys.setpriority(PRIO_PROCESS, 0, -10);
 
 const sv = new Supervisor(new Tracer((tracer, task) => serve(sv, tracer, task)), {
   maxCheckpoints: argv['max-checkpoints'],
+  outsideFds,
 });
 sv.tracer.rootPid = rootPid;
 sv.tracer.add(rootPid, rootPid);

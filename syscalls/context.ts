@@ -4,6 +4,8 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 export interface SupervisorOptions {
   /** Cap on live in-memory checkpoints (EAGAIN past it). */
   maxCheckpoints: number;
+  /** The supervisor's own inherited descriptors: what "outside the tree" means. */
+  outsideFds: number[];
 }
 
 /** One supervisor's state: the tracer and everything the syscalls keep. */

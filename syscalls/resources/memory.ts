@@ -1,0 +1,281 @@
+/**
+ * Memory: capture and restore of a process's mappings and page contents.
+ *
+ * Capture describes every VMA, then streams only the pages that hold data of
+ * their own: for anonymous memory the pages present or swapped, for private
+ * file mappings the pages the program modified (present and no longer the
+ * file's page). Unmodified file pages come back from the file itself.
+ */
+import fs from 'node:fs';
+import crypto from 'node:crypto';
+import { CkptError, errno } from '../../lib/errors.js';
+import { readSmaps, readPagemap, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
+import { RemoteMem } from '../../lib/mem.js';
+import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
+import { SYS } from '../../lib/libc.js';
+import type { Remote } from '../../supervisor/remote.js';
+
+const PAGE = 4096n;
+const PROT_READ = 1, PROT_WRITE = 2, PROT_EXEC = 4;
+const MAP_SHARED = 1, MAP_PRIVATE = 2, MAP_FIXED = 0x10, MAP_ANONYMOUS = 0x20, MAP_GROWSDOWN = 0x100;
+const MAP_FIXED_NOREPLACE = 0x100000;
+const MREMAP_MAYMOVE = 1, MREMAP_FIXED = 2;
+const O_RDONLY = 0, O_RDWR = 2, O_CLOEXEC = 0o2000000, AT_FDCWD = -100;
+
+/** The kernel's special mappings that move as one group, in address order. */
+const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
+
+export interface VmaState {
+  start: string; // hex
+  end: string;
+  prot: number;
+  shared: boolean;
+  kind: 'anon' | 'file' | 'special';
+  name?: string; // "[heap]", "[stack]", "[vdso]" ...
+  path?: string;
+  offset?: string;
+  growsdown?: boolean;
+  /** Identity of a mapped file, checked before it is mapped again. */
+  file?: { size: number; mtimeMs: number };
+  /** Pages of this VMA the image carries. */
+  pages: number;
+}
+
+const hex = (v: bigint) => '0x' + v.toString(16);
+export const vmaStart = (v: VmaState) => BigInt(v.start);
+export const vmaEnd = (v: VmaState) => BigInt(v.end);
+
+function protOf(perms: string): number {
+  return (perms[0] === 'r' ? PROT_READ : 0) | (perms[1] === 'w' ? PROT_WRITE : 0) | (perms[2] === 'x' ? PROT_EXEC : 0);
+}
+
+const unsupported = (pid: number, what: string) =>
+  new CkptError(errno('EOPNOTSUPP'), 'checkpoint:memory', `task ${pid}: ${what}`);
+
+/** Describe one mapping, or throw EOPNOTSUPP naming what we cannot keep. */
+function describe(pid: number, m: MapEntry): VmaState | null {
+  const base = { start: hex(m.start), end: hex(m.end), prot: protOf(m.perms), shared: m.perms[3] === 's', pages: 0 };
+  const range = `${base.start}-${base.end}`;
+  if (m.path === '[vsyscall]') return null; // fixed by the kernel, same everywhere
+  if (SPECIAL.includes(m.path)) return { ...base, kind: 'special', name: m.path };
+  if (m.flags?.some((f) => f === 'io' || f === 'pf')) throw unsupported(pid, `device mapping ${range} ${m.path}`);
+  if (m.path === '' || (m.path.startsWith('[') && m.path !== '[vsyscall]')) {
+    if (base.shared) throw unsupported(pid, `shared anonymous mapping ${range}`);
+    return { ...base, kind: 'anon', name: m.path || undefined, growsdown: m.flags?.includes('gd') };
+  }
+  if (m.path.endsWith(' (deleted)')) throw unsupported(pid, `mapping ${range} of deleted file ${m.path}`);
+  if (m.path === '/dev/zero' && !base.shared) return { ...base, kind: 'anon' };
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(m.path);
+  } catch {
+    throw unsupported(pid, `mapping ${range} of ${m.path}, which cannot be found by its path`);
+  }
+  if (!st.isFile()) throw unsupported(pid, `mapping ${range} of ${m.path}, not a regular file`);
+  return { ...base, kind: 'file', path: m.path, offset: hex(m.offset), file: { size: st.size, mtimeMs: st.mtimeMs } };
+}
+
+export interface MemoryCapture {
+  vmas: VmaState[];
+  /** Which pages to dump, per VMA (same order as vmas), computed at capture. */
+  runs: { addr: bigint; len: number }[];
+}
+
+/** Describe the address space and choose the pages to save (the task is frozen). */
+export function captureMemory(pid: number): MemoryCapture {
+  const vmas: VmaState[] = [];
+  const runs: { addr: bigint; len: number }[] = [];
+  const pm = fs.openSync(`/proc/${pid}/pagemap`, 'r');
+  try {
+    for (const m of readSmaps(pid)) {
+      const v = describe(pid, m);
+      if (!v) continue;
+      vmas.push(v);
+      if (v.kind === 'special' || v.shared) continue;
+      const entries = readPagemap(pid, m.start, m.end, pm);
+      const anon = v.kind === 'anon';
+      let runStart = -1;
+      const flush = (i: number) => {
+        if (runStart < 0) return;
+        runs.push({ addr: m.start + BigInt(runStart) * PAGE, len: (i - runStart) * 4096 });
+        v.pages += i - runStart;
+        runStart = -1;
+      };
+      for (let i = 0; i < entries.length; i++) {
+        const e = entries[i];
+        const keep = anon ? (e & (PM_PRESENT | PM_SWAP)) !== 0n : ((e & PM_PRESENT) !== 0n && (e & PM_FILE) === 0n) || (e & PM_SWAP) !== 0n;
+        if (keep) {
+          if (runStart < 0) runStart = i;
+        } else flush(i);
+      }
+      flush(entries.length);
+    }
+  } finally {
+    fs.closeSync(pm);
+  }
+  return { vmas, runs };
+}
+
+/** Stream the chosen pages into the image, reading them from `memPid`. */
+export function writePages(memPid: number, cap: MemoryCapture, w: ImageWriter): number {
+  const mem = new RemoteMem(memPid);
+  const buf = Buffer.allocUnsafe(PAGE_RUN_MAX);
+  let bytes = 0;
+  try {
+    for (const run of cap.runs) {
+      for (let off = 0; off < run.len; off += PAGE_RUN_MAX) {
+        const n = Math.min(PAGE_RUN_MAX, run.len - off);
+        const data = mem.read(run.addr + BigInt(off), n, buf.subarray(0, n));
+        w.pages(run.addr + BigInt(off), data);
+        bytes += n;
+      }
+    }
+  } finally {
+    mem.close();
+  }
+  return bytes;
+}
+
+/** The vDSO layout and code hash, recorded in the header and checked at restart. */
+export function vdsoInfo(pid: number): ImageHeader['vdso'] {
+  const maps = readSmaps(pid).filter((m) => SPECIAL.includes(m.path));
+  const layout = maps.map((m) => ({ name: m.path, size: Number(m.end - m.start) }));
+  const vdso = maps.find((m) => m.path === '[vdso]');
+  let hash = '';
+  if (vdso) {
+    const mem = new RemoteMem(pid);
+    try {
+      hash = crypto.createHash('sha256').update(mem.read(vdso.start, Number(vdso.end - vdso.start))).digest('hex').slice(0, 32);
+    } finally {
+      mem.close();
+    }
+  }
+  return { layout, hash };
+}
+
+export function checkVdso(image: ImageHeader['vdso'], here: ImageHeader['vdso']): void {
+  const a = JSON.stringify(image.layout), b = JSON.stringify(here.layout);
+  if (a !== b || image.hash !== here.hash) {
+    throw new CkptError(errno('ENOEXEC'), 'restart', `vDSO layout differs: image ${a} ${image.hash}, here ${b} ${here.hash}`);
+  }
+}
+
+// ---------------------------------------------------------------- restore
+
+const overlaps = (a0: bigint, a1: bigint, b0: bigint, b1: bigint) => a0 < b1 && b0 < a1;
+
+/** An address for the one-page restore gadget, free in both layouts. */
+export function pickGadget(current: MapEntry[], image: VmaState[]): bigint {
+  const ranges = [...current.map((m) => [m.start, m.end]), ...image.map((v) => [vmaStart(v), vmaEnd(v)])];
+  for (let a = 0x100000000n; a < 0x7f0000000000n; a += 0x1000000000n) {
+    if (!ranges.some(([s, e]) => overlaps(a, a + PAGE, s, e))) return a;
+  }
+  throw new CkptError(errno('ENOMEM'), 'restart:memory', 'no free address for the restore gadget');
+}
+
+const TASK_TOP = 0x7ffffffff000n;
+
+/**
+ * Turn the shell's address space into the image's: the gadget page (syscall
+ * instruction + scratch) is mapped first, everything else but the special
+ * mappings goes, the special group moves to its old place, and every VMA is
+ * mapped again. Page contents follow with fillPages.
+ */
+export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], gadget: bigint): void {
+  const pid = r.task.tid;
+  r.check('restart:memory', SYS.mmap, gadget, PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  r.mem.write(gadget, Buffer.from([0x0f, 0x05, 0xcc, 0xcc]));
+  r.useSyscallAt(gadget);
+  r.setScratch(gadget + 2048n);
+
+  const specials = current.filter((m) => SPECIAL.includes(m.path));
+  const keep = [{ start: gadget, end: gadget + PAGE }, ...specials.map((m) => ({ start: m.start, end: m.end }))].sort((a, b) => (a.start < b.start ? -1 : 1));
+  let at = 0n;
+  for (const k of [...keep, { start: TASK_TOP, end: TASK_TOP }]) {
+    if (k.start > at) r.check('restart:memory', SYS.munmap, at, k.start - at);
+    at = k.end;
+  }
+
+  // Move [vvar], [vvar_vclock], [vdso] together: glibc keeps pointers into the
+  // vDSO and the vDSO finds its data at a fixed distance.
+  const want = vmas.filter((v) => v.kind === 'special');
+  if (want.length !== specials.length || want.some((v, i) => v.name !== specials[i].path || vmaEnd(v) - vmaStart(v) !== specials[i].end - specials[i].start)) {
+    throw new CkptError(errno('ENOEXEC'), 'restart:memory', `task ${pid}: vDSO layout of the image does not match this kernel`);
+  }
+  if (specials.length && vmaStart(want[0]) !== specials[0].start) {
+    const span = (list: { s: bigint; e: bigint }[]) => [list[0].s, list[list.length - 1].e];
+    const [c0, c1] = span(specials.map((m) => ({ s: m.start, e: m.end })));
+    const [w0, w1] = span(want.map((v) => ({ s: vmaStart(v), e: vmaEnd(v) })));
+    let from = specials.map((m) => m.start);
+    if (overlaps(c0, c1, w0, w1)) {
+      // Hop through a free place first: mremap cannot move onto itself.
+      const tmp = pickGadget(current, vmas) + 0x800000000n;
+      from = specials.map((m, i) => move(r, m.start, m.end - m.start, tmp + (m.start - c0), i));
+    }
+    want.forEach((v, i) => move(r, from[i], vmaEnd(v) - vmaStart(v), vmaStart(v), i));
+  }
+
+  const fds = new Map<string, bigint>();
+  try {
+    for (const v of vmas) {
+      if (v.kind === 'special') continue;
+      const len = vmaEnd(v) - vmaStart(v);
+      if (v.kind === 'anon') {
+        const flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (v.growsdown ? MAP_GROWSDOWN : 0);
+        r.check('restart:memory', SYS.mmap, vmaStart(v), len, v.prot, flags, -1, 0);
+        continue;
+      }
+      const path = v.path!;
+      checkFileIdentity(pid, v);
+      const mode = v.shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY;
+      const key = `${mode}:${path}`;
+      let fd = fds.get(key);
+      if (fd === undefined) {
+        fd = openIn(r, path, mode | O_CLOEXEC, 'restart:memory');
+        fds.set(key, fd);
+      }
+      r.check('restart:memory', SYS.mmap, vmaStart(v), len, v.prot, (v.shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED, fd, BigInt(v.offset!));
+    }
+  } finally {
+    for (const fd of fds.values()) r.call(SYS.close, fd);
+  }
+}
+
+function move(r: Remote, from: bigint, len: bigint, to: bigint, _i: number): bigint {
+  return r.check('restart:memory', SYS.mremap, from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+}
+
+function checkFileIdentity(pid: number, v: VmaState): void {
+  let st: fs.Stats | undefined;
+  try {
+    st = fs.statSync(v.path!);
+  } catch { /* reported below */ }
+  if (!st || st.size !== v.file?.size || st.mtimeMs !== v.file?.mtimeMs) {
+    throw new CkptError(errno('ENOEXEC'), 'restart:memory', `task ${pid}: mapped file ${v.path} is missing or changed since the checkpoint`);
+  }
+}
+
+/** openat() a path inside the tracee (with its own credentials); returns the fd. */
+export function openIn(r: Remote, path: string, flags: number, op: string): bigint {
+  const scratch = r.scratch();
+  const p = Buffer.from(path + '\0');
+  if (p.length > 2000) throw new CkptError(errno('ENAMETOOLONG'), op, `path too long: ${path}`);
+  r.mem.write(scratch, p);
+  const fd = r.call(SYS.openat, AT_FDCWD, scratch, flags, 0);
+  if (fd < 0n) {
+    const e = Number(-fd);
+    const mapped = e === errno('EACCES') ? errno('EPERM') : e;
+    throw new CkptError(mapped, op, `task ${r.task.tid}: cannot open ${path}: errno ${e}`);
+  }
+  return fd;
+}
+
+/** Write one PAGES record into the shell, checking it lands inside a restored VMA. */
+export function fillPages(mem: RemoteMem, vmas: VmaState[], addr: bigint, data: Buffer): void {
+  const end = addr + BigInt(data.length);
+  const v = vmas.find((x) => vmaStart(x) <= addr && end <= vmaEnd(x) && x.kind !== 'special' && !x.shared);
+  if (!v || addr % PAGE !== 0n) {
+    throw new CkptError(errno('EBADMSG'), 'restart:memory', `page data at ${hex(addr)}+${data.length} lies outside every mapping of the image`);
+  }
+  mem.write(addr, data);
+}

@@ -1,0 +1,124 @@
+/**
+ * Process-wide state: ids, name, credentials, and the mm fields the kernel
+ * keeps beside the mappings (code/data/brk/stack/args/env bounds, auxv, exe),
+ * which come back in one PR_SET_MM_MAP.
+ */
+import fs from 'node:fs';
+import { CkptError, errno } from '../../lib/errors.js';
+import { readStat } from '../../lib/proc.js';
+import { SYS } from '../../lib/libc.js';
+import type { Remote } from '../../supervisor/remote.js';
+import { openIn } from './memory.js';
+
+const PR_SET_NAME = 15, PR_SET_MM = 35, PR_SET_MM_MAP = 14;
+const O_RDONLY = 0, O_CLOEXEC = 0o2000000;
+
+export interface Creds {
+  uid: number[]; // real, effective, saved, fs
+  gid: number[];
+  groups: number[];
+}
+
+export interface ProcessIds {
+  pid: number;
+  ppid: number;
+  pgid: number;
+  sid: number;
+  comm: string;
+  /** Start time (clock ticks since boot) and boot id: tell this process from a pid reuse. */
+  starttime: string;
+  bootId: string;
+}
+
+export interface MmState {
+  startCode: string; endCode: string; startData: string; endData: string;
+  startBrk: string; brk: string; startStack: string;
+  argStart: string; argEnd: string; envStart: string; envEnd: string;
+  auxv: string; // base64
+  exe: string;
+}
+
+export function parseCreds(status: Map<string, string>): Creds {
+  const nums = (k: string) => (status.get(k) ?? '').split(/\s+/).filter(Boolean).map(Number);
+  return { uid: nums('Uid'), gid: nums('Gid'), groups: nums('Groups') };
+}
+
+export function captureIds(pid: number): ProcessIds {
+  const st = readStat(pid);
+  return {
+    pid,
+    ppid: Number(st.field(4)),
+    pgid: Number(st.field(5)),
+    sid: Number(st.field(6)),
+    comm: st.comm,
+    starttime: st.field(22),
+    bootId: fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim(),
+  };
+}
+
+/** brk comes from an injected brk(0); the rest from /proc/PID/stat. */
+export function captureMm(r: Remote, pid: number): MmState {
+  const st = readStat(pid);
+  const h = (n: number) => '0x' + BigInt(st.field(n)).toString(16);
+  const brk = r.check('checkpoint:mm', SYS.brk, 0);
+  return {
+    startCode: h(26), endCode: h(27), startStack: h(28),
+    startData: h(45), endData: h(46), startBrk: h(47),
+    brk: '0x' + brk.toString(16),
+    argStart: h(48), argEnd: h(49), envStart: h(50), envEnd: h(51),
+    auxv: fs.readFileSync(`/proc/${pid}/auxv`).toString('base64'),
+    exe: fs.readlinkSync(`/proc/${pid}/exe`),
+  };
+}
+
+export function restoreMm(r: Remote, mm: MmState): void {
+  const auxv = Buffer.from(mm.auxv, 'base64');
+  const scratch = r.scratch();
+  const exeFd = openIn(r, mm.exe, O_RDONLY | O_CLOEXEC, 'restart:mm');
+  const map = Buffer.alloc(104);
+  const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, mm.envStart, mm.envEnd];
+  fields.forEach((v, i) => map.writeBigUInt64LE(BigInt(v), i * 8));
+  const auxvAt = scratch + 256n;
+  map.writeBigUInt64LE(auxvAt, 88);
+  map.writeUInt32LE(auxv.length, 96);
+  map.writeInt32LE(Number(exeFd), 100);
+  r.mem.write(scratch, map);
+  r.mem.write(auxvAt, auxv);
+  try {
+    r.check('restart:mm', SYS.prctl, PR_SET_MM, PR_SET_MM_MAP, scratch, map.length, 0);
+  } finally {
+    r.call(SYS.close, exeFd);
+  }
+}
+
+export function restoreName(r: Remote, comm: string): void {
+  const scratch = r.scratch();
+  r.mem.write(scratch, Buffer.concat([Buffer.from(comm).subarray(0, 15), Buffer.from([0])]));
+  r.call(SYS.prctl, PR_SET_NAME, scratch);
+}
+
+const same = (a: number[], b: number[]) => a.length === b.length && a.every((x, i) => x === b[i]);
+
+/**
+ * A restart never grants credentials the caller lacks: the restored process
+ * starts with the caller's (it is a copy of it); if the image asks for other
+ * ones, only a caller with uid 0 may have them set.
+ */
+export function checkCreds(image: Creds, caller: Creds, pid: number): boolean {
+  if (same(image.uid, caller.uid) && same(image.gid, caller.gid) && same([...image.groups].sort(), [...caller.groups].sort())) return false;
+  if (caller.uid[1] !== 0) {
+    throw new CkptError(errno('EPERM'), 'restart:creds', `task ${pid}: image asks for uid ${image.uid.join('/')} gid ${image.gid.join('/')}, caller has uid ${caller.uid.join('/')}`);
+  }
+  return true;
+}
+
+/** Set the image's credentials (caller is root); last, since it may drop privileges. */
+export function restoreCreds(r: Remote, c: Creds): void {
+  const scratch = r.scratch();
+  const g = Buffer.alloc(4 * Math.max(1, c.groups.length));
+  c.groups.forEach((x, i) => g.writeUInt32LE(x, i * 4));
+  r.mem.write(scratch, g);
+  r.check('restart:creds', SYS.setgroups, c.groups.length, scratch);
+  r.check('restart:creds', SYS.setresgid, c.gid[0], c.gid[1], c.gid[2]);
+  r.check('restart:creds', SYS.setresuid, c.uid[0], c.uid[1], c.uid[2]);
+}

@@ -1,0 +1,66 @@
+/**
+ * Signal dispositions of a process. Only signals that are caught or ignored
+ * (SigCgt/SigIgn in /proc/PID/status) are queried, each with one injected
+ * rt_sigaction; everything else is the default.
+ */
+import { readStatus } from '../../lib/proc.js';
+import { SYS } from '../../lib/libc.js';
+import type { Remote } from '../../supervisor/remote.js';
+
+export interface SigAction {
+  handler: string; // hex; 0 = SIG_DFL, 1 = SIG_IGN
+  flags: string;
+  restorer: string;
+  mask: string;
+}
+/** By signal number. */
+export type SignalState = Record<string, SigAction>;
+
+const SIGKILL = 9, SIGSTOP = 19;
+const KSIGACTION = 32; // struct kernel_sigaction: handler, flags, restorer, mask
+
+/** Signals with a non-default disposition, from a /proc status map. */
+export function nonDefaultSignals(status: Map<string, string>): number[] {
+  const mask = BigInt('0x' + (status.get('SigCgt') ?? '0')) | BigInt('0x' + (status.get('SigIgn') ?? '0'));
+  const out: number[] = [];
+  for (let s = 1; s <= 64; s++) if (mask & (1n << BigInt(s - 1))) out.push(s);
+  return out;
+}
+
+export function captureSignals(r: Remote, status: Map<string, string>): SignalState {
+  const out: SignalState = {};
+  const sigs = nonDefaultSignals(status);
+  if (!sigs.length) return out;
+  const buf = r.scratch();
+  for (const sig of sigs) {
+    r.check('checkpoint:signals', SYS.rt_sigaction, sig, 0, buf, 8);
+    const b = r.mem.read(buf, KSIGACTION);
+    out[sig] = {
+      handler: b.readBigUInt64LE(0).toString(16),
+      flags: b.readBigUInt64LE(8).toString(16),
+      restorer: b.readBigUInt64LE(16).toString(16),
+      mask: b.readBigUInt64LE(24).toString(16),
+    };
+  }
+  return out;
+}
+
+/** Set every disposition the shell has or the image wants; defaults for the rest. */
+export function restoreSignals(r: Remote, state: SignalState): void {
+  const shellSigs = nonDefaultSignals(readStatus(r.task.tid));
+  const sigs = new Set([...shellSigs, ...Object.keys(state).map(Number)]);
+  const buf = r.scratch();
+  for (const sig of [...sigs].sort((a, b) => a - b)) {
+    if (sig === SIGKILL || sig === SIGSTOP) continue;
+    const a = state[sig];
+    const b = Buffer.alloc(KSIGACTION);
+    if (a) {
+      b.writeBigUInt64LE(BigInt('0x' + a.handler), 0);
+      b.writeBigUInt64LE(BigInt('0x' + a.flags), 8);
+      b.writeBigUInt64LE(BigInt('0x' + a.restorer), 16);
+      b.writeBigUInt64LE(BigInt('0x' + a.mask), 24);
+    }
+    r.mem.write(buf, b);
+    r.check('restart:signals', SYS.rt_sigaction, sig, buf, 0, 8);
+  }
+}

@@ -1,0 +1,101 @@
+/**
+ * A thread's own state: general registers, the XSAVE area (FPU/SSE/AVX),
+ * signal mask, rseq registration and robust futex list.
+ */
+import { CkptError, errno } from '../../lib/errors.js';
+import { getRegs, setRegs, getXState, setXState, getSigmask, setSigmask, Regs, REGS_SIZE } from '../../lib/ptrace.js';
+import { sys, SYS, addressOf } from '../../lib/libc.js';
+import type { Remote } from '../../supervisor/remote.js';
+
+const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f;
+const RSEQ_FLAG_UNREGISTER = 1;
+const SYS_rseq = 334, SYS_get_robust_list = 274;
+
+export interface ThreadState {
+  tid: number;
+  regs: string; // base64 NT_PRSTATUS
+  xstate: string; // base64 NT_X86_XSTATE
+  sigmask: string; // hex
+  rseq?: { addr: string; size: number; sig: number };
+  robustList?: { head: string; len: number };
+  /** sigaltstack: base, flags, size (SS_DISABLE = 2 when none). */
+  altstack?: { sp: string; flags: number; size: string };
+}
+
+export function rseqConfig(tid: number): ThreadState['rseq'] {
+  const b = Buffer.alloc(32);
+  if (sys.ptraceBuf(PTRACE_GET_RSEQ_CONFIGURATION, tid, b.length, b) === -1) return undefined;
+  const addr = b.readBigUInt64LE(0);
+  if (addr === 0n) return undefined;
+  return { addr: '0x' + addr.toString(16), size: b.readUInt32LE(8), sig: b.readUInt32LE(12) };
+}
+
+function robustList(tid: number): ThreadState['robustList'] {
+  const head = Buffer.alloc(8), len = Buffer.alloc(8);
+  if (sys.syscall(SYS_get_robust_list, tid, addressOf(head), addressOf(len)) !== 0) return undefined;
+  const h = head.readBigUInt64LE(0);
+  return h === 0n ? undefined : { head: '0x' + h.toString(16), len: Number(len.readBigUInt64LE(0)) };
+}
+
+/**
+ * Capture a stopped thread. `inCheckpointCall`: this thread is the caller of
+ * checkpoint, so after a restart it must see that call return 0.
+ */
+export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: Regs): ThreadState {
+  const regs = regsNow ?? getRegs(tid);
+  if (inCheckpointCall) {
+    regs.set('rax', 0);
+    regs.set('orig_rax', -1n);
+  }
+  return {
+    tid,
+    regs: regs.buf.toString('base64'),
+    xstate: getXState(tid).toString('base64'),
+    sigmask: getSigmask(tid).toString(16),
+    rseq: rseqConfig(tid),
+    robustList: robustList(tid),
+  };
+}
+
+const SYS_sigaltstack = 131;
+
+/** sigaltstack(NULL, &old) in the stopped thread. */
+export function captureAltstack(r: Remote): ThreadState['altstack'] {
+  const buf = r.scratch();
+  r.check('checkpoint:sigaltstack', SYS_sigaltstack, 0, buf);
+  const b = r.mem.read(buf, 24);
+  return { sp: '0x' + b.readBigUInt64LE(0).toString(16), flags: b.readInt32LE(8), size: '0x' + b.readBigUInt64LE(16).toString(16) };
+}
+
+/** Before the shell's memory goes: drop the rseq area it inherited from the caller. */
+export function unregisterRseq(r: Remote): void {
+  const cur = rseqConfig(r.task.tid);
+  if (cur) r.check('restart:rseq', SYS_rseq, BigInt(cur.addr), cur.size, RSEQ_FLAG_UNREGISTER, cur.sig);
+}
+
+/** The parts that need injected syscalls (while the gadget is still there). */
+export function restoreThreadSyscalls(r: Remote, t: ThreadState): void {
+  // The shell inherited the caller's alternate stack: replace it (or disable).
+  const alt = t.altstack ?? { sp: '0x0', flags: 2, size: '0x0' };
+  const b = Buffer.alloc(24);
+  b.writeBigUInt64LE(BigInt(alt.sp), 0);
+  b.writeInt32LE(alt.flags & 2, 8); // SS_ONSTACK is a status, not a setting
+  b.writeBigUInt64LE(BigInt(alt.size), 16);
+  r.mem.write(r.scratch(), b);
+  r.check('restart:sigaltstack', SYS_sigaltstack, r.scratch(), 0);
+  if (t.robustList) r.check('restart:robust_list', SYS.set_robust_list, BigInt(t.robustList.head), t.robustList.len);
+  if (t.rseq) r.check('restart:rseq', SYS_rseq, BigInt(t.rseq.addr), t.rseq.size, 0, t.rseq.sig);
+}
+
+/** The final register state, set once no more syscalls will be injected. */
+export function restoreThreadRegs(tid: number, t: ThreadState): void {
+  const regs = new Regs(Buffer.from(t.regs, 'base64'));
+  if (regs.buf.length !== REGS_SIZE) throw new CkptError(errno('EBADMSG'), 'restart:registers', `task ${tid}: register set of ${regs.buf.length} bytes`);
+  try {
+    setXState(tid, Buffer.from(t.xstate, 'base64'));
+  } catch (e) {
+    throw new CkptError(errno('ENOEXEC'), 'restart:registers', `task ${tid}: this CPU refuses the image's FPU/vector state: ${(e as Error).message}`);
+  }
+  setSigmask(tid, BigInt('0x' + t.sigmask));
+  setRegs(tid, regs);
+}
