@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import { sys, errnoNow } from '../lib/libc.js';
 import { errno } from '../lib/errors.js';
-import { PT, PTRACE_EVENT, WALL, decodeWaitStatus, getEventMsg, type WaitEvent } from '../lib/ptrace.js';
+import { PT, PTRACE_EVENT, WALL, WNOHANG, decodeWaitStatus, getEventMsg, type WaitEvent } from '../lib/ptrace.js';
 import { log } from '../lib/log.js';
 
 const SIGTRAP = 5, SIGSTOP = 19, SIGTSTP = 20, SIGTTIN = 21, SIGTTOU = 22;
@@ -57,9 +57,10 @@ export class Tracer {
    * THE waitpid site. `pid` -1 waits for any tracee. Deaths are recorded here,
    * whoever asked, so the registry can never miss one.
    */
-  wait(pid = -1): WaitEvent | null {
+  wait(pid = -1, nohang = false): WaitEvent | null {
     for (;;) {
-      const [r, status] = sys.waitpid(pid, WALL);
+      const [r, status] = sys.waitpid(pid, WALL | (nohang ? WNOHANG : 0));
+      if (r === 0) return null; // WNOHANG: nothing yet
       if (r === -1) {
         const e = errnoNow();
         if (e === errno('EINTR')) continue;
@@ -107,6 +108,22 @@ export class Tracer {
     const st = this.rootStatus;
     if (!st) return 1;
     return 'code' in st ? st.code : 128 + st.signal;
+  }
+
+  /**
+   * Dispatch events until `done()` holds or `ms` pass, without blocking:
+   * for embedding the tracer (tests, tools) rather than handing it the thread.
+   */
+  runUntil(done: () => boolean, ms: number): boolean {
+    const end = Date.now() + ms;
+    const nap = new Int32Array(new SharedArrayBuffer(4));
+    while (!done()) {
+      if (Date.now() > end) return false;
+      const ev = this.pending.shift() ?? this.wait(-1, true);
+      if (ev) this.dispatch(ev);
+      else Atomics.wait(nap, 0, 0, 1);
+    }
+    return true;
   }
 
   private dispatch(ev: WaitEvent): void {

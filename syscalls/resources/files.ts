@@ -10,6 +10,7 @@ import { CkptError, errno } from '../../lib/errors.js';
 import { listFds, readFdinfo } from '../../lib/proc.js';
 import { sys, SYS } from '../../lib/libc.js';
 import type { Remote } from '../../supervisor/remote.js';
+import { logError } from '../../lib/log.js';
 import { openIn } from './memory.js';
 
 const O_CLOEXEC = 0o2000000, O_CREAT = 0o100, O_EXCL = 0o200, O_TRUNC = 0o1000, O_NOCTTY = 0o400;
@@ -79,12 +80,14 @@ export function restoreFiles(r: Remote, state: FilesState): void {
   // for "outside" ones, close all the others.
   const keep = new Set(state.fds.filter((f) => f.kind === 'outside').map((f) => f.fd));
   for (const fd of listFds(tid)) if (!keep.has(fd)) r.call(SYS.close, fd);
-  for (const fd of keep) {
-    if (!fs.existsSync(`/proc/${tid}/fd/${fd}`)) {
-      throw new CkptError(errno('EBADF'), 'restart:files', `task ${tid}: fd ${fd} referred to something outside the tree, and the caller has no fd ${fd} to connect it to`);
-    }
+  const absent = new Set([...keep].filter((fd) => !fs.existsSync(`/proc/${tid}/fd/${fd}`)));
+  for (const fd of absent) {
+    // Stray inherited descriptors are common (a shell's, a test runner's);
+    // a missing one is left closed rather than failing the whole restart.
+    logError(`task ${tid}: restart: fd ${fd} referred to something outside the tree and the caller has no fd ${fd}: left closed`);
   }
   for (const f of state.fds) {
+    if (absent.has(f.fd) || (f.kind === 'dup' && absent.has(f.of))) continue;
     if (f.kind === 'path') {
       const tmp = openIn(r, f.path, f.flags & ~(O_CREAT | O_EXCL | O_TRUNC) | O_NOCTTY, 'restart:files');
       if (tmp !== BigInt(f.fd)) {

@@ -1,0 +1,60 @@
+/** Reading an image for people (`ckpt inspect`), in the spirit of CRIU's crit. */
+import { ImageReader, REC, parseJson, splitPages, type ImageHeader } from '../lib/image.js';
+import { FdSource } from '../lib/stream.js';
+import type { ProcessState } from '../syscalls/state.js';
+
+export interface ImageDescription {
+  header: ImageHeader;
+  processes: (Omit<ProcessState, 'threads'> & { threads: { tid: number; rip: string; rsp: string }[]; pageBytes: number })[];
+  bytes: number;
+}
+
+export function describeImage(fd: number): ImageDescription {
+  const source = new FdSource(fd);
+  const reader = new ImageReader(source);
+  const header = reader.header();
+  const processes: ImageDescription['processes'] = [];
+  for (let rec = reader.next(); rec; rec = reader.next()) {
+    if (rec.type === REC.PROCESS) {
+      const p = parseJson<ProcessState>(rec.payload, 'PROCESS');
+      processes.push({
+        ...p,
+        threads: p.threads.map((t) => {
+          const regs = Buffer.from(t.regs, 'base64');
+          return { tid: t.tid, rip: '0x' + regs.readBigUInt64LE(16 * 8).toString(16), rsp: '0x' + regs.readBigUInt64LE(19 * 8).toString(16) };
+        }),
+        pageBytes: 0,
+      });
+    } else if (rec.type === REC.PAGES && processes.length) {
+      processes[processes.length - 1].pageBytes += splitPages(rec.payload).data.length;
+    }
+  }
+  return { header, processes, bytes: source.bytes };
+}
+
+const size = (n: number) => (n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`);
+const PROT = (p: number) => `${p & 1 ? 'r' : '-'}${p & 2 ? 'w' : '-'}${p & 4 ? 'x' : '-'}`;
+
+export function formatDescription(d: ImageDescription): string {
+  const h = d.header;
+  const out = [
+    `ckpt image v${h.version} ${h.arch}, crid ${h.crid}, created ${h.created}, kernel ${h.kernel}, ${size(d.bytes)}`,
+  ];
+  for (const p of d.processes) {
+    out.push(`process ${p.ids.pid} (${p.ids.comm}) ppid ${p.ids.ppid} pgid ${p.ids.pgid} sid ${p.ids.sid} uid ${p.creds.uid[0]} exe ${p.mm.exe}`);
+    out.push(`  threads: ${p.threads.map((t) => `${t.tid} rip ${t.rip} rsp ${t.rsp}`).join('; ')}`);
+    out.push(`  memory: ${p.memory.length} mappings, ${size(p.pageBytes)} of page data`);
+    for (const v of p.memory) {
+      const len = Number(BigInt(v.end) - BigInt(v.start));
+      out.push(`    ${v.start}-${v.end} ${PROT(v.prot)}${v.shared ? 's' : 'p'} ${size(len).padStart(10)} ${String(v.pages * 4096 ? size(v.pages * 4096) + ' saved' : '').padStart(16)}  ${v.path ?? v.name ?? ''}`);
+    }
+    out.push(`  cwd ${p.files.cwd}, umask ${p.files.umask.toString(8).padStart(4, '0')}`);
+    for (const f of p.files.fds) {
+      const what = f.kind === 'path' ? `${f.path} pos ${f.pos} flags 0${f.flags.toString(8)}` : f.kind === 'dup' ? `same file as fd ${f.of}` : 'outside the tree (connected to the restarter\'s fd)';
+      out.push(`    fd ${f.fd}${f.cloexec ? ' (cloexec)' : ''}: ${what}`);
+    }
+    const sigs = Object.keys(p.signals);
+    if (sigs.length) out.push(`  signal handlers: ${sigs.join(', ')}`);
+  }
+  return out.join('\n') + '\n';
+}

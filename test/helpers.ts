@@ -1,0 +1,51 @@
+/** Shared by the tests: paths and running things under ckpt-supervise. */
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+export const BIN = path.join(ROOT, 'fixtures/bin');
+export const SUPERVISE = [process.execPath, path.join(ROOT, 'dist/supervisor/cli.js')];
+export const CKPT = [process.execPath, path.join(ROOT, 'dist/supervisor/tool.js')];
+export const fixture = (name: string) => path.join(BIN, name);
+
+export interface RunResult {
+  status: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run a command (tests may use child_process; only the supervisor may not). */
+export function run(cmd: string[], opts: { input?: Buffer | string; timeout?: number; cwd?: string } = {}): RunResult {
+  const r = spawnSync(cmd[0], cmd.slice(1), {
+    input: opts.input,
+    timeout: opts.timeout ?? 120_000,
+    cwd: opts.cwd ?? ROOT,
+    maxBuffer: 1 << 30,
+  });
+  return { status: r.status, signal: r.signal, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
+}
+
+/** `ckpt-supervise -- cmd...` */
+export const supervise = (cmd: string[], opts?: Parameters<typeof run>[1]) => run([...SUPERVISE, '--', ...cmd], opts);
+
+/** A fresh temporary directory for one test file. */
+export function tmpdir(tag: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `ckpt-${tag}-`));
+}
+
+/** Is a pid in use right now? */
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Shell-quote for sh -c command lines. */
+export const q = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;

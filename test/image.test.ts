@@ -1,0 +1,112 @@
+// The image codec: round trip, and every kind of damage is refused with the right errno.
+import t from 'tap';
+import zlib from 'node:zlib';
+import { ImageWriter, ImageReader, REC, MAGIC, splitPages, type ImageHeader } from '../lib/image.js';
+import { BufferSink, BufferSource } from '../lib/stream.js';
+import { CkptError } from '../lib/errors.js';
+
+const header: ImageHeader = {
+  version: 1, arch: 'x86_64', pageSize: 4096, crid: 7, kernel: 'test', created: 'now',
+  vdso: { layout: [{ name: '[vdso]', size: 8192 }], hash: 'abc' },
+};
+
+function sample(): Buffer {
+  const w = new ImageWriter(new BufferSink());
+  w.header(header);
+  w.json(REC.PROCESS, { pid: 42, name: 'x' });
+  const pages = Buffer.alloc(2 * 4096);
+  for (let i = 0; i < pages.length; i++) pages[i] = i & 0xff;
+  w.pages(0x10000n, pages);
+  w.record(REC.PROCESS_END);
+  w.trailer();
+  return (w.sink as BufferSink).result();
+}
+
+function decode(img: Buffer) {
+  const r = new ImageReader(new BufferSource(img));
+  const h = r.header();
+  const recs = [];
+  for (let rec = r.next(); rec; rec = r.next()) recs.push(rec);
+  return { h, recs };
+}
+
+const errnoOf = (f: () => unknown) => {
+  try {
+    f();
+    return 'ok';
+  } catch (e) {
+    return e instanceof CkptError ? e.errno : String(e);
+  }
+};
+const EBADMSG = 74, ENOEXEC = 8;
+
+t.test('round trip', async (t) => {
+  const { h, recs } = decode(sample());
+  t.same(h, header);
+  t.same(recs.map((r) => r.type), [REC.PROCESS, REC.PAGES, REC.PROCESS_END]);
+  t.same(JSON.parse(recs[0].payload.toString()), { pid: 42, name: 'x' });
+  const { addr, data } = splitPages(recs[1].payload);
+  t.equal(addr, 0x10000n);
+  t.equal(data.length, 2 * 4096);
+  t.equal(data[4097], 1);
+});
+
+t.test('every truncation is EBADMSG', async (t) => {
+  const img = sample();
+  const bad = [];
+  for (let n = 0; n < img.length; n++) if (errnoOf(() => decode(img.subarray(0, n))) !== EBADMSG) bad.push(n);
+  t.same(bad, [], 'no prefix decodes or fails otherwise');
+});
+
+t.test('every flipped byte is EBADMSG (or ENOEXEC in a sound foreign header)', async (t) => {
+  const img = sample();
+  const bad = [];
+  for (let i = 0; i < img.length; i++) {
+    const c = Buffer.from(img);
+    c[i] ^= 0x40;
+    const e = errnoOf(() => decode(c));
+    if (e !== EBADMSG && e !== ENOEXEC) bad.push(`${i}:${e}`);
+  }
+  t.same(bad, []);
+});
+
+function withHeader(h: object): Buffer {
+  const json = Buffer.from(JSON.stringify(h));
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(json.length);
+  const body = Buffer.concat([MAGIC, len, json]);
+  const crc = Buffer.alloc(4);
+  crc.writeUInt32LE(zlib.crc32(body));
+  return Buffer.concat([body, crc]);
+}
+
+t.test('foreign images are ENOEXEC', async (t) => {
+  t.equal(errnoOf(() => decode(withHeader({ ...header, arch: 'aarch64' }))), ENOEXEC, 'architecture');
+  t.equal(errnoOf(() => decode(withHeader({ ...header, version: 99 }))), ENOEXEC, 'format version');
+  t.equal(errnoOf(() => decode(withHeader({ ...header, pageSize: 16384 }))), ENOEXEC, 'page size');
+});
+
+t.test('lengths are never trusted', async (t) => {
+  const huge = Buffer.concat([MAGIC, Buffer.from([0xff, 0xff, 0xff, 0x7f])]);
+  t.equal(errnoOf(() => decode(huge)), EBADMSG, 'header length');
+  const img = sample();
+  const h = withHeader(header);
+  const rec = Buffer.alloc(16);
+  rec.writeUInt32LE(REC.PROCESS, 0);
+  rec.writeBigUInt64LE(1n << 40n, 8);
+  t.equal(errnoOf(() => decode(Buffer.concat([h, rec]))), EBADMSG, 'record length');
+  t.ok(img.length > 0);
+});
+
+t.test('records after a missing one are caught by the trailer', async (t) => {
+  const w = new ImageWriter(new BufferSink());
+  w.header(header);
+  w.json(REC.PROCESS, {});
+  const withTwo = (w.sink as BufferSink).result();
+  const w2 = new ImageWriter(new BufferSink());
+  w2.header(header);
+  w2.trailer();
+  // splice a trailer that counts 0 records after a PROCESS record
+  const trailerOnly = (w2.sink as BufferSink).result().subarray(withHeader(header).length);
+  t.equal(errnoOf(() => decode(Buffer.concat([withTwo, trailerOnly]))), EBADMSG);
+});

@@ -1,0 +1,68 @@
+// Unit tests of lib/: wait-status decoding, /proc parsing, seccomp filter, registers.
+import t from 'tap';
+import { decodeWaitStatus, Regs, REGS_SIZE } from '../lib/ptrace.js';
+import { parseMaps, parseSmaps, parseStat, parseFdinfo } from '../lib/proc.js';
+import { buildTrapFilter, evalFilter, SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE } from '../lib/seccomp.js';
+
+t.test('wait status decoding', async (t) => {
+  t.same(decodeWaitStatus(5, 3 << 8), { kind: 'exited', pid: 5, code: 3 });
+  t.same(decodeWaitStatus(5, 9), { kind: 'killed', pid: 5, signal: 9, core: false });
+  t.same(decodeWaitStatus(5, 0x8b), { kind: 'killed', pid: 5, signal: 11, core: true });
+  t.same(decodeWaitStatus(5, 0x7f | (0x85 << 8)), { kind: 'stopped', pid: 5, signal: 5, event: 0, syscallStop: true });
+  t.same(decodeWaitStatus(5, 0x7f | (5 << 8) | (7 << 16)), { kind: 'stopped', pid: 5, signal: 5, event: 7, syscallStop: false });
+  t.same(decodeWaitStatus(5, 0x7f | (19 << 8) | (128 << 16)), { kind: 'stopped', pid: 5, signal: 19, event: 128, syscallStop: false });
+});
+
+t.test('maps and smaps', async (t) => {
+  const text = [
+    '55d0c0a00000-55d0c0a01000 r--p 00000000 fe:00 1234 /usr/bin/prog name with spaces',
+    '7ffd1000-7ffd2000 rw-p 00000000 00:00 0                          [stack]',
+    '7f0000000000-7f0000001000 rw-s 00001000 00:05 77 /dev/shm/x (deleted)',
+    '7f0000002000-7f0000003000 ---p 00000000 00:00 0 ',
+  ].join('\n');
+  const m = parseMaps(text);
+  t.equal(m.length, 4);
+  t.equal(m[0].path, '/usr/bin/prog name with spaces');
+  t.equal(m[0].start, 0x55d0c0a00000n);
+  t.equal(m[1].path, '[stack]');
+  t.equal(m[2].perms, 'rw-s');
+  t.equal(m[2].offset, 0x1000n);
+  t.equal(m[3].path, '');
+  const s = parseSmaps(`${text.split('\n')[1]}\nSize: 4 kB\nVmFlags: rd wr mr mw me gd ac\n`);
+  t.same(s[0].flags, ['rd', 'wr', 'mr', 'mw', 'me', 'gd', 'ac']);
+});
+
+t.test('stat with a hostile comm', async (t) => {
+  const { comm, fields } = parseStat('42 (a) b (c)) S 1 42 42 0 -1');
+  t.equal(comm, 'a) b (c)');
+  t.equal(fields[0], 'S');
+  t.equal(fields[1], '1');
+});
+
+t.test('fdinfo', async (t) => {
+  const f = parseFdinfo('pos:\t100\nflags:\t02100002\nmnt_id:\t25\nino:\t7\n');
+  t.equal(f.pos, 100n);
+  t.equal(f.flags, 0o2100002);
+  t.equal(f.mntId, 25);
+});
+
+t.test('seccomp filter traps exactly the ckpt numbers on x86-64', async (t) => {
+  const f = buildTrapFilter(1000, 1004);
+  const X86_64 = 0xc000003e, I386 = 0x40000003, AARCH64 = 0xc00000b7;
+  for (const nr of [999, 0, 1, 60, 231, 1005, 0x40000000 + 1000]) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_ALLOW, `x86-64 ${nr} allowed`);
+  for (let nr = 1000; nr <= 1004; nr++) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_TRACE, `x86-64 ${nr} traps`);
+  t.equal(evalFilter(f, I386, 1000), SECCOMP_RET_ALLOW, 'other architectures are never trapped or killed');
+  t.equal(evalFilter(f, AARCH64, 1002), SECCOMP_RET_ALLOW);
+});
+
+t.test('register set', async (t) => {
+  const r = new Regs();
+  t.equal(r.buf.length, REGS_SIZE);
+  r.set('rax', -38n);
+  t.equal(r.getSigned('rax'), -38n);
+  t.equal(r.get('rax'), (1n << 64n) - 38n);
+  r.set('rip', 0x401000);
+  const c = r.clone();
+  c.set('rip', 0);
+  t.equal(r.get('rip'), 0x401000n, 'clone is independent');
+});
