@@ -15,16 +15,19 @@ const outsideFds = inheritedFds();
 
 const PR_SET_CHILD_SUBREAPER = 36, PRIO_PROCESS = 0;
 
-const argv = yargs(hideBin(process.argv))
+// Everything after "--" is the program, untouched by option parsing.
+const raw = hideBin(process.argv);
+const dash = raw.indexOf('--');
+const argv = yargs(dash < 0 ? raw : raw.slice(0, dash))
   .scriptName('ckpt-supervise')
   .usage('$0 [options] -- prog [args...]\n\nRun prog as the root of a supervised tree that may call the ckpt system calls.')
   .option('max-checkpoints', { type: 'number', default: 64, describe: 'cap on live in-memory checkpoints' })
-  .parserConfiguration({ 'halt-at-non-option': true, 'populate--': true })
-  .strict()
+  .parserConfiguration({ 'halt-at-non-option': true })
+  .strict(false)
   .help()
   .parseSync();
 
-const cmd = [...(argv._ as string[]).map(String), ...((argv['--'] as string[] | undefined) ?? [])];
+const cmd = dash < 0 ? raw.slice(raw.length - argv._.length) : raw.slice(dash + 1);
 if (cmd.length === 0) {
   logError('no program given (usage: ckpt-supervise [options] -- prog args...)');
   process.exit(2);
@@ -32,9 +35,12 @@ if (cmd.length === 0) {
 
 // Orphans of the tree come to us, so that their exits are reaped.
 sys.prctl(PR_SET_CHILD_SUBREAPER, 1);
-let rootPid: number;
+const sv: Supervisor = new Supervisor(new Tracer((tracer, task) => serve(sv, tracer, task)), {
+  maxCheckpoints: argv['max-checkpoints'],
+  outsideFds,
+});
 try {
-  rootPid = launch(cmd[0], cmd.slice(1));
+  launch(sv.tracer, cmd[0], cmd.slice(1));
 } catch (e) {
   logError(`cannot start ${cmd[0]}: ${(e as Error).message}`);
   process.exit(127);
@@ -45,11 +51,4 @@ try {
 sys.signalIgnore(2);
 sys.signalIgnore(3);
 sys.setpriority(PRIO_PROCESS, 0, -10);
-
-const sv = new Supervisor(new Tracer((tracer, task) => serve(sv, tracer, task)), {
-  maxCheckpoints: argv['max-checkpoints'],
-  outsideFds,
-});
-sv.tracer.rootPid = rootPid;
-sv.tracer.add(rootPid, rootPid);
 process.exit(sv.tracer.run());

@@ -16,10 +16,8 @@ const maps = (pid: number) => fs.readFileSync(`/proc/${pid}/maps`, 'utf8');
 
 t.test('freeze, inject syscalls, put everything back, thaw', async (t) => {
   const out = path.join(tmpdir('remote'), 'out');
-  const pid = launch('/bin/sh', ['-c', `exec ${q(fixture('counter'))} 6 100 > ${q(out)}`]);
   const tracer = new Tracer(() => { throw new Error('no ckpt calls expected'); });
-  tracer.rootPid = pid;
-  tracer.add(pid, pid);
+  const pid = launch(tracer, '/bin/sh', ['-c', `exec ${q(fixture('counter'))} 6 100 > ${q(out)}`]);
   // Let it exec and get into its sleeping loop.
   t.ok(tracer.runUntil(() => fs.existsSync(out) && fs.readFileSync(out, 'utf8').includes('step 1'), 10_000), 'counter runs under the tracer');
 

@@ -1,0 +1,53 @@
+// ckpt-supervise itself: exit status, signals, stdio, tracing of the whole tree.
+import t from 'tap';
+import { supervise, run, fixture, q } from './helpers.js';
+
+t.test('exit status of the program becomes the supervisor\'s', async (t) => {
+  t.equal(supervise(['sh', '-c', 'exit 3']).status, 3);
+  t.equal(supervise(['true']).status, 0);
+});
+
+t.test('death by signal N gives 128+N', async (t) => {
+  t.equal(supervise(['sh', '-c', 'kill -TERM $$']).status, 128 + 15);
+  t.equal(supervise(['sh', '-c', 'kill -KILL $$']).status, 128 + 9);
+});
+
+t.test('stdin, stdout, stderr are inherited', async (t) => {
+  const r = supervise(['sh', '-c', 'cat; echo to-stderr >&2'], { input: 'hello through stdin\n' });
+  t.equal(r.stdout, 'hello through stdin\n');
+  t.match(r.stderr, /to-stderr/);
+});
+
+t.test('signals reach the program as without a supervisor', async (t) => {
+  const r = supervise(['sh', '-c', 'trap "echo got USR1" USR1; kill -USR1 $$; echo after']);
+  t.equal(r.stdout, 'got USR1\nafter\n');
+});
+
+t.test('stop and continue (group-stop) work as without a supervisor', async (t) => {
+  const r = supervise(['sh', '-c', 'sh -c "kill -STOP \\$\\$; echo resumed" & sleep 0.3; kill -CONT $!; wait $!; echo status=$?']);
+  t.equal(r.stdout, 'resumed\nstatus=0\n');
+});
+
+t.test('a program that is not found', async (t) => {
+  const r = supervise(['/nonexistent/prog']);
+  t.equal(r.status, 127);
+  t.match(r.stderr, /nonexistent/);
+});
+
+t.test('without a supervisor the calls answer ENOSYS', async (t) => {
+  const r = run([fixture('callabi'), 'checkpoint', '0', 'none', '0']);
+  t.match(r.stdout, /checkpoint ret=-1 errno=ENOSYS/);
+});
+
+t.test('descendants are traced: a grandchild after exec gets served', async (t) => {
+  // pid 1 is outside any supervised tree: ESRCH, not ENOSYS, proves the trap.
+  const r = supervise(['sh', '-c', `sh -c ${q(`${fixture('callabi')} checkpoint 1 none 0`)}`]);
+  t.match(r.stdout, /checkpoint ret=-1 errno=ESRCH/);
+  t.match(r.stderr, /ckpt-supervise: task \d+: checkpoint: ESRCH: pid 1 is not a process of this supervised tree/);
+});
+
+t.test('calls not built yet answer ENOSYS and the supervisor lives on', async (t) => {
+  const r = supervise([fixture('callabi'), 'restart', '0', 'none', '0']);
+  t.equal(r.status, 0);
+  t.match(r.stdout, /caller alive/);
+});
