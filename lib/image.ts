@@ -21,7 +21,7 @@ export const PAGE_SIZE = 4096;
 const MAX_HEADER = 1 << 20;
 const MAX_JSON = 64 << 20;
 /** Page runs are written in pieces of at most this many bytes. */
-export const PAGE_RUN_MAX = 16 << 20;
+export const PAGE_RUN_MAX = 1 << 20;
 const MAX_PAYLOAD = PAGE_RUN_MAX + 8;
 
 export const REC = {

@@ -24,6 +24,17 @@ const _signal = libc.func('uintptr_t signal(int sig, uintptr_t handler)');
 const _sigprocmask = libc.func('int sigprocmask(int how, void *set, void *old)');
 const _setpriority = libc.func('int setpriority(int which, int who, int prio)');
 const _poll = libc.func('int poll(_Inout_ void *fds, unsigned long nfds, int timeout)');
+const _vmReadv = libc.func('intptr_t process_vm_readv(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
+const _vmWritev = libc.func('intptr_t process_vm_writev(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
+
+function iovPair(buf: Buffer, addr: bigint): [Buffer, Buffer] {
+  const local = Buffer.alloc(16), remote = Buffer.alloc(16);
+  local.writeBigUInt64LE(koffi.address(buf) as bigint, 0);
+  local.writeBigUInt64LE(BigInt(buf.length), 8);
+  remote.writeBigUInt64LE(addr, 0);
+  remote.writeBigUInt64LE(BigInt(buf.length), 8);
+  return [local, remote];
+}
 
 export const errnoNow = (): number => koffi.errno();
 export const addressOf = (buf: Buffer): bigint => koffi.address(buf) as bigint;
@@ -94,6 +105,15 @@ export const sys = {
     b.writeInt16LE(events, 4);
     const r = check(_poll(b, 1, timeoutMs) as number, 'poll', `fd ${fd}`);
     return r === 0 ? 0 : b.readInt16LE(6);
+  },
+  /** process_vm_readv into buf from addr; bytes read or -1. */
+  vmRead(pid: number, buf: Buffer, addr: bigint): number {
+    const [l, r] = iovPair(buf, addr);
+    return Number(_vmReadv(pid, l, 1, r, 1, 0));
+  },
+  vmWrite(pid: number, buf: Buffer, addr: bigint): number {
+    const [l, r] = iovPair(buf, addr);
+    return Number(_vmWritev(pid, l, 1, r, 1, 0));
   },
   posixSpawn(path: string, argv: string[], envp: string[]): number {
     const pid = [0];

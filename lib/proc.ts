@@ -92,14 +92,18 @@ export function parseFdinfo(text: string): FdInfo {
 export const readFdinfo = (pid: number, fd: number): FdInfo =>
   parseFdinfo(fs.readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
 
-/** Pagemap entries for [start, end): bit 63 present, 62 swapped, 61 file/shared. */
-export function readPagemap(pid: number, start: bigint, end: bigint, fd?: number): BigUint64Array {
+/**
+ * Pagemap flag bytes for [start, end): the top byte of each 64-bit entry,
+ * where bit 7 is "present", bit 6 "swapped", bit 5 "file page or shared".
+ * Only that byte is kept, so a scan needs no 64-bit arithmetic.
+ */
+export function readPagemapFlags(pid: number, start: bigint, end: bigint, fd?: number): Uint8Array {
   const pages = Number((end - start) / 4096n);
-  const buf = Buffer.alloc(pages * 8);
+  const buf = Buffer.allocUnsafe(pages * 8);
   const own = fd === undefined;
   const f = fd ?? fs.openSync(`/proc/${pid}/pagemap`, 'r');
+  let done = 0;
   try {
-    let done = 0;
     while (done < buf.length) {
       const n = fs.readSync(f, buf, done, buf.length - done, Number((start / 4096n) * 8n) + done);
       if (n <= 0) break;
@@ -108,9 +112,11 @@ export function readPagemap(pid: number, start: bigint, end: bigint, fd?: number
   } finally {
     if (own) fs.closeSync(f);
   }
-  return new BigUint64Array(buf.buffer, buf.byteOffset, pages);
+  const flags = new Uint8Array(pages);
+  for (let i = 0, o = 7; i < pages && o < done; i++, o += 8) flags[i] = buf[o];
+  return flags;
 }
 
-export const PM_PRESENT = 1n << 63n;
-export const PM_SWAP = 1n << 62n;
-export const PM_FILE = 1n << 61n;
+export const PM_PRESENT = 0x80;
+export const PM_SWAP = 0x40;
+export const PM_FILE = 0x20;

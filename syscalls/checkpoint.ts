@@ -15,6 +15,7 @@ import { Remote } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
+import { log } from '../lib/log.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, type MemoryCapture } from './resources/memory.js';
@@ -48,16 +49,21 @@ export function checkpoint(ctx: SyscallCtx): number {
   const crid = ctx.sv.newCrid();
   const freeze = new Freeze(tracer);
   try {
+    const t0 = performance.now();
     freeze.add(procs);
+    const t1 = performance.now();
     const captured = procs.map((p) => captureProcess(tracer, p, caller, procs, ctx.sv.options.outsideFds));
+    const tc = performance.now();
     const w = new ImageWriter(new FdSink(out));
     w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid, kernel: os.release(), created: new Date().toISOString(), vdso: vdsoInfo(pid) });
     for (const c of captured) {
       w.json(REC.PROCESS, c.state);
-      writePages(c.state.ids.pid, c.memory, w);
+      writePages(c.state.ids.pid, c.memory, w, true);
       w.record(REC.PROCESS_END);
     }
     w.trailer();
+    const t2 = performance.now();
+    log.syscall('checkpoint %d: freeze %s ms, capture %s ms, image %s ms', pid, (t1 - t0).toFixed(2), (tc - t1).toFixed(2), (t2 - tc).toFixed(2));
   } catch (e) {
     freeze.thaw();
     throw e;

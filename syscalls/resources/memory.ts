@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { CkptError, errno } from '../../lib/errors.js';
-import { readSmaps, readPagemap, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
+import { readSmaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
 import { RemoteMem } from '../../lib/mem.js';
 import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
 import { SYS } from '../../lib/libc.js';
@@ -92,7 +92,7 @@ export function captureMemory(pid: number): MemoryCapture {
       if (!v) continue;
       vmas.push(v);
       if (v.kind === 'special' || v.shared) continue;
-      const entries = readPagemap(pid, m.start, m.end, pm);
+      const entries = readPagemapFlags(pid, m.start, m.end, pm);
       const anon = v.kind === 'anon';
       let runStart = -1;
       const flush = (i: number) => {
@@ -103,7 +103,7 @@ export function captureMemory(pid: number): MemoryCapture {
       };
       for (let i = 0; i < entries.length; i++) {
         const e = entries[i];
-        const keep = anon ? (e & (PM_PRESENT | PM_SWAP)) !== 0n : ((e & PM_PRESENT) !== 0n && (e & PM_FILE) === 0n) || (e & PM_SWAP) !== 0n;
+        const keep = anon ? (e & (PM_PRESENT | PM_SWAP)) !== 0 : (e & (PM_PRESENT | PM_FILE)) === PM_PRESENT || (e & PM_SWAP) !== 0;
         if (keep) {
           if (runStart < 0) runStart = i;
         } else flush(i);
@@ -116,8 +116,11 @@ export function captureMemory(pid: number): MemoryCapture {
   return { vmas, runs };
 }
 
-/** Stream the chosen pages into the image, reading them from `memPid`. */
-export function writePages(memPid: number, cap: MemoryCapture, w: ImageWriter): number {
+/**
+ * Stream the chosen pages into the image, reading them from `memPid`.
+ * `fast`: the live process itself, so process_vm_readv may be used.
+ */
+export function writePages(memPid: number, cap: MemoryCapture, w: ImageWriter, fast: boolean): number {
   const mem = new RemoteMem(memPid);
   const buf = Buffer.allocUnsafe(PAGE_RUN_MAX);
   let bytes = 0;
@@ -125,7 +128,8 @@ export function writePages(memPid: number, cap: MemoryCapture, w: ImageWriter): 
     for (const run of cap.runs) {
       for (let off = 0; off < run.len; off += PAGE_RUN_MAX) {
         const n = Math.min(PAGE_RUN_MAX, run.len - off);
-        const data = mem.read(run.addr + BigInt(off), n, buf.subarray(0, n));
+        const at = run.addr + BigInt(off);
+        const data = fast ? mem.readFast(at, n, buf) : mem.read(at, n, buf.subarray(0, n));
         w.pages(run.addr + BigInt(off), data);
         bytes += n;
       }
@@ -277,5 +281,5 @@ export function fillPages(mem: RemoteMem, vmas: VmaState[], addr: bigint, data: 
   if (!v || addr % PAGE !== 0n) {
     throw new CkptError(errno('EBADMSG'), 'restart:memory', `page data at ${hex(addr)}+${data.length} lies outside every mapping of the image`);
   }
-  mem.write(addr, data);
+  mem.writeFast(addr, data);
 }
