@@ -3,7 +3,11 @@
  *
  *   "CKPTIMG\0" | u32 header length | header JSON | u32 crc32(all before)
  *   records: u32 type | u32 reserved(0) | u64 length | payload | u32 crc32(frame+payload)
- *   last record: TRAILER, JSON { records, pageBytes } counting what came before
+ *   TREE (JSON: every process, file and pipe of the subtree), then for each
+ *   process MEMORY (JSON { pid }) followed by its PAGES (u64 address + data),
+ *   last TRAILER, JSON { records, pageBytes } counting what came before.
+ *   All metadata comes before any page, so a restart can create every
+ *   process before it fills the first one.
  *
  * A corrupt header (bad magic or checksum) is EBADMSG; a sound header from a
  * system we cannot serve (format version, architecture, page size) is
@@ -25,9 +29,9 @@ export const PAGE_RUN_MAX = 1 << 20;
 const MAX_PAYLOAD = PAGE_RUN_MAX + 8;
 
 export const REC = {
-  PROCESS: 1,
+  TREE: 1,
   PAGES: 2,
-  PROCESS_END: 3,
+  MEMORY: 3,
   TRAILER: 0x7fff,
 } as const;
 export const REC_NAMES: Record<number, string> = Object.fromEntries(Object.entries(REC).map(([k, v]) => [v, k]));

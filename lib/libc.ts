@@ -24,6 +24,8 @@ const _signal = libc.func('uintptr_t signal(int sig, uintptr_t handler)');
 const _sigprocmask = libc.func('int sigprocmask(int how, void *set, void *old)');
 const _setpriority = libc.func('int setpriority(int which, int who, int prio)');
 const _poll = libc.func('int poll(_Inout_ void *fds, unsigned long nfds, int timeout)');
+const _pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)');
+const _tee = libc.func('intptr_t tee(int fdin, int fdout, size_t len, unsigned int flags)');
 const _vmReadv = libc.func('intptr_t process_vm_readv(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
 const _vmWritev = libc.func('intptr_t process_vm_writev(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
 
@@ -105,6 +107,15 @@ export const sys = {
     b.writeInt16LE(events, 4);
     const r = check(_poll(b, 1, timeoutMs) as number, 'poll', `fd ${fd}`);
     return r === 0 ? 0 : b.readInt16LE(6);
+  },
+  pipe2(flags: number): [number, number] {
+    const fds = [0, 0];
+    check(_pipe2(fds, flags) as number, 'pipe2', 'supervisor');
+    return [fds[0], fds[1]];
+  },
+  /** tee(2): duplicate up to len bytes of a pipe into another, without consuming. */
+  tee(fdin: number, fdout: number, len: number, flags: number): number {
+    return Number(_tee(fdin, fdout, len, flags));
   },
   /** process_vm_readv into buf from addr; bytes read or -1. */
   vmRead(pid: number, buf: Buffer, addr: bigint): number {

@@ -1,11 +1,13 @@
 /** Reading an image for people (`ckpt inspect`), in the spirit of CRIU's crit. */
 import { ImageReader, REC, parseJson, splitPages, type ImageHeader } from '../lib/image.js';
 import { FdSource } from '../lib/stream.js';
-import type { ProcessState } from '../syscalls/state.js';
+import type { ProcessState, TreeState } from '../syscalls/state.js';
 
 export interface ImageDescription {
   header: ImageHeader;
   processes: (Omit<ProcessState, 'threads'> & { threads: { tid: number; rip: string; rsp: string }[]; pageBytes: number })[];
+  zombies: TreeState['zombies'];
+  files: TreeState['files'];
   bytes: number;
 }
 
@@ -13,23 +15,23 @@ export function describeImage(fd: number): ImageDescription {
   const source = new FdSource(fd);
   const reader = new ImageReader(source);
   const header = reader.header();
-  const processes: ImageDescription['processes'] = [];
+  const tree = parseJson<TreeState>(reader.expect(REC.TREE).payload, 'TREE');
+  const processes: ImageDescription['processes'] = tree.processes.map((p) => ({
+    ...p,
+    threads: p.threads.map((t) => {
+      const regs = Buffer.from(t.regs, 'base64');
+      return { tid: t.tid, rip: '0x' + regs.readBigUInt64LE(16 * 8).toString(16), rsp: '0x' + regs.readBigUInt64LE(19 * 8).toString(16) };
+    }),
+    pageBytes: 0,
+  }));
+  let cur: ImageDescription['processes'][number] | undefined;
   for (let rec = reader.next(); rec; rec = reader.next()) {
-    if (rec.type === REC.PROCESS) {
-      const p = parseJson<ProcessState>(rec.payload, 'PROCESS');
-      processes.push({
-        ...p,
-        threads: p.threads.map((t) => {
-          const regs = Buffer.from(t.regs, 'base64');
-          return { tid: t.tid, rip: '0x' + regs.readBigUInt64LE(16 * 8).toString(16), rsp: '0x' + regs.readBigUInt64LE(19 * 8).toString(16) };
-        }),
-        pageBytes: 0,
-      });
-    } else if (rec.type === REC.PAGES && processes.length) {
-      processes[processes.length - 1].pageBytes += splitPages(rec.payload).data.length;
-    }
+    if (rec.type === REC.MEMORY) {
+      const { pid } = parseJson<{ pid: number }>(rec.payload, 'MEMORY');
+      cur = processes.find((p) => p.ids.pid === pid);
+    } else if (rec.type === REC.PAGES && cur) cur.pageBytes += splitPages(rec.payload).data.length;
   }
-  return { header, processes, bytes: source.bytes };
+  return { header, processes, zombies: tree.zombies, files: tree.files, bytes: source.bytes };
 }
 
 const size = (n: number) => (n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`);
@@ -50,11 +52,20 @@ export function formatDescription(d: ImageDescription): string {
     }
     out.push(`  cwd ${p.files.cwd}, umask ${p.files.umask.toString(8).padStart(4, '0')}`);
     for (const f of p.files.fds) {
-      const what = f.kind === 'path' ? `${f.path} pos ${f.pos} flags 0${f.flags.toString(8)}` : f.kind === 'dup' ? `same file as fd ${f.of}` : 'outside the tree (connected to the restarter\'s fd)';
-      out.push(`    fd ${f.fd}${f.cloexec ? ' (cloexec)' : ''}: ${what}`);
+      out.push(`    fd ${f.fd}${f.cloexec ? ' (cloexec)' : ''}: ${'outside' in f ? "outside the tree (connected to the restarter's fd)" : describeDesc(d.files, f.desc)}`);
     }
     const sigs = Object.keys(p.signals);
     if (sigs.length) out.push(`  signal handlers: ${sigs.join(', ')}`);
   }
+  for (const z of d.zombies) out.push(`zombie ${z.pid} (child of ${z.ppid}), wait status ${z.status}`);
   return out.join('\n') + '\n';
+}
+
+function describeDesc(files: TreeState['files'], id: number): string {
+  const d = files.descs[id];
+  if (!d) return '?';
+  if (d.kind === 'path') return `${d.path} pos ${d.pos} flags 0${d.flags.toString(8)}`;
+  if (d.kind === 'fifo') return `fifo ${d.path} (${Buffer.from(d.data, 'base64').length} bytes unread)`;
+  const p = files.pipes[d.pipe];
+  return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;
 }

@@ -93,6 +93,30 @@ export class Remote {
     return res;
   }
 
+  /**
+   * Run a syscall that does not return (exit_group), or deliver `sig` if nr
+   * is 0, and follow the task until it is gone.
+   */
+  runToExit(nr: number, arg: number, sig = 0): void {
+    const t = this.task;
+    const regs = this.saved.clone();
+    if (nr) {
+      regs.set('rip', this.syscallAddr);
+      regs.set('rax', nr);
+      regs.set('rdi', arg);
+      regs.set('orig_rax', -1n);
+    }
+    setRegs(t.tid, regs);
+    this.mem.close();
+    if (sig) sys.tgkill(t.tgid, t.tid, sig);
+    for (let deliver = 0; ; ) {
+      if (sys.ptrace(PT.CONT, t.tid, 0, deliver) === -1) return;
+      const ev = this.tracer.wait(t.tid);
+      if (!ev || ev.kind !== 'stopped') return;
+      deliver = ev.event === 0 && !ev.syscallStop ? ev.signal : 0;
+    }
+  }
+
   /** Like call(), but a negative result throws with its errno. */
   check(what: string, nr: number, ...args: (bigint | number)[]): bigint {
     const r = this.call(nr, ...args);

@@ -6,8 +6,8 @@
 import fs from 'node:fs';
 import { sys, errnoNow } from '../lib/libc.js';
 import { errno } from '../lib/errors.js';
-import { PT, PTRACE_EVENT, WALL, WNOHANG, decodeWaitStatus, getEventMsg, type WaitEvent } from '../lib/ptrace.js';
-import { log } from '../lib/log.js';
+import { PT, PTRACE_EVENT, WALL, WNOHANG, decodeWaitStatus, getEventMsg, getRegs, setRegs, type WaitEvent } from '../lib/ptrace.js';
+import { log, logError } from '../lib/log.js';
 
 const SIGTRAP = 5, SIGSTOP = 19, SIGTSTP = 20, SIGTTIN = 21, SIGTTOU = 22;
 const STOP_SIGNALS = new Set([SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU]);
@@ -29,6 +29,8 @@ export class Tracer {
   readonly tasks = new Map<number, Task>();
   /** Stops already collected (during a freeze or remote call) still to dispatch. */
   private readonly pending: WaitEvent[] = [];
+  /** Processes that exited while traced: candidates for zombies of the tree. */
+  readonly exited = new Set<number>();
   rootPid = 0;
   rootStatus: { code: number } | { signal: number } | null = null;
 
@@ -79,6 +81,7 @@ export class Tracer {
   private forget(ev: Extract<WaitEvent, { kind: 'exited' | 'killed' }>): void {
     const t = this.tasks.get(ev.pid);
     this.tasks.delete(ev.pid);
+    if (!t || t.tgid === ev.pid) this.exited.add(ev.pid);
     if (ev.pid === this.rootPid) {
       this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };
     }
@@ -96,6 +99,17 @@ export class Tracer {
     task.stop = 'running';
     task.parked = undefined;
     sys.ptrace(req, task.tid, 0, sig); // ESRCH: it died meanwhile, the loop will see it
+  }
+
+  /** Answer a trapped call with -EIO after an internal error (if the task still exists). */
+  private failCall(task: Task): void {
+    try {
+      const regs = getRegs(task.tid);
+      regs.set('rax', -errno('EIO'));
+      regs.set('orig_rax', -1n);
+      setRegs(task.tid, regs);
+      this.resume(task);
+    } catch { /* gone */ }
   }
 
   /** Run until every tracee is gone; returns the exit status for the shell. */
@@ -133,7 +147,13 @@ export class Tracer {
     switch (ev.event) {
       case PTRACE_EVENT.SECCOMP:
         task.stop = 'seccomp';
-        this.onSeccomp(this, task);
+        try {
+          this.onSeccomp(this, task);
+        } catch (e) {
+          // A bug of ours must not take the tree down: log it, fail the call.
+          logError(`task ${task.tid}: internal error serving a ckpt call: ${(e as Error).stack ?? e}`);
+          this.failCall(task);
+        }
         return;
       case PTRACE_EVENT.FORK:
       case PTRACE_EVENT.VFORK:

@@ -1,7 +1,8 @@
 /**
  * checkpoint(pid, fd, flags): the orchestrator. The order of the stages lives
- * here and nowhere else: check the arguments, freeze, capture everything that
- * may fail (nothing written yet), write the image, thaw (or kill).
+ * here and nowhere else: check the arguments, freeze the subtree, capture
+ * everything that may refuse (nothing written yet), write the image, thaw
+ * (or kill).
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -9,17 +10,17 @@ import { CkptError, errno } from '../lib/errors.js';
 import { sys } from '../lib/libc.js';
 import { ImageWriter, REC, FORMAT_VERSION, ARCH, PAGE_SIZE } from '../lib/image.js';
 import { FdSink } from '../lib/stream.js';
-import { readStatus, listTids } from '../lib/proc.js';
+import { readStatus, listTids, readStat } from '../lib/proc.js';
+import { log } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { Remote } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
-import { log } from '../lib/log.js';
 import type { SyscallCtx } from './context.js';
-import type { ProcessState } from './state.js';
+import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, type MemoryCapture } from './resources/memory.js';
-import { captureThread, captureAltstack } from './resources/thread.js';
+import { captureThread, captureAltstack, findTidAddress } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles } from './resources/files.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
@@ -43,7 +44,7 @@ export function checkpoint(ctx: SyscallCtx): number {
   const pid = pidArg === 0 ? caller.tgid : pidArg;
   const root = tracer.tasks.get(pid);
   if (pidArg < 0 || !root || root.tgid !== pid) throw new CkptError(errno('ESRCH'), 'checkpoint', `pid ${pidArg} is not a process of this supervised tree`);
-  const procs = subtree(tracer, pid);
+  let procs = subtree(tracer, pid);
   checkPermission(caller.tgid, procs);
   const out = takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint');
   const crid = ctx.sv.newCrid();
@@ -51,19 +52,22 @@ export function checkpoint(ctx: SyscallCtx): number {
   try {
     const t0 = performance.now();
     freeze.add(procs);
+    // Children forked while we froze are frozen too; take them in.
+    procs = subtree(tracer, pid);
+    freeze.add(procs);
+    checkPermission(caller.tgid, procs);
     const t1 = performance.now();
-    const captured = procs.map((p) => captureProcess(tracer, p, caller, procs, ctx.sv.options.outsideFds));
-    const tc = performance.now();
+    const { tree, memory } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds);
+    const t2 = performance.now();
     const w = new ImageWriter(new FdSink(out));
     w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid, kernel: os.release(), created: new Date().toISOString(), vdso: vdsoInfo(pid) });
-    for (const c of captured) {
-      w.json(REC.PROCESS, c.state);
-      writePages(c.state.ids.pid, c.memory, w, true);
-      w.record(REC.PROCESS_END);
+    w.json(REC.TREE, tree);
+    for (const p of tree.processes) {
+      w.json(REC.MEMORY, { pid: p.ids.pid });
+      writePages(p.ids.pid, memory.get(p.ids.pid)!, w, true);
     }
     w.trailer();
-    const t2 = performance.now();
-    log.syscall('checkpoint %d: freeze %s ms, capture %s ms, image %s ms', pid, (t1 - t0).toFixed(2), (tc - t1).toFixed(2), (t2 - tc).toFixed(2));
+    log.syscall('checkpoint %d: %d processes; freeze %s ms, capture %s ms, image %s ms', pid, procs.length, (t1 - t0).toFixed(2), (t2 - t1).toFixed(2), (performance.now() - t2).toFixed(2));
   } catch (e) {
     freeze.thaw();
     throw e;
@@ -77,38 +81,87 @@ export function checkpoint(ctx: SyscallCtx): number {
   return crid;
 }
 
+/** Capture a frozen subtree: processes (parents first), zombies, files. */
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[]): { tree: TreeState; memory: Map<number, MemoryCapture> } {
+  const statuses = new Map(procs.map((p) => [p, readStatus(p)]));
+  const memory = new Map<number, MemoryCapture>();
+  const processes: ProcessState[] = [];
+  const files = captureFiles(procs, outside, (p) => statuses.get(p)!);
+  for (const pid of procs) {
+    const { state, mem } = captureProcess(tracer, pid, caller, statuses.get(pid)!);
+    state.files = files.perProc.get(pid)!;
+    processes.push(state);
+    memory.set(pid, mem);
+  }
+  return { tree: { root, processes, zombies: findZombies(tracer, procs), files: files.table }, memory };
+}
+
 /** Capture one frozen process; everything that can refuse does so here. */
-function captureProcess(tracer: Tracer, pid: number, caller: Task, procs: number[], outside: number[]): { state: ProcessState; memory: MemoryCapture } {
+function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<string, string>): { state: ProcessState; mem: MemoryCapture } {
   const tids = listTids(pid);
-  if (tids.length > 1) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:threads', `task ${pid}: has ${tids.length} threads; multi-threaded processes are not supported yet`);
-  if (procs.length > 1) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:children', `task ${pid}: the subtree has ${procs.length} processes (${procs.join(', ')}); process trees are not supported yet`);
-  const task = tracer.tasks.get(pid)!;
-  const status = readStatus(pid);
-  const thread = captureThread(pid, pid === caller.tid);
-  const r = new Remote(tracer, task);
+  // Registers first, before any injected syscall touches them.
+  const threads = tids.map((tid) => captureThread(tid, tid === caller.tid));
+  const task = (tid: number) => {
+    const t = tracer.tasks.get(tid);
+    if (!t || t.stop === 'running') throw new CkptError(errno('EAGAIN'), 'checkpoint', `task ${tid} of ${pid} is not frozen`);
+    return t;
+  };
+  const r = new Remote(tracer, task(pid));
   let mm, signals;
   try {
     mm = captureMm(r, pid);
     signals = captureSignals(r, status);
-    thread.altstack = captureAltstack(r);
+    for (const [i, tid] of tids.entries()) {
+      const fsBase = BigInt(Buffer.from(threads[i].regs, 'base64').readBigUInt64LE(21 * 8));
+      threads[i].tidAddress = findTidAddress(r.mem, tid, fsBase);
+      if (tid === pid) {
+        threads[i].altstack = captureAltstack(r);
+        continue;
+      }
+      const rt = new Remote(tracer, task(tid));
+      rt.setScratch(r.scratch());
+      try {
+        threads[i].altstack = captureAltstack(rt);
+      } finally {
+        rt.finish();
+      }
+    }
   } finally {
     r.finish();
   }
-  const memory = captureMemory(pid);
+  const mem = captureMemory(pid);
   const state: ProcessState = {
     ids: captureIds(pid),
     creds: parseCreds(status),
     mm,
-    memory: memory.vmas,
-    files: captureFiles(pid, outside, status),
+    memory: mem.vmas,
+    files: { fds: [], cwd: '/', umask: 0o22 }, // filled in by captureTree
     signals,
-    threads: [thread],
+    threads,
   };
-  return { state, memory };
+  return { state, mem };
+}
+
+/** Children of the subtree that exited and were not reaped. */
+function findZombies(tracer: Tracer, procs: number[]): ZombieState[] {
+  const inside = new Set(procs);
+  const out: ZombieState[] = [];
+  for (const pid of tracer.exited) {
+    try {
+      const st = readStat(pid);
+      if (st.field(3) !== 'Z') continue;
+      if (inside.has(Number(st.field(4)))) {
+        out.push({ pid, ppid: Number(st.field(4)), pgid: Number(st.field(5)), sid: Number(st.field(6)), status: Number(st.field(52)) });
+      }
+    } catch {
+      tracer.exited.delete(pid); // reaped: no longer a candidate
+    }
+  }
+  return out;
 }
 
 /** ABI: a caller may checkpoint a task only if it could ptrace it. */
-function checkPermission(callerPid: number, procs: number[]): void {
+export function checkPermission(callerPid: number, procs: number[]): void {
   const cs = readStatus(callerPid);
   const capEff = BigInt('0x' + (cs.get('CapEff') ?? '0'));
   if (capEff & (1n << CAP_SYS_PTRACE)) return;

@@ -1,7 +1,7 @@
-/** The state of one process as the image carries it (the PROCESS record). */
+/** The state of a subtree as the image carries it (the TREE record). */
 import type { ProcessIds, Creds, MmState } from './resources/process.js';
 import type { VmaState } from './resources/memory.js';
-import type { FilesState } from './resources/files.js';
+import type { FilesState, FilesTable } from './resources/files.js';
 import type { SignalState } from './resources/signals.js';
 import type { ThreadState } from './resources/thread.js';
 import { CkptError, errno } from '../lib/errors.js';
@@ -16,12 +16,45 @@ export interface ProcessState {
   threads: ThreadState[];
 }
 
-/** Shape check of a decoded PROCESS record: the checksum says it is what was written, not that a writer was sane. */
-export function validateProcess(p: ProcessState): ProcessState {
-  const ok =
-    p && typeof p === 'object' && p.ids && Number.isInteger(p.ids.pid) && p.ids.pid > 0 &&
-    Array.isArray(p.memory) && Array.isArray(p.threads) && p.threads.length >= 1 &&
-    p.files && Array.isArray(p.files.fds) && p.mm && typeof p.mm.exe === 'string' && p.creds && Array.isArray(p.creds.uid);
-  if (!ok) throw new CkptError(errno('EBADMSG'), 'image', 'PROCESS record lacks required fields');
-  return p;
+/** A child that exited and was not reaped: it comes back as a zombie with the same status. */
+export interface ZombieState {
+  pid: number;
+  ppid: number;
+  pgid: number;
+  sid: number;
+  /** As waitpid reports it. */
+  status: number;
+}
+
+export interface TreeState {
+  root: number;
+  /** Parents before children. */
+  processes: ProcessState[];
+  zombies: ZombieState[];
+  files: FilesTable;
+}
+
+const bad = (why: string) => new CkptError(errno('EBADMSG'), 'image', `TREE record: ${why}`);
+const isPid = (v: unknown) => Number.isInteger(v) && (v as number) > 0 && (v as number) < 1 << 22;
+
+/** Shape and consistency check: the checksum says it is what was written, not that the writer was sane. */
+export function validateTree(t: TreeState): TreeState {
+  if (!t || typeof t !== 'object' || !Array.isArray(t.processes) || !Array.isArray(t.zombies) || !t.files || !Array.isArray(t.files.descs) || !Array.isArray(t.files.pipes)) throw bad('missing fields');
+  if (!t.processes.length || t.processes[0]?.ids?.pid !== t.root) throw bad('the root is not the first process');
+  const seen = new Set<number>();
+  for (const p of t.processes) {
+    const ok = p && p.ids && isPid(p.ids.pid) && Array.isArray(p.memory) && Array.isArray(p.threads) && p.threads.length >= 1 &&
+      p.threads.every((th) => isPid(th.tid) && typeof th.regs === 'string') && p.files && Array.isArray(p.files.fds) &&
+      p.mm && typeof p.mm.exe === 'string' && p.creds && Array.isArray(p.creds.uid) && p.signals && typeof p.signals === 'object';
+    if (!ok) throw bad('a process lacks required fields');
+    if (p.ids.pid !== t.root && !seen.has(p.ids.ppid)) throw bad(`process ${p.ids.pid} comes before its parent ${p.ids.ppid}`);
+    if (!p.threads.some((th) => th.tid === p.ids.pid)) throw bad(`process ${p.ids.pid} has no leader thread`);
+    for (const f of p.files.fds) if ('desc' in f && !(f.desc >= 0 && f.desc < t.files.descs.length)) throw bad(`fd ${f.fd} of ${p.ids.pid} names no description`);
+    seen.add(p.ids.pid);
+  }
+  for (const z of t.zombies) {
+    if (!isPid(z.pid) || !seen.has(z.ppid)) throw bad(`zombie ${z.pid} has no parent in the tree`);
+  }
+  for (const d of t.files.descs) if (d.kind === 'pipe' && !(d.pipe >= 0 && d.pipe < t.files.pipes.length)) throw bad('pipe end of no pipe');
+  return t;
 }

@@ -46,12 +46,17 @@ export function serve(sv: Supervisor, tracer: Tracer, caller: Task): void {
     }
   }
   log.syscall('%d: %s(%s) = %d', caller.tid, entry?.name ?? nr, args.slice(0, 3).join(', '), ret);
-  if (!tracer.tasks.has(caller.tid)) return; // the caller was in a killed subtree
   // Whatever stop the caller is in now (seccomp, or a stop after injected
   // syscalls that put its registers back), orig_rax -1 skips any syscall.
-  const now = getRegs(caller.tid);
-  now.set('rax', ret);
-  now.set('orig_rax', -1n);
-  setRegs(caller.tid, now);
+  // The caller may be gone (CKPT_KILL of its own subtree): nothing to answer.
+  try {
+    const now = getRegs(caller.tid);
+    now.set('rax', ret);
+    now.set('orig_rax', -1n);
+    setRegs(caller.tid, now);
+  } catch (e) {
+    if (e instanceof CkptError && e.errno === errno('ESRCH')) return;
+    throw e;
+  }
   tracer.resume(caller);
 }

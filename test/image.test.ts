@@ -13,11 +13,11 @@ const header: ImageHeader = {
 function sample(): Buffer {
   const w = new ImageWriter(new BufferSink());
   w.header(header);
-  w.json(REC.PROCESS, { pid: 42, name: 'x' });
+  w.json(REC.TREE, { pid: 42, name: 'x' });
   const pages = Buffer.alloc(2 * 4096);
   for (let i = 0; i < pages.length; i++) pages[i] = i & 0xff;
   w.pages(0x10000n, pages);
-  w.record(REC.PROCESS_END);
+  w.record(REC.MEMORY);
   w.trailer();
   return (w.sink as BufferSink).result();
 }
@@ -43,7 +43,7 @@ const EBADMSG = 74, ENOEXEC = 8;
 t.test('round trip', async (t) => {
   const { h, recs } = decode(sample());
   t.same(h, header);
-  t.same(recs.map((r) => r.type), [REC.PROCESS, REC.PAGES, REC.PROCESS_END]);
+  t.same(recs.map((r) => r.type), [REC.TREE, REC.PAGES, REC.MEMORY]);
   t.same(JSON.parse(recs[0].payload.toString()), { pid: 42, name: 'x' });
   const { addr, data } = splitPages(recs[1].payload);
   t.equal(addr, 0x10000n);
@@ -92,7 +92,7 @@ t.test('lengths are never trusted', async (t) => {
   const img = sample();
   const h = withHeader(header);
   const rec = Buffer.alloc(16);
-  rec.writeUInt32LE(REC.PROCESS, 0);
+  rec.writeUInt32LE(REC.TREE, 0);
   rec.writeBigUInt64LE(1n << 40n, 8);
   t.equal(errnoOf(() => decode(Buffer.concat([h, rec]))), EBADMSG, 'record length');
   t.ok(img.length > 0);
@@ -101,7 +101,7 @@ t.test('lengths are never trusted', async (t) => {
 t.test('records after a missing one are caught by the trailer', async (t) => {
   const w = new ImageWriter(new BufferSink());
   w.header(header);
-  w.json(REC.PROCESS, {});
+  w.json(REC.TREE, {});
   const withTwo = (w.sink as BufferSink).result();
   const w2 = new ImageWriter(new BufferSink());
   w2.header(header);

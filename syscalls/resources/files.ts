@@ -1,29 +1,55 @@
 /**
- * Descriptors, cwd and umask. Files are reopened by path at their offsets
- * and flags (their contents are not part of the checkpoint). A descriptor
- * that is the same open file as one the supervisor got from its own parent
- * (stdin, stdout, stderr) refers to something outside the tree: at restart
- * it is connected to the caller's descriptor of the same number.
+ * Descriptors, cwd and umask, for a whole tree.
+ *
+ * An open file description is captured once, however many descriptors (in
+ * however many processes) refer to it: descriptors are matched with
+ * kcmp(KCMP_FILE). At restart each description is created once, in its
+ * first holder (its owner), and every other holder gets the very same
+ * description by an injected pidfd_open + pidfd_getfd, so offsets and status
+ * flags stay shared and the restore order does not depend on fork order.
+ *
+ * Kinds: files, directories and devices reopened by path (offset, flags);
+ * pipes and FIFOs with their unread data (read without consuming it, with
+ * tee); descriptors that are the very files the supervisor was given by its
+ * own parent ("outside": connected to the restarter's descriptor of the same
+ * number). Anything else, or a pipe also held by a process outside the
+ * subtree, is refused with EOPNOTSUPP.
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { listFds, readFdinfo } from '../../lib/proc.js';
 import { sys, SYS } from '../../lib/libc.js';
-import type { Remote } from '../../supervisor/remote.js';
 import { logError } from '../../lib/log.js';
+import type { Remote } from '../../supervisor/remote.js';
 import { openIn } from './memory.js';
 
+const O_ACCMODE = 3, O_RDONLY = 0, O_WRONLY = 1, O_RDWR = 2, O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000, O_CREAT = 0o100, O_EXCL = 0o200, O_TRUNC = 0o1000, O_NOCTTY = 0o400;
-const F_SETFD = 2, SEEK_SET = 0;
-const SYS_kcmp = 312, KCMP_FILE = 0;
+const F_SETFD = 2, F_SETFL = 4, F_DUPFD_CLOEXEC = 1030, F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032, SEEK_SET = 0;
+const SYS_kcmp = 312, KCMP_FILE = 0, SPLICE_F_NONBLOCK = 2;
+/** Status flags F_SETFL can change. */
+const SETFL_MASK = 0o2000 | O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000; // APPEND NONBLOCK ASYNC DIRECT NOATIME
 
-export type FdState =
-  | { fd: number; kind: 'outside'; cloexec: boolean }
-  | { fd: number; kind: 'path'; path: string; flags: number; pos: string; cloexec: boolean }
-  | { fd: number; kind: 'dup'; of: number; cloexec: boolean };
+export type FileDesc =
+  | { id: number; kind: 'path'; path: string; flags: number; pos: string }
+  | { id: number; kind: 'fifo'; path: string; flags: number; data: string }
+  | { id: number; kind: 'pipe'; pipe: number; end: 'r' | 'w'; flags: number };
+
+export interface PipeState {
+  id: number;
+  size: number;
+  data: string; // base64 of the unread bytes
+}
+
+export type FdRef = { fd: number; cloexec: boolean } & ({ desc: number } | { outside: true });
+
+export interface FilesTable {
+  descs: FileDesc[];
+  pipes: PipeState[];
+}
 
 export interface FilesState {
-  fds: FdState[];
+  fds: FdRef[];
   cwd: string;
   umask: number;
 }
@@ -36,75 +62,297 @@ export function inheritedFds(): number[] {
   return listFds(process.pid);
 }
 
-/** Is `fd` of `pid` the very open file the supervisor holds as one of `outside`? */
-function isOutside(pid: number, fd: number, outside: number[]): boolean {
-  return outside.some((s) => sys.syscall(SYS_kcmp, process.pid, pid, KCMP_FILE, s, fd) === 0);
-}
+const kcmpFile = (p1: number, f1: number, p2: number, f2: number) => sys.syscall(SYS_kcmp, p1, p2, KCMP_FILE, f1, f2) === 0;
+const unsupported = (pid: number, fd: number, what: string) =>
+  new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
 
-export function captureFiles(pid: number, outside: number[], status: Map<string, string>): FilesState {
-  const fds: FdState[] = [];
-  const seen: { fd: number; key: string }[] = [];
-  for (const fd of listFds(pid)) {
-    const link = `/proc/${pid}/fd/${fd}`;
-    let target: string, st: fs.Stats;
-    try {
-      target = fs.readlinkSync(link);
-      st = fs.statSync(link);
-    } catch {
-      continue; // closed meanwhile
-    }
-    const info = readFdinfo(pid, fd);
-    const cloexec = (info.flags & O_CLOEXEC) !== 0;
-    const key = `${st.dev}:${st.ino}`;
-    // The same open file description under two numbers stays one.
-    const twin = seen.find((s) => s.key === key && sys.syscall(SYS_kcmp, pid, pid, KCMP_FILE, s.fd, fd) === 0);
-    seen.push({ fd, key });
-    if (twin) fds.push({ fd, kind: 'dup', of: twin.fd, cloexec });
-    else if (isOutside(pid, fd, outside)) fds.push({ fd, kind: 'outside', cloexec });
-    else if ((st.isFile() || st.isDirectory() || st.isCharacterDevice()) && target.startsWith('/') && !target.endsWith(' (deleted)')) {
-      fds.push({ fd, kind: 'path', path: target, flags: info.flags & ~O_CLOEXEC, pos: info.pos.toString(), cloexec });
-    } else {
-      throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${target}) is of a kind not supported yet`);
-    }
-  }
-  return {
-    fds,
-    cwd: fs.readlinkSync(`/proc/${pid}/cwd`),
-    umask: parseInt(status.get('Umask') ?? '022', 8),
-  };
-}
-
-export function restoreFiles(r: Remote, state: FilesState): void {
-  const tid = r.task.tid;
-  // The shell holds copies of the caller's descriptors: keep those that stand
-  // for "outside" ones, close all the others.
-  const keep = new Set(state.fds.filter((f) => f.kind === 'outside').map((f) => f.fd));
-  for (const fd of listFds(tid)) if (!keep.has(fd)) r.call(SYS.close, fd);
-  const absent = new Set([...keep].filter((fd) => !fs.existsSync(`/proc/${tid}/fd/${fd}`)));
-  for (const fd of absent) {
-    // Stray inherited descriptors are common (a shell's, a test runner's);
-    // a missing one is left closed rather than failing the whole restart.
-    logError(`task ${tid}: restart: fd ${fd} referred to something outside the tree and the caller has no fd ${fd}: left closed`);
-  }
-  for (const f of state.fds) {
-    if (absent.has(f.fd) || (f.kind === 'dup' && absent.has(f.of))) continue;
-    if (f.kind === 'path') {
-      const tmp = openIn(r, f.path, f.flags & ~(O_CREAT | O_EXCL | O_TRUNC) | O_NOCTTY, 'restart:files');
-      if (tmp !== BigInt(f.fd)) {
-        r.check('restart:files', SYS.dup3, tmp, f.fd, f.cloexec ? O_CLOEXEC : 0);
-        r.call(SYS.close, tmp);
+/** Capture the descriptors of every process of a frozen tree. */
+export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>): { table: FilesTable; perProc: Map<number, FilesState> } {
+  const table: FilesTable = { descs: [], pipes: [] };
+  const perProc = new Map<number, FilesState>();
+  const seen: { key: string; pid: number; fd: number; desc: number }[] = [];
+  const pipeIds = new Map<string, number>();
+  const pipeHolders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[] = [];
+  for (const pid of procs) {
+    const fds: FdRef[] = [];
+    for (const fd of listFds(pid)) {
+      const link = `/proc/${pid}/fd/${fd}`;
+      let target: string, st: fs.Stats;
+      try {
+        target = fs.readlinkSync(link);
+        st = fs.statSync(link);
+      } catch {
+        continue; // closed meanwhile
       }
-      const pos = BigInt(f.pos);
-      if (pos) r.check('restart:files', SYS.lseek, f.fd, pos, SEEK_SET);
-    } else if (f.kind === 'dup') {
-      r.check('restart:files', SYS.dup3, f.of, f.fd, f.cloexec ? O_CLOEXEC : 0);
+      const info = readFdinfo(pid, fd);
+      const cloexec = (info.flags & O_CLOEXEC) !== 0;
+      const flags = info.flags & ~O_CLOEXEC;
+      const key = `${st.dev}:${st.ino}`;
+      const twin = seen.find((s) => s.key === key && kcmpFile(s.pid, s.fd, pid, fd));
+      if (twin) {
+        fds.push({ fd, cloexec, desc: twin.desc });
+        continue;
+      }
+      if (outside.some((s) => kcmpFile(process.pid, s, pid, fd))) {
+        fds.push({ fd, cloexec, outside: true });
+        continue;
+      }
+      const id = table.descs.length;
+      const pipe = /^pipe:\[(\d+)\]$/.exec(target);
+      if (pipe) {
+        let pid2 = pipeIds.get(pipe[1]);
+        if (pid2 === undefined) {
+          pid2 = table.pipes.length;
+          pipeIds.set(pipe[1], pid2);
+          table.pipes.push({ id: pid2, size: 0, data: '' });
+        }
+        const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
+        table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
+        pipeHolders.push({ ino: pipe[1], pid, fd, end });
+      } else if (st.isFIFO() && target.startsWith('/')) {
+        table.descs.push({ id, kind: 'fifo', path: target, flags, data: '' });
+        pipeHolders.push({ ino: String(st.ino), pid, fd, end: (flags & O_ACCMODE) === O_WRONLY ? 'w' : 'r' });
+      } else if ((st.isFile() || st.isDirectory() || st.isCharacterDevice()) && target.startsWith('/') && !target.endsWith(' (deleted)')) {
+        table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
+      } else {
+        throw unsupported(pid, fd, `${target}: a kind of descriptor not supported yet`);
+      }
+      seen.push({ key, pid, fd, desc: id });
+      fds.push({ fd, cloexec, desc: id });
+    }
+    perProc.set(pid, {
+      fds,
+      cwd: fs.readlinkSync(`/proc/${pid}/cwd`),
+      umask: parseInt(statusOf(pid).get('Umask') ?? '022', 8),
+    });
+  }
+  capturePipeData(table, pipeIds, pipeHolders, procs);
+  return { table, perProc };
+}
+
+/**
+ * Unread data of each pipe and FIFO, copied with tee() from a read end (the
+ * pipe keeps it); and a refusal if a process outside the subtree holds one.
+ */
+function capturePipeData(table: FilesTable, pipeIds: Map<string, number>, holders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[], procs: number[]): void {
+  if (!holders.length) return;
+  const inodes = new Set(holders.map((h) => h.ino));
+  const ext = holdersOutside(inodes, procs);
+  if (ext) throw unsupported(holders.find((h) => h.ino === ext.ino)!.pid, holders.find((h) => h.ino === ext.ino)!.fd, `pipe also held by process ${ext.pid} outside the subtree`);
+  const done = new Set<string>();
+  for (const h of holders) {
+    if (done.has(h.ino) || h.end !== 'r') continue;
+    done.add(h.ino);
+    const { data, size } = peekPipe(h.pid, h.fd);
+    const pid = pipeIds.get(h.ino);
+    if (pid !== undefined) Object.assign(table.pipes[pid], { data: data.toString('base64'), size });
+    else {
+      // a FIFO: its data lives with every descriptor of that FIFO's path
+      for (const d of table.descs) if (d.kind === 'fifo' && fs.statSync(d.path).ino === Number(h.ino)) d.data = data.toString('base64');
+    }
+  }
+}
+
+function peekPipe(pid: number, fd: number): { data: Buffer; size: number } {
+  const pidfd = sys.pidfdOpen(pid);
+  const mine = sys.pidfdGetfd(pidfd, fd);
+  fs.closeSync(pidfd);
+  if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint:files', `task ${pid}: cannot reach pipe fd ${fd}`);
+  const [r, w] = sys.pipe2(O_CLOEXEC | O_NONBLOCK);
+  try {
+    const size = sys.fcntl(mine, F_GETPIPE_SZ);
+    sys.fcntl(w, F_SETPIPE_SZ, size);
+    const n = sys.tee(mine, w, size, SPLICE_F_NONBLOCK);
+    const data = Buffer.alloc(Math.max(0, n));
+    let got = 0;
+    while (got < data.length) got += fs.readSync(r, data, got, data.length - got, null);
+    return { data, size };
+  } finally {
+    for (const f of [mine, r, w]) fs.closeSync(f);
+  }
+}
+
+/** A process outside `procs` (and not us) holding one of these pipe inodes, if any. */
+function holdersOutside(inodes: Set<string>, procs: number[]): { pid: number; ino: string } | null {
+  const inside = new Set(procs);
+  for (const d of fs.readdirSync('/proc')) {
+    const pid = Number(d);
+    if (!pid || inside.has(pid) || pid === process.pid) continue;
+    let fds: string[];
+    try {
+      fds = fs.readdirSync(`/proc/${pid}/fd`);
+    } catch {
       continue;
     }
-    r.check('restart:files', SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
+    for (const fd of fds) {
+      let t: string;
+      try {
+        t = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+      } catch {
+        continue;
+      }
+      const m = /^pipe:\[(\d+)\]$/.exec(t);
+      if (m && inodes.has(m[1])) return { pid, ino: m[1] };
+      if (t.startsWith('/')) {
+        try {
+          const ino = String(fs.statSync(`/proc/${pid}/fd/${fd}`).ino);
+          if (inodes.has(ino) && fs.statSync(`/proc/${pid}/fd/${fd}`).isFIFO()) return { pid, ino };
+        } catch { /* gone */ }
+      }
+    }
   }
-  const scratch = r.scratch();
-  r.mem.write(scratch, Buffer.from(state.cwd + '\0'));
-  const rc = r.call(SYS.chdir, scratch);
-  if (rc < 0n) throw new CkptError(Number(-rc), 'restart:files', `task ${tid}: cannot chdir to ${state.cwd}`);
-  r.call(SYS.umask, state.umask);
+  return null;
+}
+
+// ---------------------------------------------------------------- restore
+
+/** Where a description currently lives during a restore. */
+interface Place { pid: number; fd: number }
+
+export interface FilesRestore {
+  remote: (pid: number) => Remote;
+  table: FilesTable;
+  perProc: Map<number, FilesState>;
+  order: number[]; // processes, parents first
+}
+
+/**
+ * Recreate every description once and hand it to every holder. Shells start
+ * as copies of the caller: first each keeps only the caller's descriptors
+ * that stand for "outside" ones.
+ */
+export function restoreFiles(ctx: FilesRestore): void {
+  const { table, perProc, order, remote } = ctx;
+  // Temporaries (pipe ends in transit, pidfds) live above every target number.
+  const maxFd = Math.max(2, ...[...perProc.values()].flatMap((p) => p.fds.map((f) => f.fd)));
+  const tempBase = maxFd + 1;
+  let nextTemp = maxFd + 64;
+  const temps: Place[] = [];
+  const transfer = (from: Place, to: Place & { cloexec: boolean }) => transferFd(remote, tempBase, from, to);
+  for (const pid of order) closeForeign(remote(pid), perProc.get(pid)!);
+
+  const placed = new Map<number, Place>(); // desc id -> a place holding it
+  const holders = new Map<number, (Place & { cloexec: boolean })[]>();
+  for (const pid of order) {
+    for (const f of perProc.get(pid)!.fds) {
+      if ('desc' in f) {
+        if (!holders.has(f.desc)) holders.set(f.desc, []);
+        holders.get(f.desc)!.push({ pid, fd: f.fd, cloexec: f.cloexec });
+      }
+    }
+  }
+  const pipeEnds = new Map<number, { r?: Place; w?: Place }>();
+
+  for (const d of table.descs) {
+    const hs = holders.get(d.id);
+    if (!hs?.length) continue;
+    const owner = hs[0];
+    const r = remote(owner.pid);
+    if (!placed.has(d.id)) {
+      if (d.kind === 'path') {
+        const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NOCTTY, 'restart:files');
+        moveFd(r, tmp, owner.fd, owner.cloexec);
+        const pos = BigInt(d.pos);
+        if (pos) r.check('restart:files', SYS.lseek, owner.fd, pos, SEEK_SET);
+      } else if (d.kind === 'fifo') {
+        // O_RDWR first: opening one end alone would block until the other opens.
+        const keep = openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files');
+        const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NONBLOCK, 'restart:files');
+        r.check('restart:files', SYS.fcntl, tmp, F_SETFL, d.flags & SETFL_MASK);
+        writeInto(owner.pid, Number(keep), Buffer.from(d.data, 'base64'));
+        moveFd(r, tmp, owner.fd, owner.cloexec);
+        r.call(SYS.close, keep);
+      } else {
+        const pipe = table.pipes[d.pipe];
+        let ends = pipeEnds.get(d.pipe);
+        if (!ends) {
+          // Create the pipe here; the other end waits at a temporary number.
+          const scratch = r.scratch();
+          r.check('restart:files', SYS_pipe2, scratch, O_CLOEXEC);
+          const fds = r.mem.read(scratch, 8);
+          const [pr, pw] = [fds.readInt32LE(0), fds.readInt32LE(4)];
+          if (pipe.size) r.call(SYS.fcntl, pw, F_SETPIPE_SZ, pipe.size);
+          writeInto(owner.pid, pw, Buffer.from(pipe.data, 'base64'));
+          const tr = nextTemp++, tw = nextTemp++;
+          moveFd(r, BigInt(pr), tr, true);
+          moveFd(r, BigInt(pw), tw, true);
+          temps.push({ pid: owner.pid, fd: tr }, { pid: owner.pid, fd: tw });
+          ends = { r: { pid: owner.pid, fd: tr }, w: { pid: owner.pid, fd: tw } };
+          pipeEnds.set(d.pipe, ends);
+        }
+        transfer(ends[d.end]!, owner);
+        r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+      }
+      placed.set(d.id, owner);
+    }
+    for (const h of hs.slice(1)) transfer(owner, h);
+  }
+  for (const t of temps) remote(t.pid).call(SYS.close, t.fd);
+
+  for (const pid of order) {
+    const r = remote(pid);
+    const st = perProc.get(pid)!;
+    for (const f of st.fds) if ('outside' in f && fs.existsSync(`/proc/${pid}/fd/${f.fd}`)) r.check('restart:files', SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
+    const scratch = r.scratch();
+    r.mem.write(scratch, Buffer.from(st.cwd + '\0'));
+    const rc = r.call(SYS.chdir, scratch);
+    if (rc < 0n) throw new CkptError(Number(-rc), 'restart:files', `task ${pid}: cannot chdir to ${st.cwd}`);
+    r.call(SYS.umask, st.umask);
+  }
+}
+
+const SYS_pipe2 = 293;
+
+/** Close every descriptor the shell got from the caller, but the "outside" ones. */
+function closeForeign(r: Remote, st: FilesState): void {
+  const pid = r.task.tid;
+  const keep = new Set(st.fds.filter((f) => 'outside' in f).map((f) => f.fd));
+  for (const fd of listFds(pid)) if (!keep.has(fd)) r.call(SYS.close, fd);
+  for (const fd of keep) {
+    // Stray inherited descriptors are common (a shell's, a test runner's);
+    // a missing one is left closed rather than failing the whole restart.
+    if (!fs.existsSync(`/proc/${pid}/fd/${fd}`)) logError(`task ${pid}: restart: fd ${fd} referred to something outside the tree and the caller has no fd ${fd}: left closed`);
+  }
+}
+
+/** Put descriptor `from` at number `to` (with close-on-exec as asked) in one process. */
+function moveFd(r: Remote, from: bigint, to: number, cloexec: boolean): void {
+  if (from !== BigInt(to)) {
+    r.check('restart:files', SYS.dup3, from, to, cloexec ? O_CLOEXEC : 0);
+    r.call(SYS.close, from);
+  } else r.check('restart:files', SYS.fcntl, to, F_SETFD, cloexec ? 1 : 0);
+}
+
+/** Give `to` the open file that `from` holds: a dup in one process, pidfd_getfd across two. */
+function transferFd(remote: (pid: number) => Remote, tempBase: number, from: Place, to: Place & { cloexec: boolean }): void {
+  const r = remote(to.pid);
+  if (from.pid === to.pid) {
+    if (from.fd !== to.fd) r.check('restart:files', SYS.dup3, from.fd, to.fd, to.cloexec ? O_CLOEXEC : 0);
+    return;
+  }
+  // The pidfd must not land on a number a descriptor is waiting for.
+  const low = r.check('restart:files', SYS.pidfd_open, from.pid, 0);
+  const pidfd = r.check('restart:files', SYS.fcntl, low, F_DUPFD_CLOEXEC, tempBase);
+  r.call(SYS.close, low);
+  try {
+    const got = r.check('restart:files', SYS.pidfd_getfd, pidfd, from.fd, 0);
+    moveFd(r, got, to.fd, to.cloexec);
+  } finally {
+    r.call(SYS.close, pidfd);
+  }
+}
+
+/** Write bytes into a tracee's pipe through a duplicate of its descriptor. */
+function writeInto(pid: number, fd: number, data: Buffer): void {
+  if (!data.length) return;
+  const pidfd = sys.pidfdOpen(pid);
+  const mine = sys.pidfdGetfd(pidfd, fd);
+  fs.closeSync(pidfd);
+  if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${pid}: cannot reach fd ${fd}`);
+  try {
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(mine, data, off, data.length - off);
+  } finally {
+    fs.closeSync(mine);
+  }
 }

@@ -6,6 +6,7 @@ import { CkptError, errno } from '../../lib/errors.js';
 import { getRegs, setRegs, getXState, setXState, getSigmask, setSigmask, Regs, REGS_SIZE } from '../../lib/ptrace.js';
 import { sys, SYS, addressOf } from '../../lib/libc.js';
 import type { Remote } from '../../supervisor/remote.js';
+import type { RemoteMem } from '../../lib/mem.js';
 
 const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f;
 const RSEQ_FLAG_UNREGISTER = 1;
@@ -18,6 +19,8 @@ export interface ThreadState {
   sigmask: string; // hex
   rseq?: { addr: string; size: number; sig: number };
   robustList?: { head: string; len: number };
+  /** clear_child_tid (set_tid_address): where the kernel zeroes the tid at exit. */
+  tidAddress?: string;
   /** sigaltstack: base, flags, size (SS_DISABLE = 2 when none). */
   altstack?: { sp: string; flags: number; size: string };
 }
@@ -57,7 +60,25 @@ export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: 
   };
 }
 
-const SYS_sigaltstack = 131;
+const SYS_sigaltstack = 131, SYS_set_tid_address = 218;
+/** offsetof(struct pthread, tid) in glibc 2.3x on x86-64: tried first. */
+const GLIBC_TID_OFFSET = 0x2d0n;
+
+/**
+ * clear_child_tid cannot be read back through ptrace. glibc points it at
+ * its thread descriptor's tid field, which lives at fs_base: find the word
+ * there that holds this thread's id. Without it pthread_join would hang.
+ */
+export function findTidAddress(mem: RemoteMem, tid: number, fsBase: bigint): ThreadState['tidAddress'] {
+  if (fsBase === 0n) return undefined;
+  try {
+    const tcb = mem.read(fsBase, 0x1000);
+    const at = (off: number) => tcb.readInt32LE(off) === tid;
+    if (at(Number(GLIBC_TID_OFFSET))) return '0x' + (fsBase + GLIBC_TID_OFFSET).toString(16);
+    for (let off = 16; off < tcb.length; off += 4) if (at(off)) return '0x' + (fsBase + BigInt(off)).toString(16);
+  } catch { /* no readable TCB there */ }
+  return undefined;
+}
 
 /** sigaltstack(NULL, &old) in the stopped thread. */
 export function captureAltstack(r: Remote): ThreadState['altstack'] {
@@ -83,6 +104,7 @@ export function restoreThreadSyscalls(r: Remote, t: ThreadState): void {
   b.writeBigUInt64LE(BigInt(alt.size), 16);
   r.mem.write(r.scratch(), b);
   r.check('restart:sigaltstack', SYS_sigaltstack, r.scratch(), 0);
+  if (t.tidAddress) r.check('restart:tid_address', SYS_set_tid_address, BigInt(t.tidAddress));
   if (t.robustList) r.check('restart:robust_list', SYS.set_robust_list, BigInt(t.robustList.head), t.robustList.len);
   if (t.rseq) r.check('restart:rseq', SYS_rseq, BigInt(t.rseq.addr), t.rseq.size, 0, t.rseq.sig);
 }

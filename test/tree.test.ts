@@ -1,0 +1,71 @@
+// Whole trees: threads, children, sessions, groups, zombies, pipes.
+import t from 'tap';
+import path from 'node:path';
+import { supervise, fixture, CKPT, tmpdir, q, pidAlive } from './helpers.js';
+
+const dir = tmpdir('tree');
+const restart = (img: string) => supervise([...CKPT, 'restart', '-i', img]);
+
+t.test('a multi-threaded worker pool survives checkpoint -> crash -> restart', async (t) => {
+  const img = path.join(dir, 'pool.img');
+  const first = supervise([fixture('pool'), img]);
+  t.equal(first.status, 137, 'crashed after its checkpoint');
+  t.match(first.stdout, /checkpointed crid=\d+ pid=\d+ threads=5/);
+  const second = restart(img);
+  t.equal(second.status, 0, 'all the pool\'s own checks passed');
+  for (const c of ['every item taken once', 'sum of items', 'worker 0 (tid, TLS, mask, altstack)', 'worker 1 (tid, TLS, mask, altstack)', 'worker 2 (tid, TLS, mask, altstack)', 'worker 3 (tid, TLS, mask, altstack)', 'went through a restart']) {
+    t.match(second.stdout, new RegExp(`^ok ${c.replace(/[()]/g, '\\$&')}$`, 'm'), c);
+  }
+  t.match(second.stdout, /POOL OK/);
+});
+
+t.test('a tree of three levels with its own session, group, a zombie and a pipe', async (t) => {
+  const img = path.join(dir, 'tree.img');
+  const first = supervise([fixture('tree'), img]);
+  t.equal(first.status, 137, 'CKPT_KILL killed the whole tree, the caller too');
+  const second = restart(img);
+  t.equal(second.status, 0);
+  for (const c of ["root is still its session's leader", 'data queued in the pipe survived', 'A: same pid, parent, own group, session', 'B: child of A, in A\'s group, same session', 'zombie reaped with its status 7', 'A exits normally']) {
+    t.match(second.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  }
+  t.match(second.stdout, /TREE OK/);
+  const inspect = supervise([...CKPT, 'inspect', img]);
+  t.match(inspect.stdout, /zombie \d+ \(child of \d+\), wait status 1792/, 'inspect shows the zombie');
+  t.match(inspect.stdout, /pipe #0 read end \(25 bytes unread\)/, 'and the queued bytes');
+});
+
+t.test('a producer/consumer pipeline, checkpointed by a sibling with ckpt checkpoint --kill', async (t) => {
+  const img = path.join(dir, 'pipeline.img');
+  const pipeline = `${q(fixture('counter'))} 30 50 | cat`;
+  const first = supervise(['sh', '-c', `sh -c ${q(pipeline)} & sleep 0.6; ${CKPT.map(q).join(' ')} checkpoint $! --kill -o ${q(img)}; wait`]);
+  const before = first.stdout.match(/^step \d+$/gm) ?? [];
+  t.ok(before.length > 0 && before.length < 30, `checkpointed after ${before.length} items`);
+  t.notMatch(first.stdout, /done/);
+  const second = restart(img);
+  t.equal(second.status, 0, 'the restored pipeline exits 0');
+  const after = second.stdout.match(/^step \d+$/gm) ?? [];
+  t.same([...before, ...after], Array.from({ length: 30 }, (_, i) => `step ${i + 1}`), 'no item lost or repeated across the pipe');
+  t.match(second.stdout, /done n=30 sum=right/);
+});
+
+t.test('a shell checkpoints its own tree (the caller inside it) and comes back', async (t) => {
+  const img = path.join(dir, 'self-tree.img');
+  const script = `${q(fixture('counter'))} 20 50 | cat & sleep 0.4; ${q(fixture('callabi'))} checkpoint $$ w:${q(img)} 4`;
+  const first = supervise(['sh', '-c', script]);
+  t.equal(first.status, 137, 'the shell was killed with its tree');
+  const second = restart(img);
+  t.match(second.stdout, /checkpoint ret=0 errno=0\ncaller alive/, 'the caller sees checkpoint() return 0');
+  t.match(second.stdout, /done n=20 sum=right/);
+  t.equal(second.status, 0);
+});
+
+t.test('pids of the tree are still taken: EBUSY, and nothing is left behind', async (t) => {
+  const img = path.join(dir, 'long.img');
+  const pipeline = `${q(fixture('counter'))} 40 100 | cat`;
+  supervise(['sh', '-c', `sh -c ${q(pipeline)} & sleep 0.3; ${q(fixture('callabi'))} checkpoint $! w:${q(img)} 4; wait`]);
+  const r = supervise(['sh', '-c', `${q(fixture('timerestart'))} ${q(img)} & sleep 0.5; ${q(fixture('callabi'))} restart 0 r:${q(img)} 0; wait`]);
+  t.match(r.stdout, /restart ret=-1 errno=EBUSY/, 'restarting the running tree again finds its pids in use');
+  t.match(r.stderr, /restart: EBUSY: pid \d+ of the image is in use/);
+  t.match(r.stdout, /done n=40 sum=right/, 'the running one is unharmed');
+  t.match(r.stdout, /leftover|caller alive/, 'the failed caller lives on');
+});
