@@ -21,6 +21,8 @@ export interface Task {
   parked?: WaitEvent;
   /** Signals that arrived while we held the task; delivered when it runs again. */
   heldSignals: number[];
+  /** A husk (the copy-on-write snapshot of an in-memory checkpoint): never resumed. */
+  husk?: boolean;
 }
 
 export type SeccompHandler = (tracer: Tracer, task: Task) => void;
@@ -51,8 +53,9 @@ export class Tracer {
     return [...this.tasks.values()].filter((t) => t.tgid === tgid);
   }
 
+  /** The program's processes (husks are ours, not the program's). */
   processes(): number[] {
-    return [...new Set([...this.tasks.values()].map((t) => t.tgid))];
+    return [...new Set([...this.tasks.values()].filter((t) => !t.husk).map((t) => t.tgid))];
   }
 
   /**
@@ -143,7 +146,7 @@ export class Tracer {
   private dispatch(ev: WaitEvent): void {
     if (ev.kind !== 'stopped') return;
     const task = this.tasks.get(ev.pid);
-    if (!task) return;
+    if (!task || task.husk) return; // a husk stays stopped for good
     switch (ev.event) {
       case PTRACE_EVENT.SECCOMP:
         task.stop = 'seccomp';

@@ -19,7 +19,8 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
-import { captureMemory, writePages, vdsoInfo, type MemoryCapture } from './resources/memory.js';
+import { captureMemory, writePages, vdsoInfo, checkMappings, checkHuskMappings, type MemoryCapture } from './resources/memory.js';
+import { makeHusk, destroyHusk, huskMemory, type MemCheckpoint } from './memckpt.js';
 import { captureThread, captureAltstack, findTidAddress } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles } from './resources/files.js';
@@ -39,13 +40,14 @@ export function checkpoint(ctx: SyscallCtx): number {
   const f = Number(flags);
   if (f & CKPT.DEFER && fdArg !== -1) throw new CkptError(errno('EINVAL'), 'checkpoint', `CKPT_DEFER with fd ${fdArg} (must be -1)`);
   if (f & CKPT.HANDLE && !(f & (CKPT.DEFER | CKPT.KEEP))) throw new CkptError(errno('EINVAL'), 'checkpoint', 'CKPT_HANDLE needs CKPT_DEFER or CKPT_KEEP');
-  if (f & (CKPT.DEFER | CKPT.KEEP)) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint', 'in-memory checkpoints (CKPT_DEFER/CKPT_KEEP) are not available yet');
+  if (f & CKPT.DEFER && f & CKPT.KEEP) throw new CkptError(errno('EINVAL'), 'checkpoint', 'CKPT_DEFER and CKPT_KEEP together');
 
   const pid = pidArg === 0 ? caller.tgid : pidArg;
   const root = tracer.tasks.get(pid);
   if (pidArg < 0 || !root || root.tgid !== pid) throw new CkptError(errno('ESRCH'), 'checkpoint', `pid ${pidArg} is not a process of this supervised tree`);
   let procs = subtree(tracer, pid);
   checkPermission(caller.tgid, procs);
+  if (f & (CKPT.DEFER | CKPT.KEEP)) return checkpointInMemory(ctx, pid, procs, f, fdArg);
   const out = takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint');
   const crid = ctx.sv.newCrid();
   const freeze = new Freeze(tracer);
@@ -57,7 +59,7 @@ export function checkpoint(ctx: SyscallCtx): number {
     freeze.add(procs);
     checkPermission(caller.tgid, procs);
     const t1 = performance.now();
-    const { tree, memory } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds);
+    const { tree, memory } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, false);
     const t2 = performance.now();
     const w = new ImageWriter(new FdSink(out));
     w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid, kernel: os.release(), created: new Date().toISOString(), vdso: vdsoInfo(pid) });
@@ -81,23 +83,39 @@ export function checkpoint(ctx: SyscallCtx): number {
   return crid;
 }
 
-/** Capture a frozen subtree: processes (parents first), zombies, files. */
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[]): { tree: TreeState; memory: Map<number, MemoryCapture> } {
+/**
+ * Capture a frozen subtree: processes (parents first), zombies, files. With
+ * `husks`, memory is not read: each process gets a husk instead (returned),
+ * and its memory is described from the husk once the subtree runs again.
+ */
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: boolean): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number> } {
   const statuses = new Map(procs.map((p) => [p, readStatus(p)]));
   const memory = new Map<number, MemoryCapture>();
+  const made = new Map<number, number>();
   const processes: ProcessState[] = [];
-  const files = captureFiles(procs, outside, (p) => statuses.get(p)!);
-  for (const pid of procs) {
-    const { state, mem } = captureProcess(tracer, pid, caller, statuses.get(pid)!);
-    state.files = files.perProc.get(pid)!;
-    processes.push(state);
-    memory.set(pid, mem);
+  try {
+    const files = captureFiles(procs, outside, (p) => statuses.get(p)!);
+    for (const pid of procs) {
+      const { state, mem } = captureProcess(tracer, pid, caller, statuses.get(pid)!, husks);
+      state.files = files.perProc.get(pid)!;
+      processes.push(state);
+      if (mem) memory.set(pid, mem);
+      else {
+        const before = checkMappings(pid);
+        const husk = makeHusk(tracer, tracer.tasks.get(pid)!);
+        made.set(pid, husk);
+        checkHuskMappings(pid, before, husk);
+      }
+    }
+    return { tree: { root, processes, zombies: findZombies(tracer, procs), files: files.table }, memory, husks: made };
+  } catch (e) {
+    for (const [pid, husk] of made) destroyHusk(tracer, pid, husk);
+    throw e;
   }
-  return { tree: { root, processes, zombies: findZombies(tracer, procs), files: files.table }, memory };
 }
 
 /** Capture one frozen process; everything that can refuse does so here. */
-function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<string, string>): { state: ProcessState; mem: MemoryCapture } {
+function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<string, string>, husk: boolean): { state: ProcessState; mem?: MemoryCapture } {
   const tids = listTids(pid);
   // Registers first, before any injected syscall touches them.
   const threads = tids.map((tid) => captureThread(tid, tid === caller.tid));
@@ -129,12 +147,12 @@ function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<s
   } finally {
     r.finish();
   }
-  const mem = captureMemory(pid);
+  const mem = husk ? undefined : captureMemory(pid);
   const state: ProcessState = {
     ids: captureIds(pid),
     creds: parseCreds(status),
     mm,
-    memory: mem.vmas,
+    memory: mem?.vmas ?? [], // for a husk: described from it after the thaw
     files: { fds: [], cwd: '/', umask: 0o22 }, // filled in by captureTree
     signals,
     threads,
@@ -171,3 +189,107 @@ export function checkPermission(callerPid: number, procs: number[]): void {
     if (uids.some((u) => u !== ruid)) throw new CkptError(errno('EPERM'), 'checkpoint', `task ${p}: uid ${uids.join('/')} differs from the caller's ${ruid} and the caller lacks CAP_SYS_PTRACE`);
   }
 }
+
+/**
+ * CKPT_DEFER / CKPT_KEEP: the subtree is stopped only to capture what is not
+ * memory and to make one husk per process; it runs again before the husks'
+ * memory is even described. KEEP then writes the image from the husks.
+ */
+function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: number, fdArg: number): number {
+  const { tracer, caller, sv } = ctx;
+  sv.store.reapHandles();
+  if (sv.store.all.size >= sv.store.max) throw new CkptError(errno('EAGAIN'), 'checkpoint', `${sv.store.all.size} in-memory checkpoints already live (--max-checkpoints ${sv.store.max})`);
+  const out = f & CKPT.KEEP ? takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint') : -1;
+  try {
+    const freeze = new Freeze(tracer);
+    const t0 = performance.now();
+    let procs = procs0;
+    let cap;
+    try {
+      freeze.add(procs);
+      procs = subtree(tracer, pid);
+      freeze.add(procs);
+      checkPermission(caller.tgid, procs);
+      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, true);
+    } catch (e) {
+      freeze.thaw();
+      throw e;
+    }
+    if (f & CKPT.KILL) {
+      for (const p of procs) sys.kill(p, 9);
+      freeze.tasks.length = 0;
+    } else freeze.thaw();
+    const stopMs = performance.now() - t0;
+    const c: MemCheckpoint = {
+      crid: sv.newCrid(), created: new Date().toISOString(), stopMs, tree: cap.tree, husks: cap.husks,
+      memory: new Map(), privateBytes: 0, writtenBack: false, uid: parseCreds(readStatus(caller.tgid)).uid[0],
+    };
+    for (const p of c.tree.processes) {
+      const mem = huskMemory(c.husks.get(p.ids.pid)!);
+      p.memory = mem.vmas;
+      c.memory.set(p.ids.pid, mem);
+    }
+    c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree));
+    sv.store.add(c);
+    log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);
+    if (out >= 0) {
+      try {
+        writeImage(c, out);
+      } catch (e) {
+        sv.store.release(c);
+        throw e;
+      }
+      c.writtenBack = true;
+    }
+    if (f & CKPT.HANDLE) return makeHandle(ctx, c);
+    return c.crid;
+  } finally {
+    if (out >= 0) fs.closeSync(out);
+  }
+}
+
+/** The image of an in-memory checkpoint, its pages read from the husks (sharing kept). */
+export function writeImage(c: MemCheckpoint, out: number): void {
+  const w = new ImageWriter(new FdSink(out));
+  const husk0 = c.husks.get(c.tree.root)!;
+  w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid: c.crid, kernel: os.release(), created: c.created, vdso: vdsoInfo(husk0) });
+  w.json(REC.TREE, c.tree);
+  for (const p of c.tree.processes) {
+    w.json(REC.MEMORY, { pid: p.ids.pid });
+    writePages(c.husks.get(p.ids.pid)!, c.memory.get(p.ids.pid)!, w, false);
+  }
+  w.trailer();
+}
+
+/**
+ * A handle: the write end of a pipe made in the caller (so no permission
+ * over the supervisor is needed); the supervisor keeps the read end, and
+ * sees the last copy of the handle closed as a hang-up on it.
+ */
+function makeHandle(ctx: SyscallCtx, c: MemCheckpoint): number {
+  const r = new Remote(ctx.tracer, ctx.caller);
+  try {
+    const s = r.scratch();
+    r.check('checkpoint:handle', SYS_pipe2, s, O_CLOEXEC);
+    const b = r.mem.read(s, 8);
+    const [rd, wr] = [b.readInt32LE(0), b.readInt32LE(4)];
+    const pidfd = sys.pidfdOpen(ctx.caller.tgid);
+    const mine = sys.pidfdGetfd(pidfd, rd);
+    fs.closeSync(pidfd);
+    r.call(SYS_close, rd);
+    let fd = BigInt(wr);
+    if (wr < 3) {
+      fd = r.check('checkpoint:handle', SYS_fcntl, wr, F_DUPFD_CLOEXEC, 3);
+      r.call(SYS_close, wr);
+    }
+    if (mine < 0) throw new CkptError(errno('EMFILE'), 'checkpoint:handle', 'cannot take the handle pipe');
+    sys.fcntl(mine, 4 /* F_SETFL */, 0o4000 /* O_NONBLOCK */);
+    c.handleFd = mine;
+    c.handleIno = fs.fstatSync(mine).ino;
+    return Number(fd);
+  } finally {
+    r.finish();
+  }
+}
+
+const SYS_pipe2 = 293, SYS_close = 3, SYS_fcntl = 72, O_CLOEXEC = 0o2000000, F_DUPFD_CLOEXEC = 1030;

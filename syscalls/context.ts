@@ -1,5 +1,6 @@
 /** What a syscall handler works with: no module globals, all state is here. */
 import type { Tracer, Task } from '../supervisor/tracer.js';
+import { CheckpointStore } from './memckpt.js';
 
 export interface SupervisorOptions {
   /** Cap on live in-memory checkpoints (EAGAIN past it). */
@@ -11,7 +12,10 @@ export interface SupervisorOptions {
 /** One supervisor's state: the tracer and everything the syscalls keep. */
 export class Supervisor {
   private lastCrid = 0;
-  constructor(readonly tracer: Tracer, readonly options: SupervisorOptions) {}
+  readonly store: CheckpointStore;
+  constructor(readonly tracer: Tracer, readonly options: SupervisorOptions) {
+    this.store = new CheckpointStore(tracer, options.maxCheckpoints);
+  }
   newCrid(): number {
     return ++this.lastCrid;
   }

@@ -11,17 +11,16 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import { NO_RETURN, type Handler, type Supervisor } from './context.js';
 import { checkpoint } from './checkpoint.js';
 import { restart } from './restart.js';
-
-const notYet = (name: string): Handler => () => {
-  throw new CkptError(errno('ENOSYS'), name, 'not implemented yet');
-};
+import { writeback } from './writeback.js';
+import { release } from './release.js';
+import { query } from './query.js';
 
 export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
   [NR.checkpoint]: { name: 'checkpoint', handler: checkpoint },
   [NR.restart]: { name: 'restart', handler: restart },
-  [NR.ckpt_writeback]: { name: 'ckpt_writeback', handler: notYet('ckpt_writeback') },
-  [NR.ckpt_release]: { name: 'ckpt_release', handler: notYet('ckpt_release') },
-  [NR.ckpt_query]: { name: 'ckpt_query', handler: notYet('ckpt_query') },
+  [NR.ckpt_writeback]: { name: 'ckpt_writeback', handler: writeback },
+  [NR.ckpt_release]: { name: 'ckpt_release', handler: release },
+  [NR.ckpt_query]: { name: 'ckpt_query', handler: query },
 };
 
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;

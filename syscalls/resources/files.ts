@@ -41,7 +41,8 @@ export interface PipeState {
   data: string; // base64 of the unread bytes
 }
 
-export type FdRef = { fd: number; cloexec: boolean } & ({ desc: number } | { outside: true });
+/** `sfd`: the supervisor's own descriptor it is the same open file as. */
+export type FdRef = { fd: number; cloexec: boolean } & ({ desc: number } | { outside: true; sfd: number });
 
 export interface FilesTable {
   descs: FileDesc[];
@@ -93,8 +94,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         fds.push({ fd, cloexec, desc: twin.desc });
         continue;
       }
-      if (outside.some((s) => kcmpFile(process.pid, s, pid, fd))) {
-        fds.push({ fd, cloexec, outside: true });
+      const sfd = outside.find((s) => kcmpFile(process.pid, s, pid, fd));
+      if (sfd !== undefined) {
+        fds.push({ fd, cloexec, outside: true, sfd });
         continue;
       }
       const id = table.descs.length;
@@ -214,6 +216,8 @@ export interface FilesRestore {
   table: FilesTable;
   perProc: Map<number, FilesState>;
   order: number[]; // processes, parents first
+  /** Live processes rolled back in place: their "outside" descriptors come from the supervisor's own. */
+  live?: Set<number>;
 }
 
 /**
@@ -229,7 +233,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   let nextTemp = maxFd + 64;
   const temps: Place[] = [];
   const transfer = (from: Place, to: Place & { cloexec: boolean }) => transferFd(remote, tempBase, from, to);
-  for (const pid of order) closeForeign(remote(pid), perProc.get(pid)!);
+  for (const pid of order) closeForeign(remote(pid), perProc.get(pid)!, ctx.live?.has(pid) ?? false);
 
   const placed = new Map<number, Place>(); // desc id -> a place holding it
   const holders = new Map<number, (Place & { cloexec: boolean })[]>();
@@ -303,11 +307,20 @@ export function restoreFiles(ctx: FilesRestore): void {
 
 const SYS_pipe2 = 293;
 
-/** Close every descriptor the shell got from the caller, but the "outside" ones. */
-function closeForeign(r: Remote, st: FilesState): void {
+/**
+ * Close every descriptor but the "outside" ones: a fresh shell keeps the
+ * caller's; a live process keeps its own if they still are the supervisor's
+ * files, else gets them again from the supervisor.
+ */
+function closeForeign(r: Remote, st: FilesState, live: boolean): void {
   const pid = r.task.tid;
-  const keep = new Set(st.fds.filter((f) => 'outside' in f).map((f) => f.fd));
+  const outside = st.fds.filter((f): f is FdRef & { outside: true; sfd: number } => 'outside' in f);
+  const keep = new Set(outside.filter((f) => !live || kcmpFile(process.pid, f.sfd, pid, f.fd)).map((f) => f.fd));
   for (const fd of listFds(pid)) if (!keep.has(fd)) r.call(SYS.close, fd);
+  if (live) {
+    for (const f of outside) if (!keep.has(f.fd)) transferFd(() => r, Math.max(...st.fds.map((x) => x.fd)) + 1, { pid: process.pid, fd: f.sfd }, { pid, fd: f.fd, cloexec: f.cloexec });
+    return;
+  }
   for (const fd of keep) {
     // Stray inherited descriptors are common (a shell's, a test runner's);
     // a missing one is left closed rather than failing the whole restart.

@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { CkptError, errno } from '../../lib/errors.js';
-import { readSmaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
+import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
 import { RemoteMem } from '../../lib/mem.js';
 import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
 import { SYS } from '../../lib/libc.js';
@@ -73,6 +73,23 @@ function describe(pid: number, m: MapEntry): VmaState | null {
   }
   if (!st.isFile()) throw unsupported(pid, `mapping ${range} of ${m.path}, not a regular file`);
   return { ...base, kind: 'file', path: m.path, offset: hex(m.offset), file: { size: st.size, mtimeMs: st.mtimeMs } };
+}
+
+/**
+ * Refuse (EOPNOTSUPP) what a husk cannot hold, from /proc/PID/maps alone
+ * (cheap: this runs while the subtree is stopped).
+ */
+export function checkMappings(pid: number): MapEntry[] {
+  const maps = readMaps(pid);
+  for (const m of maps) describe(pid, m);
+  return maps;
+}
+
+/** Mappings fork did not copy (MADV_DONTFORK): the husk lacks them. */
+export function checkHuskMappings(pid: number, before: MapEntry[], husk: number): void {
+  const inHusk = new Set(readMaps(husk).map((m) => `${m.start}-${m.end}`));
+  const lost = before.find((m) => m.path !== '[vsyscall]' && !inHusk.has(`${m.start}-${m.end}`));
+  if (lost) throw unsupported(pid, `mapping 0x${lost.start.toString(16)}-0x${lost.end.toString(16)} ${lost.path} is not inherited by fork (MADV_DONTFORK)`);
 }
 
 export interface MemoryCapture {
@@ -180,18 +197,14 @@ export function pickGadget(current: MapEntry[], image: VmaState[]): bigint {
 const TASK_TOP = 0x7ffffffff000n;
 
 /**
- * Turn the shell's address space into the image's: the gadget page (syscall
- * instruction + scratch) is mapped first, everything else but the special
- * mappings goes, the special group moves to its old place, and every VMA is
- * mapped again. Page contents follow with fillPages.
+ * Turn a fresh shell's address space into the checkpoint's: the gadget page
+ * (syscall instruction + scratch) is mapped first, everything else but the
+ * special mappings goes, the special group moves to its old place, and
+ * every VMA is mapped again. Page contents follow with fillPages.
  */
 export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], gadget: bigint): void {
   const pid = r.task.tid;
-  r.check('restart:memory', SYS.mmap, gadget, PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-  r.mem.write(gadget, Buffer.from([0x0f, 0x05, 0xcc, 0xcc]));
-  r.useSyscallAt(gadget);
-  r.setScratch(gadget + 2048n);
-
+  installGadget(r, gadget);
   const specials = current.filter((m) => SPECIAL.includes(m.path));
   const keep = [{ start: gadget, end: gadget + PAGE }, ...specials.map((m) => ({ start: m.start, end: m.end }))].sort((a, b) => (a.start < b.start ? -1 : 1));
   let at = 0n;
@@ -199,30 +212,48 @@ export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], 
     if (k.start > at) r.check('restart:memory', SYS.munmap, at, k.start - at);
     at = k.end;
   }
+  placeSpecials(r, current, vmas, pid);
+  mapVmas(r, vmas.filter((v) => v.kind !== 'special'));
+}
 
-  // Move [vvar], [vvar_vclock], [vdso] together: glibc keeps pointers into the
-  // vDSO and the vDSO finds its data at a fixed distance.
+/** The one-page gadget: a syscall instruction to run injected syscalls from, and scratch memory. */
+export function installGadget(r: Remote, gadget: bigint): void {
+  r.check('restart:memory', SYS.mmap, gadget, PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  r.mem.write(gadget, Buffer.from([0x0f, 0x05, 0xcc, 0xcc]));
+  r.useSyscallAt(gadget);
+  r.setScratch(gadget + 2048n);
+}
+
+/**
+ * Move [vvar], [vvar_vclock], [vdso] together to the checkpoint's place:
+ * glibc keeps pointers into the vDSO and the vDSO finds its data at a fixed
+ * distance. Their sizes must match this kernel's (else ENOEXEC).
+ */
+export function placeSpecials(r: Remote, current: MapEntry[], vmas: VmaState[], pid: number): void {
+  const specials = current.filter((m) => SPECIAL.includes(m.path));
   const want = vmas.filter((v) => v.kind === 'special');
   if (want.length !== specials.length || want.some((v, i) => v.name !== specials[i].path || vmaEnd(v) - vmaStart(v) !== specials[i].end - specials[i].start)) {
     throw new CkptError(errno('ENOEXEC'), 'restart:memory', `task ${pid}: vDSO layout of the image does not match this kernel`);
   }
-  if (specials.length && vmaStart(want[0]) !== specials[0].start) {
-    const span = (list: { s: bigint; e: bigint }[]) => [list[0].s, list[list.length - 1].e];
-    const [c0, c1] = span(specials.map((m) => ({ s: m.start, e: m.end })));
-    const [w0, w1] = span(want.map((v) => ({ s: vmaStart(v), e: vmaEnd(v) })));
-    let from = specials.map((m) => m.start);
-    if (overlaps(c0, c1, w0, w1)) {
-      // Hop through a free place first: mremap cannot move onto itself.
-      const tmp = pickGadget(current, vmas) + 0x800000000n;
-      from = specials.map((m, i) => move(r, m.start, m.end - m.start, tmp + (m.start - c0), i));
-    }
-    want.forEach((v, i) => move(r, from[i], vmaEnd(v) - vmaStart(v), vmaStart(v), i));
+  if (!specials.length || vmaStart(want[0]) === specials[0].start) return;
+  const span = (list: { s: bigint; e: bigint }[]) => [list[0].s, list[list.length - 1].e];
+  const [c0, c1] = span(specials.map((m) => ({ s: m.start, e: m.end })));
+  const [w0, w1] = span(want.map((v) => ({ s: vmaStart(v), e: vmaEnd(v) })));
+  let from = specials.map((m) => m.start);
+  if (overlaps(c0, c1, w0, w1)) {
+    // Hop through a free place first: mremap cannot move onto itself.
+    const tmp = pickGadget(current, vmas) + 0x800000000n;
+    from = specials.map((m) => move(r, m.start, m.end - m.start, tmp + (m.start - c0)));
   }
+  want.forEach((v, i) => move(r, from[i], vmaEnd(v) - vmaStart(v), vmaStart(v)));
+}
 
+/** mmap each VMA at its place (MAP_FIXED), files opened in the tracee. */
+export function mapVmas(r: Remote, vmas: VmaState[]): void {
+  const pid = r.task.tid;
   const fds = new Map<string, bigint>();
   try {
     for (const v of vmas) {
-      if (v.kind === 'special') continue;
       const len = vmaEnd(v) - vmaStart(v);
       if (v.kind === 'anon') {
         const flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (v.growsdown ? MAP_GROWSDOWN : 0);
@@ -245,7 +276,7 @@ export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], 
   }
 }
 
-function move(r: Remote, from: bigint, len: bigint, to: bigint, _i: number): bigint {
+function move(r: Remote, from: bigint, len: bigint, to: bigint): bigint {
   return r.check('restart:memory', SYS.mremap, from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to);
 }
 

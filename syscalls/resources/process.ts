@@ -71,10 +71,11 @@ export function captureMm(r: Remote, pid: number): MmState {
   };
 }
 
-export function restoreMm(r: Remote, mm: MmState): void {
+/** `setExe`: a fresh shell must take the image's executable; a live process keeps its own. */
+export function restoreMm(r: Remote, mm: MmState, setExe = true): void {
   const auxv = Buffer.from(mm.auxv, 'base64');
   const scratch = r.scratch();
-  const exeFd = openIn(r, mm.exe, O_RDONLY | O_CLOEXEC, 'restart:mm');
+  const exeFd = setExe ? openIn(r, mm.exe, O_RDONLY | O_CLOEXEC, 'restart:mm') : -1n;
   const map = Buffer.alloc(104);
   const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, mm.envStart, mm.envEnd];
   fields.forEach((v, i) => map.writeBigUInt64LE(BigInt(v), i * 8));
@@ -87,7 +88,7 @@ export function restoreMm(r: Remote, mm: MmState): void {
   try {
     r.check('restart:mm', SYS.prctl, PR_SET_MM, PR_SET_MM_MAP, scratch, map.length, 0);
   } finally {
-    r.call(SYS.close, exeFd);
+    if (exeFd >= 0n) r.call(SYS.close, exeFd);
   }
 }
 

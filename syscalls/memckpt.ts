@@ -1,0 +1,197 @@
+/**
+ * In-memory checkpoints: the supervisor's store, and the husks that hold
+ * their memory.
+ *
+ * A husk is a copy-on-write snapshot of one process: a clone (exit signal 0,
+ * so the program's wait() never sees it) injected into the frozen process.
+ * Costs one fork (page-table copy); then it is disarmed (no descriptors, its
+ * own process group, never resumed) and kept stopped. Its memory is read
+ * with pread on /proc/HUSK/mem, which keeps the pages shared. Everything
+ * else about the checkpoint (registers, files, signals...) is captured
+ * during the stop like for a direct checkpoint.
+ */
+import fs from 'node:fs';
+import { CkptError, errno } from '../lib/errors.js';
+import { sys, SYS } from '../lib/libc.js';
+import { readStat } from '../lib/proc.js';
+import { log } from '../lib/log.js';
+import { Remote } from '../supervisor/remote.js';
+import type { Tracer, Task } from '../supervisor/tracer.js';
+import { Freeze } from '../supervisor/freeze.js';
+import type { TreeState } from './state.js';
+import type { SyscallCtx } from './context.js';
+import { readStatus } from '../lib/proc.js';
+import { parseCreds } from './resources/process.js';
+import { captureMemory, type MemoryCapture } from './resources/memory.js';
+
+const SIGKILL = 9, WALL = 0x40000000;
+
+export interface MemCheckpoint {
+  crid: number;
+  created: string;
+  /** How long the subtree was stopped, in ms. */
+  stopMs: number;
+  tree: TreeState;
+  /** process pid -> its husk's pid */
+  husks: Map<number, number>;
+  /** process pid -> what to copy from its husk (filled after the thaw) */
+  memory: Map<number, MemoryCapture>;
+  /** Bytes copied into the supervisor (state, and memory fork cannot share). */
+  privateBytes: number;
+  writtenBack: boolean;
+  /** The uid that took it: the ABI's rule for who may use it. */
+  uid: number;
+  /** A handle's pipe inode, when the checkpoint is held by a handle. */
+  handleIno?: number;
+  handleFd?: number; // the supervisor's read end of that pipe
+}
+
+/** The supervisor's in-memory checkpoints. */
+export class CheckpointStore {
+  readonly all = new Map<number, MemCheckpoint>();
+  constructor(private readonly tracer: Tracer, readonly max: number) {}
+
+  add(c: MemCheckpoint): void {
+    this.all.set(c.crid, c);
+  }
+
+  get(crid: number): MemCheckpoint {
+    this.reapHandles();
+    const c = this.all.get(crid);
+    if (!c) throw new CkptError(errno('ENOENT'), 'checkpoint', `no in-memory checkpoint ${crid}`);
+    return c;
+  }
+
+  /** The checkpoint a handle fd of `pid` stands for. */
+  byHandle(pid: number, fd: number): MemCheckpoint {
+    this.reapHandles();
+    const pidfd = sys.pidfdOpen(pid);
+    const mine = sys.pidfdGetfd(pidfd, fd);
+    fs.closeSync(pidfd);
+    if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint', `task ${pid}: handle fd ${fd} is not open`);
+    const ino = fs.fstatSync(mine).ino;
+    fs.closeSync(mine);
+    for (const c of this.all.values()) if (c.handleIno === ino) return c;
+    throw new CkptError(errno('ENOENT'), 'checkpoint', `task ${pid}: fd ${fd} is not a checkpoint handle (or its checkpoint was released)`);
+  }
+
+  /** Release checkpoints whose every handle copy was closed. */
+  reapHandles(): void {
+    for (const c of this.all.values()) {
+      if (c.handleFd === undefined) continue;
+      const rev = sys.pollOne(c.handleFd, 1, 0);
+      if (rev & (0x10 | 0x8)) { // POLLHUP | POLLERR: no writer left
+        log.syscall('checkpoint %d: its last handle was closed', c.crid);
+        this.release(c);
+      }
+    }
+  }
+
+  /** Drop a checkpoint: its husks are killed and reaped, its handle closed. */
+  release(c: MemCheckpoint): void {
+    this.all.delete(c.crid);
+    if (c.handleFd !== undefined) fs.closeSync(c.handleFd);
+    for (const [pid, husk] of c.husks) destroyHusk(this.tracer, pid, husk);
+  }
+}
+
+/** Make a husk of frozen process `pid` (through its task `task`); returns the husk's pid. */
+export function makeHusk(tracer: Tracer, task: Task): number {
+  const r = new Remote(tracer, task);
+  let husk: number;
+  try {
+    // clone(flags = 0): exit signal 0, no sharing: a plain copy-on-write copy.
+    const res = r.call(SYS.clone, 0, 0, 0, 0, 0);
+    if (res < 0n) throw new CkptError(Number(-res), 'checkpoint:husk', `task ${task.tid}: clone failed`);
+    husk = Number(res);
+  } finally {
+    r.finish();
+  }
+  const t = tracer.add(husk, husk);
+  t.husk = true;
+  for (;;) {
+    const ev = tracer.wait(husk);
+    if (!ev || ev.kind !== 'stopped') throw new CkptError(errno('ENOMEM'), 'checkpoint:husk', `husk ${husk} of ${task.tgid} died at birth`);
+    if (ev.event !== 0 || ev.signal === 5 || ev.signal === 19) break;
+  }
+  // Disarm: no descriptors (it must not keep the program's pipes open), its
+  // own process group (signals to the program's group must not reach it).
+  const h = new Remote(tracer, t);
+  try {
+    h.call(SYS.close_range, 0, 0xffffffff, 0);
+    h.call(SYS_setpgid, 0, 0);
+  } finally {
+    h.mem.close(); // keep whatever registers: it never runs again
+  }
+  return husk;
+}
+
+const SYS_setpgid = 109;
+
+/** Kill a husk and reap it: in its parent (if alive) or ourselves (we are the subreaper). */
+export function destroyHusk(tracer: Tracer, parent: number, husk: number): void {
+  sys.kill(husk, SIGKILL);
+  for (;;) {
+    const ev = tracer.wait(husk);
+    if (!ev || ev.kind !== 'stopped') break;
+  }
+  let ppid = 0;
+  try {
+    ppid = Number(readStat(husk).field(4));
+  } catch {
+    return; // already reaped
+  }
+  if (ppid !== parent || !tracer.tasks.has(parent)) {
+    sys.waitpid(husk, WALL); // orphaned: reparented to us
+    return;
+  }
+  // Its parent must reap it; inject wait4 while the parent is briefly frozen.
+  const freeze = new Freeze(tracer);
+  freeze.add([parent]);
+  try {
+    const r = new Remote(tracer, tracer.tasks.get(parent)!);
+    try {
+      r.call(SYS.wait4, husk, 0, WALL, 0);
+    } finally {
+      r.finish();
+    }
+  } catch (e) {
+    log.syscall('reaping husk %d in %d: %s', husk, parent, (e as Error).message);
+  } finally {
+    freeze.thaw();
+  }
+}
+
+/** Memory of a husk: what to copy, chosen from its own page tables. */
+export function huskMemory(husk: number): MemoryCapture {
+  return captureMemory(husk);
+}
+
+/** Bytes of page data a husk holds (what the checkpoint references). */
+export function referencedBytes(c: MemCheckpoint): number {
+  let n = 0;
+  for (const m of c.memory.values()) for (const r of m.runs) n += r.len;
+  return n;
+}
+
+/**
+ * The checkpoint a call names (a crid, or a handle fd of the caller), if the
+ * caller may use it (ABI: it could ptrace every task it was taken from) and
+ * its husks are still there.
+ */
+export function usableCheckpoint(ctx: SyscallCtx, crid: number, handle: boolean): MemCheckpoint {
+  const store = ctx.sv.store;
+  const c = handle ? store.byHandle(ctx.caller.tgid, crid) : store.get(crid);
+  const cs = readStatus(ctx.caller.tgid);
+  const privileged = (BigInt('0x' + (cs.get('CapEff') ?? '0')) & (1n << 19n)) !== 0n;
+  if (!privileged && parseCreds(cs).uid[0] !== c.uid) {
+    throw new CkptError(errno('EPERM'), 'checkpoint', `task ${ctx.caller.tid}: checkpoint ${c.crid} was taken by uid ${c.uid}`);
+  }
+  for (const [pid, husk] of c.husks) {
+    if (!ctx.tracer.tasks.has(husk)) {
+      store.release(c);
+      throw new CkptError(errno('ENOENT'), 'checkpoint', `checkpoint ${c.crid}: the snapshot of process ${pid} (husk ${husk}) was killed; the checkpoint is gone`);
+    }
+  }
+  return c;
+}

@@ -1,0 +1,177 @@
+/**
+ * Rebuilding processes from a captured TreeState: the steps a restart and a
+ * rollback share. A Shell is one process being rebuilt: either a fresh one
+ * made for a restart (a copy of its parent-to-be) or a live process being
+ * rolled back in place. The orchestrators (restart.ts, rollback.ts) decide
+ * the order; the steps are here.
+ */
+import { CkptError, errno } from '../lib/errors.js';
+import { SYS } from '../lib/libc.js';
+import { readStat } from '../lib/proc.js';
+import { RemoteMem } from '../lib/mem.js';
+import { Remote } from '../supervisor/remote.js';
+import { cloneWithTid, THREAD_FLAGS } from '../supervisor/shells.js';
+import type { Tracer, Task } from '../supervisor/tracer.js';
+import type { ProcessState, TreeState, ZombieState } from './state.js';
+import type { MemoryCapture } from './resources/memory.js';
+import { fillPages } from './resources/memory.js';
+import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs } from './resources/thread.js';
+import { restoreSignals } from './resources/signals.js';
+import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
+
+const SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17;
+
+export interface Shell {
+  state: ProcessState;
+  task: Task;
+  remote: Remote;
+  gadget?: bigint;
+  /** Thread tasks by tid (the leader included) once they exist. */
+  threads: Map<number, Task>;
+  /** A live process rolled back in place (not a fresh shell). */
+  live: boolean;
+}
+
+export function openShell(tracer: Tracer, state: ProcessState, task: Task, live: boolean): Shell {
+  const remote = new Remote(tracer, task);
+  unregisterRseq(remote);
+  return { state, task, remote, threads: new Map([[task.tid, task]]), live };
+}
+
+export function allIds(tree: TreeState): number[] {
+  return [...tree.processes.flatMap((p) => p.threads.map((t) => t.tid)), ...tree.zombies.map((z) => z.pid)];
+}
+
+/**
+ * Fresh shells for the processes of `tree` that `shells` lacks, each a child
+ * of its parent's shell (the root's parent is `rootParent`): sessions set as
+ * each is born, so children inherit them. Returns the pids made, in order.
+ */
+export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, rootParent: Remote | undefined, made: number[]): void {
+  if (!shells.has(tree.root)) {
+    if (!rootParent) throw new CkptError(errno('ESRCH'), 'restart', `no parent for the root ${tree.root}`);
+    const t = cloneWithTid(tracer, rootParent, tree.root, 0, rootParent.scratch());
+    made.push(tree.root);
+    shells.set(tree.root, openShell(tracer, tree.processes[0], t, false));
+  }
+  for (const p of tree.processes) {
+    const sh = shells.get(p.ids.pid)!;
+    if (!sh.live && p.ids.sid === p.ids.pid && Number(readStat(p.ids.pid).field(6)) !== p.ids.pid) sh.remote.check('restart:session', SYS_setsid);
+    for (const c of tree.processes.filter((c) => c.ids.ppid === p.ids.pid && !shells.has(c.ids.pid))) {
+      const t = cloneWithTid(tracer, sh.remote, c.ids.pid, 0, sh.remote.scratch());
+      made.push(c.ids.pid);
+      shells.set(c.ids.pid, openShell(tracer, c, t, false));
+    }
+  }
+}
+
+/** Zombies the tree needs and that do not exist: children of their parents, then dead. */
+export function makeZombies(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, made: number[], exists: (pid: number) => boolean): { z: ZombieState; task: Task }[] {
+  const out: { z: ZombieState; task: Task }[] = [];
+  for (const z of tree.zombies) {
+    if (exists(z.pid)) continue;
+    const parent = shells.get(z.ppid)!;
+    out.push({ z, task: cloneWithTid(tracer, parent.remote, z.pid, 0, parent.remote.scratch()) });
+    made.push(z.pid);
+  }
+  return out;
+}
+
+/** Process groups of the tree (leaders first); groups outside it stay as inherited. */
+export function setGroups(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, zombies: { z: ZombieState; task: Task }[]): void {
+  const ids = new Set(allIds(tree));
+  const groups = [
+    ...tree.processes.map((p) => ({ pid: p.ids.pid, pgid: p.ids.pgid, r: shells.get(p.ids.pid)!.remote as Remote | undefined, task: undefined as Task | undefined })),
+    ...zombies.map(({ z, task }) => ({ pid: z.pid, pgid: z.pgid, r: undefined as Remote | undefined, task })),
+  ];
+  groups.sort((a, b) => Number(b.pid === b.pgid) - Number(a.pid === a.pgid));
+  for (const g of groups) {
+    // A session leader already leads its group (and may not call setpgid).
+    if (!ids.has(g.pgid) || Number(readStat(g.pid).field(5)) === g.pgid) continue;
+    const r = g.r ?? new Remote(tracer, g.task!);
+    try {
+      r.check('restart:pgid', SYS_setpgid, 0, g.pgid);
+    } finally {
+      if (!g.r) r.finish();
+    }
+  }
+}
+
+/**
+ * Let a zombie shell die as the checkpointed child did. Its parent saw that
+ * SIGCHLD before the checkpoint: it must not see it twice.
+ */
+export function makeZombie(tracer: Tracer, task: Task, z: ZombieState, parent: Task): void {
+  const r = new Remote(tracer, task);
+  if ((z.status & 0x7f) === 0) r.runToExit(SYS_exit_group, (z.status >> 8) & 0xff);
+  else {
+    r.mem.write(r.scratch(), Buffer.alloc(32)); // a zeroed sigaction: SIG_DFL
+    r.check('restart:zombie', SYS.rt_sigaction, z.status & 0x7f, r.scratch(), 0, 8);
+    r.runToExit(0, 0, z.status & 0x7f);
+  }
+  parent.heldSignals = parent.heldSignals.filter((s) => s !== SIGCHLD);
+}
+
+/** Copy the chosen pages of a husk into a shell's (already laid out) memory. */
+export function copyFromHusk(sh: Shell, husk: number, mem: MemoryCapture, runs = mem.runs): number {
+  const from = new RemoteMem(husk);
+  const buf = Buffer.allocUnsafe(1 << 20);
+  let bytes = 0;
+  try {
+    for (const run of runs) {
+      for (let off = 0; off < run.len; off += buf.length) {
+        const n = Math.min(buf.length, run.len - off);
+        const at = run.addr + BigInt(off);
+        fillPages(sh.remote.mem, sh.state.memory, at, from.read(at, n, buf.subarray(0, n)));
+        bytes += n;
+      }
+    }
+  } finally {
+    from.close();
+  }
+  return bytes;
+}
+
+/**
+ * Per-process state, threads and registers, once memory and files are in
+ * place. Threads the process lacks are created; for a live process, threads
+ * it has beyond the checkpoint's were ended before (endExtraThreads).
+ */
+export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): void {
+  const r = sh.remote;
+  const p = sh.state;
+  restoreMm(r, p.mm, !sh.live);
+  restoreName(r, p.ids.comm);
+  restoreSignals(r, p.signals);
+  for (const t of p.threads) {
+    if (t.tid === p.ids.pid) continue;
+    let task = sh.threads.get(t.tid);
+    if (!task) {
+      task = cloneWithTid(tracer, r, t.tid, THREAD_FLAGS, r.scratch());
+      sh.threads.set(t.tid, task);
+    }
+    const rt = new Remote(tracer, task);
+    rt.useSyscallAt(sh.gadget!);
+    rt.setScratch(r.scratch());
+    try {
+      if (sh.live) unregisterRseq(rt);
+      restoreThreadSyscalls(rt, t);
+    } finally {
+      rt.mem.close();
+    }
+  }
+  restoreThreadSyscalls(r, p.threads.find((t) => t.tid === p.ids.pid)!);
+  if (setCreds) restoreCreds(r, p.creds);
+  // The gadget goes last; the step trap stops the task at that syscall's
+  // exit, so it never runs another instruction there.
+  r.check('restart:memory', SYS.munmap, sh.gadget!, 4096);
+  for (const t of p.threads) restoreThreadRegs(t.tid, t);
+}
+
+/** Let every rebuilt thread run. */
+export function runShells(tracer: Tracer, shells: Iterable<Shell>): void {
+  for (const sh of shells) {
+    sh.remote.mem.close();
+    for (const t of sh.threads.values()) if (tracer.tasks.has(t.tid)) tracer.resume(t);
+  }
+}

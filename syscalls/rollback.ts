@@ -1,0 +1,303 @@
+/**
+ * Rollback: restart(crid) while the checkpointed subtree still lives. The
+ * processes are brought back to the checkpoint in place, with their pids
+ * and the root's parent unchanged: processes created since are killed,
+ * processes that exited since are made again, threads likewise; memory is
+ * put back from the husks, copying only the pages that changed (a page
+ * whose frame is still the husk's was not written since: copy-on-write).
+ *
+ * Everything that can be checked is checked before anything changes; after
+ * that point a failure kills the subtree rather than leave it half-restored.
+ */
+import fs from 'node:fs';
+import { CkptError, errno } from '../lib/errors.js';
+import { sys, SYS, errnoNow } from '../lib/libc.js';
+import { readMaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
+import { log } from '../lib/log.js';
+import { Freeze, subtree } from '../supervisor/freeze.js';
+import { Remote } from '../supervisor/remote.js';
+import type { Tracer } from '../supervisor/tracer.js';
+import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
+import type { ProcessState } from './state.js';
+import { pickGadget, installGadget, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
+import { restoreFiles } from './resources/files.js';
+import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, openShell, type Shell } from './rebuild.js';
+import type { MemCheckpoint } from './memckpt.js';
+
+const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
+const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
+
+/** Is this the very process the checkpoint was taken from (not a reuse of its pid)? */
+function sameProcess(p: ProcessState): boolean {
+  try {
+    return readStat(p.ids.pid).field(22) === p.ids.starttime && readStat(p.ids.pid).field(3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+/** The checkpoint's root still runs: restart means rollback. */
+export function treeAlive(c: MemCheckpoint): boolean {
+  return sameProcess(c.tree.processes[0]);
+}
+
+const inUse = (pid: number) => sys.kill(pid, 0) === 0 || errnoNow() === errno('EPERM');
+
+export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
+  const { tracer, caller } = ctx;
+  const tree = c.tree;
+  const t0 = performance.now();
+  const freeze = new Freeze(tracer);
+  freeze.add(subtree(tracer, tree.root));
+  const procs = subtree(tracer, tree.root);
+  freeze.add(procs);
+
+  // ---- checks: nothing has changed yet
+  const kept = tree.processes.filter(sameProcess);
+  const keptPids = new Set(kept.map((p) => p.ids.pid));
+  const extra = procs.filter((p) => !keptPids.has(p));
+  const extraSet = new Set(extra);
+  for (const p of tree.processes.filter((p) => !keptPids.has(p.ids.pid))) {
+    for (const t of p.threads) {
+      if (inUse(t.tid) && !extraSet.has(t.tid)) {
+        freeze.thaw();
+        throw new CkptError(errno('EBUSY'), 'restart', `pid ${t.tid} of checkpoint ${c.crid} is in use by a process outside its subtree`);
+      }
+    }
+  }
+  const callerInside = procs.includes(caller.tgid);
+
+  const shells = new Map<number, Shell>();
+  try {
+    // Processes born since the checkpoint go (and are reaped).
+    for (const p of extra) sys.kill(p, SIGKILL);
+    for (const p of extra) {
+      for (const tid of tracer.threadsOf(p).map((t) => t.tid)) while (tracer.wait(tid)?.kind === 'stopped') sys.ptrace(7, tid, 0, 0);
+    }
+    for (const p of kept) {
+      const task = tracer.tasks.get(p.ids.pid)!;
+      const sh = openShell(tracer, p, task, true);
+      shells.set(p.ids.pid, sh);
+      endExtraThreads(tracer, sh);
+    }
+    for (const x of extra) reapExtra(shells, x);
+    const made: number[] = [];
+    makeShells(tracer, tree, shells, undefined, made);
+    const zombies = makeZombies(tracer, tree, shells, made, (pid) => {
+      try {
+        return readStat(pid).field(3) === 'Z';
+      } catch {
+        return false;
+      }
+    });
+    setGroups(tracer, tree, shells, zombies);
+    for (const { z, task } of zombies) makeZombie(tracer, task, z, shells.get(z.ppid)!.task);
+    let copied = 0;
+    for (const sh of shells.values()) {
+      const husk = c.husks.get(sh.state.ids.pid)!;
+      const mem = c.memory.get(sh.state.ids.pid)!;
+      copied += sh.live ? rollbackMemory(sh, husk, mem) : freshMemory(sh, husk, mem);
+    }
+    restoreFiles({
+      remote: (pid) => shells.get(pid)!.remote,
+      table: tree.files,
+      perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])),
+      order: tree.processes.map((p) => p.ids.pid),
+      live: new Set(kept.map((p) => p.ids.pid)),
+    });
+    for (const sh of shells.values()) finishProcess(tracer, sh, false);
+    log.syscall('rollback of checkpoint %d: %d kept, %d made, %d killed, %d bytes copied, %s ms', c.crid, kept.length, made.length, extra.length, copied, (performance.now() - t0).toFixed(2));
+  } catch (e) {
+    // Past the checks: never leave the subtree half-restored.
+    for (const sh of shells.values()) sh.remote.mem.close();
+    for (const p of subtree(tracer, tree.root)) sys.kill(p, SIGKILL);
+    sys.kill(tree.root, SIGKILL);
+    freeze.tasks.length = 0;
+    throw e;
+  }
+  freeze.tasks.length = 0; // resumed below with their checkpointed registers
+  runShells(tracer, shells.values());
+  return callerInside ? NO_RETURN : tree.root;
+}
+
+/** Threads born since the checkpoint end (exit, not a signal: that would end the process). */
+function endExtraThreads(tracer: Tracer, sh: Shell): void {
+  const want = new Set(sh.state.threads.map((t) => t.tid));
+  for (const tid of listTids(sh.state.ids.pid)) {
+    const task = tracer.tasks.get(tid);
+    if (!task) continue;
+    if (want.has(tid)) {
+      sh.threads.set(tid, task);
+      continue;
+    }
+    new Remote(tracer, task).runToExit(SYS_exit, 0);
+  }
+}
+
+/** A killed extra child is reaped in its parent, so the program never sees it. */
+function reapExtra(shells: Map<number, Shell>, pid: number): void {
+  let ppid: number;
+  try {
+    ppid = Number(readStat(pid).field(4));
+  } catch {
+    return;
+  }
+  const parent = shells.get(ppid);
+  if (parent) parent.remote.call(SYS.wait4, pid, 0, WALL, 0);
+  else sys.waitpid(pid, WALL); // its parent died too: it is ours (subreaper)
+}
+
+/** A process made again during a rollback: full layout, all pages from its husk. */
+function freshMemory(sh: Shell, husk: number, mem: MemoryCapture): number {
+  const current = readMaps(sh.task.tid);
+  sh.gadget = pickGadget(current, sh.state.memory);
+  const r = sh.remote;
+  installGadget(r, sh.gadget);
+  const keep = [sh.gadget, ...current.filter((m) => SPECIAL.includes(m.path)).map((m) => m.start)];
+  for (const m of current) if (!keep.includes(m.start)) r.check('restart:memory', SYS.munmap, m.start, m.end - m.start);
+  placeSpecials(r, current, sh.state.memory, sh.task.tid);
+  mapVmas(r, sh.state.memory.filter((v) => v.kind !== 'special'));
+  return copyFromHusk(sh, husk, mem);
+}
+
+const protOf = (perms: string) => (perms[0] === 'r' ? 1 : 0) | (perms[1] === 'w' ? 2 : 0) | (perms[2] === 'x' ? 4 : 0);
+
+/** Can current mapping `m` stand for (part of) checkpoint VMA `v` as it is? */
+function compatible(m: MapEntry, v: VmaState): boolean {
+  if (protOf(m.perms) !== v.prot || (m.perms[3] === 's') !== v.shared) return false;
+  const file = m.path.startsWith('/') && m.path !== '/dev/zero';
+  if (v.kind === 'anon') return !file;
+  // The same file, at the same offset for the same address.
+  return file && m.path === v.path && m.offset - m.start === BigInt(v.offset!) - vmaStart(v);
+}
+
+/** A part of a checkpoint VMA. */
+interface Piece { v: VmaState; start: bigint; end: bigint }
+
+/**
+ * Split the checkpoint's VMAs by what the live process has there now: the
+ * parts still mapped compatibly are kept (their pages get diffed), the rest
+ * must be mapped again (and filled whole). Kernel merging or splitting of
+ * neighbours since the checkpoint does not matter.
+ */
+function splitByCurrent(current: MapEntry[], vmas: VmaState[]): { kept: Piece[]; fresh: Piece[] } {
+  const kept: Piece[] = [], fresh: Piece[] = [];
+  for (const v of vmas) {
+    let at = vmaStart(v);
+    for (const m of current) {
+      if (m.end <= vmaStart(v) || m.start >= vmaEnd(v)) continue;
+      const s = m.start > at ? m.start : at, e = m.end < vmaEnd(v) ? m.end : vmaEnd(v);
+      if (s > at) fresh.push({ v, start: at, end: s });
+      (compatible(m, v) ? kept : fresh).push({ v, start: s, end: e });
+      at = e;
+    }
+    if (at < vmaEnd(v)) fresh.push({ v, start: at, end: vmaEnd(v) });
+  }
+  return { kept, fresh };
+}
+
+/** The part [start, end) of a VMA, as a VMA of its own (file offset moved along). */
+function pieceVma(p: Piece): VmaState {
+  const hex = (x: bigint) => '0x' + x.toString(16);
+  const offset = p.v.kind === 'file' ? hex(BigInt(p.v.offset!) + (p.start - vmaStart(p.v))) : p.v.offset;
+  return { ...p.v, start: hex(p.start), end: hex(p.end), offset };
+}
+
+/** The runs of `runs` that fall in the pieces, clipped to them. */
+function clip(runs: Run[], pieces: Piece[]): Run[] {
+  const out: Run[] = [];
+  for (const r of runs) {
+    const re = r.addr + BigInt(r.len);
+    for (const p of pieces) {
+      const s = r.addr > p.start ? r.addr : p.start, e = re < p.end ? re : p.end;
+      if (s < e) out.push({ addr: s, len: Number(e - s) });
+    }
+  }
+  return out;
+}
+
+/**
+ * A live process's memory back to its husk's. In the parts still mapped as
+ * at the checkpoint, only pages whose frame differs from the husk's are
+ * copied, and pages the checkpoint did not have are dropped; everything
+ * else is unmapped, and the checkpoint's other parts are mapped again and
+ * filled whole. Returns the bytes copied.
+ */
+function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture): number {
+  const pid = sh.task.tid;
+  const r = sh.remote;
+  const all = readMaps(pid);
+  const current = all.filter((m) => !SPECIAL.includes(m.path) && m.path !== '[vsyscall]');
+  sh.gadget = pickGadget(all, sh.state.memory);
+  installGadget(r, sh.gadget);
+  placeSpecials(r, all, sh.state.memory, pid);
+  const { kept, fresh } = splitByCurrent(current, sh.state.memory.filter((v) => v.kind !== 'special'));
+  log.restore('rollback %d: %d parts kept, %d mapped again', pid, kept.length, fresh.length);
+  // Unmap what lies outside the kept parts (munmap splits mappings as needed).
+  const keepRanges = [...kept.map((p) => [p.start, p.end]), [sh.gadget, sh.gadget + 4096n]].sort((x, y) => (x[0] < y[0] ? -1 : 1));
+  for (const m of current) {
+    let at = m.start;
+    for (const [ks, ke] of keepRanges) {
+      if (ke <= at || ks >= m.end) continue;
+      if (ks > at) r.check('restart:memory', SYS.munmap, at, ks - at);
+      at = ke;
+    }
+    if (at < m.end) r.check('restart:memory', SYS.munmap, at, m.end - at);
+  }
+  mapVmas(r, fresh.map(pieceVma));
+  let bytes = copyFromHusk(sh, husk, mem, clip(mem.runs, fresh));
+  const pmLive = fs.openSync(`/proc/${pid}/pagemap`, 'r');
+  const pmHusk = fs.openSync(`/proc/${husk}/pagemap`, 'r');
+  try {
+    for (const p of kept) {
+      if (p.v.shared) continue;
+      const { copy, drop } = diffPages(pmLive, pmHusk, p.start, p.end, p.v.kind === 'anon');
+      for (const d of drop) r.check('restart:memory', SYS.madvise, d.addr, d.len, MADV_DONTNEED);
+      bytes += copyFromHusk(sh, husk, mem, copy);
+    }
+  } finally {
+    fs.closeSync(pmLive);
+    fs.closeSync(pmHusk);
+  }
+  return bytes;
+}
+
+type Run = { addr: bigint; len: number };
+
+/**
+ * Compare the page tables of the live process and its husk over one range.
+ * Same entry (frame and flags), present or swapped: untouched since the
+ * checkpoint. Otherwise the husk's page is copied back, or, where the husk
+ * had none (or only the file's own page), the live page is dropped.
+ */
+function diffPages(pmLive: number, pmHusk: number, start: bigint, end: bigint, anon: boolean): { copy: Run[]; drop: Run[] } {
+  const pages = Number((end - start) / 4096n);
+  const read = (fd: number) => {
+    const b = Buffer.allocUnsafe(pages * 8);
+    let got = 0;
+    while (got < b.length) {
+      const n = fs.readSync(fd, b, got, b.length - got, Number(start / 4096n) * 8 + got);
+      if (n <= 0) break;
+      got += n;
+    }
+    return new Uint32Array(b.buffer, b.byteOffset, pages * 2);
+  };
+  const live = read(pmLive), husk = read(pmHusk);
+  const copy: Run[] = [], drop: Run[] = [];
+  const add = (list: Run[], i: number) => {
+    const addr = start + BigInt(i) * 4096n;
+    const last = list[list.length - 1];
+    if (last && last.addr + BigInt(last.len) === addr) last.len += 4096;
+    else list.push({ addr, len: 4096 });
+  };
+  const PRESENT = 0x80000000, SWAP = 0x40000000, FILE = 0x20000000, PFN_HI = 0x007fffff;
+  for (let i = 0; i < pages; i++) {
+    const hl = husk[2 * i], hh = husk[2 * i + 1], ll = live[2 * i], lh = live[2 * i + 1];
+    const hHas = (hh & (PRESENT | SWAP)) !== 0, lHas = (lh & (PRESENT | SWAP)) !== 0;
+    if (hHas && lHas && hl === ll && (hh & PFN_HI) === (lh & PFN_HI) && (hh & (PRESENT | SWAP)) === (lh & (PRESENT | SWAP))) continue;
+    const hData = hHas && (anon || (hh & FILE) === 0);
+    if (hData) add(copy, i);
+    else if (lHas && (anon || (lh & FILE) === 0)) add(drop, i);
+  }
+  return { copy, drop };
+}

@@ -1,0 +1,32 @@
+/**
+ * ckpt_writeback(crid, fd, flags): write an in-memory checkpoint as an image
+ * while the subtree runs on; the image is what checkpoint() would have
+ * written at that moment. Released afterwards unless CKPT_KEEP; kept on a
+ * failed write whatever the flags.
+ */
+import fs from 'node:fs';
+import { CkptError, errno } from '../lib/errors.js';
+import { takeCallerFd } from '../supervisor/callerfd.js';
+import { CKPT } from './abi.js';
+import type { SyscallCtx } from './context.js';
+import { int32, writeImage } from './checkpoint.js';
+import { usableCheckpoint } from './memckpt.js';
+
+export function writeback(ctx: SyscallCtx): number {
+  const flags = ctx.args[2];
+  const known = BigInt(CKPT.KEEP | CKPT.HANDLE);
+  if (flags & ~known) throw new CkptError(errno('EINVAL'), 'ckpt_writeback', `flags 0x${flags.toString(16)}: only CKPT_KEEP and CKPT_HANDLE are accepted`);
+  const handle = (flags & BigInt(CKPT.HANDLE)) !== 0n;
+  const crid = BigInt.asIntN(64, ctx.args[0]);
+  if (!handle && crid < 1n) throw new CkptError(errno('EINVAL'), 'ckpt_writeback', `crid ${crid}`);
+  const c = usableCheckpoint(ctx, Number(crid), handle);
+  const out = takeCallerFd(ctx.caller.tgid, int32(ctx.args[1]), 'write', 'ckpt_writeback');
+  try {
+    writeImage(c, out);
+  } finally {
+    fs.closeSync(out);
+  }
+  c.writtenBack = true;
+  if (!(flags & BigInt(CKPT.KEEP))) ctx.sv.store.release(c);
+  return 0;
+}
