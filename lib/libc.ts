@@ -117,6 +117,21 @@ export const sys = {
   tee(fdin: number, fdout: number, len: number, flags: number): number {
     return Number(_tee(fdin, fdout, len, flags));
   },
+  /**
+   * Scatter-gather between one local buffer and many remote ranges, in one
+   * call: process_vm_readv (read) or process_vm_writev. Bytes moved or -1.
+   */
+  vmMany(read: boolean, pid: number, buf: Buffer, ranges: { addr: bigint; len: number }[]): number {
+    const local = Buffer.alloc(16);
+    local.writeBigUInt64LE(koffi.address(buf) as bigint, 0);
+    local.writeBigUInt64LE(BigInt(buf.length), 8);
+    const remote = Buffer.alloc(16 * ranges.length);
+    ranges.forEach((r, i) => {
+      remote.writeBigUInt64LE(r.addr, i * 16);
+      remote.writeBigUInt64LE(BigInt(r.len), i * 16 + 8);
+    });
+    return Number((read ? _vmReadv : _vmWritev)(pid, local, 1, remote, ranges.length, 0));
+  },
   /** process_vm_readv into buf from addr; bytes read or -1. */
   vmRead(pid: number, buf: Buffer, addr: bigint): number {
     const [l, r] = iovPair(buf, addr);

@@ -117,7 +117,9 @@ export class Tracer {
 
   /** Run until every tracee is gone; returns the exit status for the shell. */
   run(): number {
-    for (;;) {
+    // Until the program's processes are all gone: husks (kept checkpoints)
+    // do not keep the supervisor alive; they die with it (PTRACE_O_EXITKILL).
+    while (this.processes().length) {
       const ev = this.pending.shift() ?? this.wait(-1);
       if (!ev) break;
       this.dispatch(ev);

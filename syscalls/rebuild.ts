@@ -6,7 +6,7 @@
  * the order; the steps are here.
  */
 import { CkptError, errno } from '../lib/errors.js';
-import { SYS } from '../lib/libc.js';
+import { SYS, sys } from '../lib/libc.js';
 import { readStat } from '../lib/proc.js';
 import { RemoteMem } from '../lib/mem.js';
 import { Remote } from '../supervisor/remote.js';
@@ -166,6 +166,37 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   // exit, so it never runs another instruction there.
   r.check('restart:memory', SYS.munmap, sh.gadget!, 4096);
   for (const t of p.threads) restoreThreadRegs(t.tid, t);
+}
+
+/**
+ * Copy scattered pages that the live process changed back from its husk:
+ * up to 1024 ranges per process_vm_readv / process_vm_writev pair. Only for
+ * pages the husk holds alone (the live process took its own copy when it
+ * wrote), so pinning them does not unshare anything.
+ */
+export function copyChangedFromHusk(sh: Shell, husk: number, runs: { addr: bigint; len: number }[]): number {
+  const MAX_IOV = 1024, MAX_BYTES = 16 << 20;
+  const buf = Buffer.allocUnsafe(MAX_BYTES);
+  let bytes = 0;
+  for (let i = 0; i < runs.length; ) {
+    const batch: { addr: bigint; len: number }[] = [];
+    let size = 0;
+    while (i < runs.length && batch.length < MAX_IOV && size + runs[i].len <= MAX_BYTES) {
+      batch.push(runs[i]);
+      size += runs[i++].len;
+    }
+    if (!batch.length) { // one run larger than the buffer
+      bytes += copyFromHusk(sh, husk, { vmas: [], runs: [] }, [runs[i++]]);
+      continue;
+    }
+    const data = buf.subarray(0, size);
+    if (sys.vmMany(true, husk, data, batch) !== size || sys.vmMany(false, sh.task.tid, data, batch) !== size) {
+      bytes += copyFromHusk(sh, husk, { vmas: [], runs: [] }, batch); // read-only pages and the like
+      continue;
+    }
+    bytes += size;
+  }
+  return bytes;
 }
 
 /** Let every rebuilt thread run. */

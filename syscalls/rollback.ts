@@ -21,7 +21,7 @@ import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
 import { pickGadget, installGadget, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
-import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, openShell, type Shell } from './rebuild.js';
+import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
@@ -247,42 +247,66 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture): number {
   mapVmas(r, fresh.map(pieceVma));
   let bytes = copyFromHusk(sh, husk, mem, clip(mem.runs, fresh));
   const pmLive = fs.openSync(`/proc/${pid}/pagemap`, 'r');
-  const pmHusk = fs.openSync(`/proc/${husk}/pagemap`, 'r');
   try {
     for (const p of kept) {
       if (p.v.shared) continue;
-      const { copy, drop } = diffPages(pmLive, pmHusk, p.start, p.end, p.v.kind === 'anon');
+      const { copy, drop } = diffPages(readPagemap(pmLive, p.start, p.end), huskPagemap(husk, p.start, p.end), p.start, p.v.kind === 'anon');
       for (const d of drop) r.check('restart:memory', SYS.madvise, d.addr, d.len, MADV_DONTNEED);
-      bytes += copyFromHusk(sh, husk, mem, copy);
+      bytes += copyChangedFromHusk(sh, husk, copy);
     }
   } finally {
     fs.closeSync(pmLive);
-    fs.closeSync(pmHusk);
   }
   return bytes;
+}
+
+/** Raw pagemap entries of [start, end), as pairs of 32-bit words. */
+function readPagemap(fd: number, start: bigint, end: bigint): Uint32Array {
+  const pages = Number((end - start) / 4096n);
+  const b = Buffer.allocUnsafe(pages * 8);
+  let got = 0;
+  while (got < b.length) {
+    const n = fs.readSync(fd, b, got, b.length - got, Number(start / 4096n) * 8 + got);
+    if (n <= 0) break;
+    got += n;
+  }
+  return new Uint32Array(b.buffer, b.byteOffset, pages * 2);
+}
+
+/**
+ * A husk never runs, so its page table is read once per range and kept (see
+ * diffPages for why a stale entry can only cost an extra copy).
+ */
+const huskPagemaps = new Map<string, Uint32Array>();
+function huskPagemap(husk: number, start: bigint, end: bigint): Uint32Array {
+  const key = `${husk}:${start}:${end}`;
+  let words = huskPagemaps.get(key);
+  if (!words) {
+    if (huskPagemaps.size > 4096) huskPagemaps.clear();
+    const fd = fs.openSync(`/proc/${husk}/pagemap`, 'r');
+    try {
+      words = readPagemap(fd, start, end);
+    } finally {
+      fs.closeSync(fd);
+    }
+    huskPagemaps.set(key, words);
+  }
+  return words;
 }
 
 type Run = { addr: bigint; len: number };
 
 /**
  * Compare the page tables of the live process and its husk over one range.
- * Same entry (frame and flags), present or swapped: untouched since the
- * checkpoint. Otherwise the husk's page is copied back, or, where the husk
- * had none (or only the file's own page), the live page is dropped.
+ * Untouched since the checkpoint: the same frame (or swap entry) in both,
+ * and the live page not mapped exclusively (it is still shared with the
+ * husk; a frame freed by the husk and reused by the live process would be
+ * exclusive, so a stale husk entry never hides a change). Otherwise the
+ * husk's page is copied back, or, where the husk had no data of its own
+ * (none, or only the file's page), the live page is dropped.
  */
-function diffPages(pmLive: number, pmHusk: number, start: bigint, end: bigint, anon: boolean): { copy: Run[]; drop: Run[] } {
-  const pages = Number((end - start) / 4096n);
-  const read = (fd: number) => {
-    const b = Buffer.allocUnsafe(pages * 8);
-    let got = 0;
-    while (got < b.length) {
-      const n = fs.readSync(fd, b, got, b.length - got, Number(start / 4096n) * 8 + got);
-      if (n <= 0) break;
-      got += n;
-    }
-    return new Uint32Array(b.buffer, b.byteOffset, pages * 2);
-  };
-  const live = read(pmLive), husk = read(pmHusk);
+function diffPages(live: Uint32Array, husk: Uint32Array, start: bigint, anon: boolean): { copy: Run[]; drop: Run[] } {
+  const pages = live.length / 2;
   const copy: Run[] = [], drop: Run[] = [];
   const add = (list: Run[], i: number) => {
     const addr = start + BigInt(i) * 4096n;
@@ -290,13 +314,12 @@ function diffPages(pmLive: number, pmHusk: number, start: bigint, end: bigint, a
     if (last && last.addr + BigInt(last.len) === addr) last.len += 4096;
     else list.push({ addr, len: 4096 });
   };
-  const PRESENT = 0x80000000, SWAP = 0x40000000, FILE = 0x20000000, PFN_HI = 0x007fffff;
+  const PRESENT = 0x80000000, SWAP = 0x40000000, FILE = 0x20000000, EXCLUSIVE = 0x01000000, PFN_HI = 0x007fffff;
   for (let i = 0; i < pages; i++) {
     const hl = husk[2 * i], hh = husk[2 * i + 1], ll = live[2 * i], lh = live[2 * i + 1];
     const hHas = (hh & (PRESENT | SWAP)) !== 0, lHas = (lh & (PRESENT | SWAP)) !== 0;
-    if (hHas && lHas && hl === ll && (hh & PFN_HI) === (lh & PFN_HI) && (hh & (PRESENT | SWAP)) === (lh & (PRESENT | SWAP))) continue;
-    const hData = hHas && (anon || (hh & FILE) === 0);
-    if (hData) add(copy, i);
+    if (hHas && lHas && hl === ll && (hh & PFN_HI) === (lh & PFN_HI) && (hh & (PRESENT | SWAP)) === (lh & (PRESENT | SWAP)) && ((lh & EXCLUSIVE) === 0 || (lh & SWAP) !== 0)) continue;
+    if (hHas && (anon || (hh & FILE) === 0)) add(copy, i);
     else if (lHas && (anon || (lh & FILE) === 0)) add(drop, i);
   }
   return { copy, drop };
