@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { sys, errnoNow } from '../lib/libc.js';
+import { sys, errnoNow, addressOf } from '../lib/libc.js';
 import { errnoName, CkptError } from '../lib/errors.js';
 import { NR, CKPT } from '../syscalls/abi.js';
 import { describeImage, formatDescription } from './inspect.js';
@@ -28,6 +28,16 @@ function fail(msg: string): never {
   process.exit(1);
 }
 
+/** ckpt_query into a growing buffer; the parsed JSON. */
+function query(crid: number): unknown {
+  let buf = Buffer.alloc(4096);
+  for (;;) {
+    const n = call('ckpt_query', crid, addressOf(buf), buf.length, 0);
+    if (n <= buf.length) return JSON.parse(buf.subarray(0, n).toString());
+    buf = Buffer.alloc(n);
+  }
+}
+
 /** Wait for a child (the restored root) and exit as it did. */
 function exitLike(pid: number): never {
   for (;;) {
@@ -43,17 +53,51 @@ await yargs(hideBin(process.argv))
   .scriptName('ckpt')
   .command(
     'checkpoint <pid>',
-    'checkpoint the subtree rooted at pid (0: this ckpt process) to a file or stdout',
+    'checkpoint the subtree rooted at pid (0: this ckpt process) to a file or stdout, or into memory',
     (y) => y
       .positional('pid', { type: 'number', demandOption: true })
       .option('o', { alias: 'output', type: 'string', describe: 'image file (default: stdout)' })
-      .option('kill', { type: 'boolean', default: false, describe: 'kill the subtree after the checkpoint' }),
+      .option('kill', { type: 'boolean', default: false, describe: 'kill the subtree after the checkpoint' })
+      .option('defer', { type: 'boolean', default: false, describe: 'keep it in memory only (CKPT_DEFER); prints the crid' })
+      .option('keep', { type: 'boolean', default: false, describe: 'write the image and keep it in memory too (CKPT_KEEP)' }),
     (a) => {
-      const fd = a.o ? fs.openSync(a.o, 'w') : 1;
-      const crid = call('checkpoint', a.pid, fd, a.kill ? CKPT.KILL : 0);
-      process.stderr.write(`ckpt: checkpoint ${crid} of ${a.pid}${a.o ? ` written to ${a.o}` : ''}\n`);
+      if (a.defer && (a.keep || a.o)) fail('--defer keeps the checkpoint in memory only: no --keep, no -o');
+      const flags = (a.kill ? CKPT.KILL : 0) | (a.defer ? CKPT.DEFER : 0) | (a.keep ? CKPT.KEEP : 0);
+      const fd = a.defer ? -1 : a.o ? fs.openSync(a.o, 'w') : 1;
+      const crid = call('checkpoint', a.pid, fd, flags);
+      if (a.defer) process.stdout.write(`${crid}\n`);
+      process.stderr.write(`ckpt: checkpoint ${crid} of ${a.pid}${a.o ? ` written to ${a.o}` : ''}${a.defer || a.keep ? ' (kept in memory)' : ''}\n`);
     },
   )
+  .command(
+    'writeback <crid>',
+    'write an in-memory checkpoint as an image (then release it, unless --keep)',
+    (y) => y
+      .positional('crid', { type: 'number', demandOption: true })
+      .option('o', { alias: 'output', type: 'string', describe: 'image file (default: stdout)' })
+      .option('keep', { type: 'boolean', default: false }),
+    (a) => {
+      const fd = a.o ? fs.openSync(a.o, 'w') : 1;
+      call('ckpt_writeback', a.crid, fd, a.keep ? CKPT.KEEP : 0);
+      process.stderr.write(`ckpt: checkpoint ${a.crid} written${a.o ? ` to ${a.o}` : ''}\n`);
+    },
+  )
+  .command('release <crid>', 'discard an in-memory checkpoint', (y) => y.positional('crid', { type: 'number', demandOption: true }), (a) => {
+    call('ckpt_release', a.crid, 0);
+  })
+  .command('list', 'the in-memory checkpoints (from ckpt_query)', (y) => y.option('json', { type: 'boolean', default: false }), (a) => {
+    const list = query(0) as ReturnType<typeof JSON.parse>[];
+    if (a.json) return void process.stdout.write(JSON.stringify(list, null, 2) + '\n');
+    const mib = (n: number) => (n / (1 << 20)).toFixed(1);
+    process.stdout.write('crid  root   processes  referenced MiB  private KiB  stopped ms  written  created\n');
+    for (const c of list) {
+      process.stdout.write(`${String(c.crid).padEnd(5)} ${String(c.root).padEnd(6)} ${String(c.pids.length).padEnd(10)} ${mib(c.referencedBytes).padStart(14)} ${(c.privateBytes / 1024).toFixed(1).padStart(12)} ${c.stopMs.toFixed(2).padStart(11)}  ${c.writtenBack ? 'yes' : 'no '}      ${c.created}\n`);
+    }
+  })
+  .command('undo <crid>', 'bring the checkpointed subtree back to the checkpoint (rollback, or restore if it is gone)', (y) => y.positional('crid', { type: 'number', demandOption: true }), (a) => {
+    const pid = call('restart', a.crid, -1, 0);
+    process.stderr.write(`ckpt: subtree ${pid} is back at checkpoint ${a.crid}\n`);
+  })
   .command(
     'restart',
     'restart from an image (file or stdin); waits for the restored root and exits with its status',

@@ -37,13 +37,13 @@ export function tmpdir(tag: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `ckpt-${tag}-`));
 }
 
-/** Is a pid in use right now? */
+/** Does a process with this pid run (a zombie waiting for its reaper does not)? */
 export function pidAlive(pid: number): boolean {
   try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
+    const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !'ZX'.includes(s[s.lastIndexOf(')') + 2]);
+  } catch {
+    return false;
   }
 }
 

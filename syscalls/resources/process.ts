@@ -75,7 +75,9 @@ export function captureMm(r: Remote, pid: number): MmState {
 export function restoreMm(r: Remote, mm: MmState, setExe = true): void {
   const auxv = Buffer.from(mm.auxv, 'base64');
   const scratch = r.scratch();
-  const exeFd = setExe ? openIn(r, mm.exe, O_RDONLY | O_CLOEXEC, 'restart:mm') : -1n;
+  // The exe link can only be changed while the old file is unmapped: when
+  // the shell already runs the image's binary there is nothing to change.
+  const exeFd = setExe && !sameFile(`/proc/${r.task.tid}/exe`, mm.exe) ? openIn(r, mm.exe, O_RDONLY | O_CLOEXEC, 'restart:mm') : -1n;
   const map = Buffer.alloc(104);
   const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, mm.envStart, mm.envEnd];
   fields.forEach((v, i) => map.writeBigUInt64LE(BigInt(v), i * 8));
@@ -89,6 +91,15 @@ export function restoreMm(r: Remote, mm: MmState, setExe = true): void {
     r.check('restart:mm', SYS.prctl, PR_SET_MM, PR_SET_MM_MAP, scratch, map.length, 0);
   } finally {
     if (exeFd >= 0n) r.call(SYS.close, exeFd);
+  }
+}
+
+function sameFile(a: string, b: string): boolean {
+  try {
+    const x = fs.statSync(a), y = fs.statSync(b);
+    return x.dev === y.dev && x.ino === y.ino;
+  } catch {
+    return false;
   }
 }
 

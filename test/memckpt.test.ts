@@ -1,0 +1,119 @@
+// In-memory checkpoints: CKPT_DEFER / KEEP / HANDLE, write-back, release,
+// query, rollback ("undo"), restore from memory, limits and errors.
+import t from 'tap';
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawn, spawnSync } from 'node:child_process';
+import { supervise, fixture, tmpdir, q, pidAlive, SUPERVISE, CKPT } from './helpers.js';
+
+const dir = tmpdir('mem');
+const callabi = fixture('callabi');
+
+t.test('undo: roll back again and again to exactly the checkpoint', async (t) => {
+  const r = supervise([fixture('undo'), path.join(dir, 'undo.state'), '6', '64']);
+  t.equal(r.status, 0, 'the program\'s own checks all passed');
+  const rounds = r.stdout.match(/^round \d+ ok: .*$/gm) ?? [];
+  t.equal(rounds.length, 6, 'six rollbacks, each back at the checkpoint');
+  t.match(r.stdout, /round 6 ok: heap 0, region 0, threads 1, children none, handler default, mask same, cwd \S+, fds (\d+)\/\1, sigchld 0/);
+  t.match(r.stdout, /UNDO OK after 6 rounds/);
+  t.notMatch(r.stdout, /restart returned/, 'restart never returned to the caller');
+});
+
+t.test('a deferred checkpoint written back later holds the memory of checkpoint time', async (t) => {
+  const img = path.join(dir, 'deferred.img'), keep = path.join(dir, 'keep.img');
+  const r = supervise([fixture('deferwb'), img, keep]);
+  t.match(r.stdout, /DEFERWB OK/);
+  const info = JSON.parse(/^query (.*)$/m.exec(r.stdout)![1]);
+  t.ok(info.stopMs > 0 && info.referencedBytes >= 32 << 20 && info.privateBytes > 0, 'query: stop time, bytes referenced and held');
+  t.same(Object.keys(info).sort(), ['created', 'crid', 'handle', 'husks', 'note', 'pids', 'privateBytes', 'referencedBytes', 'root', 'stopMs', 'threads', 'writtenBack'].sort());
+  const a = supervise([...CKPT, 'restart', '-i', img]);
+  t.match(a.stdout, /restored: 0 bytes differ from checkpoint time/, 'the written-back image is the checkpoint-time state');
+  t.equal(a.status, 0);
+  const b = supervise([...CKPT, 'restart', '-i', keep]);
+  t.match(b.stdout, /restored from the KEEP image/, 'a CKPT_KEEP image restores too');
+});
+
+t.test('handles: passed to another process, released when the last copy closes', async (t) => {
+  const img = path.join(dir, 'handle.img');
+  const r = supervise([fixture('handles'), img]);
+  t.equal(r.status, 0);
+  for (const c of ['handle is an fd >= 3', 'query through the handle', 'the child queries through its copy', 'the child writes back through its copy', 'closing every copy released it', 'the closed handle is no handle']) {
+    t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  }
+  t.match(supervise([...CKPT, 'restart', '-i', img]).stdout, /restored from the handle's image: state at checkpoint/);
+});
+
+t.test('a program that waits for children never sees a husk', async (t) => {
+  const r = supervise([fixture('waitloop')]);
+  t.equal(r.status, 0);
+  t.match(r.stdout, /WAITLOOP OK/);
+});
+
+t.test('restart of a checkpoint whose subtree exited restores it (ABI case 2)', async (t) => {
+  const r = supervise(['sh', '-c', `${q(callabi)} defer-then-exit; ${q(callabi)} restart 1 none 0; wait`]);
+  t.match(r.stdout, /checkpoint ret=1 errno=0/, 'first run: the deferred checkpoint');
+  const pid = /restart ret=(\d+) errno=0/.exec(r.stdout)?.[1];
+  t.ok(pid, 'restart from memory returned a pid');
+  t.match(r.stdout, new RegExp(`^back pid=${pid}$`, 'm'), 'the exited process is back with its pid, and checkpoint() returned 0 there');
+});
+
+t.test('errors of the in-memory calls', async (t) => {
+  const cases: [string, string][] = [
+    ['writeback 77 w:' + path.join(dir, 'x.img') + ' 0', 'ENOENT'],
+    ['release 77 0', 'ENOENT'],
+    ['query 77 0', 'ENOENT'],
+    ['restart 77 none 0', 'ENOENT'],
+    ['writeback 1 w:' + path.join(dir, 'x.img') + ' 0x4', 'EINVAL'],
+    ['release 1 0x2', 'EINVAL'],
+    ['query 0 0x1', 'EINVAL'],
+    ['release 0 0', 'EINVAL'],
+    ['release 5 0x8', 'EBADF'], // a handle that is no open fd
+    ['query 1 0x8', 'ENOENT'], // an open fd (stdout) that is not a handle
+  ];
+  const r = supervise(['sh', '-c', cases.map(([c]) => `${q(callabi)} ${c}`).join('; ')]);
+  const lines = r.stdout.split('\n').filter((l) => / ret=/.test(l));
+  cases.forEach(([c, e], i) => t.match(lines[i] ?? '', new RegExp(`ret=-1 errno=${e}$`), `${c} -> ${e}`));
+  const f = supervise(['sh', '-c', `${q(callabi)} defer-then-exit; ${q(callabi)} query 1 0 -1; ${q(callabi)} query 1 0 10`]);
+  t.match(f.stdout, /query ret=-1 errno=EFAULT/, 'a bad buffer: EFAULT');
+  t.match(f.stdout, /query ret=(\d+) errno=0\njson=.{10}\n/, 'a short buffer: the full length is returned, len bytes written');
+  t.equal(r.status, 0, 'the supervisor lived through it all');
+});
+
+t.test('a cap on live checkpoints: EAGAIN past it', async (t) => {
+  const r = run3([...SUPERVISE, '--max-checkpoints', '2', '--', 'sh', '-c', `for i in 1 2 3; do ${q(callabi)} defer-then-exit; done; ${q(callabi)} release 1 0; ${q(callabi)} defer-then-exit`]);
+  const lines = r.split('\n').filter((l) => l.includes(' ret='));
+  t.match(lines[0], /checkpoint ret=1 errno=0/);
+  t.match(lines[1], /checkpoint ret=2 errno=0/);
+  t.match(lines[2], /checkpoint ret=-1 errno=EAGAIN/, 'the third is refused');
+  t.match(lines[3], /release ret=0/);
+  t.match(lines[4], /checkpoint ret=\d+ errno=0/, 'after a release there is room again');
+});
+
+function run3(cmd: string[]): string {
+  return spawnSync(cmd[0], cmd.slice(1), { encoding: 'utf8', timeout: 60_000 }).stdout;
+}
+
+t.test('release frees everything; no husk outlives a killed supervisor', async (t) => {
+  const r = supervise(['sh', '-c', `${q(callabi)} defer-then-exit; ${q(callabi)} query 1 0; ${q(callabi)} release 1 0; ${q(callabi)} query 0 0`]);
+  const info = JSON.parse(/^json=(\{.*\})$/m.exec(r.stdout)![1]);
+  t.equal(info.husks.length, 1);
+  t.notOk(pidAlive(info.husks[0]), 'the husk is gone after release');
+  t.match(r.stdout, /json=\[\]/, 'nothing is listed after release');
+
+  const state = path.join(dir, 'killed.state');
+  const child = spawn(SUPERVISE[0], [...SUPERVISE.slice(1), '--', 'sh', '-c', `${q(callabi)} defer-then-exit; ${q(callabi)} query 1 0; sleep 30`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const husk = await new Promise<number>((resolve) => {
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = /"husks":\[(\d+)\]/.exec(out);
+      if (m) resolve(Number(m[1]));
+    });
+  });
+  t.ok(pidAlive(husk), 'the husk lives while the supervisor does');
+  child.kill('SIGKILL');
+  await new Promise((res) => child.on('exit', res));
+  for (let i = 0; i < 50 && pidAlive(husk); i++) await new Promise((res) => setTimeout(res, 20));
+  t.notOk(pidAlive(husk), 'killing the supervisor killed the husk');
+  fs.writeFileSync(state, out);
+});
