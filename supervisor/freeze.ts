@@ -2,9 +2,9 @@
  * Freeze and thaw a set of processes. Freezing interrupts every thread and
  * waits for each stop; new threads or children can appear while we do it
  * (clone races), so it repeats until a pass finds nothing new. The stop each
- * task reported is parked on it; thawing hands those stops back to the event
- * loop, which resumes each task the way it would have (delivering a signal
- * that arrived meanwhile, serving a ckpt call made meanwhile...).
+ * task reported is parked on it; thawing resumes each task the way it would
+ * have been (delivering a signal that arrived meanwhile), at once, or hands
+ * the stop to the event loop when it needs more (a ckpt call made meanwhile).
  */
 import { sys } from '../lib/libc.js';
 import { PT, PTRACE_EVENT } from '../lib/ptrace.js';
@@ -55,7 +55,7 @@ export class Freeze {
   thaw(): void {
     for (const t of this.tasks.splice(0)) {
       if (!this.tracer.tasks.has(t.tid) || !t.parked) continue;
-      this.tracer.defer(t.parked);
+      this.tracer.release(t.parked);
     }
   }
 }

@@ -91,9 +91,16 @@ export class Tracer {
     log.trace('%d %s %o', ev.pid, ev.kind, t ? '' : '(unregistered)');
   }
 
-  /** Queue a stop for the loop to dispatch (e.g. a frozen task being thawed). */
-  defer(ev: WaitEvent): void {
-    this.pending.push(ev);
+  /**
+   * Let a frozen task go on from the stop it was frozen in: plain stops
+   * (our interrupt, a signal, a group-stop) are resumed at once; stops that
+   * need the loop's attention (a ckpt call, a fork event) are queued for it,
+   * since we may be inside a handler right now.
+   */
+  release(ev: WaitEvent): void {
+    if (ev.kind === 'stopped' && (ev.event === PTRACE_EVENT.STOP || (ev.event === 0 && !ev.syscallStop))) {
+      this.dispatch(ev);
+    } else this.pending.push(ev);
   }
 
   /** Resume a stopped task, first re-sending any signal we held back. */
