@@ -32,6 +32,8 @@ export const REC = {
   TREE: 1,
   PAGES: 2,
   MEMORY: 3,
+  /** Contents of a shared memory object: u64 offset, u16 key length, key, data. */
+  SHM: 4,
   TRAILER: 0x7fff,
 } as const;
 export const REC_NAMES: Record<number, string> = Object.fromEntries(Object.entries(REC).map(([k, v]) => [v, k]));
@@ -98,6 +100,17 @@ export class ImageWriter {
     }
   }
 
+  /** Contents of shared object `key` at `offset`, in pieces like pages. */
+  shm(key: string, offset: number, data: Buffer): void {
+    const k = Buffer.from(key);
+    for (let off = 0; off < data.length; off += PAGE_RUN_MAX) {
+      const head = Buffer.alloc(10);
+      head.writeBigUInt64LE(BigInt(offset + off), 0);
+      head.writeUInt16LE(k.length, 8);
+      this.record(REC.SHM, head, k, data.subarray(off, Math.min(data.length, off + PAGE_RUN_MAX)));
+    }
+  }
+
   trailer(): void {
     this.json(REC.TRAILER, { records: this.records, pageBytes: this.pageBytes });
     this.sink.flush();
@@ -142,7 +155,7 @@ export class ImageReader {
     const frame = this.source.read(16);
     const type = frame.readUInt32LE(0);
     const len = frame.readBigUInt64LE(8);
-    const limit = type === REC.PAGES ? MAX_PAYLOAD : MAX_JSON;
+    const limit = type === REC.PAGES || type === REC.SHM ? MAX_PAYLOAD + 256 : MAX_JSON;
     if (!(type in REC_NAMES)) throw bad(`unknown record type ${type} at byte ${this.source.bytes - 16}`);
     if (frame.readUInt32LE(4) !== 0) throw bad(`reserved field set in record at byte ${this.source.bytes - 16}`);
     if (len > BigInt(limit)) throw bad(`record length ${len} out of bounds for ${REC_NAMES[type]}`);
@@ -180,6 +193,14 @@ export function parseJson<T>(payload: Buffer, what: string): T {
   } catch {
     throw bad(`${what} record is not valid JSON`);
   }
+}
+
+/** Split a SHM payload into its object key, offset and data. */
+export function splitShm(payload: Buffer): { key: string; offset: number; data: Buffer } {
+  if (payload.length < 10) throw bad('short SHM record');
+  const klen = payload.readUInt16LE(8);
+  if (10 + klen > payload.length || klen > 200) throw bad('SHM record key out of bounds');
+  return { offset: Number(payload.readBigUInt64LE(0)), key: payload.subarray(10, 10 + klen).toString(), data: payload.subarray(10 + klen) };
 }
 
 /** Split a PAGES payload into its address and its data. */

@@ -26,6 +26,10 @@ const _setpriority = libc.func('int setpriority(int which, int who, int prio)');
 const _poll = libc.func('int poll(_Inout_ void *fds, unsigned long nfds, int timeout)');
 const _pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)');
 const _tee = libc.func('intptr_t tee(int fdin, int fdout, size_t len, unsigned int flags)');
+const _socket = libc.func('int socket(int domain, int type, int protocol)');
+const _send = libc.func('intptr_t send(int fd, void *buf, size_t len, int flags)');
+const _recv = libc.func('intptr_t recv(int fd, _Inout_ void *buf, size_t len, int flags)');
+const _setsockopt = libc.func('int setsockopt(int fd, int level, int name, void *val, uint32_t len)');
 const _vmReadv = libc.func('intptr_t process_vm_readv(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
 const _vmWritev = libc.func('intptr_t process_vm_writev(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
 
@@ -112,6 +116,21 @@ export const sys = {
     const fds = [0, 0];
     check(_pipe2(fds, flags) as number, 'pipe2', 'supervisor');
     return [fds[0], fds[1]];
+  },
+  socket(domain: number, type: number, protocol: number): number {
+    return check(_socket(domain, type, protocol) as number, 'socket', 'supervisor');
+  },
+  send(fd: number, buf: Buffer, flags: number): number {
+    return Number(_send(fd, buf, buf.length, flags));
+  },
+  /** recv(2) into buf; bytes or -1 (errnoNow() tells why). */
+  recv(fd: number, buf: Buffer, flags: number): number {
+    return Number(_recv(fd, buf, buf.length, flags));
+  },
+  setsockoptInt(fd: number, level: number, name: number, value: number): number {
+    const b = Buffer.alloc(4);
+    b.writeInt32LE(value);
+    return _setsockopt(fd, level, name, b, 4) as number;
   },
   /** tee(2): duplicate up to len bytes of a pipe into another, without consuming. */
   tee(fdin: number, fdout: number, len: number, flags: number): number {

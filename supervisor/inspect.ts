@@ -1,5 +1,5 @@
 /** Reading an image for people (`ckpt inspect`), in the spirit of CRIU's crit. */
-import { ImageReader, REC, parseJson, splitPages, type ImageHeader } from '../lib/image.js';
+import { ImageReader, REC, parseJson, splitPages, splitShm, type ImageHeader } from '../lib/image.js';
 import { FdSource } from '../lib/stream.js';
 import type { ProcessState, TreeState } from '../syscalls/state.js';
 
@@ -8,6 +8,8 @@ export interface ImageDescription {
   processes: (Omit<ProcessState, 'threads'> & { threads: { tid: number; rip: string; rsp: string }[]; pageBytes: number })[];
   zombies: TreeState['zombies'];
   files: TreeState['files'];
+  shm: TreeState['shm'];
+  shmBytes: number;
   bytes: number;
 }
 
@@ -25,13 +27,15 @@ export function describeImage(fd: number): ImageDescription {
     pageBytes: 0,
   }));
   let cur: ImageDescription['processes'][number] | undefined;
+  let shmBytes = 0;
   for (let rec = reader.next(); rec; rec = reader.next()) {
     if (rec.type === REC.MEMORY) {
       const { pid } = parseJson<{ pid: number }>(rec.payload, 'MEMORY');
       cur = processes.find((p) => p.ids.pid === pid);
     } else if (rec.type === REC.PAGES && cur) cur.pageBytes += splitPages(rec.payload).data.length;
+    else if (rec.type === REC.SHM) shmBytes += splitShm(rec.payload).data.length;
   }
-  return { header, processes, zombies: tree.zombies, files: tree.files, bytes: source.bytes };
+  return { header, processes, zombies: tree.zombies, files: tree.files, shm: tree.shm.map((o) => ({ ...o })), shmBytes, bytes: source.bytes };
 }
 
 const size = (n: number) => (n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`);
@@ -57,6 +61,8 @@ export function formatDescription(d: ImageDescription): string {
     const sigs = Object.keys(p.signals);
     if (sigs.length) out.push(`  signal handlers: ${sigs.join(', ')}`);
   }
+  for (const o of d.shm) out.push(`shared memory object ${o.key} (${o.name}), ${size(o.size)}`);
+  if (d.shm.length) out.push(`  ${size(d.shmBytes)} of shared memory data`);
   for (const z of d.zombies) out.push(`zombie ${z.pid} (child of ${z.ppid}), wait status ${z.status}`);
   return out.join('\n') + '\n';
 }
@@ -66,6 +72,12 @@ function describeDesc(files: TreeState['files'], id: number): string {
   if (!d) return '?';
   if (d.kind === 'path') return `${d.path} pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'fifo') return `fifo ${d.path} (${Buffer.from(d.data, 'base64').length} bytes unread)`;
+  if (d.kind === 'unix') {
+    const p = files.socks[d.pair];
+    const q = p.queues[d.end].map((m) => Buffer.from(m, 'base64').length);
+    return `unix socket pair #${d.pair} end ${d.end} (${['', 'stream', 'dgram', '', '', 'seqpacket'][p.type] ?? p.type}; ${q.length} queued, ${q.reduce((a, b) => a + b, 0)} bytes)`;
+  }
+  if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;
 }

@@ -131,6 +131,10 @@ export class Tracer {
       if (!ev) break;
       this.dispatch(ev);
     }
+    // We are the subreaper of the tree: what is left of it (husks, zombies
+    // of killed processes) is reaped before we go, so no pid stays taken.
+    for (const t of this.tasks.values()) sys.kill(t.tid, 9);
+    while (this.wait(-1)) { /* until ECHILD */ }
     const st = this.rootStatus;
     if (!st) return 1;
     return 'code' in st ? st.code : 128 + st.signal;

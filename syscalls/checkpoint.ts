@@ -24,6 +24,7 @@ import { makeHusk, destroyHusk, huskMemory, type MemCheckpoint } from './memckpt
 import { captureThread, captureAltstack, findTidAddress } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles } from './resources/files.js';
+import { ShmCapture, type ShmData } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
@@ -59,11 +60,12 @@ export function checkpoint(ctx: SyscallCtx): number {
     freeze.add(procs);
     checkPermission(caller.tgid, procs);
     const t1 = performance.now();
-    const { tree, memory } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, false);
+    const { tree, memory, shm } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, false);
     const t2 = performance.now();
     const w = new ImageWriter(new FdSink(out));
     w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid, kernel: os.release(), created: new Date().toISOString(), vdso: vdsoInfo(pid) });
     w.json(REC.TREE, tree);
+    writeShm(w, shm.data);
     for (const p of tree.processes) {
       w.json(REC.MEMORY, { pid: p.ids.pid });
       writePages(p.ids.pid, memory.get(p.ids.pid)!, w, true);
@@ -88,26 +90,27 @@ export function checkpoint(ctx: SyscallCtx): number {
  * `husks`, memory is not read: each process gets a husk instead (returned),
  * and its memory is described from the husk once the subtree runs again.
  */
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: boolean): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number> } {
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: boolean): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; shm: ShmCapture } {
   const statuses = new Map(procs.map((p) => [p, readStatus(p)]));
+  const shm = new ShmCapture();
   const memory = new Map<number, MemoryCapture>();
   const made = new Map<number, number>();
   const processes: ProcessState[] = [];
   try {
-    const files = captureFiles(procs, outside, (p) => statuses.get(p)!);
+    const files = captureFiles(procs, outside, (p) => statuses.get(p)!, shm);
     for (const pid of procs) {
-      const { state, mem } = captureProcess(tracer, pid, caller, statuses.get(pid)!, husks);
+      const { state, mem } = captureProcess(tracer, pid, caller, statuses.get(pid)!, husks ? undefined : shm);
       state.files = files.perProc.get(pid)!;
       processes.push(state);
       if (mem) memory.set(pid, mem);
       else {
-        const before = checkMappings(pid);
+        const before = checkMappings(pid, shm); // shared memory is copied now: fork cannot keep it
         const husk = makeHusk(tracer, tracer.tasks.get(pid)!);
         made.set(pid, husk);
         checkHuskMappings(pid, before, husk);
       }
     }
-    return { tree: { root, processes, zombies: findZombies(tracer, procs), files: files.table }, memory, husks: made };
+    return { tree: { root, processes, zombies: findZombies(tracer, procs), files: files.table, shm: shm.objects }, memory, husks: made, shm };
   } catch (e) {
     for (const [pid, husk] of made) destroyHusk(tracer, pid, husk);
     throw e;
@@ -115,7 +118,8 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
 }
 
 /** Capture one frozen process; everything that can refuse does so here. */
-function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<string, string>, husk: boolean): { state: ProcessState; mem?: MemoryCapture } {
+/** `shm` given: memory is captured now (a direct checkpoint); else a husk will hold it. */
+function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<string, string>, shm: ShmCapture | undefined): { state: ProcessState; mem?: MemoryCapture } {
   const tids = listTids(pid);
   // Registers first, before any injected syscall touches them.
   const threads = tids.map((tid) => captureThread(tid, tid === caller.tid));
@@ -147,7 +151,7 @@ function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<s
   } finally {
     r.finish();
   }
-  const mem = husk ? undefined : captureMemory(pid);
+  const mem = shm ? captureMemory(pid, shm) : undefined;
   const state: ProcessState = {
     ids: captureIds(pid),
     creds: parseCreds(status),
@@ -223,13 +227,14 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     const c: MemCheckpoint = {
       crid: sv.newCrid(), created: new Date().toISOString(), stopMs, tree: cap.tree, husks: cap.husks,
       memory: new Map(), privateBytes: 0, writtenBack: false, uid: parseCreds(readStatus(caller.tgid)).uid[0],
+      shmData: cap.shm.data,
     };
     for (const p of c.tree.processes) {
       const mem = huskMemory(c.husks.get(p.ids.pid)!);
       p.memory = mem.vmas;
       c.memory.set(p.ids.pid, mem);
     }
-    c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree));
+    c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree)) + cap.shm.bytes();
     sv.store.add(c);
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);
     if (out >= 0) {
@@ -254,11 +259,16 @@ export function writeImage(c: MemCheckpoint, out: number): void {
   const husk0 = c.husks.get(c.tree.root)!;
   w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid: c.crid, kernel: os.release(), created: c.created, vdso: vdsoInfo(husk0) });
   w.json(REC.TREE, c.tree);
+  writeShm(w, c.shmData);
   for (const p of c.tree.processes) {
     w.json(REC.MEMORY, { pid: p.ids.pid });
     writePages(c.husks.get(p.ids.pid)!, c.memory.get(p.ids.pid)!, w, false);
   }
   w.trailer();
+}
+
+function writeShm(w: ImageWriter, data: ShmData): void {
+  for (const [key, runs] of data) for (const r of runs) w.shm(key, r.offset, r.data);
 }
 
 /**

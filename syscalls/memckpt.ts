@@ -19,6 +19,7 @@ import { Remote } from '../supervisor/remote.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { Freeze } from '../supervisor/freeze.js';
 import type { TreeState } from './state.js';
+import type { ShmData } from './resources/shm.js';
 import type { SyscallCtx } from './context.js';
 import { readStatus } from '../lib/proc.js';
 import { parseCreds } from './resources/process.js';
@@ -44,6 +45,8 @@ export interface MemCheckpoint {
   /** A handle's pipe inode, when the checkpoint is held by a handle. */
   handleIno?: number;
   handleFd?: number; // the supervisor's read end of that pipe
+  /** Contents of shared memory objects, copied during the stop (fork cannot keep them). */
+  shmData: ShmData;
 }
 
 /** The supervisor's in-memory checkpoints. */

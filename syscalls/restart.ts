@@ -15,7 +15,7 @@
 import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';
 import { sys, errnoNow } from '../lib/libc.js';
-import { ImageReader, REC, parseJson, splitPages } from '../lib/image.js';
+import { ImageReader, REC, parseJson, splitPages, splitShm } from '../lib/image.js';
 import { FdSource } from '../lib/stream.js';
 import { readMaps, readStatus } from '../lib/proc.js';
 import { Remote } from '../supervisor/remote.js';
@@ -28,6 +28,7 @@ import { validateTree, type TreeState } from './state.js';
 import { int32 } from './checkpoint.js';
 import { checkVdso, vdsoInfo, pickGadget, restoreLayout, fillPages } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
+import { ShmRestore } from './resources/shm.js';
 import { checkCreds, parseCreds } from './resources/process.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, allIds, type Shell } from './rebuild.js';
 import { usableCheckpoint, type MemCheckpoint } from './memckpt.js';
@@ -43,7 +44,10 @@ export function restart(ctx: SyscallCtx): HandlerResult {
     if (crid < 0n || fdArg !== -1) throw new CkptError(errno('EINVAL'), 'restart', `crid ${crid} with fd ${fdArg}: an in-memory restart takes fd -1`);
     const c = usableCheckpoint(ctx, Number(crid), flags !== 0n);
     if (treeAlive(c)) return rollback(ctx, c);
-    return restoreTree(tracer, caller, c.tree, (shells) => fillFromHusks(c, shells));
+    return restoreTree(tracer, caller, c.tree, (shells, shm) => {
+      shm.fill(c.shmData);
+      fillFromHusks(c, shells, shm);
+    });
   }
   const src = takeCallerFd(caller.tgid, fdArg, 'read', 'restart');
   try {
@@ -51,14 +55,14 @@ export function restart(ctx: SyscallCtx): HandlerResult {
     const header = reader.header();
     checkVdso(header.vdso, vdsoInfo(caller.tgid));
     const tree = validateTree(parseJson<TreeState>(reader.expect(REC.TREE).payload, 'TREE'));
-    return restoreTree(tracer, caller, tree, (shells) => fillFromImage(tree, shells, reader));
+    return restoreTree(tracer, caller, tree, (shells, shm) => fillFromImage(tree, shells, reader, shm));
   } finally {
     fs.closeSync(src);
   }
 }
 
 /** Rebuild `tree` as new processes under the caller; `fill` lays out and fills memory. */
-export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill: (shells: Map<number, Shell>) => void): number {
+export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill: (shells: Map<number, Shell>, shm: ShmRestore) => void): number {
   const callerCreds = parseCreds(readStatus(caller.tgid));
   const setCreds = new Map(tree.processes.map((p) => [p.ids.pid, checkCreds(p.creds, callerCreds, p.ids.pid)]));
   for (const id of allIds(tree)) {
@@ -66,6 +70,7 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
   }
   const shells = new Map<number, Shell>();
   const made: number[] = [];
+  const shm = new ShmRestore(tree.shm);
   try {
     const callerRemote = new Remote(tracer, caller);
     try {
@@ -76,27 +81,29 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
     const zombies = makeZombies(tracer, tree, shells, made, () => false);
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z, shells.get(z.ppid)!.task);
-    fill(shells);
-    restoreFiles({ remote: (pid) => shells.get(pid)!.remote, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid) });
+    fill(shells, shm);
+    restoreFiles({ remote: (pid) => shells.get(pid)!.remote, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm });
     for (const sh of shells.values()) finishProcess(tracer, sh, setCreds.get(sh.state.ids.pid)!);
   } catch (e) {
     for (const sh of shells.values()) sh.remote.mem.close();
     destroyShells(tracer, caller, made.length ? tree.root : undefined, made.slice().reverse());
     throw e;
+  } finally {
+    shm.close();
   }
   runShells(tracer, shells.values());
   return tree.root;
 }
 
 /** Lay out a fresh shell's address space as the checkpoint's. */
-function layout(sh: Shell): void {
+function layout(sh: Shell, shm: ShmRestore): void {
   const current = readMaps(sh.task.tid);
   sh.gadget = pickGadget(current, sh.state.memory);
-  restoreLayout(sh.remote, current, sh.state.memory, sh.gadget);
+  restoreLayout(sh.remote, current, sh.state.memory, sh.gadget, shm);
 }
 
 /** Address spaces, in the order the image streams them; then its trailer. */
-function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: ImageReader): void {
+function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: ImageReader, shm: ShmRestore): void {
   let cur: Shell | undefined;
   const filled = new Set<number>();
   for (let rec = reader.next(); rec; rec = reader.next()) {
@@ -105,7 +112,11 @@ function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: Imag
       cur = shells.get(pid);
       if (!cur || filled.has(pid)) throw new CkptError(errno('EBADMSG'), 'image', `memory of unknown or repeated process ${pid}`);
       filled.add(pid);
-      layout(cur);
+      layout(cur, shm);
+    } else if (rec.type === REC.SHM) {
+      if (cur) throw new CkptError(errno('EBADMSG'), 'image', 'shared memory data after process memory');
+      const { key, offset, data } = splitShm(rec.payload);
+      shm.write(key, offset, data);
     } else if (rec.type === REC.PAGES) {
       if (!cur) throw new CkptError(errno('EBADMSG'), 'image', 'page data before any MEMORY record');
       const { addr, data } = splitPages(rec.payload);
@@ -117,10 +128,10 @@ function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: Imag
 }
 
 /** Address spaces from the husks of an in-memory checkpoint. */
-function fillFromHusks(c: MemCheckpoint, shells: Map<number, Shell>): void {
+function fillFromHusks(c: MemCheckpoint, shells: Map<number, Shell>, shm: ShmRestore): void {
   for (const p of c.tree.processes) {
     const sh = shells.get(p.ids.pid)!;
-    layout(sh);
+    layout(sh, shm);
     copyFromHusk(sh, c.husks.get(p.ids.pid)!, c.memory.get(p.ids.pid)!);
   }
 }

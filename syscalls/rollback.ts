@@ -21,6 +21,7 @@ import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
 import { pickGadget, installGadget, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
+import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
 
@@ -68,7 +69,9 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const callerInside = procs.includes(caller.tgid);
 
   const shells = new Map<number, Shell>();
+  const shm = new ShmRestore(tree.shm);
   try {
+    shm.fill(c.shmData);
     // Processes born since the checkpoint go (and are reaped).
     for (const p of extra) sys.kill(p, SIGKILL);
     for (const p of extra) {
@@ -96,7 +99,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     for (const sh of shells.values()) {
       const husk = c.husks.get(sh.state.ids.pid)!;
       const mem = c.memory.get(sh.state.ids.pid)!;
-      copied += sh.live ? rollbackMemory(sh, husk, mem) : freshMemory(sh, husk, mem);
+      copied += sh.live ? rollbackMemory(sh, husk, mem, shm) : freshMemory(sh, husk, mem, shm);
     }
     restoreFiles({
       remote: (pid) => shells.get(pid)!.remote,
@@ -104,6 +107,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])),
       order: tree.processes.map((p) => p.ids.pid),
       live: new Set(kept.map((p) => p.ids.pid)),
+      shm,
     });
     for (const sh of shells.values()) finishProcess(tracer, sh, false);
     log.syscall('rollback of checkpoint %d: %d kept, %d made, %d killed, %d bytes copied, %s ms', c.crid, kept.length, made.length, extra.length, copied, (performance.now() - t0).toFixed(2));
@@ -114,6 +118,8 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     sys.kill(tree.root, SIGKILL);
     freeze.tasks.length = 0;
     throw e;
+  } finally {
+    shm.close();
   }
   freeze.tasks.length = 0; // resumed below with their checkpointed registers
   runShells(tracer, shells.values());
@@ -148,7 +154,7 @@ function reapExtra(shells: Map<number, Shell>, pid: number): void {
 }
 
 /** A process made again during a rollback: full layout, all pages from its husk. */
-function freshMemory(sh: Shell, husk: number, mem: MemoryCapture): number {
+function freshMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore): number {
   const current = readMaps(sh.task.tid);
   sh.gadget = pickGadget(current, sh.state.memory);
   const r = sh.remote;
@@ -156,7 +162,7 @@ function freshMemory(sh: Shell, husk: number, mem: MemoryCapture): number {
   const keep = [sh.gadget, ...current.filter((m) => SPECIAL.includes(m.path)).map((m) => m.start)];
   for (const m of current) if (!keep.includes(m.start)) r.check('restart:memory', SYS.munmap, m.start, m.end - m.start);
   placeSpecials(r, current, sh.state.memory, sh.task.tid);
-  mapVmas(r, sh.state.memory.filter((v) => v.kind !== 'special'));
+  mapVmas(r, sh.state.memory.filter((v) => v.kind !== 'special'), shm);
   return copyFromHusk(sh, husk, mem);
 }
 
@@ -164,7 +170,7 @@ const protOf = (perms: string) => (perms[0] === 'r' ? 1 : 0) | (perms[1] === 'w'
 
 /** Can current mapping `m` stand for (part of) checkpoint VMA `v` as it is? */
 function compatible(m: MapEntry, v: VmaState): boolean {
-  if (protOf(m.perms) !== v.prot || (m.perms[3] === 's') !== v.shared) return false;
+  if (v.kind === 'shm' || protOf(m.perms) !== v.prot || (m.perms[3] === 's') !== v.shared) return false;
   const file = m.path.startsWith('/') && m.path !== '/dev/zero';
   if (v.kind === 'anon') return !file;
   // The same file, at the same offset for the same address.
@@ -199,7 +205,7 @@ function splitByCurrent(current: MapEntry[], vmas: VmaState[]): { kept: Piece[];
 /** The part [start, end) of a VMA, as a VMA of its own (file offset moved along). */
 function pieceVma(p: Piece): VmaState {
   const hex = (x: bigint) => '0x' + x.toString(16);
-  const offset = p.v.kind === 'file' ? hex(BigInt(p.v.offset!) + (p.start - vmaStart(p.v))) : p.v.offset;
+  const offset = p.v.kind === 'file' || p.v.kind === 'shm' ? hex(BigInt(p.v.offset!) + (p.start - vmaStart(p.v))) : p.v.offset;
   return { ...p.v, start: hex(p.start), end: hex(p.end), offset };
 }
 
@@ -223,7 +229,7 @@ function clip(runs: Run[], pieces: Piece[]): Run[] {
  * else is unmapped, and the checkpoint's other parts are mapped again and
  * filled whole. Returns the bytes copied.
  */
-function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture): number {
+function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore): number {
   const pid = sh.task.tid;
   const r = sh.remote;
   const all = readMaps(pid);
@@ -244,7 +250,7 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture): number {
     }
     if (at < m.end) r.check('restart:memory', SYS.munmap, at, m.end - at);
   }
-  mapVmas(r, fresh.map(pieceVma));
+  mapVmas(r, fresh.map(pieceVma), shm); // shared memory is always mapped anew, from its checkpoint contents
   let bytes = copyFromHusk(sh, husk, mem, clip(mem.runs, fresh));
   const pmLive = fs.openSync(`/proc/${pid}/pagemap`, 'r');
   try {

@@ -4,6 +4,7 @@ import type { VmaState } from './resources/memory.js';
 import type { FilesState, FilesTable } from './resources/files.js';
 import type { SignalState } from './resources/signals.js';
 import type { ThreadState } from './resources/thread.js';
+import type { ShmObject } from './resources/shm.js';
 import { CkptError, errno } from '../lib/errors.js';
 
 export interface ProcessState {
@@ -32,6 +33,8 @@ export interface TreeState {
   processes: ProcessState[];
   zombies: ZombieState[];
   files: FilesTable;
+  /** Shared memory objects (their contents travel separately: SHM records or the checkpoint). */
+  shm: ShmObject[];
 }
 
 const bad = (why: string) => new CkptError(errno('EBADMSG'), 'image', `TREE record: ${why}`);
@@ -39,7 +42,7 @@ const isPid = (v: unknown) => Number.isInteger(v) && (v as number) > 0 && (v as 
 
 /** Shape and consistency check: the checksum says it is what was written, not that the writer was sane. */
 export function validateTree(t: TreeState): TreeState {
-  if (!t || typeof t !== 'object' || !Array.isArray(t.processes) || !Array.isArray(t.zombies) || !t.files || !Array.isArray(t.files.descs) || !Array.isArray(t.files.pipes)) throw bad('missing fields');
+  if (!t || typeof t !== 'object' || !Array.isArray(t.shm) || !Array.isArray(t.processes) || !Array.isArray(t.zombies) || !t.files || !Array.isArray(t.files.descs) || !Array.isArray(t.files.pipes) || !Array.isArray(t.files.socks)) throw bad('missing fields');
   if (!t.processes.length || t.processes[0]?.ids?.pid !== t.root) throw bad('the root is not the first process');
   const seen = new Set<number>();
   for (const p of t.processes) {
@@ -55,6 +58,9 @@ export function validateTree(t: TreeState): TreeState {
   for (const z of t.zombies) {
     if (!isPid(z.pid) || !seen.has(z.ppid)) throw bad(`zombie ${z.pid} has no parent in the tree`);
   }
-  for (const d of t.files.descs) if (d.kind === 'pipe' && !(d.pipe >= 0 && d.pipe < t.files.pipes.length)) throw bad('pipe end of no pipe');
+  for (const d of t.files.descs) {
+    if (d.kind === 'pipe' && !(d.pipe >= 0 && d.pipe < t.files.pipes.length)) throw bad('pipe end of no pipe');
+    if (d.kind === 'unix' && !(d.pair >= 0 && d.pair < t.files.socks.length && (d.end === 0 || d.end === 1))) throw bad('socket end of no pair');
+  }
   return t;
 }

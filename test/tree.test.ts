@@ -69,3 +69,31 @@ t.test('pids of the tree are still taken: EBUSY, and nothing is left behind', as
   t.match(r.stdout, /done n=40 sum=right/, 'the running one is unharmed');
   t.match(r.stdout, /leftover|caller alive/, 'the failed caller lives on');
 });
+
+t.test('shared anonymous memory and a memfd stay shared between parent and child', async (t) => {
+  const img = path.join(dir, 'shmem.img');
+  t.equal(supervise([fixture('shmem'), img]).status, 137);
+  const r = restart(img);
+  t.equal(r.status, 0);
+  for (const c of ['shared anonymous memory written by the child', 'memfd contents', 'memfd fd offset', 'read through the memfd fd sees the mapping', "still shared: the child sees the parent's writes"]) {
+    t.match(r.stdout, new RegExp(`^ok ${c.replace(/[()]/g, '\\$&')}$`, 'm'), c);
+  }
+  t.match(supervise([...CKPT, 'inspect', img]).stdout, /shared memory object \S+ \(\/dev\/zero\), 4\.0 MiB/);
+});
+
+t.test('unix socketpairs (stream, datagram, seqpacket) with queued data', async (t) => {
+  const img = path.join(dir, 'sockets.img');
+  t.equal(supervise([fixture('sockets'), img]).status, 137);
+  const r = restart(img);
+  t.equal(r.status, 0);
+  t.match(r.stdout, /^ok the child's queued stream bytes$/m);
+  t.match(r.stdout, /^ok the child read every queue exactly \(stream, datagram boundaries, seqpacket\)$/m);
+  t.match(r.stdout, /SOCKETS OK/);
+});
+
+t.test('a socket connected outside the subtree is refused, the program unharmed', async (t) => {
+  const r = supervise([fixture('callabi'), 'peer-outside', path.join(dir, 'x.img')]);
+  t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
+  t.match(r.stderr, /task \d+: fd 1 \(unix socket connected to a process outside the subtree\)|unix socket connected to a process outside the subtree/);
+  t.match(r.stdout, /child alive after the refusal: yes/);
+});

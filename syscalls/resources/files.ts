@@ -22,18 +22,32 @@ import { sys, SYS } from '../../lib/libc.js';
 import { logError } from '../../lib/log.js';
 import type { Remote } from '../../supervisor/remote.js';
 import { openIn } from './memory.js';
+import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
+import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 
 const O_ACCMODE = 3, O_RDONLY = 0, O_WRONLY = 1, O_RDWR = 2, O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000, O_CREAT = 0o100, O_EXCL = 0o200, O_TRUNC = 0o1000, O_NOCTTY = 0o400;
 const F_SETFD = 2, F_SETFL = 4, F_DUPFD_CLOEXEC = 1030, F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032, SEEK_SET = 0;
 const SYS_kcmp = 312, KCMP_FILE = 0, SPLICE_F_NONBLOCK = 2;
+const SOL_SOCKET = 1, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40, AF_UNIX = 1, SOCK_CLOEXEC = 0o2000000;
+const SYS_socketpair = 53;
 /** Status flags F_SETFL can change. */
 const SETFL_MASK = 0o2000 | O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000; // APPEND NONBLOCK ASYNC DIRECT NOATIME
 
 export type FileDesc =
   | { id: number; kind: 'path'; path: string; flags: number; pos: string }
   | { id: number; kind: 'fifo'; path: string; flags: number; data: string }
-  | { id: number; kind: 'pipe'; pipe: number; end: 'r' | 'w'; flags: number };
+  | { id: number; kind: 'pipe'; pipe: number; end: 'r' | 'w'; flags: number }
+  | { id: number; kind: 'memfd'; shmKey: string; flags: number; pos: string }
+  | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number };
+
+/** A connected pair of unix sockets, both ends in the tree; what each end has yet to read. */
+export interface SockPairState {
+  id: number;
+  type: number; // SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
+  /** Per end, its receive queue: messages (one for a stream), base64. */
+  queues: [string[], string[]];
+}
 
 export interface PipeState {
   id: number;
@@ -47,6 +61,7 @@ export type FdRef = { fd: number; cloexec: boolean } & ({ desc: number } | { out
 export interface FilesTable {
   descs: FileDesc[];
   pipes: PipeState[];
+  socks: SockPairState[];
 }
 
 export interface FilesState {
@@ -68,8 +83,11 @@ const unsupported = (pid: number, fd: number, what: string) =>
   new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
 
 /** Capture the descriptors of every process of a frozen tree. */
-export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>): { table: FilesTable; perProc: Map<number, FilesState> } {
-  const table: FilesTable = { descs: [], pipes: [] };
+export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture): { table: FilesTable; perProc: Map<number, FilesState> } {
+  const table: FilesTable = { descs: [], pipes: [], socks: [] };
+  let diag: Map<number, UnixSockInfo> | undefined;
+  const pairIds = new Map<number, number>();
+  const sockHolders = new Map<number, { pid: number; fd: number }>(); // by inode
   const perProc = new Map<number, FilesState>();
   const seen: { key: string; pid: number; fd: number; desc: number }[] = [];
   const pipeIds = new Map<string, number>();
@@ -111,6 +129,24 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
         table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
         pipeHolders.push({ ino: pipe[1], pid, fd, end });
+      } else if (/^socket:\[(\d+)\]$/.test(target)) {
+        const ino = Number(/^socket:\[(\d+)\]$/.exec(target)![1]);
+        diag ??= unixSockets();
+        const info = diag.get(ino);
+        if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
+        if (info.state !== 1 || !info.peer) throw unsupported(pid, fd, `${target}: a ${info.state === 10 ? 'listening' : 'unconnected'} unix socket${info.name ? ' ' + info.name : ''}`);
+        const lo = Math.min(ino, info.peer);
+        let pair = pairIds.get(lo);
+        if (pair === undefined) {
+          pair = table.socks.length;
+          pairIds.set(lo, pair);
+          table.socks.push({ id: pair, type: info.type, queues: [[], []] });
+        }
+        table.descs.push({ id, kind: 'unix', pair, end: ino === lo ? 0 : 1, flags });
+        if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
+      } else if (isShm(target)) {
+        shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
+        table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
       } else if (st.isFIFO() && target.startsWith('/')) {
         table.descs.push({ id, kind: 'fifo', path: target, flags, data: '' });
         pipeHolders.push({ ino: String(st.ino), pid, fd, end: (flags & O_ACCMODE) === O_WRONLY ? 'w' : 'r' });
@@ -129,6 +165,17 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     });
   }
   capturePipeData(table, pipeIds, pipeHolders, procs);
+  for (const [lo, pair] of pairIds) {
+    const peer = diag!.get(lo)!.peer;
+    for (const [end, ino] of [[0, lo], [1, peer]] as const) {
+      const h = sockHolders.get(ino);
+      if (!h) {
+        const other = sockHolders.get(end === 0 ? peer : lo)!;
+        throw unsupported(other.pid, other.fd, `unix socket connected to a process outside the subtree`);
+      }
+      table.socks[pair].queues[end] = peekQueue(h.pid, h.fd).map((b) => b.toString('base64'));
+    }
+  }
   return { table, perProc };
 }
 
@@ -172,6 +219,32 @@ function peekPipe(pid: number, fd: number): { data: Buffer; size: number } {
   } finally {
     for (const f of [mine, r, w]) fs.closeSync(f);
   }
+}
+
+/**
+ * What a socket has yet to read, without reading it: with SO_PEEK_OFF each
+ * MSG_PEEK returns the next message (or stream bytes) after the last one.
+ */
+function peekQueue(pid: number, fd: number): Buffer[] {
+  const pidfd = sys.pidfdOpen(pid);
+  const mine = sys.pidfdGetfd(pidfd, fd);
+  fs.closeSync(pidfd);
+  if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint:files', `task ${pid}: cannot reach socket fd ${fd}`);
+  const out: Buffer[] = [];
+  try {
+    if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd}: cannot peek at its queue`);
+    const buf = Buffer.alloc(1 << 20);
+    for (;;) {
+      const n = sys.recv(mine, buf, MSG_PEEK | MSG_DONTWAIT);
+      if (n < 0) break; // EAGAIN: the queue is read
+      if (n === 0) break;
+      out.push(Buffer.from(buf.subarray(0, n)));
+    }
+    sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, -1);
+  } finally {
+    fs.closeSync(mine);
+  }
+  return out;
 }
 
 /** A process outside `procs` (and not us) holding one of these pipe inodes, if any. */
@@ -218,6 +291,8 @@ export interface FilesRestore {
   order: number[]; // processes, parents first
   /** Live processes rolled back in place: their "outside" descriptors come from the supervisor's own. */
   live?: Set<number>;
+  /** Shared memory objects made again (memfds held as descriptors). */
+  shm: ShmRestore;
 }
 
 /**
@@ -246,6 +321,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     }
   }
   const pipeEnds = new Map<number, { r?: Place; w?: Place }>();
+  const sockEnds = new Map<number, [Place, Place]>();
 
   for (const d of table.descs) {
     const hs = holders.get(d.id);
@@ -256,6 +332,31 @@ export function restoreFiles(ctx: FilesRestore): void {
       if (d.kind === 'path') {
         const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NOCTTY, 'restart:files');
         moveFd(r, tmp, owner.fd, owner.cloexec);
+        const pos = BigInt(d.pos);
+        if (pos) r.check('restart:files', SYS.lseek, owner.fd, pos, SEEK_SET);
+      } else if (d.kind === 'unix') {
+        let ends = sockEnds.get(d.pair);
+        if (!ends) {
+          // Make the pair here, refill each end's queue by sending from the other.
+          const pair = table.socks[d.pair];
+          const scratch = r.scratch();
+          r.check('restart:files', SYS_socketpair, AF_UNIX, pair.type | SOCK_CLOEXEC, 0, scratch);
+          const fds = r.mem.read(scratch, 8);
+          const made = [fds.readInt32LE(0), fds.readInt32LE(4)];
+          pair.queues.forEach((q, end) => sendInto(owner.pid, made[1 - end], q.map((m) => Buffer.from(m, 'base64'))));
+          ends = made.map((fd) => {
+            const t = nextTemp++;
+            moveFd(r, BigInt(fd), t, true);
+            temps.push({ pid: owner.pid, fd: t });
+            return { pid: owner.pid, fd: t };
+          }) as [Place, Place];
+          sockEnds.set(d.pair, ends);
+        }
+        transfer(ends[d.end], owner);
+        r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+      } else if (d.kind === 'memfd') {
+        moveFd(r, ctx.shm.fdIn(r, d.shmKey, tempBase), owner.fd, owner.cloexec);
+        r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
         const pos = BigInt(d.pos);
         if (pos) r.check('restart:files', SYS.lseek, owner.fd, pos, SEEK_SET);
       } else if (d.kind === 'fifo') {
@@ -352,6 +453,22 @@ function transferFd(remote: (pid: number) => Remote, tempBase: number, from: Pla
     moveFd(r, got, to.fd, to.cloexec);
   } finally {
     r.call(SYS.close, pidfd);
+  }
+}
+
+/** Send messages through a tracee's socket, via a duplicate of its descriptor. */
+function sendInto(pid: number, fd: number, msgs: Buffer[]): void {
+  if (!msgs.length) return;
+  const pidfd = sys.pidfdOpen(pid);
+  const mine = sys.pidfdGetfd(pidfd, fd);
+  fs.closeSync(pidfd);
+  if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${pid}: cannot reach socket fd ${fd}`);
+  try {
+    for (const m of msgs) {
+      if (sys.send(mine, m, MSG_DONTWAIT) !== m.length) throw new CkptError(errno('ENOMEM'), 'restart:files', `task ${pid}: cannot queue ${m.length} bytes on a socket`);
+    }
+  } finally {
+    fs.closeSync(mine);
   }
 }
 

@@ -14,6 +14,7 @@ import { RemoteMem } from '../../lib/mem.js';
 import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
 import { SYS } from '../../lib/libc.js';
 import type { Remote } from '../../supervisor/remote.js';
+import { isShm, shmKeyOfMap, type ShmCapture, type ShmRestore } from './shm.js';
 
 const PAGE = 4096n;
 const PROT_READ = 1, PROT_WRITE = 2, PROT_EXEC = 4;
@@ -30,7 +31,9 @@ export interface VmaState {
   end: string;
   prot: number;
   shared: boolean;
-  kind: 'anon' | 'file' | 'special';
+  kind: 'anon' | 'file' | 'special' | 'shm';
+  /** kind 'shm': the shared memory object ("dev:ino", see shm.ts). */
+  shmKey?: string;
   name?: string; // "[heap]", "[stack]", "[vdso]" ...
   path?: string;
   offset?: string;
@@ -53,11 +56,15 @@ const unsupported = (pid: number, what: string) =>
   new CkptError(errno('EOPNOTSUPP'), 'checkpoint:memory', `task ${pid}: ${what}`);
 
 /** Describe one mapping, or throw EOPNOTSUPP naming what we cannot keep. */
-function describe(pid: number, m: MapEntry): VmaState | null {
+function describe(pid: number, m: MapEntry, shm?: ShmCapture): VmaState | null {
   const base = { start: hex(m.start), end: hex(m.end), prot: protOf(m.perms), shared: m.perms[3] === 's', pages: 0 };
   const range = `${base.start}-${base.end}`;
   if (m.path === '[vsyscall]') return null; // fixed by the kernel, same everywhere
   if (SPECIAL.includes(m.path)) return { ...base, kind: 'special', name: m.path };
+  if (base.shared && isShm(m.path)) {
+    const key = shm ? shm.addMapping(pid, m) : shmKeyOfMap(m);
+    return { ...base, kind: 'shm', shmKey: key, name: m.path.replace(/ \(deleted\)$/, ''), offset: hex(m.offset) };
+  }
   if (m.flags?.some((f) => f === 'io' || f === 'pf')) throw unsupported(pid, `device mapping ${range} ${m.path}`);
   if (m.path === '' || (m.path.startsWith('[') && m.path !== '[vsyscall]')) {
     if (base.shared) throw unsupported(pid, `shared anonymous mapping ${range}`);
@@ -79,9 +86,9 @@ function describe(pid: number, m: MapEntry): VmaState | null {
  * Refuse (EOPNOTSUPP) what a husk cannot hold, from /proc/PID/maps alone
  * (cheap: this runs while the subtree is stopped).
  */
-export function checkMappings(pid: number): MapEntry[] {
+export function checkMappings(pid: number, shm: ShmCapture): MapEntry[] {
   const maps = readMaps(pid);
-  for (const m of maps) describe(pid, m);
+  for (const m of maps) describe(pid, m, shm);
   return maps;
 }
 
@@ -99,13 +106,13 @@ export interface MemoryCapture {
 }
 
 /** Describe the address space and choose the pages to save (the task is frozen). */
-export function captureMemory(pid: number): MemoryCapture {
+export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
   const vmas: VmaState[] = [];
   const runs: { addr: bigint; len: number }[] = [];
   const pm = fs.openSync(`/proc/${pid}/pagemap`, 'r');
   try {
     for (const m of readSmaps(pid)) {
-      const v = describe(pid, m);
+      const v = describe(pid, m, shm);
       if (!v) continue;
       vmas.push(v);
       if (v.kind === 'special' || v.shared) continue;
@@ -202,7 +209,7 @@ const TASK_TOP = 0x7ffffffff000n;
  * special mappings goes, the special group moves to its old place, and
  * every VMA is mapped again. Page contents follow with fillPages.
  */
-export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], gadget: bigint): void {
+export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], gadget: bigint, shm?: ShmRestore): void {
   const pid = r.task.tid;
   installGadget(r, gadget);
   const specials = current.filter((m) => SPECIAL.includes(m.path));
@@ -213,7 +220,7 @@ export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], 
     at = k.end;
   }
   placeSpecials(r, current, vmas, pid);
-  mapVmas(r, vmas.filter((v) => v.kind !== 'special'));
+  mapVmas(r, vmas.filter((v) => v.kind !== 'special'), shm);
 }
 
 /** The one-page gadget: a syscall instruction to run injected syscalls from, and scratch memory. */
@@ -249,12 +256,20 @@ export function placeSpecials(r: Remote, current: MapEntry[], vmas: VmaState[], 
 }
 
 /** mmap each VMA at its place (MAP_FIXED), files opened in the tracee. */
-export function mapVmas(r: Remote, vmas: VmaState[]): void {
+export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
   const pid = r.task.tid;
   const fds = new Map<string, bigint>();
   try {
     for (const v of vmas) {
       const len = vmaEnd(v) - vmaStart(v);
+      if (v.kind === 'shm') {
+        if (!shm) throw new CkptError(errno('EBADMSG'), 'restart:memory', `shared object ${v.shmKey} has no contents`);
+        const key = `shm:${v.shmKey}`;
+        let fd = fds.get(key);
+        if (fd === undefined) fds.set(key, (fd = shm.fdIn(r, v.shmKey!)));
+        r.check('restart:memory', SYS.mmap, vmaStart(v), len, v.prot, MAP_SHARED | MAP_FIXED, fd, BigInt(v.offset!));
+        continue;
+      }
       if (v.kind === 'anon') {
         const flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (v.growsdown ? MAP_GROWSDOWN : 0);
         r.check('restart:memory', SYS.mmap, vmaStart(v), len, v.prot, flags, -1, 0);
