@@ -25,7 +25,7 @@ import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
 
-const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
+const SIGKILL = 9, SIGCHLD = 17, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
 
 /** Is this the very process the checkpoint was taken from (not a reuse of its pid)? */
@@ -84,6 +84,9 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       endExtraThreads(tracer, sh);
     }
     for (const x of extra) reapExtra(shells, x);
+    // Their SIGCHLD (held while we had the parents stopped, on whichever
+    // thread took it) is about children the program no longer ever had.
+    if (extra.length) for (const sh of shells.values()) for (const t of tracer.threadsOf(sh.state.ids.pid)) t.heldSignals = t.heldSignals.filter((sig) => sig !== SIGCHLD);
     const made: number[] = [];
     makeShells(tracer, tree, shells, undefined, made);
     const zombies = makeZombies(tracer, tree, shells, made, (pid) => {
