@@ -20,7 +20,7 @@ import { CKPT } from './abi.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, checkMappings, checkHuskMappings, type MemoryCapture } from './resources/memory.js';
-import { makeHusk, destroyHusk, huskMemory, type MemCheckpoint } from './memckpt.js';
+import { makeHusk, finishHusk, destroyHusk, huskMemory, type MemCheckpoint } from './memckpt.js';
 import { captureThread, captureAltstack, findTidAddress } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles } from './resources/files.js';
@@ -97,7 +97,8 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
   const made = new Map<number, number>();
   const processes: ProcessState[] = [];
   try {
-    const files = captureFiles(procs, outside, (p) => statuses.get(p)!, shm);
+    const inside = new Set(procs);
+    const files = captureFiles(procs, outside, (p) => statuses.get(p)!, shm, tracer.processes().filter((p) => !inside.has(p)));
     for (const pid of procs) {
       const { state, mem } = captureProcess(tracer, pid, caller, statuses.get(pid)!, husks ? undefined : shm);
       state.files = files.perProc.get(pid)!;
@@ -118,7 +119,15 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
 }
 
 /** Capture one frozen process; everything that can refuse does so here. */
-/** `shm` given: memory is captured now (a direct checkpoint); else a husk will hold it. */
+/**
+ * Capture one frozen process; everything that can refuse does so here.
+ * With `shm`: a direct checkpoint, everything now. Without: a husk will be
+ * made, and the process-wide state (mm, handlers, the leader's alternate
+ * stack, tid addresses) is read from it after the thaw, since at this
+ * instant the husk and the process are the same; only what is per thread
+ * and not inherited (registers, other threads' alternate stacks) is read
+ * while the subtree is stopped.
+ */
 function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<string, string>, shm: ShmCapture | undefined): { state: ProcessState; mem?: MemoryCapture } {
   const tids = listTids(pid);
   // Registers first, before any injected syscall touches them.
@@ -128,40 +137,49 @@ function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<s
     if (!t || t.stop === 'running') throw new CkptError(errno('EAGAIN'), 'checkpoint', `task ${tid} of ${pid} is not frozen`);
     return t;
   };
-  const r = new Remote(tracer, task(pid));
-  let mm, signals;
-  try {
-    mm = captureMm(r, pid);
-    signals = captureSignals(r, status);
-    for (const [i, tid] of tids.entries()) {
-      const fsBase = BigInt(Buffer.from(threads[i].regs, 'base64').readBigUInt64LE(21 * 8));
-      threads[i].tidAddress = findTidAddress(r.mem, tid, fsBase);
-      if (tid === pid) {
-        threads[i].altstack = captureAltstack(r);
-        continue;
-      }
-      const rt = new Remote(tracer, task(tid));
-      rt.setScratch(r.scratch());
-      try {
-        threads[i].altstack = captureAltstack(rt);
-      } finally {
-        rt.finish();
-      }
-    }
-  } finally {
-    r.finish();
-  }
-  const mem = shm ? captureMemory(pid, shm) : undefined;
   const state: ProcessState = {
     ids: captureIds(pid),
     creds: parseCreds(status),
-    mm,
-    memory: mem?.vmas ?? [], // for a husk: described from it after the thaw
+    mm: undefined as unknown as ProcessState['mm'], // set by captureProcessWide
+    memory: [], // for a husk: described from it after the thaw
     files: { fds: [], cwd: '/', umask: 0o22 }, // filled in by captureTree
-    signals,
+    signals: {},
     threads,
   };
+  const others = threads.filter((t) => t.tid !== pid);
+  const r = shm || others.length ? new Remote(tracer, task(shm ? pid : others[0].tid)) : undefined;
+  try {
+    if (shm) captureProcessWide(r!, state, status);
+    for (const t of others) {
+      const rt = t.tid === r!.task.tid ? r! : new Remote(tracer, task(t.tid));
+      if (rt !== r) rt.setScratch(r!.scratch());
+      try {
+        t.altstack = captureAltstack(rt);
+      } finally {
+        if (rt !== r) rt.finish();
+      }
+    }
+  } finally {
+    r?.finish();
+  }
+  const mem = shm ? captureMemory(pid, shm) : undefined;
+  if (mem) state.memory = mem.vmas;
   return { state, mem };
+}
+
+/**
+ * Process-wide state through `r`: the process itself, or its husk (a copy
+ * of the leader made while the subtree was stopped: the same mm fields,
+ * handlers, alternate stack, memory).
+ */
+export function captureProcessWide(r: Remote, state: ProcessState, status: Map<string, string>): void {
+  state.mm = captureMm(r, r.task.tgid);
+  state.signals = captureSignals(r, status);
+  for (const t of state.threads) {
+    const fsBase = BigInt(Buffer.from(t.regs, 'base64').readBigUInt64LE(21 * 8));
+    t.tidAddress = findTidAddress(r.mem, t.tid, fsBase);
+    if (t.tid === state.ids.pid) t.altstack = captureAltstack(r);
+  }
 }
 
 /** Children of the subtree that exited and were not reaped. */
@@ -230,7 +248,9 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       shmData: cap.shm.data,
     };
     for (const p of c.tree.processes) {
-      const mem = huskMemory(c.husks.get(p.ids.pid)!);
+      const husk = c.husks.get(p.ids.pid)!;
+      finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk)));
+      const mem = huskMemory(husk);
       p.memory = mem.vmas;
       c.memory.set(p.ids.pid, mem);
     }

@@ -117,16 +117,24 @@ export function makeHusk(tracer: Tracer, task: Task): number {
     if (!ev || ev.kind !== 'stopped') throw new CkptError(errno('ENOMEM'), 'checkpoint:husk', `husk ${husk} of ${task.tgid} died at birth`);
     if (ev.event !== 0 || ev.signal === 5 || ev.signal === 19) break;
   }
-  // Disarm: no descriptors (it must not keep the program's pipes open), its
-  // own process group (signals to the program's group must not reach it).
-  const h = new Remote(tracer, t);
+  return husk;
+}
+
+/**
+ * After the thaw: read through the husk what it shares with the process at
+ * checkpoint time (`read`), then disarm it: no descriptors (it must not keep
+ * the program's pipes open), its own process group (signals to the
+ * program's group must not reach it). It never runs again.
+ */
+export function finishHusk(tracer: Tracer, husk: number, read: (r: Remote) => void): void {
+  const h = new Remote(tracer, tracer.tasks.get(husk)!);
   try {
+    read(h);
     h.call(SYS.close_range, 0, 0xffffffff, 0);
     h.call(SYS_setpgid, 0, 0);
   } finally {
-    h.mem.close(); // keep whatever registers: it never runs again
+    h.finish(); // unmaps the scratch page: it must not show in the husk's memory
   }
-  return husk;
 }
 
 const SYS_setpgid = 109;

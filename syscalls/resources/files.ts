@@ -83,7 +83,12 @@ const unsupported = (pid: number, fd: number, what: string) =>
   new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
 
 /** Capture the descriptors of every process of a frozen tree. */
-export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture): { table: FilesTable; perProc: Map<number, FilesState> } {
+/**
+ * `others`: the supervised processes outside the subtree, the ones that can
+ * share its pipes (descriptors passed to unrelated processes over sockets
+ * are not looked for).
+ */
+export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture, others: number[]): { table: FilesTable; perProc: Map<number, FilesState> } {
   const table: FilesTable = { descs: [], pipes: [], socks: [] };
   let diag: Map<number, UnixSockInfo> | undefined;
   const pairIds = new Map<number, number>();
@@ -164,7 +169,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       umask: parseInt(statusOf(pid).get('Umask') ?? '022', 8),
     });
   }
-  capturePipeData(table, pipeIds, pipeHolders, procs);
+  capturePipeData(table, pipeIds, pipeHolders, others);
   for (const [lo, pair] of pairIds) {
     const peer = diag!.get(lo)!.peer;
     for (const [end, ino] of [[0, lo], [1, peer]] as const) {
@@ -183,10 +188,10 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
  * Unread data of each pipe and FIFO, copied with tee() from a read end (the
  * pipe keeps it); and a refusal if a process outside the subtree holds one.
  */
-function capturePipeData(table: FilesTable, pipeIds: Map<string, number>, holders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[], procs: number[]): void {
+function capturePipeData(table: FilesTable, pipeIds: Map<string, number>, holders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[], others: number[]): void {
   if (!holders.length) return;
   const inodes = new Set(holders.map((h) => h.ino));
-  const ext = holdersOutside(inodes, procs);
+  const ext = holdersOutside(inodes, others);
   if (ext) throw unsupported(holders.find((h) => h.ino === ext.ino)!.pid, holders.find((h) => h.ino === ext.ino)!.fd, `pipe also held by process ${ext.pid} outside the subtree`);
   const done = new Set<string>();
   for (const h of holders) {
@@ -247,12 +252,9 @@ function peekQueue(pid: number, fd: number): Buffer[] {
   return out;
 }
 
-/** A process outside `procs` (and not us) holding one of these pipe inodes, if any. */
-function holdersOutside(inodes: Set<string>, procs: number[]): { pid: number; ino: string } | null {
-  const inside = new Set(procs);
-  for (const d of fs.readdirSync('/proc')) {
-    const pid = Number(d);
-    if (!pid || inside.has(pid) || pid === process.pid) continue;
+/** One of `others` holding one of these pipe inodes, if any. */
+function holdersOutside(inodes: Set<string>, others: number[]): { pid: number; ino: string } | null {
+  for (const pid of others) {
     let fds: string[];
     try {
       fds = fs.readdirSync(`/proc/${pid}/fd`);
