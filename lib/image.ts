@@ -52,20 +52,24 @@ export interface ImageHeader {
 const bad = (detail: string) => new CkptError(errno('EBADMSG'), 'image', detail);
 const foreign = (detail: string) => new CkptError(errno('ENOEXEC'), 'image', detail);
 
+/** The header bytes: magic, length, JSON, and a CRC over all of it. */
+export function encodeHeader(h: object): Buffer {
+  const json = Buffer.from(JSON.stringify(h));
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(json.length);
+  const body = Buffer.concat([MAGIC, len, json]);
+  const crc = Buffer.alloc(4);
+  crc.writeUInt32LE(zlib.crc32(body));
+  return Buffer.concat([body, crc]);
+}
+
 export class ImageWriter {
   private records = 0;
   private pageBytes = 0;
   constructor(readonly sink: Sink) {}
 
   header(h: ImageHeader): void {
-    const json = Buffer.from(JSON.stringify(h));
-    const len = Buffer.alloc(4);
-    len.writeUInt32LE(json.length);
-    const body = Buffer.concat([MAGIC, len, json]);
-    const crc = Buffer.alloc(4);
-    crc.writeUInt32LE(zlib.crc32(body));
-    this.sink.write(body);
-    this.sink.write(crc);
+    this.sink.write(encodeHeader(h));
   }
 
   /** One record; the payload may be given in parts (no copy of page data). */

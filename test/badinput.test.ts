@@ -3,9 +3,8 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import zlib from 'node:zlib';
 import { supervise, fixture, tmpdir, q, pidAlive } from './helpers.js';
-import { MAGIC } from '../lib/image.js';
+import { encodeHeader } from '../lib/image.js';
 
 const dir = tmpdir('badinput');
 const callabi = fixture('callabi');
@@ -87,13 +86,7 @@ t.test('damaged and foreign images: EBADMSG / ENOEXEC, no process left behind', 
   // Foreign: a sound header from another architecture / format version.
   const header = JSON.parse(img.subarray(12, headerLen - 4).toString());
   for (const [what, h] of [['arch', { ...header, arch: 'aarch64' }], ['version', { ...header, version: 2 }]] as const) {
-    const json = Buffer.from(JSON.stringify(h));
-    const len = Buffer.alloc(4);
-    len.writeUInt32LE(json.length);
-    const body = Buffer.concat([MAGIC, len, json]);
-    const crc = Buffer.alloc(4);
-    crc.writeUInt32LE(zlib.crc32(body));
-    variants.push([`foreign ${what}`, Buffer.concat([body, crc, img.subarray(headerLen)]), 'ENOEXEC']);
+    variants.push([`foreign ${what}`, Buffer.concat([encodeHeader(h), img.subarray(headerLen)]), 'ENOEXEC']);
   }
   const files = variants.map(([, data], i) => {
     const f = path.join(dir, `bad-${i}.img`);
