@@ -21,7 +21,7 @@ import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, checkMappings, checkHuskMappings, type MemoryCapture } from './resources/memory.js';
 import { makeHusk, finishHusk, destroyHusk, huskMemory, type MemCheckpoint } from './memckpt.js';
-import { captureThread, captureAltstack, findTidAddress } from './resources/thread.js';
+import { captureThread, captureAltstack, findTidAddress, peekPending } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles } from './resources/files.js';
 import { ShmCapture, type ShmData } from './resources/shm.js';
@@ -144,6 +144,7 @@ function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<s
     memory: [], // for a husk: described from it after the thaw
     files: { fds: [], cwd: '/', umask: 0o22 }, // filled in by captureTree
     signals: {},
+    sharedPending: peekPending(pid, true),
     threads,
   };
   const others = threads.filter((t) => t.tid !== pid);

@@ -153,7 +153,7 @@ export function destroyHusk(tracer: Tracer, parent: number, husk: number): void 
     return; // already reaped
   }
   if (ppid !== parent || !tracer.tasks.has(parent)) {
-    sys.waitpid(husk, WALL); // orphaned: reparented to us
+    tracer.wait(husk); // orphaned: reparented to us, the subreaper
     return;
   }
   // Its parent must reap it; inject wait4 while the parent is briefly frozen.

@@ -15,7 +15,8 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import type { MemoryCapture } from './resources/memory.js';
 import { fillPages } from './resources/memory.js';
-import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs } from './resources/thread.js';
+import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending } from './resources/thread.js';
+import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
 
@@ -162,6 +163,10 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   }
   restoreThreadSyscalls(r, p.threads.find((t) => t.tid === p.ids.pid)!);
   if (setCreds) restoreCreds(r, p.creds);
+  // Pending signals last, each thread's mask already in place.
+  for (const t of p.threads) setSigmask(t.tid, BigInt('0x' + t.sigmask));
+  for (const t of p.threads) requeuePending(r, t.tid, p.ids.pid, t.pending, false);
+  requeuePending(r, p.ids.pid, p.ids.pid, p.sharedPending, true);
   // The gadget goes last; the step trap stops the task at that syscall's
   // exit, so it never runs another instruction there.
   r.check('restart:memory', SYS.munmap, sh.gadget!, 4096);

@@ -83,7 +83,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       shells.set(p.ids.pid, sh);
       endExtraThreads(tracer, sh);
     }
-    for (const x of extra) reapExtra(shells, x);
+    for (const x of extra) reapExtra(tracer, shells, x);
     // Their SIGCHLD (held while we had the parents stopped, on whichever
     // thread took it) is about children the program no longer ever had.
     if (extra.length) for (const sh of shells.values()) for (const t of tracer.threadsOf(sh.state.ids.pid)) t.heldSignals = t.heldSignals.filter((sig) => sig !== SIGCHLD);
@@ -144,7 +144,7 @@ function endExtraThreads(tracer: Tracer, sh: Shell): void {
 }
 
 /** A killed extra child is reaped in its parent, so the program never sees it. */
-function reapExtra(shells: Map<number, Shell>, pid: number): void {
+function reapExtra(tracer: Tracer, shells: Map<number, Shell>, pid: number): void {
   let ppid: number;
   try {
     ppid = Number(readStat(pid).field(4));
@@ -153,7 +153,7 @@ function reapExtra(shells: Map<number, Shell>, pid: number): void {
   }
   const parent = shells.get(ppid);
   if (parent) parent.remote.call(SYS.wait4, pid, 0, WALL, 0);
-  else sys.waitpid(pid, WALL); // its parent died too: it is ours (subreaper)
+  else tracer.wait(pid); // its parent died too: it is ours (subreaper)
 }
 
 /** A process made again during a rollback: full layout, all pages from its husk. */

@@ -14,6 +14,8 @@ export interface ProcessState {
   memory: VmaState[];
   files: FilesState;
   signals: SignalState;
+  /** Signals pending for the whole process (siginfo, base64). */
+  sharedPending?: string[];
   threads: ThreadState[];
 }
 

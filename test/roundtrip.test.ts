@@ -18,7 +18,7 @@ t.test('a program checkpoints itself, crashes, and carries on after restart', as
   const second = supervise([...CKPT, 'restart', '-i', img]);
   t.equal(second.status, 0, 'the restored program exits 0 (all its checks passed)');
   t.match(second.stdout, new RegExp(`restored pid=${pid}\\n`), 'same pid, and checkpoint() returned 0');
-  for (const check of ['pid', 'stack frames', 'ymm7 register', 'heap', 'anonymous mmap', 'private file mapping (modified and clean pages)', 'file offset', 'read continues at the offset', 'signal mask', 'signal handler', 'malloc after restart']) {
+  for (const check of ['pid', 'stack frames', 'ymm7 register', 'heap', 'anonymous mmap', 'private file mapping (modified and clean pages)', 'file offset', 'read continues at the offset', 'signal mask', 'signal handler', 'pending signals', 'queued signal keeps its value and sender', 'malloc after restart']) {
     t.match(second.stdout, new RegExp(`^ok ${check.replace(/[()]/g, '\\$&')}$`, 'm'), check);
   }
   t.notMatch(second.stdout, /FAIL/);

@@ -8,7 +8,41 @@ import { sys, SYS, addressOf } from '../../lib/libc.js';
 import type { Remote } from '../../supervisor/remote.js';
 import type { RemoteMem } from '../../lib/mem.js';
 
-const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f;
+const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f, PTRACE_PEEKSIGINFO = 0x4209, PTRACE_PEEKSIGINFO_SHARED = 1;
+const SIGINFO = 128, SYS_rt_tgsigqueueinfo = 297, SYS_rt_sigqueueinfo = 129;
+
+/** Pending signals of a stopped thread (or, `shared`, of its process), without dequeuing them. */
+export function peekPending(tid: number, shared: boolean): string[] | undefined {
+  const out: string[] = [];
+  const buf = Buffer.alloc(SIGINFO * 32);
+  const args = Buffer.alloc(16);
+  for (let off = 0; ; off += 32) {
+    args.writeBigUInt64LE(BigInt(off), 0);
+    args.writeUInt32LE(shared ? PTRACE_PEEKSIGINFO_SHARED : 0, 8);
+    args.writeInt32LE(32, 12);
+    const n = sys.ptraceBuf(PTRACE_PEEKSIGINFO, tid, addressOf(args), buf);
+    if (n <= 0) break;
+    for (let i = 0; i < n; i++) out.push(buf.subarray(i * SIGINFO, (i + 1) * SIGINFO).toString('base64'));
+    if (n < 32) break;
+  }
+  return out.length ? out : undefined;
+}
+
+/**
+ * Queue pending signals again, from inside the process itself (which may
+ * send itself any siginfo). Done last, with the mask already in place, so
+ * blocked ones stay pending as they were.
+ */
+export function requeuePending(r: Remote, tid: number, tgid: number, infos: string[] | undefined, shared: boolean): void {
+  for (const i of infos ?? []) {
+    const info = Buffer.from(i, 'base64');
+    if (info.length !== SIGINFO) throw new CkptError(errno('EBADMSG'), 'restart:signals', `task ${tid}: siginfo of ${info.length} bytes`);
+    r.mem.write(r.scratch(), info);
+    const sig = info.readInt32LE(0);
+    if (shared) r.check('restart:signals', SYS_rt_sigqueueinfo, tgid, sig, r.scratch());
+    else r.check('restart:signals', SYS_rt_tgsigqueueinfo, tgid, tid, sig, r.scratch());
+  }
+}
 const RSEQ_FLAG_UNREGISTER = 1;
 const SYS_rseq = 334, SYS_get_robust_list = 274;
 
@@ -21,6 +55,8 @@ export interface ThreadState {
   robustList?: { head: string; len: number };
   /** clear_child_tid (set_tid_address): where the kernel zeroes the tid at exit. */
   tidAddress?: string;
+  /** Signals pending for this thread only, as siginfo (base64, 128 bytes each). */
+  pending?: string[];
   /** sigaltstack: base, flags, size (SS_DISABLE = 2 when none). */
   altstack?: { sp: string; flags: number; size: string };
 }
@@ -57,6 +93,7 @@ export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: 
     sigmask: getSigmask(tid).toString(16),
     rseq: rseqConfig(tid),
     robustList: robustList(tid),
+    pending: peekPending(tid, false),
   };
 }
 
