@@ -22,6 +22,7 @@ const argv = yargs(dash < 0 ? raw : raw.slice(0, dash))
   .scriptName('ckpt-supervise')
   .usage('$0 [options] -- prog [args...]\n\nRun prog as the root of a supervised tree that may call the ckpt system calls.')
   .option('max-checkpoints', { type: 'number', default: 64, describe: 'cap on live in-memory checkpoints' })
+  .option('pidns', { type: 'boolean', default: false, describe: 'run the tree in a new pid namespace under a minimal init (pid 1), so that a restart always gets its pids' })
   .parserConfiguration({ 'halt-at-non-option': true })
   .strict(false)
   .help()
@@ -40,7 +41,7 @@ const sv: Supervisor = new Supervisor(new Tracer((tracer, task) => serve(sv, tra
   outsideFds,
 });
 try {
-  launch(sv.tracer, cmd[0], cmd.slice(1));
+  launch(sv.tracer, cmd[0], cmd.slice(1), argv.pidns);
 } catch (e) {
   logError(`cannot start ${cmd[0]}: ${(e as Error).message}`);
   process.exit(127);

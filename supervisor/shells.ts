@@ -29,13 +29,16 @@ export function cloneWithTid(tracer: Tracer, r: Remote, tid: number, flags: numb
   const want = Buffer.alloc(8);
   want.writeBigInt64LE(BigInt(tid));
   r.mem.write(scratch + 128n, want);
+  const before = r.newChildren.length;
   const res = r.call(SYS.clone3, scratch, args.length);
   if (res < 0n) {
     const e = Number(-res);
     if (e === errno('EEXIST')) throw new CkptError(errno('EBUSY'), 'restart', `pid ${tid} of the image is in use`);
     throw new CkptError(e, 'restart', `task ${r.task.tid}: clone3 with set_tid ${tid} failed`);
   }
-  const child = Number(res);
+  // The new task as we (the tracer) name it: rax has it as its parent names it,
+  // which differs inside a pid namespace.
+  const child = r.newChildren[before] ?? Number(res);
   const t = tracer.add(child, flags & CLONE_THREAD ? r.task.tgid : child);
   for (;;) {
     const ev = tracer.wait(child);

@@ -9,6 +9,7 @@
  * signals Node ignores (ignored signals survive execve).
  */
 import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { sys, errnoNow, SYS } from '../lib/libc.js';
 import { CkptError, errno } from '../lib/errors.js';
 import { PT, PTRACE_O } from '../lib/ptrace.js';
@@ -27,6 +28,9 @@ export const TRACE_OPTIONS =
   PTRACE_O.TRACEEXEC | PTRACE_O.TRACESYSGOOD | PTRACE_O.EXITKILL;
 
 const STOP_THEN_EXEC = 'kill -STOP $$; exec "$0" "$@"';
+/** With a pid namespace: the shell stays, and its child (pid 1 there) is ckpt-init. */
+const STOP_THEN_INIT = 'kill -STOP $$; "$0" "$@"';
+const CLONE_NEWPID = 0x20000000, SYS_unshare = 272;
 
 const sleep = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 
@@ -39,14 +43,19 @@ function procState(pid: number): string {
   }
 }
 
-/** Spawn `prog args` as a tracee carrying the ckpt seccomp filter; returns its pid. */
-export function launch(tracer: Tracer, prog: string, args: string[]): number {
+/**
+ * Spawn `prog args` as a tracee carrying the ckpt seccomp filter; returns
+ * its pid. `pidns`: run it in a new pid namespace under ckpt-init (pid 1).
+ */
+export function launch(tracer: Tracer, prog: string, args: string[], pidns = false): number {
   for (let fd = 0; fd <= 2; fd++) {
     const f = sys.fcntl(fd, F_GETFD);
     if (f >= 0) sys.fcntl(fd, F_SETFD, f & ~1); // Node marks its stdio close-on-exec
   }
   const env = Object.entries(process.env).map(([k, v]) => `${k}=${v}`);
-  const pid = sys.posixSpawn('/bin/sh', ['sh', '-c', STOP_THEN_EXEC, prog, ...args], env);
+  const init = fileURLToPath(new URL('./ckpt-init', import.meta.url));
+  const argv = pidns ? ['sh', '-c', STOP_THEN_INIT, init, prog, ...args] : ['sh', '-c', STOP_THEN_EXEC, prog, ...args];
+  const pid = sys.posixSpawn('/bin/sh', argv, env);
   // Not a tracee yet, so not for the tracer's waitpid: watch /proc until it stops.
   for (let i = 0; procState(pid) !== 'T'; i++) {
     if ('ZX'.includes(procState(pid)) || i > 10000) throw new CkptError(errno('ECHILD'), 'launch', `shell ${pid} did not stop`);
@@ -74,6 +83,7 @@ export function launch(tracer: Tracer, prog: string, args: string[]): number {
     r.mem.write(r.scratch(), fprog);
     r.mem.write(r.scratch() + 64n, filter);
     r.check('launch', SYS.prctl, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, r.scratch(), 0, 0);
+    if (pidns) r.check('launch:pidns', SYS_unshare, CLONE_NEWPID);
   } finally {
     r.finish();
   }

@@ -13,6 +13,7 @@ import { FdSink } from '../lib/stream.js';
 import { readStatus, listTids, readStat } from '../lib/proc.js';
 import { log } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
+import { hostPid, nsPids } from '../supervisor/pidns.js';
 import { Remote } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
@@ -43,7 +44,7 @@ export function checkpoint(ctx: SyscallCtx): number {
   if (f & CKPT.HANDLE && !(f & (CKPT.DEFER | CKPT.KEEP))) throw new CkptError(errno('EINVAL'), 'checkpoint', 'CKPT_HANDLE needs CKPT_DEFER or CKPT_KEEP');
   if (f & CKPT.DEFER && f & CKPT.KEEP) throw new CkptError(errno('EINVAL'), 'checkpoint', 'CKPT_DEFER and CKPT_KEEP together');
 
-  const pid = pidArg === 0 ? caller.tgid : pidArg;
+  const pid = pidArg === 0 ? caller.tgid : pidArg > 0 ? hostPid(tracer, caller.tgid, pidArg) ?? -1 : -1;
   const root = tracer.tasks.get(pid);
   if (pidArg < 0 || !root || root.tgid !== pid) throw new CkptError(errno('ESRCH'), 'checkpoint', `pid ${pidArg} is not a process of this supervised tree`);
   let procs = subtree(tracer, pid);
@@ -60,7 +61,7 @@ export function checkpoint(ctx: SyscallCtx): number {
     freeze.add(procs);
     checkPermission(caller.tgid, procs);
     const t1 = performance.now();
-    const { tree, memory, shm } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, false);
+    const { tree, memory, shm, hostOf } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, false);
     const t2 = performance.now();
     const w = new ImageWriter(new FdSink(out));
     w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid, kernel: os.release(), created: new Date().toISOString(), vdso: vdsoInfo(pid) });
@@ -68,7 +69,7 @@ export function checkpoint(ctx: SyscallCtx): number {
     writeShm(w, shm.data);
     for (const p of tree.processes) {
       w.json(REC.MEMORY, { pid: p.ids.pid });
-      writePages(p.ids.pid, memory.get(p.ids.pid)!, w, true);
+      writePages(hostOf(p.ids.pid), memory.get(p.ids.pid)!, w, true);
     }
     w.trailer();
     log.syscall('checkpoint %d: %d processes; freeze %s ms, capture %s ms, image %s ms', pid, procs.length, (t1 - t0).toFixed(2), (t2 - t1).toFixed(2), (performance.now() - t2).toFixed(2));
@@ -90,7 +91,7 @@ export function checkpoint(ctx: SyscallCtx): number {
  * `husks`, memory is not read: each process gets a husk instead (returned),
  * and its memory is described from the husk once the subtree runs again.
  */
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: boolean): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; shm: ShmCapture } {
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: boolean): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; shm: ShmCapture; hostOf: (pid: number) => number } {
   const statuses = new Map(procs.map((p) => [p, readStatus(p)]));
   const shm = new ShmCapture();
   const memory = new Map<number, MemoryCapture>();
@@ -111,7 +112,10 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
         checkHuskMappings(pid, before, husk);
       }
     }
-    return { tree: { root, processes, zombies: findZombies(tracer, procs), files: files.table, shm: shm.objects }, memory, husks: made, shm };
+    const tree: TreeState = { root, processes, zombies: findZombies(tracer, procs), files: files.table, shm: shm.objects };
+    const ns = toNamespace(tree);
+    const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
+    return { tree, memory: rekey(memory), husks: rekey(made), shm, hostOf: ns.toHost };
   } catch (e) {
     for (const [pid, husk] of made) destroyHusk(tracer, pid, husk);
     throw e;
@@ -150,7 +154,8 @@ function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<s
   const others = threads.filter((t) => t.tid !== pid);
   const r = shm || others.length ? new Remote(tracer, task(shm ? pid : others[0].tid)) : undefined;
   try {
-    if (shm) captureProcessWide(r!, state, status);
+    // glibc keeps the tid as the thread itself sees it (inside its pid namespace)
+    if (shm) captureProcessWide(r!, state, status, (tid) => nsPids(tid).at(-1)!);
     for (const t of others) {
       const rt = t.tid === r!.task.tid ? r! : new Remote(tracer, task(t.tid));
       if (rt !== r) rt.setScratch(r!.scratch());
@@ -173,14 +178,38 @@ function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<s
  * of the leader made while the subtree was stopped: the same mm fields,
  * handlers, alternate stack, memory).
  */
-export function captureProcessWide(r: Remote, state: ProcessState, status: Map<string, string>): void {
+export function captureProcessWide(r: Remote, state: ProcessState, status: Map<string, string>, selfTid: (tid: number) => number): void {
   state.mm = captureMm(r, r.task.tgid);
   state.signals = captureSignals(r, status);
   for (const t of state.threads) {
     const fsBase = BigInt(Buffer.from(t.regs, 'base64').readBigUInt64LE(21 * 8));
-    t.tidAddress = findTidAddress(r.mem, t.tid, fsBase);
+    t.tidAddress = findTidAddress(r.mem, selfTid(t.tid), fsBase);
     if (t.tid === state.ids.pid) t.altstack = captureAltstack(r);
   }
+}
+
+/**
+ * A subtree rooted at the init (pid 1) of a pid namespace is a container:
+ * its ids are recorded as seen inside it, so that a restart in a new
+ * namespace gets every one of them. Other subtrees keep host ids.
+ */
+function toNamespace(tree: TreeState): { toNs: (h: number) => number; toHost: (n: number) => number } {
+  const rootNs = nsPids(tree.root);
+  if (rootNs.length < 2 || rootNs[rootNs.length - 1] !== 1) return { toNs: (h) => h, toHost: (n) => n };
+  const level = rootNs.length - 1;
+  const map = new Map<number, number>();
+  const all = [...tree.processes.flatMap((p) => p.threads.map((t) => t.tid)), ...tree.zombies.map((z) => z.pid)];
+  for (const h of all) map.set(h, nsPids(h)[level] ?? 0);
+  const back = new Map([...map].map(([h, n]) => [n, h]));
+  const toNs = (h: number) => map.get(h) ?? 0; // 0: outside the namespace
+  for (const p of tree.processes) {
+    p.ids = { ...p.ids, pid: toNs(p.ids.pid), ppid: toNs(p.ids.ppid), pgid: toNs(p.ids.pgid), sid: toNs(p.ids.sid) };
+    for (const t of p.threads) t.tid = toNs(t.tid);
+  }
+  for (const z of tree.zombies) Object.assign(z, { pid: toNs(z.pid), ppid: toNs(z.ppid), pgid: toNs(z.pgid), sid: toNs(z.sid) });
+  tree.root = 1;
+  tree.pidns = true;
+  return { toNs, toHost: (n) => back.get(n) ?? n };
 }
 
 /** Children of the subtree that exited and were not reaped. */
@@ -247,10 +276,11 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       crid: sv.newCrid(), created: new Date().toISOString(), stopMs, tree: cap.tree, husks: cap.husks,
       memory: new Map(), privateBytes: 0, writtenBack: false, uid: parseCreds(readStatus(caller.tgid)).uid[0],
       shmData: cap.shm.data,
+      hostOf: cap.hostOf,
     };
     for (const p of c.tree.processes) {
       const husk = c.husks.get(p.ids.pid)!;
-      finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk)));
+      finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
       const mem = huskMemory(husk);
       p.memory = mem.vmas;
       c.memory.set(p.ids.pid, mem);

@@ -47,6 +47,8 @@ export interface MemCheckpoint {
   handleFd?: number; // the supervisor's read end of that pipe
   /** Contents of shared memory objects, copied during the stop (fork cannot keep them). */
   shmData: ShmData;
+  /** A pid of the tree (as recorded) to the host pid it had when taken. */
+  hostOf: (pid: number) => number;
 }
 
 /** The supervisor's in-memory checkpoints. */

@@ -20,7 +20,7 @@ import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
 
-const SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17;
+const SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, CLONE_NEWPID = 0x20000000;
 
 export interface Shell {
   state: ProcessState;
@@ -36,7 +36,7 @@ export interface Shell {
 export function openShell(tracer: Tracer, state: ProcessState, task: Task, live: boolean): Shell {
   const remote = new Remote(tracer, task);
   unregisterRseq(remote);
-  return { state, task, remote, threads: new Map([[task.tid, task]]), live };
+  return { state, task, remote, threads: new Map([[state.ids.pid, task]]), live };
 }
 
 export function allIds(tree: TreeState): number[] {
@@ -51,16 +51,18 @@ export function allIds(tree: TreeState): number[] {
 export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, rootParent: Remote | undefined, made: number[]): void {
   if (!shells.has(tree.root)) {
     if (!rootParent) throw new CkptError(errno('ESRCH'), 'restart', `no parent for the root ${tree.root}`);
-    const t = cloneWithTid(tracer, rootParent, tree.root, 0, rootParent.scratch());
-    made.push(tree.root);
+    // A container's init starts a new pid namespace, as its pid 1: all its pids are free there.
+    const t = cloneWithTid(tracer, rootParent, tree.root, tree.pidns ? CLONE_NEWPID : 0, rootParent.scratch());
+    made.push(t.tid);
     shells.set(tree.root, openShell(tracer, tree.processes[0], t, false));
   }
   for (const p of tree.processes) {
     const sh = shells.get(p.ids.pid)!;
-    if (!sh.live && p.ids.sid === p.ids.pid && Number(readStat(p.ids.pid).field(6)) !== p.ids.pid) sh.remote.check('restart:session', SYS_setsid);
+    const host = sh.task.tid;
+    if (!sh.live && p.ids.sid === p.ids.pid && Number(readStat(host).field(6)) !== host) sh.remote.check('restart:session', SYS_setsid);
     for (const c of tree.processes.filter((c) => c.ids.ppid === p.ids.pid && !shells.has(c.ids.pid))) {
       const t = cloneWithTid(tracer, sh.remote, c.ids.pid, 0, sh.remote.scratch());
-      made.push(c.ids.pid);
+      made.push(t.tid);
       shells.set(c.ids.pid, openShell(tracer, c, t, false));
     }
   }
@@ -72,8 +74,9 @@ export function makeZombies(tracer: Tracer, tree: TreeState, shells: Map<number,
   for (const z of tree.zombies) {
     if (exists(z.pid)) continue;
     const parent = shells.get(z.ppid)!;
-    out.push({ z, task: cloneWithTid(tracer, parent.remote, z.pid, 0, parent.remote.scratch()) });
-    made.push(z.pid);
+    const task = cloneWithTid(tracer, parent.remote, z.pid, 0, parent.remote.scratch());
+    out.push({ z, task });
+    made.push(task.tid);
   }
   return out;
 }
@@ -82,14 +85,15 @@ export function makeZombies(tracer: Tracer, tree: TreeState, shells: Map<number,
 export function setGroups(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, zombies: { z: ZombieState; task: Task }[]): void {
   const ids = new Set(allIds(tree));
   const groups = [
-    ...tree.processes.map((p) => ({ pid: p.ids.pid, pgid: p.ids.pgid, r: shells.get(p.ids.pid)!.remote as Remote | undefined, task: undefined as Task | undefined })),
+    ...tree.processes.map((p) => ({ pid: p.ids.pid, pgid: p.ids.pgid, r: shells.get(p.ids.pid)!.remote as Remote | undefined, task: shells.get(p.ids.pid)!.task })),
     ...zombies.map(({ z, task }) => ({ pid: z.pid, pgid: z.pgid, r: undefined as Remote | undefined, task })),
   ];
+  const hostOf = (pid: number) => groups.find((g) => g.pid === pid)?.task.tid ?? pid;
   groups.sort((a, b) => Number(b.pid === b.pgid) - Number(a.pid === a.pgid));
   for (const g of groups) {
     // A session leader already leads its group (and may not call setpgid).
-    if (!ids.has(g.pgid) || Number(readStat(g.pid).field(5)) === g.pgid) continue;
-    const r = g.r ?? new Remote(tracer, g.task!);
+    if (!ids.has(g.pgid) || Number(readStat(g.task.tid).field(5)) === hostOf(g.pgid)) continue;
+    const r = g.r ?? new Remote(tracer, g.task);
     try {
       r.check('restart:pgid', SYS_setpgid, 0, g.pgid);
     } finally {
@@ -164,13 +168,14 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   restoreThreadSyscalls(r, p.threads.find((t) => t.tid === p.ids.pid)!);
   if (setCreds) restoreCreds(r, p.creds);
   // Pending signals last, each thread's mask already in place.
-  for (const t of p.threads) setSigmask(t.tid, BigInt('0x' + t.sigmask));
+  const host = (t: { tid: number }) => sh.threads.get(t.tid)!.tid;
+  for (const t of p.threads) setSigmask(host(t), BigInt('0x' + t.sigmask));
   for (const t of p.threads) requeuePending(r, t.tid, p.ids.pid, t.pending, false);
   requeuePending(r, p.ids.pid, p.ids.pid, p.sharedPending, true);
   // The gadget goes last; the step trap stops the task at that syscall's
   // exit, so it never runs another instruction there.
   r.check('restart:memory', SYS.munmap, sh.gadget!, 4096);
-  for (const t of p.threads) restoreThreadRegs(t.tid, t);
+  for (const t of p.threads) restoreThreadRegs(host(t), t);
 }
 
 /**

@@ -21,6 +21,7 @@ import { readMaps, readStatus } from '../lib/proc.js';
 import { Remote } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import { destroyShells } from '../supervisor/shells.js';
+import { viewPid } from '../supervisor/pidns.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import type { HandlerResult, SyscallCtx } from './context.js';
@@ -65,7 +66,8 @@ export function restart(ctx: SyscallCtx): HandlerResult {
 export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill: (shells: Map<number, Shell>, shm: ShmRestore) => void): number {
   const callerCreds = parseCreds(readStatus(caller.tgid));
   const setCreds = new Map(tree.processes.map((p) => [p.ids.pid, checkCreds(p.creds, callerCreds, p.ids.pid)]));
-  for (const id of allIds(tree)) {
+  // In a new pid namespace every pid is free; elsewhere each must be.
+  for (const id of tree.pidns ? [] : allIds(tree)) {
     if (sys.kill(id, 0) === 0 || errnoNow() === errno('EPERM')) throw new CkptError(errno('EBUSY'), 'restart', `pid ${id} of the image is in use`);
   }
   const shells = new Map<number, Shell>();
@@ -82,17 +84,17 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z, shells.get(z.ppid)!.task);
     fill(shells, shm);
-    restoreFiles({ remote: (pid) => shells.get(pid)!.remote, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm });
+    restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm });
     for (const sh of shells.values()) finishProcess(tracer, sh, setCreds.get(sh.state.ids.pid)!);
   } catch (e) {
     for (const sh of shells.values()) sh.remote.mem.close();
-    destroyShells(tracer, caller, made.length ? tree.root : undefined, made.slice().reverse());
+    destroyShells(tracer, caller, made.length ? viewPid(caller.tgid, made[0]) : undefined, made.slice().reverse());
     throw e;
   } finally {
     shm.close();
   }
   runShells(tracer, shells.values());
-  return tree.root;
+  return viewPid(caller.tgid, shells.get(tree.root)!.task.tid);
 }
 
 /** Lay out a fresh shell's address space as the checkpoint's. */

@@ -39,6 +39,10 @@ function sameProcess(p: ProcessState): boolean {
 
 /** The checkpoint's root still runs: restart means rollback. */
 export function treeAlive(c: MemCheckpoint): boolean {
+  if (c.tree.pidns) {
+    const host = c.hostOf(c.tree.root);
+    return host !== c.tree.root && sameProcess({ ...c.tree.processes[0], ids: { ...c.tree.processes[0].ids, pid: host } });
+  }
   return sameProcess(c.tree.processes[0]);
 }
 
@@ -47,6 +51,7 @@ const inUse = (pid: number) => sys.kill(pid, 0) === 0 || errnoNow() === errno('E
 export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const { tracer, caller } = ctx;
   const tree = c.tree;
+  if (tree.pidns) throw new CkptError(errno('EOPNOTSUPP'), 'restart', `checkpoint ${c.crid} is of a pid namespace that still runs: rolling it back in place is not supported yet`);
   const t0 = performance.now();
   const freeze = new Freeze(tracer);
   freeze.add(subtree(tracer, tree.root));
@@ -106,6 +111,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
     restoreFiles({
       remote: (pid) => shells.get(pid)!.remote,
+      host: (pid) => shells.get(pid)!.task.tid,
       table: tree.files,
       perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])),
       order: tree.processes.map((p) => p.ids.pid),

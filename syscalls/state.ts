@@ -37,6 +37,8 @@ export interface TreeState {
   files: FilesTable;
   /** Shared memory objects (their contents travel separately: SHM records or the checkpoint). */
   shm: ShmObject[];
+  /** The root is the init of a pid namespace; ids are as seen inside it. */
+  pidns?: boolean;
 }
 
 const bad = (why: string) => new CkptError(errno('EBADMSG'), 'image', `TREE record: ${why}`);

@@ -1,7 +1,8 @@
 // Whole trees: threads, children, sessions, groups, zombies, pipes.
 import t from 'tap';
 import path from 'node:path';
-import { supervise, fixture, CKPT, tmpdir, q, pidAlive } from './helpers.js';
+import fs from 'node:fs';
+import { supervise, run, fixture, CKPT, SUPERVISE, tmpdir, q, pidAlive } from './helpers.js';
 
 const dir = tmpdir('tree');
 const restart = (img: string) => supervise([...CKPT, 'restart', '-i', img]);
@@ -96,4 +97,32 @@ t.test('a socket connected outside the subtree is refused, the program unharmed'
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
   t.match(r.stderr, /task \d+: fd 1 \(unix socket connected to a process outside the subtree\)|unix socket connected to a process outside the subtree/);
   t.match(r.stdout, /child alive after the refusal: yes/);
+});
+
+t.test('--pidns: the tree runs under a minimal init as pid 1 that reaps orphans', async (t) => {
+  const r = run([...SUPERVISE, '--pidns', '--', 'sh', '-c', 'echo "me=$$ parent=$PPID"; (sleep 0.1 &); sleep 0.3; exit 7']);
+  t.equal(r.status, 7, 'the exit status passes through the init');
+  t.match(r.stdout, /^me=2 parent=1$/m, 'the program is pid 2, its parent the init (pid 1)');
+  const orphans = run([...SUPERVISE, '--pidns', '--', 'sh', '-c', '(sh -c "exit 0" &); sleep 0.3; ps -o stat= -e | grep -c Z || true']);
+  t.match(orphans.stdout, /^0$/m, 'an orphan that exited was reaped (no zombie in the namespace)');
+  const esrch = run([...SUPERVISE, '--pidns', '--', fixture('callabi'), 'checkpoint', '999', 'none', '1']);
+  t.match(esrch.stdout, /ret=-1 errno=ESRCH/, 'pids are the namespace\'s own: 999 is no one there');
+});
+
+t.test('--pidns: the whole container checkpointed as pid 1, restored (twice at once) by a new supervisor', async (t) => {
+  const img = path.join(dir, 'container.img');
+  const first = run([...SUPERVISE, '--pidns', '--', 'sh', '-c', `${q(fixture('counter'))} 30 50 | cat & sleep 0.5; ${q(fixture('callabi'))} checkpoint 1 w:${q(img)} 4; wait`]);
+  t.equal(first.status, 137, 'CKPT_KILL of pid 1 ended the container');
+  const before = first.stdout.match(/^step \d+$/gm) ?? [];
+  t.ok(before.length > 0 && before.length < 30);
+  const inspect = supervise([...CKPT, 'inspect', img]).stdout;
+  t.match(inspect, /^process 1 \(ckpt-init\)/m, 'the image holds the init as pid 1');
+  t.match(inspect, /^process 2 \(sh\) ppid 1/m, 'and its tree with namespace pids');
+  const r = supervise(['sh', '-c', `${CKPT.map(q).join(' ')} restart -i ${q(img)} > ${q(img)}.a & ${CKPT.map(q).join(' ')} restart -i ${q(img)} > ${q(img)}.b; wait`]);
+  t.equal(r.status, 0);
+  for (const out of [fs.readFileSync(img + '.a', 'utf8'), fs.readFileSync(img + '.b', 'utf8')]) {
+    t.match(out, /checkpoint ret=0 errno=0/, 'the caller inside sees checkpoint() return 0');
+    t.match(out, /done n=30 sum=right/, 'each copy finishes, every pid its own');
+    t.same([...before, ...(out.match(/^step \d+$/gm) ?? [])], Array.from({ length: 30 }, (_, i) => `step ${i + 1}`), 'no step lost or repeated');
+  }
 });

@@ -295,6 +295,8 @@ export interface FilesRestore {
   live?: Set<number>;
   /** Shared memory objects made again (memfds held as descriptors). */
   shm: ShmRestore;
+  /** A process of the tree (as recorded) to its host pid (they differ in a pid namespace). */
+  host: (pid: number) => number;
 }
 
 /**
@@ -345,7 +347,7 @@ export function restoreFiles(ctx: FilesRestore): void {
           r.check('restart:files', SYS_socketpair, AF_UNIX, pair.type | SOCK_CLOEXEC, 0, scratch);
           const fds = r.mem.read(scratch, 8);
           const made = [fds.readInt32LE(0), fds.readInt32LE(4)];
-          pair.queues.forEach((q, end) => sendInto(owner.pid, made[1 - end], q.map((m) => Buffer.from(m, 'base64'))));
+          pair.queues.forEach((q, end) => sendInto(ctx.host(owner.pid), made[1 - end], q.map((m) => Buffer.from(m, 'base64'))));
           ends = made.map((fd) => {
             const t = nextTemp++;
             moveFd(r, BigInt(fd), t, true);
@@ -366,7 +368,7 @@ export function restoreFiles(ctx: FilesRestore): void {
         const keep = openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files');
         const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NONBLOCK, 'restart:files');
         r.check('restart:files', SYS.fcntl, tmp, F_SETFL, d.flags & SETFL_MASK);
-        writeInto(owner.pid, Number(keep), Buffer.from(d.data, 'base64'));
+        writeInto(ctx.host(owner.pid), Number(keep), Buffer.from(d.data, 'base64'));
         moveFd(r, tmp, owner.fd, owner.cloexec);
         r.call(SYS.close, keep);
       } else {
@@ -379,7 +381,7 @@ export function restoreFiles(ctx: FilesRestore): void {
           const fds = r.mem.read(scratch, 8);
           const [pr, pw] = [fds.readInt32LE(0), fds.readInt32LE(4)];
           if (pipe.size) r.call(SYS.fcntl, pw, F_SETPIPE_SZ, pipe.size);
-          writeInto(owner.pid, pw, Buffer.from(pipe.data, 'base64'));
+          writeInto(ctx.host(owner.pid), pw, Buffer.from(pipe.data, 'base64'));
           const tr = nextTemp++, tw = nextTemp++;
           moveFd(r, BigInt(pr), tr, true);
           moveFd(r, BigInt(pw), tw, true);
@@ -399,7 +401,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   for (const pid of order) {
     const r = remote(pid);
     const st = perProc.get(pid)!;
-    for (const f of st.fds) if ('outside' in f && fs.existsSync(`/proc/${pid}/fd/${f.fd}`)) r.check('restart:files', SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
+    for (const f of st.fds) if ('outside' in f && fs.existsSync(`/proc/${ctx.host(pid)}/fd/${f.fd}`)) r.check('restart:files', SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
     const scratch = r.scratch();
     r.mem.write(scratch, Buffer.from(st.cwd + '\0'));
     const rc = r.call(SYS.chdir, scratch);
