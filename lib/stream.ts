@@ -62,7 +62,9 @@ export class FdSink implements Sink {
 }
 
 export class FdSource implements Source {
-  private buf = Buffer.alloc(1 << 20);
+  // Small on purpose: it serves record headers; payloads are read straight
+  // into their own buffer, so page data is not copied twice.
+  private buf = Buffer.alloc(64 << 10);
   private start = 0;
   private end = 0;
   bytes = 0;
