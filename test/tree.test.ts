@@ -126,3 +126,12 @@ t.test('--pidns: the whole container checkpointed as pid 1, restored (twice at o
     t.same([...before, ...(out.match(/^step \d+$/gm) ?? [])], Array.from({ length: 30 }, (_, i) => `step ${i + 1}`), 'no step lost or repeated');
   }
 });
+
+t.test('a FIFO with unread data between parent and child', async (t) => {
+  const img = path.join(dir, 'fifo.img');
+  t.equal(supervise([fixture('fifo'), img, path.join(dir, 'the.fifo')]).status, 137);
+  t.match(supervise([...CKPT, 'inspect', img]).stdout, /fifo \S+the\.fifo \(14 bytes unread\)/, 'the image holds the 14 unread bytes');
+  const r = restart(img);
+  t.equal(r.status, 0);
+  t.match(r.stdout, /^ok the child read the queued bytes, then the new ones$/m);
+});

@@ -326,6 +326,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   }
   const pipeEnds = new Map<number, { r?: Place; w?: Place }>();
   const sockEnds = new Map<number, [Place, Place]>();
+  const filledFifos = new Set<string>();
 
   for (const d of table.descs) {
     const hs = holders.get(d.id);
@@ -365,10 +366,14 @@ export function restoreFiles(ctx: FilesRestore): void {
         if (pos) r.check('restart:files', SYS.lseek, owner.fd, pos, SEEK_SET);
       } else if (d.kind === 'fifo') {
         // O_RDWR first: opening one end alone would block until the other opens.
-        const keep = openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files');
+        const low = openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files');
+        const keep = r.check('restart:files', SYS.fcntl, low, F_DUPFD_CLOEXEC, tempBase); // never on a target number
+        r.call(SYS.close, low);
         const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NONBLOCK, 'restart:files');
         r.check('restart:files', SYS.fcntl, tmp, F_SETFL, d.flags & SETFL_MASK);
-        writeInto(ctx.host(owner.pid), Number(keep), Buffer.from(d.data, 'base64'));
+        // The unread bytes belong to the FIFO, not to a descriptor: once.
+        if (!filledFifos.has(d.path)) writeInto(ctx.host(owner.pid), Number(keep), Buffer.from(d.data, 'base64'));
+        filledFifos.add(d.path);
         moveFd(r, tmp, owner.fd, owner.cloexec);
         r.call(SYS.close, keep);
       } else {
