@@ -182,7 +182,7 @@ export const SYS = {
   read: 0, write: 1, open: 2, close: 3, lseek: 8, mmap: 9, mprotect: 10, munmap: 11,
   brk: 12, rt_sigaction: 13, rt_sigprocmask: 14, madvise: 28, dup2: 33, getpid: 39,
   clone: 56, fork: 57, wait4: 61, kill: 62, fcntl: 72, chdir: 80, fchdir: 81, umask: 95,
-  getuid: 102, prctl: 157, arch_prctl: 158, gettid: 186, tgkill: 234, openat: 257,
+  getuid: 102, getppid: 110, prctl: 157, arch_prctl: 158, gettid: 186, tgkill: 234, openat: 257,
   mremap: 25, set_robust_list: 273, dup3: 292, rt_tgsigqueueinfo: 297,
   pidfd_open: 434, clone3: 435, close_range: 436, pidfd_getfd: 438,
   setresuid: 117, setresgid: 119, setgroups: 116, sigaltstack: 131, exit: 60,

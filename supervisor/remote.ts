@@ -51,6 +51,43 @@ export class Remote {
     throw new CkptError(errno('EOPNOTSUPP'), 'remote', `task ${this.task.tid}: no syscall instruction found`);
   }
 
+  private batchCode = 0n;
+  private batchTable = 0n;
+  private batchMax = 0;
+
+  /** The restore gadget's batch loop and table (see memory.ts installGadget). */
+  useBatchAt(code: bigint, table: bigint, max: number): void {
+    this.batchCode = code;
+    this.batchTable = table;
+    this.batchMax = max;
+  }
+
+  /**
+   * Run many syscalls with one resume: the gadget's loop executes the table
+   * and stops on int3. Results in order (raw, signed). Without a gadget,
+   * one injected call each.
+   */
+  batch(calls: (number | bigint)[][]): bigint[] {
+    if (!this.batchCode) return calls.map(([nr, ...args]) => this.call(Number(nr), ...args));
+    const out: bigint[] = [];
+    for (let i = 0; i < calls.length; i += this.batchMax) {
+      const part = calls.slice(i, i + this.batchMax);
+      const table = Buffer.alloc(64 * part.length);
+      part.forEach((c, j) => c.forEach((v, k) => table.writeBigInt64LE(BigInt.asIntN(64, BigInt(v)), j * 64 + k * 8)));
+      this.mem.write(this.batchTable, table);
+      const regs = this.saved.clone();
+      regs.set('rip', this.batchCode);
+      regs.set('rbx', this.batchTable);
+      regs.set('r12', part.length);
+      regs.set('orig_rax', -1n);
+      this.run(regs, PT.CONT);
+      const done = this.mem.read(this.batchTable, table.length);
+      part.forEach((_, j) => out.push(done.readBigInt64LE(j * 64 + 56)));
+      log.remote('%d: batch of %d syscalls', this.task.tid, part.length);
+    }
+    return out;
+  }
+
   /** Use another syscall instruction from now on (the restore gadget). */
   useSyscallAt(addr: bigint): void {
     this.syscallAddr = addr;
@@ -72,22 +109,7 @@ export class Remote {
       regs.set('orig_rax', -1n);
       req = PT.SINGLESTEP;
     }
-    setRegs(t.tid, regs);
-    for (;;) {
-      if (sys.ptrace(req, t.tid, 0, 0) === -1) throw this.gone();
-      const ev = this.tracer.wait(t.tid);
-      if (!ev || ev.kind !== 'stopped') throw this.gone();
-      if (ev.event === PTRACE_EVENT.FORK || ev.event === PTRACE_EVENT.CLONE || ev.event === PTRACE_EVENT.VFORK) {
-        const child = getEventMsg(t.tid);
-        this.tracer.add(child, ev.event === PTRACE_EVENT.CLONE ? undefined : child);
-        this.newChildren.push(child);
-        continue;
-      }
-      if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event === 0)) break;
-      if (ev.event === 0) t.heldSignals.push(ev.signal); // a real signal: keep it for later
-      // otherwise a stray PTRACE_EVENT_STOP (a pending interrupt): go on
-    }
-    t.stop = 'stopped';
+    this.run(regs, req);
     const res = getRegs(t.tid).getSigned('rax');
     log.remote('%d: syscall %d(%s) = %d', t.tid, nr, args.join(', '), res);
     return res;
@@ -115,6 +137,27 @@ export class Remote {
       if (!ev || ev.kind !== 'stopped') return;
       deliver = ev.event === 0 && !ev.syscallStop ? ev.signal : 0;
     }
+  }
+
+  /** Set `regs`, resume with `req`, and wait for the trap that ends it. */
+  private run(regs: Regs, req: number): void {
+    const t = this.task;
+    setRegs(t.tid, regs);
+    for (;;) {
+      if (sys.ptrace(req, t.tid, 0, 0) === -1) throw this.gone();
+      const ev = this.tracer.wait(t.tid);
+      if (!ev || ev.kind !== 'stopped') throw this.gone();
+      if (ev.event === PTRACE_EVENT.FORK || ev.event === PTRACE_EVENT.CLONE || ev.event === PTRACE_EVENT.VFORK) {
+        const child = getEventMsg(t.tid);
+        this.tracer.add(child, ev.event === PTRACE_EVENT.CLONE ? undefined : child);
+        this.newChildren.push(child);
+        continue;
+      }
+      if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event === 0)) break;
+      if (ev.event === 0) t.heldSignals.push(ev.signal); // a real signal: keep it for later
+      // otherwise a stray PTRACE_EVENT_STOP (a pending interrupt): go on
+    }
+    t.stop = 'stopped';
   }
 
   /** Like call(), but a negative result throws with its errno. */

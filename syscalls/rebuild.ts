@@ -14,7 +14,7 @@ import { cloneWithTid, THREAD_FLAGS } from '../supervisor/shells.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import type { MemoryCapture } from './resources/memory.js';
-import { fillPages } from './resources/memory.js';
+import { fillPages, GADGET_SIZE } from './resources/memory.js';
 import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending } from './resources/thread.js';
 import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
@@ -174,7 +174,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   requeuePending(r, p.ids.pid, p.ids.pid, p.sharedPending, true);
   // The gadget goes last; the step trap stops the task at that syscall's
   // exit, so it never runs another instruction there.
-  r.check('restart:memory', SYS.munmap, sh.gadget!, 4096);
+  r.check('restart:memory', SYS.munmap, sh.gadget!, GADGET_SIZE);
   for (const t of p.threads) restoreThreadRegs(host(t), t);
 }
 

@@ -19,7 +19,7 @@ import { Remote } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
 import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
-import { pickGadget, installGadget, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
+import { pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, type Shell } from './rebuild.js';
@@ -249,7 +249,7 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
   const { kept, fresh } = splitByCurrent(current, sh.state.memory.filter((v) => v.kind !== 'special'));
   log.restore('rollback %d: %d parts kept, %d mapped again', pid, kept.length, fresh.length);
   // Unmap what lies outside the kept parts (munmap splits mappings as needed).
-  const keepRanges = [...kept.map((p) => [p.start, p.end]), [sh.gadget, sh.gadget + 4096n]].sort((x, y) => (x[0] < y[0] ? -1 : 1));
+  const keepRanges = [...kept.map((p) => [p.start, p.end]), [sh.gadget, sh.gadget + GADGET_SIZE]].sort((x, y) => (x[0] < y[0] ? -1 : 1));
   for (const m of current) {
     let at = m.start;
     for (const [ks, ke] of keepRanges) {

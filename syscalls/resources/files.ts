@@ -401,7 +401,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     }
     for (const h of hs.slice(1)) transfer(owner, h);
   }
-  for (const t of temps) remote(t.pid).call(SYS.close, t.fd);
+  for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
 
   for (const pid of order) {
     const r = remote(pid);
@@ -426,7 +426,7 @@ function closeForeign(r: Remote, st: FilesState, live: boolean): void {
   const pid = r.task.tid;
   const outside = st.fds.filter((f): f is FdRef & { outside: true; sfd: number } => 'outside' in f);
   const keep = new Set(outside.filter((f) => !live || kcmpFile(process.pid, f.sfd, pid, f.fd)).map((f) => f.fd));
-  for (const fd of listFds(pid)) if (!keep.has(fd)) r.call(SYS.close, fd);
+  r.batch(listFds(pid).filter((fd) => !keep.has(fd)).map((fd) => [SYS.close, fd]));
   if (live) {
     for (const f of outside) if (!keep.has(f.fd)) transferFd(() => r, Math.max(...st.fds.map((x) => x.fd)) + 1, { pid: process.pid, fd: f.sfd }, { pid, fd: f.fd, cloexec: f.cloexec });
     return;

@@ -196,7 +196,7 @@ const overlaps = (a0: bigint, a1: bigint, b0: bigint, b1: bigint) => a0 < b1 && 
 export function pickGadget(current: MapEntry[], image: VmaState[]): bigint {
   const ranges = [...current.map((m) => [m.start, m.end]), ...image.map((v) => [vmaStart(v), vmaEnd(v)])];
   for (let a = 0x100000000n; a < 0x7f0000000000n; a += 0x1000000000n) {
-    if (!ranges.some(([s, e]) => overlaps(a, a + PAGE, s, e))) return a;
+    if (!ranges.some(([s, e]) => overlaps(a, a + GADGET_SIZE, s, e))) return a;
   }
   throw new CkptError(errno('ENOMEM'), 'restart:memory', 'no free address for the restore gadget');
 }
@@ -213,7 +213,7 @@ export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], 
   const pid = r.task.tid;
   installGadget(r, gadget);
   const specials = current.filter((m) => SPECIAL.includes(m.path));
-  const keep = [{ start: gadget, end: gadget + PAGE }, ...specials.map((m) => ({ start: m.start, end: m.end }))].sort((a, b) => (a.start < b.start ? -1 : 1));
+  const keep = [{ start: gadget, end: gadget + GADGET_SIZE }, ...specials.map((m) => ({ start: m.start, end: m.end }))].sort((a, b) => (a.start < b.start ? -1 : 1));
   let at = 0n;
   for (const k of [...keep, { start: TASK_TOP, end: TASK_TOP }]) {
     if (k.start > at) r.check('restart:memory', SYS.munmap, at, k.start - at);
@@ -223,12 +223,41 @@ export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], 
   mapVmas(r, vmas.filter((v) => v.kind !== 'special'), shm);
 }
 
-/** The one-page gadget: a syscall instruction to run injected syscalls from, and scratch memory. */
+/**
+ * The restore gadget, mapped where neither layout has anything:
+ *   +0      a syscall instruction (single injected syscalls)
+ *   +16     a loop that runs a table of syscalls and stops on int3 (batches)
+ *   +4 KiB  the table: 128 entries of { nr, 6 args, result }
+ *   +12 KiB scratch memory (paths, structs)
+ */
+export const GADGET_SIZE = 16384n;
+const BATCH_CODE = Buffer.from([
+  0x4d, 0x85, 0xe4, //       loop: test r12, r12
+  0x74, 0x2a, //                   jz done
+  0x48, 0x8b, 0x03, //             mov rax, [rbx]
+  0x48, 0x8b, 0x7b, 0x08, //       mov rdi, [rbx+8]
+  0x48, 0x8b, 0x73, 0x10, //       mov rsi, [rbx+16]
+  0x48, 0x8b, 0x53, 0x18, //       mov rdx, [rbx+24]
+  0x4c, 0x8b, 0x53, 0x20, //       mov r10, [rbx+32]
+  0x4c, 0x8b, 0x43, 0x28, //       mov r8, [rbx+40]
+  0x4c, 0x8b, 0x4b, 0x30, //       mov r9, [rbx+48]
+  0x0f, 0x05, //                   syscall
+  0x48, 0x89, 0x43, 0x38, //       mov [rbx+56], rax
+  0x48, 0x83, 0xc3, 0x40, //       add rbx, 64
+  0x49, 0xff, 0xcc, //             dec r12
+  0xeb, 0xd1, //                   jmp loop
+  0xcc, //                   done: int3
+]);
+
 export function installGadget(r: Remote, gadget: bigint): void {
-  r.check('restart:memory', SYS.mmap, gadget, PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-  r.mem.write(gadget, Buffer.from([0x0f, 0x05, 0xcc, 0xcc]));
+  r.check('restart:memory', SYS.mmap, gadget, GADGET_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  const code = Buffer.alloc(64, 0xcc);
+  code.set([0x0f, 0x05], 0);
+  code.set(BATCH_CODE, 16);
+  r.mem.write(gadget, code);
   r.useSyscallAt(gadget);
-  r.setScratch(gadget + 2048n);
+  r.useBatchAt(gadget + 16n, gadget + 4096n, 128);
+  r.setScratch(gadget + 12288n);
 }
 
 /**
@@ -260,14 +289,32 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
   const pid = r.task.tid;
   const fds = new Map<string, bigint>();
   try {
+    // The files first, all opened in one batch (paths side by side in scratch).
+    const files = [...new Set(vmas.filter((v) => v.kind === 'file').map((v) => `${v.shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY}:${v.path}`))];
+    let at = r.scratch();
+    const opens: (number | bigint)[][] = [];
+    for (const key of files) {
+      const [mode, path] = [Number(key.slice(0, key.indexOf(':'))), key.slice(key.indexOf(':') + 1)];
+      const p = Buffer.from(path + '\0');
+      if (at + BigInt(p.length) > r.scratch() + 4096n) break; // the rest one by one, below
+      r.mem.write(at, p);
+      opens.push([SYS.openat, AT_FDCWD, at, mode | O_CLOEXEC, 0]);
+      at += BigInt(p.length);
+    }
+    r.batch(opens).forEach((fd, i) => {
+      if (fd < 0n) throw new CkptError(Number(-fd) === errno('EACCES') ? errno('EPERM') : Number(-fd), 'restart:memory', `task ${pid}: cannot open ${files[i].slice(files[i].indexOf(':') + 1)}`);
+      fds.set(files[i], fd);
+    });
+    const calls: { call: (number | bigint)[]; what: string }[] = [];
     for (const v of vmas) {
       const len = vmaEnd(v) - vmaStart(v);
+      const what = `task ${pid}: mmap ${v.start}-${v.end} ${v.path ?? v.name ?? ''}`;
       if (v.kind === 'shm') {
         if (!shm) throw new CkptError(errno('EBADMSG'), 'restart:memory', `shared object ${v.shmKey} has no contents`);
         const key = `shm:${v.shmKey}`;
         let fd = fds.get(key);
         if (fd === undefined) fds.set(key, (fd = shm.fdIn(r, v.shmKey!)));
-        r.check('restart:memory', SYS.mmap, vmaStart(v), len, v.prot, MAP_SHARED | MAP_FIXED, fd, BigInt(v.offset!));
+        calls.push({ call: [SYS.mmap, vmaStart(v), len, v.prot, MAP_SHARED | MAP_FIXED, fd, BigInt(v.offset!)], what });
         continue;
       }
       if (v.kind === 'anon') {
@@ -275,7 +322,7 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
         // than one fault per page while the data is written in.
         const dense = BigInt(v.pages) * PAGE * 2n > len ? MAP_POPULATE : 0;
         const flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (v.growsdown ? MAP_GROWSDOWN : 0) | dense;
-        r.check('restart:memory', SYS.mmap, vmaStart(v), len, v.prot, flags, -1, 0);
+        calls.push({ call: [SYS.mmap, vmaStart(v), len, v.prot, flags, -1, 0], what });
         continue;
       }
       const path = v.path!;
@@ -287,10 +334,14 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
         fd = openIn(r, path, mode | O_CLOEXEC, 'restart:memory');
         fds.set(key, fd);
       }
-      r.check('restart:memory', SYS.mmap, vmaStart(v), len, v.prot, (v.shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED, fd, BigInt(v.offset!));
+      calls.push({ call: [SYS.mmap, vmaStart(v), len, v.prot, (v.shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED, fd, BigInt(v.offset!)], what });
     }
+    const res = r.batch(calls.map((c) => c.call));
+    res.forEach((x, i) => {
+      if (x < 0n && x > -4096n) throw new CkptError(Number(-x), 'restart:memory', calls[i].what);
+    });
   } finally {
-    for (const fd of fds.values()) r.call(SYS.close, fd);
+    r.batch([...fds.values()].map((fd) => [SYS.close, fd]));
   }
 }
 

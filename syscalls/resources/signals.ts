@@ -4,6 +4,7 @@
  * rt_sigaction; everything else is the default.
  */
 import { readStatus } from '../../lib/proc.js';
+import { CkptError } from '../../lib/errors.js';
 import { SYS } from '../../lib/libc.js';
 import type { Remote } from '../../supervisor/remote.js';
 
@@ -48,19 +49,21 @@ export function captureSignals(r: Remote, status: Map<string, string>): SignalSt
 /** Set every disposition the shell has or the image wants; defaults for the rest. */
 export function restoreSignals(r: Remote, state: SignalState): void {
   const shellSigs = nonDefaultSignals(readStatus(r.task.tid));
-  const sigs = new Set([...shellSigs, ...Object.keys(state).map(Number)]);
+  const sigs = [...new Set([...shellSigs, ...Object.keys(state).map(Number)])].filter((s) => s !== SIGKILL && s !== SIGSTOP).sort((a, b) => a - b);
+  // One struct per signal side by side in scratch (64 x 32 bytes), then one batch.
   const buf = r.scratch();
-  for (const sig of [...sigs].sort((a, b) => a - b)) {
-    if (sig === SIGKILL || sig === SIGSTOP) continue;
+  const acts = Buffer.alloc(KSIGACTION * sigs.length);
+  sigs.forEach((sig, i) => {
     const a = state[sig];
-    const b = Buffer.alloc(KSIGACTION);
-    if (a) {
-      b.writeBigUInt64LE(BigInt('0x' + a.handler), 0);
-      b.writeBigUInt64LE(BigInt('0x' + a.flags), 8);
-      b.writeBigUInt64LE(BigInt('0x' + a.restorer), 16);
-      b.writeBigUInt64LE(BigInt('0x' + a.mask), 24);
-    }
-    r.mem.write(buf, b);
-    r.check('restart:signals', SYS.rt_sigaction, sig, buf, 0, 8);
-  }
+    if (!a) return; // zeroes: SIG_DFL
+    acts.writeBigUInt64LE(BigInt('0x' + a.handler), i * KSIGACTION);
+    acts.writeBigUInt64LE(BigInt('0x' + a.flags), i * KSIGACTION + 8);
+    acts.writeBigUInt64LE(BigInt('0x' + a.restorer), i * KSIGACTION + 16);
+    acts.writeBigUInt64LE(BigInt('0x' + a.mask), i * KSIGACTION + 24);
+  });
+  r.mem.write(buf, acts);
+  const res = r.batch(sigs.map((sig, i) => [SYS.rt_sigaction, sig, buf + BigInt(i * KSIGACTION), 0, 8]));
+  res.forEach((x, i) => {
+    if (x < 0n) throw new CkptError(Number(-x), 'restart:signals', `task ${r.task.tid}: rt_sigaction(${sigs[i]}) failed`);
+  });
 }
