@@ -18,6 +18,7 @@ import { log } from '../lib/log.js';
 import type { Task, Tracer } from './tracer.js';
 
 const SIGTRAP = 5;
+const FAULTS = new Set([4 /* SIGILL */, 7 /* SIGBUS */, 11 /* SIGSEGV */]);
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;
 
 export class Remote {
@@ -154,6 +155,10 @@ export class Remote {
         continue;
       }
       if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event === 0)) break;
+      if (ev.event === 0 && FAULTS.has(ev.signal) && getRegs(t.tid).get('rip') === regs.get('rip')) {
+        // Our own injected code faulted (no gadget there any more?): never retry it.
+        throw new CkptError(errno('EFAULT'), 'remote', `task ${t.tid}: injected code at 0x${regs.get('rip').toString(16)} faulted (signal ${ev.signal})`);
+      }
       if (ev.event === 0) t.heldSignals.push(ev.signal); // a real signal: keep it for later
       // otherwise a stray PTRACE_EVENT_STOP (a pending interrupt): go on
     }

@@ -39,19 +39,20 @@ t.test('freeze, inject syscalls, put everything back, thaw', async (t) => {
   t.equal(r.call(SYS.close, 9999), -9n, 'a failing injected syscall reports -EBADF');
   t.throws(() => r.check('test', SYS.close, 9999), new CkptError(9, 'test', `task ${pid}: injected syscall 3 failed`), 'check() throws with the errno');
   // The restore gadget's batch loop: many syscalls for one resume.
-  const mapsWithScratch = maps(pid);
   const gadget = pickGadget(readMaps(pid), []);
   installGadget(r, gadget);
   const ppid = Number(fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
   t.same(r.batch([[SYS.getpid], [SYS.close, 9999], [SYS.getppid]]), [BigInt(pid), -9n, BigInt(ppid)], 'a batch runs each syscall and returns each result');
   const many = r.batch(Array.from({ length: 300 }, () => [SYS.getpid]));
   t.ok(many.length === 300 && many.every((x) => x === BigInt(pid)), 'batches longer than the table run in pieces');
-  r.check('test', SYS.munmap, gadget, GADGET_SIZE);
-  t.equal(maps(pid), mapsWithScratch, 'the gadget is gone again');
   r.check('test', SYS.munmap, scratch, 4096); // the gadget took over as scratch: unmap the first one here
+  r.check('test', SYS.munmap, gadget, GADGET_SIZE); // the last injected call: it ran from the gadget
+  t.equal(maps(pid), mapsBefore, 'the gadget and the scratch page are gone again');
   r.finish();
   t.same(getRegs(pid).buf, regsBefore, 'registers are exactly as before');
   t.equal(maps(pid), mapsBefore, 'address space is exactly as before');
+  t.throws(() => { const r2 = new Remote(tracer, task); r2.useSyscallAt(0x1000n); try { r2.call(SYS.getpid); } finally { r2.finish(); } }, /faulted/, 'a fault at the injection address is an error, not a loop');
+  t.same(getRegs(pid).buf, regsBefore, 'and the registers are put back');
   t.equal(state(pid), 't', 'still frozen until thawed');
 
   freeze.thaw();
