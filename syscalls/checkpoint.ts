@@ -278,12 +278,17 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       shmData: cap.shm.data,
       hostOf: cap.hostOf,
     };
-    for (const p of c.tree.processes) {
-      const husk = c.husks.get(p.ids.pid)!;
-      finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
-      const mem = huskMemory(husk);
-      p.memory = mem.vmas;
-      c.memory.set(p.ids.pid, mem);
+    try {
+      for (const p of c.tree.processes) {
+        const husk = c.husks.get(p.ids.pid)!;
+        finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
+        const mem = huskMemory(p.ids.pid, husk);
+        p.memory = mem.vmas;
+        c.memory.set(p.ids.pid, mem);
+      }
+    } catch (e) {
+      for (const [pid, husk] of c.husks) destroyHusk(tracer, c.hostOf(pid), husk); // nothing is kept
+      throw e;
     }
     c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree)) + cap.shm.bytes();
     sv.store.add(c);

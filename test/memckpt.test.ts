@@ -117,3 +117,11 @@ t.test('release frees everything; no husk outlives a killed supervisor', async (
   t.notOk(pidAlive(husk), 'killing the supervisor killed the husk');
   fs.writeFileSync(state, out);
 });
+
+t.test('a MADV_WIPEONFORK region cannot be held by a husk: EOPNOTSUPP, nothing kept', async (t) => {
+  const r = supervise(['sh', '-c', `${q(callabi)} wipeonfork; ${q(callabi)} query 0 0`]);
+  t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
+  t.match(r.stdout, /memory intact: yes/);
+  t.match(r.stdout, /json=\[\]/, 'no checkpoint is left');
+  t.match(r.stderr, /MADV_WIPEONFORK/);
+});
