@@ -33,14 +33,7 @@ const _setsockopt = libc.func('int setsockopt(int fd, int level, int name, void 
 const _vmReadv = libc.func('intptr_t process_vm_readv(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
 const _vmWritev = libc.func('intptr_t process_vm_writev(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
 
-function iovPair(buf: Buffer, addr: bigint): [Buffer, Buffer] {
-  const local = Buffer.alloc(16), remote = Buffer.alloc(16);
-  local.writeBigUInt64LE(koffi.address(buf) as bigint, 0);
-  local.writeBigUInt64LE(BigInt(buf.length), 8);
-  remote.writeBigUInt64LE(addr, 0);
-  remote.writeBigUInt64LE(BigInt(buf.length), 8);
-  return [local, remote];
-}
+
 
 export const errnoNow = (): number => koffi.errno();
 export const addressOf = (buf: Buffer): bigint => koffi.address(buf) as bigint;
@@ -153,12 +146,10 @@ export const sys = {
   },
   /** process_vm_readv into buf from addr; bytes read or -1. */
   vmRead(pid: number, buf: Buffer, addr: bigint): number {
-    const [l, r] = iovPair(buf, addr);
-    return Number(_vmReadv(pid, l, 1, r, 1, 0));
+    return sys.vmMany(true, pid, buf, [{ addr, len: buf.length }]);
   },
   vmWrite(pid: number, buf: Buffer, addr: bigint): number {
-    const [l, r] = iovPair(buf, addr);
-    return Number(_vmWritev(pid, l, 1, r, 1, 0));
+    return sys.vmMany(false, pid, buf, [{ addr, len: buf.length }]);
   },
   posixSpawn(path: string, argv: string[], envp: string[]): number {
     const pid = [0];

@@ -98,23 +98,29 @@ export const readFdinfo = (pid: number, fd: number): FdInfo =>
  * Only that byte is kept, so a scan needs no 64-bit arithmetic.
  */
 export function readPagemapFlags(pid: number, start: bigint, end: bigint, fd?: number): Uint8Array {
-  const pages = Number((end - start) / 4096n);
-  const buf = Buffer.allocUnsafe(pages * 8);
   const own = fd === undefined;
   const f = fd ?? fs.openSync(`/proc/${pid}/pagemap`, 'r');
-  let done = 0;
   try {
-    while (done < buf.length) {
-      const n = fs.readSync(f, buf, done, buf.length - done, Number((start / 4096n) * 8n) + done);
-      if (n <= 0) break;
-      done += n;
-    }
+    const raw = readPagemapRaw(f, start, end);
+    const flags = new Uint8Array(raw.length / 8);
+    for (let i = 0, o = 7; i < flags.length; i++, o += 8) flags[i] = raw[o];
+    return flags;
   } finally {
     if (own) fs.closeSync(f);
   }
-  const flags = new Uint8Array(pages);
-  for (let i = 0, o = 7; i < pages && o < done; i++, o += 8) flags[i] = buf[o];
-  return flags;
+}
+
+/** Raw 64-bit pagemap entries of [start, end) from an open /proc/PID/pagemap. */
+export function readPagemapRaw(fd: number, start: bigint, end: bigint): Buffer {
+  const b = Buffer.allocUnsafe(Number((end - start) / 4096n) * 8);
+  let got = 0;
+  while (got < b.length) {
+    const n = fs.readSync(fd, b, got, b.length - got, Number(start / 4096n) * 8 + got);
+    if (n <= 0) break;
+    got += n;
+  }
+  b.fill(0, got); // beyond what the kernel gave: nothing there
+  return b;
 }
 
 export const PM_PRESENT = 0x80;

@@ -12,7 +12,7 @@
 import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';
 import { sys, SYS, errnoNow } from '../lib/libc.js';
-import { readMaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
+import { readMaps, readStat, listTids, readPagemapRaw, type MapEntry } from '../lib/proc.js';
 import { log } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { Remote } from '../supervisor/remote.js';
@@ -277,15 +277,8 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
 
 /** Raw pagemap entries of [start, end), as pairs of 32-bit words. */
 function readPagemap(fd: number, start: bigint, end: bigint): Uint32Array {
-  const pages = Number((end - start) / 4096n);
-  const b = Buffer.allocUnsafe(pages * 8);
-  let got = 0;
-  while (got < b.length) {
-    const n = fs.readSync(fd, b, got, b.length - got, Number(start / 4096n) * 8 + got);
-    if (n <= 0) break;
-    got += n;
-  }
-  return new Uint32Array(b.buffer, b.byteOffset, pages * 2);
+  const b = readPagemapRaw(fd, start, end);
+  return new Uint32Array(b.buffer, b.byteOffset, b.length / 4);
 }
 
 /**
