@@ -4,6 +4,7 @@
  * and `ckpt inspect`, which reads an image anywhere.
  */
 import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { sys, errnoNow, addressOf } from '../lib/libc.js';
@@ -64,9 +65,13 @@ await yargs(hideBin(process.argv))
       if (a.defer && (a.keep || a.o)) fail('--defer keeps the checkpoint in memory only: no --keep, no -o');
       const flags = (a.kill ? CKPT.KILL : 0) | (a.defer ? CKPT.DEFER : 0) | (a.keep ? CKPT.KEEP : 0);
       const fd = a.defer ? -1 : a.o ? fs.openSync(a.o, 'w') : 1;
-      const crid = call('checkpoint', a.pid, fd, flags);
-      if (a.defer) process.stdout.write(`${crid}\n`);
-      process.stderr.write(`ckpt: checkpoint ${crid} of ${a.pid}${a.o ? ` written to ${a.o}` : ''}${a.defer || a.keep ? ' (kept in memory)' : ''}\n`);
+      // Become ckpt-call to make the call: this Node process could not be
+      // kept by a checkpoint of a subtree it belongs to ("ckpt checkpoint $$").
+      for (const f of [0, 1, 2, fd]) if (f >= 0) sys.fcntl(f, 2 /* F_SETFD */, 0);
+      const helper = fileURLToPath(new URL('./ckpt-call', import.meta.url));
+      const what = `${a.pid}${a.o ? ` written to ${a.o}` : ''}${a.defer || a.keep ? ' (kept in memory)' : ''}`;
+      sys.execvp(helper, [helper, String(a.pid), String(fd), String(flags), a.defer ? '1' : '0', what]);
+      fail(`cannot run ${helper}: ${errnoName(errnoNow())}`);
     },
   )
   .command(

@@ -135,3 +135,15 @@ t.test('a FIFO with unread data between parent and child', async (t) => {
   t.equal(r.status, 0);
   t.match(r.stdout, /^ok the child read the queued bytes, then the new ones$/m);
 });
+
+t.test('a shell checkpoints itself with `ckpt checkpoint $$` and carries on after restart', async (t) => {
+  const img = path.join(dir, 'shell-self.img');
+  const first = supervise(['sh', '-c', `${q(fixture('counter'))} 20 50 | cat & sleep 0.3; ${CKPT.map(q).join(' ')} checkpoint $$ -o ${q(img)} --kill; echo "status=$?"; wait`]);
+  t.equal(first.status, 137);
+  t.notMatch(first.stdout, /status=/, 'the shell was killed with its tree');
+  const second = restart(img);
+  t.match(second.stdout, /^status=0$/m, 'the restored shell goes on after its ckpt command, which succeeded');
+  t.match(second.stderr, /back from a restart of this checkpoint/);
+  t.match(second.stdout, /done n=20 sum=right/);
+  t.equal(second.status, 0);
+});
