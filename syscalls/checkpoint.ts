@@ -20,7 +20,7 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
-import { captureMemory, writePages, vdsoInfo, checkMappings, checkHuskMappings, type MemoryCapture } from './resources/memory.js';
+import { captureMemory, writePages, vdsoInfo, checkMappings, copyDontfork, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
 import { makeHusk, finishHusk, destroyHusk, huskMemory, type MemCheckpoint } from './memckpt.js';
 import { captureThread, captureAltstack, findTidAddress, peekPending } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
@@ -91,11 +91,12 @@ export function checkpoint(ctx: SyscallCtx): number {
  * `husks`, memory is not read: each process gets a husk instead (returned),
  * and its memory is described from the husk once the subtree runs again.
  */
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: boolean): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; shm: ShmCapture; hostOf: (pid: number) => number } {
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: boolean): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number } {
   const statuses = new Map(procs.map((p) => [p, readStatus(p)]));
   const shm = new ShmCapture();
   const memory = new Map<number, MemoryCapture>();
   const made = new Map<number, number>();
+  const held = new Map<number, { vmas: VmaState[]; runs: HeldRun[] }>();
   const processes: ProcessState[] = [];
   try {
     const inside = new Set(procs);
@@ -109,13 +110,13 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
         const before = checkMappings(pid, shm); // shared memory is copied now: fork cannot keep it
         const husk = makeHusk(tracer, tracer.tasks.get(pid)!);
         made.set(pid, husk);
-        checkHuskMappings(pid, before, husk);
+        held.set(pid, copyDontfork(pid, before, husk)); // so is what fork does not copy
       }
     }
     const tree: TreeState = { root, processes, zombies: findZombies(tracer, procs), files: files.table, shm: shm.objects };
     const ns = toNamespace(tree);
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
-    return { tree, memory: rekey(memory), husks: rekey(made), shm, hostOf: ns.toHost };
+    return { tree, memory: rekey(memory), husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost };
   } catch (e) {
     for (const [pid, husk] of made) destroyHusk(tracer, pid, husk);
     throw e;
@@ -277,20 +278,23 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       memory: new Map(), privateBytes: 0, writtenBack: false, uid: parseCreds(readStatus(caller.tgid)).uid[0],
       shmData: cap.shm.data,
       hostOf: cap.hostOf,
+      held: new Map(),
     };
     try {
       for (const p of c.tree.processes) {
         const husk = c.husks.get(p.ids.pid)!;
         finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
         const mem = huskMemory(p.ids.pid, husk);
-        p.memory = mem.vmas;
+        const held = cap.held.get(p.ids.pid);
+        p.memory = [...mem.vmas, ...(held?.vmas ?? [])].sort((a, b) => (BigInt(a.start) < BigInt(b.start) ? -1 : 1));
         c.memory.set(p.ids.pid, mem);
+        if (held?.runs.length) c.held.set(p.ids.pid, held.runs);
       }
     } catch (e) {
       for (const [pid, husk] of c.husks) destroyHusk(tracer, c.hostOf(pid), husk); // nothing is kept
       throw e;
     }
-    c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree)) + cap.shm.bytes();
+    c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree)) + cap.shm.bytes() + [...c.held.values()].flat().reduce((n, r) => n + r.data.length, 0);
     sv.store.add(c);
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);
     if (out >= 0) {
@@ -319,6 +323,7 @@ export function writeImage(c: MemCheckpoint, out: number): void {
   for (const p of c.tree.processes) {
     w.json(REC.MEMORY, { pid: p.ids.pid });
     writePages(c.husks.get(p.ids.pid)!, c.memory.get(p.ids.pid)!, w, false);
+    for (const r of c.held.get(p.ids.pid) ?? []) w.pages(r.addr, r.data);
   }
   w.trailer();
 }

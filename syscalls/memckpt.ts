@@ -23,7 +23,7 @@ import type { ShmData } from './resources/shm.js';
 import type { SyscallCtx } from './context.js';
 import { readStatus } from '../lib/proc.js';
 import { parseCreds } from './resources/process.js';
-import { captureMemory, type MemoryCapture } from './resources/memory.js';
+import { captureMemory, type MemoryCapture, type HeldRun } from './resources/memory.js';
 
 const SIGKILL = 9, WALL = 0x40000000;
 
@@ -49,6 +49,8 @@ export interface MemCheckpoint {
   shmData: ShmData;
   /** A pid of the tree (as recorded) to the host pid it had when taken. */
   hostOf: (pid: number) => number;
+  /** Pages a husk cannot hold (MADV_DONTFORK), copied during the stop, by process. */
+  held: Map<number, HeldRun[]>;
 }
 
 /** The supervisor's in-memory checkpoints. */

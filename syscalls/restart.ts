@@ -135,5 +135,6 @@ function fillFromHusks(c: MemCheckpoint, shells: Map<number, Shell>, shm: ShmRes
     const sh = shells.get(p.ids.pid)!;
     layout(sh, shm);
     copyFromHusk(sh, c.husks.get(p.ids.pid)!, c.memory.get(p.ids.pid)!);
+    for (const r of c.held.get(p.ids.pid) ?? []) fillPages(sh.remote.mem, sh.state.memory, r.addr, r.data);
   }
 }

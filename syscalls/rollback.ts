@@ -19,7 +19,7 @@ import { Remote } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
 import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
-import { pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
+import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, type Shell } from './rebuild.js';
@@ -108,6 +108,8 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       const husk = c.husks.get(sh.state.ids.pid)!;
       const mem = c.memory.get(sh.state.ids.pid)!;
       copied += sh.live ? rollbackMemory(sh, husk, mem, shm) : freshMemory(sh, husk, mem, shm);
+      // What the husk cannot hold (MADV_DONTFORK) was mapped anew: fill it from the copy.
+      for (const r of c.held.get(sh.state.ids.pid) ?? []) fillPages(sh.remote.mem, sh.state.memory, r.addr, r.data);
     }
     restoreFiles({
       remote: (pid) => shells.get(pid)!.remote,
@@ -179,7 +181,7 @@ const protOf = (perms: string) => (perms[0] === 'r' ? 1 : 0) | (perms[1] === 'w'
 
 /** Can current mapping `m` stand for (part of) checkpoint VMA `v` as it is? */
 function compatible(m: MapEntry, v: VmaState): boolean {
-  if (v.kind === 'shm' || protOf(m.perms) !== v.prot || (m.perms[3] === 's') !== v.shared) return false;
+  if (v.kind === 'shm' || v.dontfork || protOf(m.perms) !== v.prot || (m.perms[3] === 's') !== v.shared) return false;
   const file = m.path.startsWith('/') && m.path !== '/dev/zero';
   if (v.kind === 'anon') return !file;
   // The same file, at the same offset for the same address.

@@ -125,3 +125,13 @@ t.test('a MADV_WIPEONFORK region cannot be held by a husk: EOPNOTSUPP, nothing k
   t.match(r.stdout, /json=\[\]/, 'no checkpoint is left');
   t.match(r.stderr, /MADV_WIPEONFORK/);
 });
+
+t.test('MADV_DONTFORK memory is copied during the stop: write-back, rollback and restore hold it', async (t) => {
+  const img = path.join(dir, 'dontfork.img');
+  const r = supervise([callabi, 'dontfork', img]);
+  t.match(r.stdout, /checkpoint ret=\d+ errno=0\nwriteback ret=0 errno=0\n/);
+  t.match(r.stdout, /back at the checkpoint: dontfork data intact/, 'rolled back: the region has its checkpoint-time bytes');
+  t.equal(r.status, 0);
+  const again = supervise([...CKPT, 'restart', '-i', img]);
+  t.match(again.stdout, /back at the checkpoint: dontfork data intact/, 'the written-back image holds them too');
+});

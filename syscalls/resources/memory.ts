@@ -19,7 +19,7 @@ import { isShm, shmKeyOfMap, type ShmCapture, type ShmRestore } from './shm.js';
 const PAGE = 4096n;
 const PROT_READ = 1, PROT_WRITE = 2, PROT_EXEC = 4;
 const MAP_SHARED = 1, MAP_PRIVATE = 2, MAP_FIXED = 0x10, MAP_ANONYMOUS = 0x20, MAP_GROWSDOWN = 0x100;
-const MAP_FIXED_NOREPLACE = 0x100000, MAP_POPULATE = 0x8000;
+const MAP_FIXED_NOREPLACE = 0x100000, MAP_POPULATE = 0x8000, MADV_DONTFORK = 10;
 const MREMAP_MAYMOVE = 1, MREMAP_FIXED = 2;
 const O_RDONLY = 0, O_RDWR = 2, O_CLOEXEC = 0o2000000, AT_FDCWD = -100;
 
@@ -38,6 +38,8 @@ export interface VmaState {
   path?: string;
   offset?: string;
   growsdown?: boolean;
+  /** MADV_DONTFORK: a husk cannot hold it, so its pages were copied during the stop. */
+  dontfork?: boolean;
   /** Identity of a mapped file, checked before it is mapped again. */
   file?: { size: number; mtimeMs: number };
   /** Pages of this VMA the image carries. */
@@ -92,11 +94,41 @@ export function checkMappings(pid: number, shm: ShmCapture): MapEntry[] {
   return maps;
 }
 
-/** Mappings fork did not copy (MADV_DONTFORK): the husk lacks them. */
-export function checkHuskMappings(pid: number, before: MapEntry[], husk: number): void {
+/** A page run with its data, held by the supervisor. */
+export interface HeldRun { addr: bigint; data: Buffer }
+
+/**
+ * Mappings fork did not copy (MADV_DONTFORK): the husk lacks them, so they
+ * are copied now, while the process is stopped (anonymous private ones;
+ * anything else is refused).
+ */
+export function copyDontfork(pid: number, before: MapEntry[], husk: number): { vmas: VmaState[]; runs: HeldRun[] } {
   const inHusk = new Set(readMaps(husk).map((m) => `${m.start}-${m.end}`));
-  const lost = before.find((m) => m.path !== '[vsyscall]' && !inHusk.has(`${m.start}-${m.end}`));
-  if (lost) throw unsupported(pid, `mapping 0x${lost.start.toString(16)}-0x${lost.end.toString(16)} ${lost.path} is not inherited by fork (MADV_DONTFORK)`);
+  const vmas: VmaState[] = [];
+  const runs: HeldRun[] = [];
+  const mem = new RemoteMem(pid);
+  try {
+    for (const m of before) {
+      if (m.path === '[vsyscall]' || inHusk.has(`${m.start}-${m.end}`)) continue;
+      const v = describe(pid, m);
+      if (!v || v.kind !== 'anon') throw unsupported(pid, `mapping 0x${m.start.toString(16)}-0x${m.end.toString(16)} ${m.path} is not inherited by fork (MADV_DONTFORK) and not anonymous`);
+      v.dontfork = true;
+      const flags = readPagemapFlags(pid, m.start, m.end);
+      for (let i = 0; i < flags.length; ) {
+        if (!(flags[i] & (PM_PRESENT | PM_SWAP))) { i++; continue; }
+        let j = i;
+        while (j < flags.length && flags[j] & (PM_PRESENT | PM_SWAP)) j++;
+        const addr = m.start + BigInt(i) * PAGE;
+        runs.push({ addr, data: Buffer.from(mem.read(addr, (j - i) * 4096)) });
+        v.pages += j - i;
+        i = j;
+      }
+      vmas.push(v);
+    }
+  } finally {
+    mem.close();
+  }
+  return { vmas, runs };
 }
 
 export interface MemoryCapture {
@@ -340,6 +372,7 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
     res.forEach((x, i) => {
       if (x < 0n && x > -4096n) throw new CkptError(Number(-x), 'restart:memory', calls[i].what);
     });
+    r.batch(vmas.filter((v) => v.dontfork).map((v) => [SYS.madvise, vmaStart(v), vmaEnd(v) - vmaStart(v), MADV_DONTFORK]));
   } finally {
     r.batch([...fds.values()].map((fd) => [SYS.close, fd]));
   }
