@@ -16,6 +16,7 @@ const _posixSpawn = libc.func(
   'int posix_spawn(_Out_ int *pid, const char *path, void *fa, void *attr, const char **argv, const char **envp)',
 );
 const _kill = libc.func('int kill(int pid, int sig)');
+const _close = libc.func('int close(int fd)');
 const _fcntl = libc.func('int fcntl(int fd, int cmd, ...)');
 const _prctl = libc.func('int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)');
 const _prctlP = libc.func('int prctl(int option, unsigned long a2, void *a3, unsigned long a4, unsigned long a5)');
@@ -163,6 +164,14 @@ export const sys = {
   /** Duplicate fd `fd` of process `pid` into the supervisor. */
   pidfdGetfd(pidfd: number, fd: number): number {
     return sys.syscall(SYS.pidfd_getfd, pidfd, fd, 0);
+  },
+  /** The very open file behind fd `fd` of process `pid`, as a descriptor of ours; -1 if none. */
+  takeFd(pid: number, fd: number): number {
+    const pidfd = sys.syscall(SYS.pidfd_open, pid, 0);
+    if (pidfd < 0) return -1;
+    const mine = sys.pidfdGetfd(pidfd, fd);
+    _close(pidfd);
+    return mine;
   },
 };
 

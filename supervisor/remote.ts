@@ -20,6 +20,7 @@ import type { Task, Tracer } from './tracer.js';
 const SIGTRAP = 5;
 const FAULTS = new Set([4 /* SIGILL */, 7 /* SIGBUS */, 11 /* SIGSEGV */]);
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;
+const SYS_fcntl = 72, F_DUPFD_CLOEXEC = 1030;
 
 export class Remote {
   readonly saved: Regs;
@@ -163,6 +164,28 @@ export class Remote {
       // otherwise a stray PTRACE_EVENT_STOP (a pending interrupt): go on
     }
     t.stop = 'stopped';
+  }
+
+  /** Move tracee descriptor `fd` to a number >= `min` (close-on-exec), if it is below. */
+  raise(fd: bigint, min: number): bigint {
+    if (fd >= BigInt(min)) return fd;
+    const hi = this.check('remote:fd', SYS_fcntl, fd, F_DUPFD_CLOEXEC, min);
+    this.call(SYS.close, fd);
+    return hi;
+  }
+
+  /**
+   * The open file behind fd `fd` of process `pid` (named as this tracee sees
+   * it), as a descriptor of this tracee numbered >= `min`: injected
+   * pidfd_open + pidfd_getfd, every temporary kept off the low numbers.
+   */
+  takeFd(pid: number, fd: number, min = 0): bigint {
+    const pidfd = this.raise(this.check('remote:fd', SYS.pidfd_open, pid, 0), min);
+    try {
+      return this.raise(this.check('remote:fd', SYS.pidfd_getfd, pidfd, fd, 0), min);
+    } finally {
+      this.call(SYS.close, pidfd);
+    }
   }
 
   /** Like call(), but a negative result throws with its errno. */

@@ -72,5 +72,5 @@ export function destroyShells(tracer: Tracer, caller: Task, rootPid: number | un
   } finally {
     r.finish();
   }
-  caller.heldSignals = caller.heldSignals.filter((s) => s !== SIGCHLD);
+  tracer.dropHeld([caller], SIGCHLD);
 }

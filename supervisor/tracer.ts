@@ -103,6 +103,14 @@ export class Tracer {
     } else this.pending.push(ev);
   }
 
+  /**
+   * Forget a signal held for these tasks: a SIGCHLD about a child the
+   * program never had (a failed shell, a rolled-back extra, a zombie remade).
+   */
+  dropHeld(tasks: Iterable<Task>, sig: number): void {
+    for (const t of tasks) t.heldSignals = t.heldSignals.filter((s) => s !== sig);
+  }
+
   /** Resume a stopped task, first re-sending any signal we held back. */
   resume(task: Task, sig = 0, req: number = PT.CONT): void {
     for (const s of task.heldSignals.splice(0)) sys.tgkill(task.tgid, task.tid, s);

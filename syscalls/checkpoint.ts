@@ -55,11 +55,7 @@ export function checkpoint(ctx: SyscallCtx): number {
   const freeze = new Freeze(tracer);
   try {
     const t0 = performance.now();
-    freeze.add(procs);
-    // Children forked while we froze are frozen too; take them in.
-    procs = subtree(tracer, pid);
-    freeze.add(procs);
-    checkPermission(caller.tgid, procs);
+    procs = freezeSubtree(freeze, tracer, caller, pid, procs);
     const t1 = performance.now();
     const { tree, memory, shm, hostOf } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, false);
     const t2 = performance.now();
@@ -231,8 +227,22 @@ function findZombies(tracer: Tracer, procs: number[]): ZombieState[] {
   return out;
 }
 
+/**
+ * Freeze the subtree; children forked meanwhile are frozen too and taken in
+ * (and only they still need the permission check).
+ */
+function freezeSubtree(freeze: Freeze, tracer: Tracer, caller: Task, pid: number, checked: number[]): number[] {
+  freeze.add(checked);
+  const procs = subtree(tracer, pid);
+  freeze.add(procs);
+  const seen = new Set(checked);
+  checkPermission(caller.tgid, procs.filter((p) => !seen.has(p)));
+  return procs;
+}
+
 /** ABI: a caller may checkpoint a task only if it could ptrace it. */
 export function checkPermission(callerPid: number, procs: number[]): void {
+  if (!procs.length) return;
   const cs = readStatus(callerPid);
   const capEff = BigInt('0x' + (cs.get('CapEff') ?? '0'));
   if (capEff & (1n << CAP_SYS_PTRACE)) return;
@@ -259,10 +269,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     let procs = procs0;
     let cap;
     try {
-      freeze.add(procs);
-      procs = subtree(tracer, pid);
-      freeze.add(procs);
-      checkPermission(caller.tgid, procs);
+      procs = freezeSubtree(freeze, tracer, caller, pid, procs);
       cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, true);
     } catch (e) {
       freeze.thaw();
@@ -344,9 +351,7 @@ function makeHandle(ctx: SyscallCtx, c: MemCheckpoint): number {
     r.check('checkpoint:handle', SYS_pipe2, s, O_CLOEXEC);
     const b = r.mem.read(s, 8);
     const [rd, wr] = [b.readInt32LE(0), b.readInt32LE(4)];
-    const pidfd = sys.pidfdOpen(ctx.caller.tgid);
-    const mine = sys.pidfdGetfd(pidfd, rd);
-    fs.closeSync(pidfd);
+    const mine = sys.takeFd(ctx.caller.tgid, rd);
     r.call(SYS_close, rd);
     let fd = BigInt(wr);
     if (wr < 3) {

@@ -72,9 +72,7 @@ export class CheckpointStore {
   /** The checkpoint a handle fd of `pid` stands for. */
   byHandle(pid: number, fd: number): MemCheckpoint {
     this.reapHandles();
-    const pidfd = sys.pidfdOpen(pid);
-    const mine = sys.pidfdGetfd(pidfd, fd);
-    fs.closeSync(pidfd);
+    const mine = sys.takeFd(pid, fd);
     if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint', `task ${pid}: handle fd ${fd} is not open`);
     const ino = fs.fstatSync(mine).ino;
     fs.closeSync(mine);

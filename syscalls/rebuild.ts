@@ -114,7 +114,7 @@ export function makeZombie(tracer: Tracer, task: Task, z: ZombieState, parent: T
     r.check('restart:zombie', SYS.rt_sigaction, z.status & 0x7f, r.scratch(), 0, 8);
     r.runToExit(0, 0, z.status & 0x7f);
   }
-  parent.heldSignals = parent.heldSignals.filter((s) => s !== SIGCHLD);
+  tracer.dropHeld([parent], SIGCHLD);
 }
 
 /** Copy the chosen pages of a husk into a shell's (already laid out) memory. */

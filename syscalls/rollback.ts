@@ -91,7 +91,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     for (const x of extra) reapExtra(tracer, shells, x);
     // Their SIGCHLD (held while we had the parents stopped, on whichever
     // thread took it) is about children the program no longer ever had.
-    if (extra.length) for (const sh of shells.values()) for (const t of tracer.threadsOf(sh.state.ids.pid)) t.heldSignals = t.heldSignals.filter((sig) => sig !== SIGCHLD);
+    if (extra.length) for (const sh of shells.values()) tracer.dropHeld(tracer.threadsOf(sh.task.tgid), SIGCHLD);
     const made: number[] = [];
     makeShells(tracer, tree, shells, undefined, made);
     const zombies = makeZombies(tracer, tree, shells, made, (pid) => {

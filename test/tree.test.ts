@@ -2,7 +2,7 @@
 import t from 'tap';
 import path from 'node:path';
 import fs from 'node:fs';
-import { supervise, run, fixture, CKPT, SUPERVISE, tmpdir, q, pidAlive } from './helpers.js';
+import { supervise, run, fixture, CKPT, SUPERVISE, tmpdir, q } from './helpers.js';
 
 const dir = tmpdir('tree');
 const restart = (img: string) => supervise([...CKPT, 'restart', '-i', img]);

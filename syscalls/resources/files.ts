@@ -27,10 +27,10 @@ import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 
 const O_ACCMODE = 3, O_RDONLY = 0, O_WRONLY = 1, O_RDWR = 2, O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000, O_CREAT = 0o100, O_EXCL = 0o200, O_TRUNC = 0o1000, O_NOCTTY = 0o400;
-const F_SETFD = 2, F_SETFL = 4, F_DUPFD_CLOEXEC = 1030, F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032, SEEK_SET = 0;
+const F_SETFD = 2, F_SETFL = 4, F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032, SEEK_SET = 0;
 const SYS_kcmp = 312, KCMP_FILE = 0, SPLICE_F_NONBLOCK = 2;
 const SOL_SOCKET = 1, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40, AF_UNIX = 1, SOCK_CLOEXEC = 0o2000000;
-const SYS_socketpair = 53;
+const SYS_socketpair = 53, SYS_pipe2 = 293;
 /** Status flags F_SETFL can change. */
 const SETFL_MASK = 0o2000 | O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000; // APPEND NONBLOCK ASYNC DIRECT NOATIME
 
@@ -208,9 +208,7 @@ function capturePipeData(table: FilesTable, pipeIds: Map<string, number>, holder
 }
 
 function peekPipe(pid: number, fd: number): { data: Buffer; size: number } {
-  const pidfd = sys.pidfdOpen(pid);
-  const mine = sys.pidfdGetfd(pidfd, fd);
-  fs.closeSync(pidfd);
+  const mine = sys.takeFd(pid, fd);
   if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint:files', `task ${pid}: cannot reach pipe fd ${fd}`);
   const [r, w] = sys.pipe2(O_CLOEXEC | O_NONBLOCK);
   try {
@@ -231,9 +229,7 @@ function peekPipe(pid: number, fd: number): { data: Buffer; size: number } {
  * MSG_PEEK returns the next message (or stream bytes) after the last one.
  */
 function peekQueue(pid: number, fd: number): Buffer[] {
-  const pidfd = sys.pidfdOpen(pid);
-  const mine = sys.pidfdGetfd(pidfd, fd);
-  fs.closeSync(pidfd);
+  const mine = sys.takeFd(pid, fd);
   if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint:files', `task ${pid}: cannot reach socket fd ${fd}`);
   const out: Buffer[] = [];
   try {
@@ -366,9 +362,7 @@ export function restoreFiles(ctx: FilesRestore): void {
         if (pos) r.check('restart:files', SYS.lseek, owner.fd, pos, SEEK_SET);
       } else if (d.kind === 'fifo') {
         // O_RDWR first: opening one end alone would block until the other opens.
-        const low = openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files');
-        const keep = r.check('restart:files', SYS.fcntl, low, F_DUPFD_CLOEXEC, tempBase); // never on a target number
-        r.call(SYS.close, low);
+        const keep = r.raise(openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files'), tempBase); // never on a target number
         const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NONBLOCK, 'restart:files');
         r.check('restart:files', SYS.fcntl, tmp, F_SETFL, d.flags & SETFL_MASK);
         // The unread bytes belong to the FIFO, not to a descriptor: once.
@@ -415,8 +409,6 @@ export function restoreFiles(ctx: FilesRestore): void {
   }
 }
 
-const SYS_pipe2 = 293;
-
 /**
  * Close every descriptor but the "outside" ones: a fresh shell keeps the
  * caller's; a live process keeps its own if they still are the supervisor's
@@ -453,24 +445,13 @@ function transferFd(remote: (pid: number) => Remote, tempBase: number, from: Pla
     if (from.fd !== to.fd) r.check('restart:files', SYS.dup3, from.fd, to.fd, to.cloexec ? O_CLOEXEC : 0);
     return;
   }
-  // The pidfd must not land on a number a descriptor is waiting for.
-  const low = r.check('restart:files', SYS.pidfd_open, from.pid, 0);
-  const pidfd = r.check('restart:files', SYS.fcntl, low, F_DUPFD_CLOEXEC, tempBase);
-  r.call(SYS.close, low);
-  try {
-    const got = r.check('restart:files', SYS.pidfd_getfd, pidfd, from.fd, 0);
-    moveFd(r, got, to.fd, to.cloexec);
-  } finally {
-    r.call(SYS.close, pidfd);
-  }
+  moveFd(r, r.takeFd(from.pid, from.fd, tempBase), to.fd, to.cloexec);
 }
 
 /** Send messages through a tracee's socket, via a duplicate of its descriptor. */
 function sendInto(pid: number, fd: number, msgs: Buffer[]): void {
   if (!msgs.length) return;
-  const pidfd = sys.pidfdOpen(pid);
-  const mine = sys.pidfdGetfd(pidfd, fd);
-  fs.closeSync(pidfd);
+  const mine = sys.takeFd(pid, fd);
   if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${pid}: cannot reach socket fd ${fd}`);
   try {
     for (const m of msgs) {
@@ -484,9 +465,7 @@ function sendInto(pid: number, fd: number, msgs: Buffer[]): void {
 /** Write bytes into a tracee's pipe through a duplicate of its descriptor. */
 function writeInto(pid: number, fd: number, data: Buffer): void {
   if (!data.length) return;
-  const pidfd = sys.pidfdOpen(pid);
-  const mine = sys.pidfdGetfd(pidfd, fd);
-  fs.closeSync(pidfd);
+  const mine = sys.takeFd(pid, fd);
   if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${pid}: cannot reach fd ${fd}`);
   try {
     let off = 0;

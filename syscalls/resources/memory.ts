@@ -198,7 +198,7 @@ export function writePages(memPid: number, cap: MemoryCapture, w: ImageWriter, f
 
 /** The vDSO layout and code hash, recorded in the header and checked at restart. */
 export function vdsoInfo(pid: number): ImageHeader['vdso'] {
-  const maps = readSmaps(pid).filter((m) => SPECIAL.includes(m.path));
+  const maps = readMaps(pid).filter((m) => SPECIAL.includes(m.path));
   const layout = maps.map((m) => ({ name: m.path, size: Number(m.end - m.start) }));
   const vdso = maps.find((m) => m.path === '[vdso]');
   let hash = '';

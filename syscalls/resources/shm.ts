@@ -8,7 +8,7 @@
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
-import { sys, SYS } from '../../lib/libc.js';
+import { sys } from '../../lib/libc.js';
 import type { MapEntry } from '../../lib/proc.js';
 import type { Remote } from '../../supervisor/remote.js';
 
@@ -22,7 +22,7 @@ export interface ShmObject {
 /** Contents: the non-zero pages, by offset. */
 export type ShmData = Map<string, { offset: number; data: Buffer }[]>;
 
-const SYS_memfd_create = 319, MFD_CLOEXEC = 1, F_DUPFD_CLOEXEC = 1030;
+const SYS_memfd_create = 319, MFD_CLOEXEC = 1;
 
 /** Is this mapping (or fd target) a shmem object we keep (anonymous shared, memfd)? */
 export function isShm(path: string): boolean {
@@ -108,16 +108,7 @@ export class ShmRestore {
   fdIn(r: Remote, key: string, minFd = 0): bigint {
     const mine = this.fds.get(key);
     if (mine === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
-    const pidfd = r.check('restart:shm', SYS.pidfd_open, process.pid, 0);
-    try {
-      const fd = r.check('restart:shm', SYS.pidfd_getfd, pidfd, mine, 0);
-      if (fd >= BigInt(minFd)) return fd;
-      const hi = r.check('restart:shm', SYS.fcntl, fd, F_DUPFD_CLOEXEC, minFd);
-      r.call(SYS.close, fd);
-      return hi;
-    } finally {
-      r.call(SYS.close, pidfd);
-    }
+    return r.takeFd(process.pid, mine, minFd);
   }
   close(): void {
     for (const fd of this.fds.values()) fs.closeSync(fd);
