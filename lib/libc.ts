@@ -32,6 +32,7 @@ const _send = libc.func('intptr_t send(int fd, void *buf, size_t len, int flags)
 const _recv = libc.func('intptr_t recv(int fd, _Inout_ void *buf, size_t len, int flags)');
 const _setsockopt = libc.func('int setsockopt(int fd, int level, int name, void *val, uint32_t len)');
 const _vmReadv = libc.func('intptr_t process_vm_readv(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
+const _ioctl = libc.func('int ioctl(int fd, unsigned long req, _Inout_ void *arg)');
 const _vmWritev = libc.func('intptr_t process_vm_writev(int pid, void *local, unsigned long liovcnt, void *remote, unsigned long riovcnt, unsigned long flags)');
 
 
@@ -125,6 +126,10 @@ export const sys = {
     const b = Buffer.alloc(4);
     b.writeInt32LE(value);
     return _setsockopt(fd, level, name, b, 4) as number;
+  },
+  /** ioctl(2) with a struct argument (read and written in place); -1 and errno on failure. */
+  ioctl(fd: number, req: bigint, arg: Buffer): number {
+    return _ioctl(fd, req, arg) as number;
   },
   /** tee(2): duplicate up to len bytes of a pipe into another, without consuming. */
   tee(fdin: number, fdout: number, len: number, flags: number): number {

@@ -16,3 +16,21 @@ export const log = {
 export function logError(line: string): void {
   process.stderr.write(`ckpt-supervise: ${line}\n`);
 }
+
+/** Where the time of one operation went, for the debug log: "freeze 0.4, memory 3.1, ...". */
+export class Phases {
+  private last = performance.now();
+  private readonly start = this.last;
+  private readonly parts: string[] = [];
+  mark(name: string): void {
+    const now = performance.now();
+    this.parts.push(`${name} ${(now - this.last).toFixed(2)}`);
+    this.last = now;
+  }
+  get totalMs(): number {
+    return performance.now() - this.start;
+  }
+  toString(): string {
+    return `${this.totalMs.toFixed(2)} ms (${this.parts.join(', ')})`;
+  }
+}

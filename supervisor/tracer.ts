@@ -33,10 +33,16 @@ export class Tracer {
   private readonly pending: WaitEvent[] = [];
   /** Processes that exited while traced: candidates for zombies of the tree. */
   readonly exited = new Set<number>();
+  /** execve count by process: an mm-bound resource (a userfaultfd) is stale once it changes. */
+  private readonly execs = new Map<number, number>();
   rootPid = 0;
   rootStatus: { code: number } | { signal: number } | null = null;
 
   constructor(private readonly onSeccomp: SeccompHandler) {}
+
+  execGen(tgid: number): number {
+    return this.execs.get(tgid) ?? 0;
+  }
 
   /** Register a tracee we learnt about (fork event, auto-attach, launch). */
   add(tid: number, tgid?: number): Task {
@@ -191,6 +197,7 @@ export class Tracer {
         // execve by a non-leader thread: the other threads are gone and the
         // thread now runs under the leader's id.
         const former = getEventMsg(task.tid);
+        this.execs.set(task.tgid, this.execGen(task.tgid) + 1);
         for (const t of this.threadsOf(task.tgid)) if (t.tid !== task.tid) this.tasks.delete(t.tid);
         if (former !== task.tid) this.tasks.delete(former);
         this.resume(task);

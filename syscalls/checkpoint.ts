@@ -22,6 +22,7 @@ import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, checkMappings, copyDontfork, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
 import { makeHusk, finishHusk, destroyHusk, huskMemory, type MemCheckpoint } from './memckpt.js';
+import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstack, findTidAddress, peekPending } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles } from './resources/files.js';
@@ -87,12 +88,18 @@ export function checkpoint(ctx: SyscallCtx): number {
  * `husks`, memory is not read: each process gets a husk instead (returned),
  * and its memory is described from the husk once the subtree runs again.
  */
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: boolean): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number } {
+export interface HuskOptions {
+  /** Should a dirty-page tracker be started in this (host) process? */
+  track: (pid: number) => boolean;
+}
+
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: HuskOptions | false): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
   const statuses = new Map(procs.map((p) => [p, readStatus(p)]));
   const shm = new ShmCapture();
   const memory = new Map<number, MemoryCapture>();
   const made = new Map<number, number>();
   const held = new Map<number, { vmas: VmaState[]; runs: HeldRun[] }>();
+  const uffds = new Map<number, number>();
   const processes: ProcessState[] = [];
   try {
     const inside = new Set(procs);
@@ -104,7 +111,11 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
       if (mem) memory.set(pid, mem);
       else {
         const before = checkMappings(pid, shm); // shared memory is copied now: fork cannot keep it
-        const husk = makeHusk(tracer, tracer.tasks.get(pid)!);
+        const husk = makeHusk(tracer, tracer.tasks.get(pid)!, (r) => {
+          if (!husks || !husks.track(pid)) return;
+          const fd = openUffd(r);
+          if (fd >= 0) uffds.set(pid, fd);
+        });
         made.set(pid, husk);
         held.set(pid, copyDontfork(pid, before, husk)); // so is what fork does not copy
       }
@@ -112,9 +123,10 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     const tree: TreeState = { root, processes, zombies: findZombies(tracer, procs), files: files.table, shm: shm.objects };
     const ns = toNamespace(tree);
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
-    return { tree, memory: rekey(memory), husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost };
+    return { tree, memory: rekey(memory), husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds) };
   } catch (e) {
     for (const [pid, husk] of made) destroyHusk(tracer, pid, husk);
+    for (const fd of uffds.values()) fs.closeSync(fd);
     throw e;
   }
 }
@@ -190,9 +202,15 @@ export function captureProcessWide(r: Remote, state: ProcessState, status: Map<s
  * its ids are recorded as seen inside it, so that a restart in a new
  * namespace gets every one of them. Other subtrees keep host ids.
  */
+/** Is `pid` the init of a pid namespace below ours (a container's root)? */
+function isContainerRoot(pid: number): boolean {
+  const ns = nsPids(pid);
+  return ns.length > 1 && ns[ns.length - 1] === 1;
+}
+
 function toNamespace(tree: TreeState): { toNs: (h: number) => number; toHost: (n: number) => number } {
+  if (!isContainerRoot(tree.root)) return { toNs: (h) => h, toHost: (n) => n };
   const rootNs = nsPids(tree.root);
-  if (rootNs.length < 2 || rootNs[rootNs.length - 1] !== 1) return { toNs: (h) => h, toHost: (n) => n };
   const level = rootNs.length - 1;
   const map = new Map<number, number>();
   const all = [...tree.processes.flatMap((p) => p.threads.map((t) => t.tid)), ...tree.zombies.map((z) => z.pid)];
@@ -270,7 +288,9 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     let cap;
     try {
       procs = freezeSubtree(freeze, tracer, caller, pid, procs);
-      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, true);
+      // Rollback (what tracking is for) is not done in a pid namespace that runs, nor after CKPT_KILL.
+      const track = !(f & CKPT.KILL) && !isContainerRoot(pid);
+      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !sv.store.tracker(p) });
     } catch (e) {
       freeze.thaw();
       throw e;
@@ -286,6 +306,8 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       shmData: cap.shm.data,
       hostOf: cap.hostOf,
       held: new Map(),
+      dirty: new Map(),
+      huskPages: newHuskPageCache(),
     };
     try {
       for (const p of c.tree.processes) {
@@ -299,10 +321,14 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       }
     } catch (e) {
       for (const [pid, husk] of c.husks) destroyHusk(tracer, c.hostOf(pid), husk); // nothing is kept
+      for (const fd of cap.uffds.values()) fs.closeSync(fd);
       throw e;
     }
     c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree)) + cap.shm.bytes() + [...c.held.values()].flat().reduce((n, r) => n + r.data.length, 0);
     sv.store.add(c);
+    // Protecting every page costs ~35 ms per GiB the first time: after the caller has its answer.
+    if (f & CKPT.KILL) for (const fd of cap.uffds.values()) fs.closeSync(fd);
+    else sv.later(() => sv.store.track(c, cap.uffds));
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);
     if (out >= 0) {
       try {

@@ -1,6 +1,7 @@
 /** What a syscall handler works with: no module globals, all state is here. */
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CheckpointStore } from './memckpt.js';
+import { log } from '../lib/log.js';
 
 export interface SupervisorOptions {
   /** Cap on live in-memory checkpoints (EAGAIN past it). */
@@ -18,6 +19,24 @@ export class Supervisor {
   }
   newCrid(): number {
     return ++this.lastCrid;
+  }
+
+  private readonly deferred: (() => void)[] = [];
+  /**
+   * Work for right after the current call is answered: the caller (and the
+   * whole tree) runs meanwhile, and it is done before the next call is served.
+   */
+  later(work: () => void): void {
+    this.deferred.push(work);
+  }
+  runLater(): void {
+    for (let work; (work = this.deferred.shift()); ) {
+      try {
+        work();
+      } catch (e) {
+        log.syscall('deferred work failed: %s', (e as Error).message);
+      }
+    }
   }
 }
 

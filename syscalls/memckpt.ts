@@ -24,6 +24,8 @@ import type { SyscallCtx } from './context.js';
 import { readStatus } from '../lib/proc.js';
 import { parseCreds } from './resources/process.js';
 import { captureMemory, type MemoryCapture, type HeldRun } from './resources/memory.js';
+import { DirtyTracker, frameDiff, type HuskPageCache } from './resources/dirty.js';
+import { normalize, union, type Runs } from '../lib/runs.js';
 
 const SIGKILL = 9, WALL = 0x40000000;
 
@@ -51,12 +53,86 @@ export interface MemCheckpoint {
   hostOf: (pid: number) => number;
   /** Pages a husk cannot hold (MADV_DONTFORK), copied during the stop, by process. */
   held: Map<number, HeldRun[]>;
+  /**
+   * Host pid -> pages of the live process that may differ from its husk
+   * beyond what its dirty tracker reports as written since the last
+   * protect. Absent: the process is not tracked (rollback compares frames).
+   */
+  dirty: Map<number, Runs>;
+  /** What the husks' page tables say, read once. */
+  huskPages: HuskPageCache;
 }
 
 /** The supervisor's in-memory checkpoints. */
 export class CheckpointStore {
   readonly all = new Map<number, MemCheckpoint>();
+  /** Dirty-page trackers of live processes, by host pid: one per mm, shared by its checkpoints. */
+  private readonly trackers = new Map<number, DirtyTracker>();
   constructor(private readonly tracer: Tracer, readonly max: number) {}
+
+  /** The tracker of process `pid`, if it has one that still describes it. */
+  tracker(pid: number): DirtyTracker | undefined {
+    const t = this.trackers.get(pid);
+    if (t && !t.valid(this.tracer.execGen(pid))) this.dropTracker(pid, 'the process is not the one tracked any more');
+    return this.trackers.get(pid);
+  }
+
+  private dropTracker(pid: number, why: string): void {
+    const t = this.trackers.get(pid);
+    if (!t) return;
+    log.syscall('dirty %d: tracking ends: %s', pid, why);
+    this.trackers.delete(pid);
+    t.close();
+    for (const c of this.all.values()) c.dirty.delete(pid);
+  }
+
+  /**
+   * Pages written since the last protect are now dirty for every checkpoint
+   * of `pid` but `except` (which gets `own`), and are protected again.
+   */
+  private reprotect(pid: number, t: DirtyTracker, except: MemCheckpoint, own: (written: Runs) => Runs): void {
+    try {
+      t.register(); // mappings made since (by the program, or by a rollback)
+      const written = t.protect();
+      for (const o of this.all.values()) if (o !== except && o.dirty.has(pid)) o.dirty.set(pid, union(o.dirty.get(pid)!, written));
+      except.dirty.set(pid, own(written));
+    } catch (e) {
+      this.dropTracker(pid, (e as Error).message);
+    }
+  }
+
+  /**
+   * Dirty tracking for the processes of new checkpoint `c` (after the
+   * thaw; the program runs meanwhile). `uffds` are the userfaultfds made
+   * during the stop for processes that had no tracker. For `c` itself a
+   * page written since the last protect is dirty only if its frame is no
+   * longer the husk's: what was written before the husk was made is not.
+   */
+  track(c: MemCheckpoint, uffds: Map<number, number>): void {
+    for (const p of c.tree.processes) {
+      const pid = c.hostOf(p.ids.pid);
+      const fd = uffds.get(p.ids.pid);
+      if (fd !== undefined && !this.tracker(pid)) {
+        try {
+          this.trackers.set(pid, new DirtyTracker(pid, fd, readStat(pid).field(22), this.tracer.execGen(pid)));
+        } catch {
+          fs.closeSync(fd); // it exited already
+        }
+      } else if (fd !== undefined) fs.closeSync(fd);
+      const t = this.tracker(pid);
+      if (!t) continue;
+      const husk = c.husks.get(p.ids.pid)!;
+      this.reprotect(pid, t, c, (written) => refine(written, pid, husk, c.huskPages));
+    }
+  }
+
+  /** After a rollback of `c`: its tracked processes equal their husks again. */
+  rolledBack(c: MemCheckpoint): void {
+    for (const pid of c.dirty.keys()) {
+      const t = this.tracker(pid);
+      if (t) this.reprotect(pid, t, c, () => []);
+    }
+  }
 
   add(c: MemCheckpoint): void {
     this.all.set(c.crid, c);
@@ -97,11 +173,34 @@ export class CheckpointStore {
     this.all.delete(c.crid);
     if (c.handleFd !== undefined) fs.closeSync(c.handleFd);
     for (const [pid, husk] of c.husks) destroyHusk(this.tracer, pid, husk);
+    for (const pid of c.dirty.keys()) {
+      if (![...this.all.values()].some((o) => o.dirty.has(pid))) this.dropTracker(pid, 'no checkpoint of it left');
+    }
   }
 }
 
-/** Make a husk of frozen process `pid` (through its task `task`); returns the husk's pid. */
-export function makeHusk(tracer: Tracer, task: Task): number {
+/**
+ * The pages of `written` that really differ from the husk: long runs are
+ * checked frame by frame (a first protect reports every present page),
+ * short ones are kept as they are (cheaper to copy than to check).
+ */
+function refine(written: Runs, pid: number, husk: number, cache: HuskPageCache): Runs {
+  const out: Runs = [];
+  for (const [s, e] of written) {
+    if (e - s < 64 * 4096) out.push([s, e]);
+    else {
+      const { copy, drop } = frameDiff(pid, husk, s, e, true, cache);
+      out.push(...copy, ...drop);
+    }
+  }
+  return normalize(out);
+}
+
+/**
+ * Make a husk of frozen process `pid` (through its task `task`); returns the
+ * husk's pid. `then` runs more injected syscalls in the same remote session.
+ */
+export function makeHusk(tracer: Tracer, task: Task, then?: (r: Remote) => void): number {
   const r = new Remote(tracer, task);
   let husk: number;
   try {
@@ -109,6 +208,7 @@ export function makeHusk(tracer: Tracer, task: Task): number {
     const res = r.call(SYS.clone, 0, 0, 0, 0, 0);
     if (res < 0n) throw new CkptError(Number(-res), 'checkpoint:husk', `task ${task.tid}: clone failed`);
     husk = Number(res);
+    then?.(r);
   } finally {
     r.finish();
   }

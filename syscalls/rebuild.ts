@@ -14,13 +14,14 @@ import { cloneWithTid, THREAD_FLAGS } from '../supervisor/shells.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import type { MemoryCapture } from './resources/memory.js';
-import { fillPages, GADGET_SIZE } from './resources/memory.js';
+import { fillPages, GADGET_SIZE, GADGET_IOV, GADGET_IOVS } from './resources/memory.js';
+import { nsPids } from '../supervisor/pidns.js';
 import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending } from './resources/thread.js';
 import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
 
-const SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, CLONE_NEWPID = 0x20000000;
+const SYS_process_vm_readv = 310, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, CLONE_NEWPID = 0x20000000;
 
 export interface Shell {
   state: ProcessState;
@@ -205,6 +206,35 @@ export function copyChangedFromHusk(sh: Shell, husk: number, runs: { addr: bigin
       continue;
     }
     bytes += size;
+  }
+  return bytes;
+}
+
+/**
+ * Copy `runs` (in writable mappings) from the husk into the live process by
+ * having the process read them itself: process_vm_readv with the same
+ * addresses on both sides and the iovecs in the gadget. One copy, no
+ * buffer in the supervisor, about twice the rate of copyChangedFromHusk.
+ * The husk is the process's own child, so it may read it; where it may not
+ * (or a batch comes up short), the supervisor copies that batch.
+ */
+export function pullFromHusk(sh: Shell, husk: number, runs: { addr: bigint; len: number }[]): number {
+  if (!sh.gadget) return copyChangedFromHusk(sh, husk, runs);
+  const huskSeen = nsPids(husk).at(-1)!; // the husk's pid in the process's own namespace
+  let bytes = 0;
+  for (let i = 0; i < runs.length; i += GADGET_IOVS) {
+    const part = runs.slice(i, i + GADGET_IOVS);
+    const iov = Buffer.alloc(16 * part.length);
+    let want = 0;
+    part.forEach((r, j) => {
+      iov.writeBigUInt64LE(r.addr, 16 * j);
+      iov.writeBigUInt64LE(BigInt(r.len), 16 * j + 8);
+      want += r.len;
+    });
+    const at = sh.gadget + GADGET_IOV;
+    sh.remote.mem.write(at, iov);
+    const got = sh.remote.call(SYS_process_vm_readv, huskSeen, at, part.length, at, part.length, 0);
+    bytes += got === BigInt(want) ? want : copyChangedFromHusk(sh, husk, part);
   }
   return bytes;
 }

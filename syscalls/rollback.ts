@@ -9,11 +9,12 @@
  * Everything that can be checked is checked before anything changes; after
  * that point a failure kills the subtree rather than leave it half-restored.
  */
-import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';
 import { sys, SYS, errnoNow } from '../lib/libc.js';
-import { readMaps, readStat, listTids, readPagemapRaw, type MapEntry } from '../lib/proc.js';
-import { log } from '../lib/log.js';
+import { readMaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
+import { normalize, union, intersect, subtract, asRanges, runBytes, type Runs } from '../lib/runs.js';
+import { frameDiff, huskOwn, type DirtyTracker } from './resources/dirty.js';
+import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { Remote } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
@@ -22,7 +23,7 @@ import type { ProcessState } from './state.js';
 import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
 import { ShmRestore } from './resources/shm.js';
-import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, type Shell } from './rebuild.js';
+import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, pullFromHusk, openShell, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
 
 const SIGKILL = 9, SIGCHLD = 17, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
@@ -52,7 +53,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const { tracer, caller } = ctx;
   const tree = c.tree;
   if (tree.pidns) throw new CkptError(errno('EOPNOTSUPP'), 'restart', `checkpoint ${c.crid} is of a pid namespace that still runs: rolling it back in place is not supported yet`);
-  const t0 = performance.now();
+  const ph = new Phases();
   const freeze = new Freeze(tracer);
   freeze.add(subtree(tracer, tree.root));
   const procs = subtree(tracer, tree.root);
@@ -72,6 +73,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
   }
   const callerInside = procs.includes(caller.tgid);
+  ph.mark('freeze');
 
   const shells = new Map<number, Shell>();
   const shm = new ShmRestore(tree.shm);
@@ -103,14 +105,16 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     });
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z, shells.get(z.ppid)!.task);
+    ph.mark('processes');
     let copied = 0;
     for (const sh of shells.values()) {
       const husk = c.husks.get(sh.state.ids.pid)!;
       const mem = c.memory.get(sh.state.ids.pid)!;
-      copied += sh.live ? rollbackMemory(sh, husk, mem, shm) : freshMemory(sh, husk, mem, shm);
+      copied += sh.live ? rollbackMemory(sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), ph) : freshMemory(sh, husk, mem, shm);
       // What the husk cannot hold (MADV_DONTFORK) was mapped anew: fill it from the copy.
       for (const r of c.held.get(sh.state.ids.pid) ?? []) fillPages(sh.remote.mem, sh.state.memory, r.addr, r.data);
     }
+    ph.mark('memory');
     restoreFiles({
       remote: (pid) => shells.get(pid)!.remote,
       host: (pid) => shells.get(pid)!.task.tid,
@@ -120,8 +124,12 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       live: new Set(kept.map((p) => p.ids.pid)),
       shm,
     });
+    ph.mark('files');
     for (const sh of shells.values()) finishProcess(tracer, sh, false);
-    log.syscall('rollback of checkpoint %d: %d kept, %d made, %d killed, %d bytes copied, %s ms', c.crid, kept.length, made.length, extra.length, copied, (performance.now() - t0).toFixed(2));
+    ph.mark('threads');
+    ctx.sv.store.rolledBack(c); // protect again what the copies wrote, before anything runs
+    ph.mark('protect');
+    log.syscall('rollback of checkpoint %d: %d kept, %d made, %d killed, %d bytes copied, %s', c.crid, kept.length, made.length, extra.length, copied, ph);
   } catch (e) {
     // Past the checks: never leave the subtree half-restored.
     for (const sh of shells.values()) sh.remote.mem.close();
@@ -220,6 +228,8 @@ function pieceVma(p: Piece): VmaState {
   return { ...p.v, start: hex(p.start), end: hex(p.end), offset };
 }
 
+type Run = { addr: bigint; len: number };
+
 /** The runs of `runs` that fall in the pieces, clipped to them. */
 function clip(runs: Run[], pieces: Piece[]): Run[] {
   const out: Run[] = [];
@@ -235,12 +245,13 @@ function clip(runs: Run[], pieces: Piece[]): Run[] {
 
 /**
  * A live process's memory back to its husk's. In the parts still mapped as
- * at the checkpoint, only pages whose frame differs from the husk's are
- * copied, and pages the checkpoint did not have are dropped; everything
- * else is unmapped, and the checkpoint's other parts are mapped again and
- * filled whole. Returns the bytes copied.
+ * at the checkpoint, only pages that changed are put back: those the dirty
+ * tracker reports (see dirty.ts), or, where it cannot vouch, those whose
+ * frame differs from the husk's; pages the checkpoint did not have are
+ * dropped. Everything else is unmapped, and the checkpoint's other parts
+ * are mapped again and filled whole. Returns the bytes copied.
  */
-function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore): number {
+function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, ph: Phases): number {
   const pid = sh.task.tid;
   const r = sh.remote;
   const all = readMaps(pid);
@@ -252,85 +263,58 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
   log.restore('rollback %d: %d parts kept, %d mapped again', pid, kept.length, fresh.length);
   // Unmap what lies outside the kept parts (munmap splits mappings as needed).
   const keepRanges = [...kept.map((p) => [p.start, p.end]), [sh.gadget, sh.gadget + GADGET_SIZE]].sort((x, y) => (x[0] < y[0] ? -1 : 1));
+  const unmaps: bigint[][] = [];
   for (const m of current) {
     let at = m.start;
     for (const [ks, ke] of keepRanges) {
       if (ke <= at || ks >= m.end) continue;
-      if (ks > at) r.check('restart:memory', SYS.munmap, at, ks - at);
+      if (ks > at) unmaps.push([BigInt(SYS.munmap), at, ks - at]);
       at = ke;
     }
-    if (at < m.end) r.check('restart:memory', SYS.munmap, at, m.end - at);
+    if (at < m.end) unmaps.push([BigInt(SYS.munmap), at, m.end - at]);
   }
+  checkAll(r.batch(unmaps), 'munmap');
   mapVmas(r, fresh.map(pieceVma), shm); // shared memory is always mapped anew, from its checkpoint contents
   let bytes = copyFromHusk(sh, husk, mem, clip(mem.runs, fresh));
-  const pmLive = fs.openSync(`/proc/${pid}/pagemap`, 'r');
-  try {
-    for (const p of kept) {
-      if (p.v.shared) continue;
-      const { copy, drop } = diffPages(readPagemap(pmLive, p.start, p.end), huskPagemap(husk, p.start, p.end), p.start, p.v.kind === 'anon');
-      for (const d of drop) r.check('restart:memory', SYS.madvise, d.addr, d.len, MADV_DONTNEED);
-      bytes += copyChangedFromHusk(sh, husk, copy);
-    }
-  } finally {
-    fs.closeSync(pmLive);
+  ph.mark('layout');
+
+  const pieces = kept.filter((p) => !p.v.shared).map((p) => ({ range: [Number(p.start), Number(p.end)] as [number, number], anon: p.v.kind === 'anon', writable: (p.v.prot & 2) !== 0, v: p.v }));
+  const dirty = tracker ? c.dirty.get(pid) : undefined;
+  let copy: Runs = [], drop: Runs = [];
+  let untracked: Runs = pieces.map((p) => p.range);
+  if (tracker && dirty) {
+    const cand = tracker.candidates(untracked);
+    ph.mark('scan');
+    const K = untracked;
+    untracked = intersect(cand.untracked, K);
+    const changed = subtract(intersect(union(dirty, cand.written), K), untracked);
+    const own = normalize(pieces.flatMap((p) => intersect(huskOwn(husk, Number(vmaStart(p.v)), Number(vmaEnd(p.v)), p.anon, c.huskPages), [p.range])));
+    copy = union(intersect(changed, own), intersect(cand.absent, own));
+    drop = subtract(changed, own);
+    ph.mark('sets');
+    log.restore('rollback %d: tracked: %d written, %d absent, %d untracked, %d dirty before', pid, runBytes(cand.written), runBytes(cand.absent), runBytes(untracked), runBytes(dirty));
   }
+  // Where tracking cannot vouch (or there is none): compare page frames.
+  for (const p of pieces) {
+    for (const [s, e] of intersect(untracked, [p.range])) {
+      const d = frameDiff(pid, husk, s, e, p.anon, c.huskPages);
+      copy = union(copy, d.copy);
+      drop = union(drop, d.drop);
+    }
+  }
+  ph.mark('diff');
+  checkAll(r.batch(drop.map(([s, e]) => [SYS.madvise, s, e - s, MADV_DONTNEED])), 'madvise');
+  ph.mark('drop');
+  const writable = normalize(pieces.filter((p) => p.writable).map((p) => p.range));
+  bytes += pullFromHusk(sh, husk, asRanges(intersect(copy, writable)));
+  ph.mark('pull');
+  bytes += copyChangedFromHusk(sh, husk, asRanges(subtract(copy, writable)));
+  ph.mark('copy');
   return bytes;
 }
 
-/** Raw pagemap entries of [start, end), as pairs of 32-bit words. */
-function readPagemap(fd: number, start: bigint, end: bigint): Uint32Array {
-  const b = readPagemapRaw(fd, start, end);
-  return new Uint32Array(b.buffer, b.byteOffset, b.length / 4);
-}
-
-/**
- * A husk never runs, so its page table is read once per range and kept (see
- * diffPages for why a stale entry can only cost an extra copy).
- */
-const huskPagemaps = new Map<string, Uint32Array>();
-function huskPagemap(husk: number, start: bigint, end: bigint): Uint32Array {
-  const key = `${husk}:${start}:${end}`;
-  let words = huskPagemaps.get(key);
-  if (!words) {
-    if (huskPagemaps.size > 4096) huskPagemaps.clear();
-    const fd = fs.openSync(`/proc/${husk}/pagemap`, 'r');
-    try {
-      words = readPagemap(fd, start, end);
-    } finally {
-      fs.closeSync(fd);
-    }
-    huskPagemaps.set(key, words);
-  }
-  return words;
-}
-
-type Run = { addr: bigint; len: number };
-
-/**
- * Compare the page tables of the live process and its husk over one range.
- * Untouched since the checkpoint: the same frame (or swap entry) in both,
- * and the live page not mapped exclusively (it is still shared with the
- * husk; a frame freed by the husk and reused by the live process would be
- * exclusive, so a stale husk entry never hides a change). Otherwise the
- * husk's page is copied back, or, where the husk had no data of its own
- * (none, or only the file's page), the live page is dropped.
- */
-function diffPages(live: Uint32Array, husk: Uint32Array, start: bigint, anon: boolean): { copy: Run[]; drop: Run[] } {
-  const pages = live.length / 2;
-  const copy: Run[] = [], drop: Run[] = [];
-  const add = (list: Run[], i: number) => {
-    const addr = start + BigInt(i) * 4096n;
-    const last = list[list.length - 1];
-    if (last && last.addr + BigInt(last.len) === addr) last.len += 4096;
-    else list.push({ addr, len: 4096 });
-  };
-  const PRESENT = 0x80000000, SWAP = 0x40000000, FILE = 0x20000000, EXCLUSIVE = 0x01000000, PFN_HI = 0x007fffff;
-  for (let i = 0; i < pages; i++) {
-    const hl = husk[2 * i], hh = husk[2 * i + 1], ll = live[2 * i], lh = live[2 * i + 1];
-    const hHas = (hh & (PRESENT | SWAP)) !== 0, lHas = (lh & (PRESENT | SWAP)) !== 0;
-    if (hHas && lHas && hl === ll && (hh & PFN_HI) === (lh & PFN_HI) && (hh & (PRESENT | SWAP)) === (lh & (PRESENT | SWAP)) && ((lh & EXCLUSIVE) === 0 || (lh & SWAP) !== 0)) continue;
-    if (hHas && (anon || (hh & FILE) === 0)) add(copy, i);
-    else if (lHas && (anon || (lh & FILE) === 0)) add(drop, i);
-  }
-  return { copy, drop };
+/** Results of a batch of injected syscalls: any failure fails the rollback. */
+function checkAll(results: bigint[], what: string): void {
+  const bad = results.find((x) => x < 0n);
+  if (bad !== undefined) throw new CkptError(Number(-bad), 'restart:memory', `${what} failed`);
 }

@@ -26,6 +26,11 @@ export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;
 
 export function serve(sv: Supervisor, tracer: Tracer, caller: Task): void {
+  answer(sv, tracer, caller);
+  sv.runLater();
+}
+
+function answer(sv: Supervisor, tracer: Tracer, caller: Task): void {
   const regs = getRegs(caller.tid);
   const nr = Number(regs.getSigned('orig_rax'));
   const args = ARG_REGS.map((r) => regs.get(r));

@@ -261,8 +261,10 @@ export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], 
  *   +16     a loop that runs a table of syscalls and stops on int3 (batches)
  *   +4 KiB  the table: 128 entries of { nr, 6 args, result }
  *   +12 KiB scratch memory (paths, structs)
+ *   +16 KiB iovecs for a process_vm_readv made by the process itself
  */
-export const GADGET_SIZE = 16384n;
+export const GADGET_SIZE = 32768n;
+export const GADGET_IOV = 16384n, GADGET_IOVS = 1024;
 const BATCH_CODE = Buffer.from([
   0x4d, 0x85, 0xe4, //       loop: test r12, r12
   0x74, 0x2a, //                   jz done
