@@ -8,9 +8,12 @@ export type Runs = [number, number][];
 
 /** Sort and merge (overlapping or touching ranges become one). */
 export function normalize(list: Runs): Runs {
-  const sorted = list.filter(([s, e]) => e > s).sort((a, b) => a[0] - b[0]);
+  let sorted = true;
+  for (let i = 1; i < list.length && sorted; i++) sorted = list[i - 1][0] <= list[i][0];
+  const ordered = sorted ? list : [...list].sort((a, b) => a[0] - b[0]);
   const out: Runs = [];
-  for (const [s, e] of sorted) {
+  for (const [s, e] of ordered) {
+    if (e <= s) continue;
     const last = out[out.length - 1];
     if (last && s <= last[1]) last[1] = Math.max(last[1], e);
     else out.push([s, e]);
@@ -18,10 +21,17 @@ export function normalize(list: Runs): Runs {
   return out;
 }
 
+/** Both sets: one merge of two sorted lists. */
 export function union(a: Runs, b: Runs): Runs {
-  if (!a.length) return b.map(([s, e]) => [s, e]);
-  if (!b.length) return a.map(([s, e]) => [s, e]);
-  return normalize([...a, ...b]);
+  const out: Runs = [];
+  const push = ([s, e]: [number, number]) => {
+    const last = out[out.length - 1];
+    if (last && s <= last[1]) last[1] = Math.max(last[1], e);
+    else out.push([s, e]);
+  };
+  let i = 0, j = 0;
+  while (i < a.length || j < b.length) push(j >= b.length || (i < a.length && a[i][0] <= b[j][0]) ? a[i++] : b[j++]);
+  return out;
 }
 
 export function intersect(a: Runs, b: Runs): Runs {

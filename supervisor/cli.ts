@@ -22,6 +22,7 @@ const argv = yargs(dash < 0 ? raw : raw.slice(0, dash))
   .scriptName('ckpt-supervise')
   .usage('$0 [options] -- prog [args...]\n\nRun prog as the root of a supervised tree that may call the ckpt system calls.')
   .option('max-checkpoints', { type: 'number', default: 64, describe: 'cap on live in-memory checkpoints' })
+  .option('track-dirty', { type: 'boolean', default: true, describe: 'track written pages (userfaultfd) so that undo copies only them; --no-track-dirty compares page frames instead' })
   .option('pidns', { type: 'boolean', default: false, describe: 'run the tree in a new pid namespace under a minimal init (pid 1), so that a restart always gets its pids' })
   .parserConfiguration({ 'halt-at-non-option': true })
   .strict(false)
@@ -38,6 +39,7 @@ if (cmd.length === 0) {
 sys.prctl(PR_SET_CHILD_SUBREAPER, 1);
 const sv: Supervisor = new Supervisor(new Tracer((tracer, task) => serve(sv, tracer, task)), {
   maxCheckpoints: argv['max-checkpoints'],
+  trackDirty: argv['track-dirty'],
   outsideFds,
 });
 try {

@@ -144,6 +144,7 @@ export class Remote {
   /** Set `regs`, resume with `req`, and wait for the trap that ends it. */
   private run(regs: Regs, req: number): void {
     const t = this.task;
+    this.tracer.roundTrips++;
     setRegs(t.tid, regs);
     for (;;) {
       if (sys.ptrace(req, t.tid, 0, 0) === -1) throw this.gone();

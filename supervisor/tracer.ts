@@ -35,6 +35,8 @@ export class Tracer {
   readonly exited = new Set<number>();
   /** execve count by process: an mm-bound resource (a userfaultfd) is stale once it changes. */
   private readonly execs = new Map<number, number>();
+  /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
+  roundTrips = 0;
   rootPid = 0;
   rootStatus: { code: number } | { signal: number } | null = null;
 

@@ -289,7 +289,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     try {
       procs = freezeSubtree(freeze, tracer, caller, pid, procs);
       // Rollback (what tracking is for) is not done in a pid namespace that runs, nor after CKPT_KILL.
-      const track = !(f & CKPT.KILL) && !isContainerRoot(pid);
+      const track = sv.options.trackDirty && !(f & CKPT.KILL) && !isContainerRoot(pid);
       cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !sv.store.tracker(p) });
     } catch (e) {
       freeze.thaw();

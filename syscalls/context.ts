@@ -6,6 +6,8 @@ import { log } from '../lib/log.js';
 export interface SupervisorOptions {
   /** Cap on live in-memory checkpoints (EAGAIN past it). */
   maxCheckpoints: number;
+  /** Track written pages for fast undo (else rollback compares page frames). */
+  trackDirty: boolean;
   /** The supervisor's own inherited descriptors: what "outside the tree" means. */
   outsideFds: number[];
 }

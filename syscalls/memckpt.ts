@@ -90,9 +90,9 @@ export class CheckpointStore {
    * Pages written since the last protect are now dirty for every checkpoint
    * of `pid` but `except` (which gets `own`), and are protected again.
    */
-  private reprotect(pid: number, t: DirtyTracker, except: MemCheckpoint, own: (written: Runs) => Runs): void {
+  private reprotect(pid: number, t: DirtyTracker, except: MemCheckpoint, own: (written: Runs) => Runs, register = true): void {
     try {
-      t.register(); // mappings made since (by the program, or by a rollback)
+      if (register) t.register(); // mappings made since (by the program, or by a rollback)
       const written = t.protect();
       for (const o of this.all.values()) if (o !== except && o.dirty.has(pid)) o.dirty.set(pid, union(o.dirty.get(pid)!, written));
       except.dirty.set(pid, own(written));
@@ -126,11 +126,14 @@ export class CheckpointStore {
     }
   }
 
-  /** After a rollback of `c`: its tracked processes equal their husks again. */
-  rolledBack(c: MemCheckpoint): void {
+  /**
+   * After a rollback of `c`: its tracked processes equal their husks again.
+   * Only those in `remapped` have mappings to register first.
+   */
+  rolledBack(c: MemCheckpoint, remapped: Set<number>): void {
     for (const pid of c.dirty.keys()) {
       const t = this.tracker(pid);
-      if (t) this.reprotect(pid, t, c, () => []);
+      if (t) this.reprotect(pid, t, c, () => [], remapped.has(pid));
     }
   }
 

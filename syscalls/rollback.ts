@@ -107,10 +107,11 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     for (const { z, task } of zombies) makeZombie(tracer, task, z, shells.get(z.ppid)!.task);
     ph.mark('processes');
     let copied = 0;
+    const remapped = new Set<number>(); // processes with mappings the tracker does not cover yet
     for (const sh of shells.values()) {
       const husk = c.husks.get(sh.state.ids.pid)!;
       const mem = c.memory.get(sh.state.ids.pid)!;
-      copied += sh.live ? rollbackMemory(sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), ph) : freshMemory(sh, husk, mem, shm);
+      copied += sh.live ? rollbackMemory(sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), remapped, ph) : freshMemory(sh, husk, mem, shm);
       // What the husk cannot hold (MADV_DONTFORK) was mapped anew: fill it from the copy.
       for (const r of c.held.get(sh.state.ids.pid) ?? []) fillPages(sh.remote.mem, sh.state.memory, r.addr, r.data);
     }
@@ -127,7 +128,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     ph.mark('files');
     for (const sh of shells.values()) finishProcess(tracer, sh, false);
     ph.mark('threads');
-    ctx.sv.store.rolledBack(c); // protect again what the copies wrote, before anything runs
+    ctx.sv.store.rolledBack(c, remapped); // protect again what the copies wrote, before anything runs
     ph.mark('protect');
     log.syscall('rollback of checkpoint %d: %d kept, %d made, %d killed, %d bytes copied, %s', c.crid, kept.length, made.length, extra.length, copied, ph);
   } catch (e) {
@@ -251,7 +252,7 @@ function clip(runs: Run[], pieces: Piece[]): Run[] {
  * dropped. Everything else is unmapped, and the checkpoint's other parts
  * are mapped again and filled whole. Returns the bytes copied.
  */
-function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, ph: Phases): number {
+function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, remapped: Set<number>, ph: Phases): number {
   const pid = sh.task.tid;
   const r = sh.remote;
   const all = readMaps(pid);
@@ -294,6 +295,7 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
     ph.mark('sets');
     log.restore('rollback %d: tracked: %d written, %d absent, %d untracked, %d dirty before', pid, runBytes(cand.written), runBytes(cand.absent), runBytes(untracked), runBytes(dirty));
   }
+  if (fresh.length || untracked.length) remapped.add(pid);
   // Where tracking cannot vouch (or there is none): compare page frames.
   for (const p of pieces) {
     for (const [s, e] of intersect(untracked, [p.range])) {

@@ -31,6 +31,8 @@ export function serve(sv: Supervisor, tracer: Tracer, caller: Task): void {
 }
 
 function answer(sv: Supervisor, tracer: Tracer, caller: Task): void {
+  const t0 = performance.now(), trips0 = tracer.roundTrips;
+  const trips = () => tracer.roundTrips - trips0;
   const regs = getRegs(caller.tid);
   const nr = Number(regs.getSigned('orig_rax'));
   const args = ARG_REGS.map((r) => regs.get(r));
@@ -41,7 +43,10 @@ function answer(sv: Supervisor, tracer: Tracer, caller: Task): void {
   } else {
     try {
       const r = entry.handler({ sv, tracer, caller, args });
-      if (r === NO_RETURN) return;
+      if (r === NO_RETURN) {
+        log.syscall('%d: %s(%s) did not return (%s ms, %d injected runs)', caller.tid, entry.name, args.slice(0, 3).join(', '), (performance.now() - t0).toFixed(2), trips());
+        return;
+      }
       ret = BigInt(r);
     } catch (e) {
       const err = asCkptError(e, entry.name);
@@ -49,7 +54,7 @@ function answer(sv: Supervisor, tracer: Tracer, caller: Task): void {
       ret = -BigInt(err.errno);
     }
   }
-  log.syscall('%d: %s(%s) = %d', caller.tid, entry?.name ?? nr, args.slice(0, 3).join(', '), ret);
+  log.syscall('%d: %s(%s) = %d (%s ms, %d injected runs)', caller.tid, entry?.name ?? nr, args.slice(0, 3).join(', '), ret, (performance.now() - t0).toFixed(2), trips());
   // Whatever stop the caller is in now (seccomp, or a stop after injected
   // syscalls that put its registers back), orig_rax -1 skips any syscall.
   // The caller may be gone (CKPT_KILL of its own subtree): nothing to answer.

@@ -19,9 +19,10 @@ export interface RunResult {
 }
 
 /** Run a command (tests may use child_process; only the supervisor may not). */
-export function run(cmd: string[], opts: { input?: Buffer | string; timeout?: number; cwd?: string } = {}): RunResult {
+export function run(cmd: string[], opts: { input?: Buffer | string; timeout?: number; cwd?: string; env?: NodeJS.ProcessEnv } = {}): RunResult {
   const r = spawnSync(cmd[0], cmd.slice(1), {
     input: opts.input,
+    env: opts.env ?? process.env,
     timeout: opts.timeout ?? 120_000,
     cwd: opts.cwd ?? ROOT,
     maxBuffer: 1 << 30,

@@ -3,6 +3,7 @@ import t from 'tap';
 import { decodeWaitStatus, Regs, REGS_SIZE } from '../lib/ptrace.js';
 import { parseMaps, parseSmaps, parseStat, parseFdinfo } from '../lib/proc.js';
 import { buildTrapFilter, evalFilter, SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE } from '../lib/seccomp.js';
+import { normalize, union, intersect, subtract, runBytes, type Runs } from '../lib/runs.js';
 
 t.test('wait status decoding', async (t) => {
   t.same(decodeWaitStatus(5, 3 << 8), { kind: 'exited', pid: 5, code: 3 });
@@ -65,4 +66,35 @@ t.test('register set', async (t) => {
   const c = r.clone();
   c.set('rip', 0);
   t.equal(r.get('rip'), 0x401000n, 'clone is independent');
+});
+
+t.test('page run sets agree with a page-by-page model', async (t) => {
+  // Deterministic pseudo-random sets over 200 pages, checked against bitmaps.
+  let seed = 12345;
+  const rnd = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) % n);
+  const P = 4096, N = 220;
+  const make = (): Runs => normalize(Array.from({ length: rnd(9) }, () => {
+    const s = rnd(200);
+    return [s * P, (s + 1 + rnd(12)) * P] as [number, number];
+  }));
+  const bits = (r: Runs) => {
+    const b = new Uint8Array(N);
+    for (const [s, e] of r) for (let x = s / P; x < e / P; x++) b[x] = 1;
+    return b;
+  };
+  const model = { union: (x: number, y: number) => x | y, intersect: (x: number, y: number) => x & y, subtract: (x: number, y: number) => x & (1 - y) };
+  let bad = 0, merged = true;
+  for (let k = 0; k < 3000; k++) {
+    const a = make(), b = make(), A = bits(a), B = bits(b);
+    for (const [name, f] of [['union', union], ['intersect', intersect], ['subtract', subtract]] as const) {
+      const got = f(a, b);
+      const G = bits(got);
+      for (let i = 0; i < N; i++) if (G[i] !== model[name](A[i], B[i])) bad++;
+      for (let i = 1; i < got.length; i++) if (got[i][0] < got[i - 1][1] || (name === 'union' && got[i][0] === got[i - 1][1])) merged = false;
+    }
+  }
+  t.equal(bad, 0, 'every page of every union, intersection and difference is right');
+  t.ok(merged, 'results are sorted and disjoint (unions also merged)');
+  t.same(normalize([[8192, 12288], [0, 4096], [4096, 8192], [20480, 20480]]), [[0, 12288]], 'normalize sorts, merges touching runs, drops empty ones');
+  t.equal(runBytes([[0, 4096], [8192, 16384]]), 12288);
 });
