@@ -17,13 +17,13 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-const SUP = [path.join(ROOT, 'dist/supervisor/cli.js'), '--'];
+const CLI = path.join(ROOT, 'dist/supervisor/cli.js');
 const bin = (n: string) => path.join(ROOT, 'fixtures/bin', n);
 const sizes = process.argv.slice(2).map(Number).filter(Boolean);
 const dir = fs.mkdtempSync(path.join(process.env.BENCH_DIR ?? os.tmpdir(), 'ckpt-bench-'));
 
-function run(args: string[]): string {
-  const r = spawnSync(process.execPath, [...SUP, ...args], { encoding: 'utf8', maxBuffer: 1 << 26, timeout: 600_000 });
+function run(args: string[], options: string[] = []): string {
+  const r = spawnSync(process.execPath, [CLI, ...options, '--', ...args], { encoding: 'utf8', maxBuffer: 1 << 26, timeout: 600_000 });
   if (r.status !== 0) throw new Error(`${args.join(' ')}: ${r.status}\n${r.stdout}\n${r.stderr}`);
   return r.stdout;
 }
@@ -45,11 +45,16 @@ for (const mb of sizes.length ? sizes : [256, 1024, 4096]) {
 }
 table('stop time (largest gap seen by a running thread; best of 3 for fork and DEFER, 1 for to-file)', stop);
 
-const undo: string[][] = [['changed', 'bytes', 'undo ms (median)', 'undo ms (min)', 'memcpy ms', 'undo/memcpy']];
+// Undo with dirty tracking (the default) and by page-frame comparison
+// (--no-track-dirty), next to memcpy of the changed bytes and to a plain
+// process_vm_readv of the same pages from another process: the floor for
+// any copy between two address spaces on this machine.
+const undo: string[][] = [['changed', 'bytes', 'undo ms (median)', 'undo ms (min)', 'frames ms (median)', 'memcpy ms', 'cross-process copy ms', 'undo/memcpy', 'undo/copy']];
 for (const [label, permille] of [['0.1%', 1], ['1%', 10], ['100%', 1000]] as const) {
-  const out = run([bin('undobench'), path.join(dir, 'undo.state'), '1024', String(permille), '7']);
-  const mc = num(out, 'memcpy_ms');
-  undo.push([label, String(num(out, 'changed_bytes')), f(num(out, 'undo_ms'), 2), f(num(out, 'min_ms'), 2), f(mc, 3), f(num(out, 'undo_ms') / Math.max(mc, 0.001))]);
+  const args = [bin('undobench'), path.join(dir, 'undo.state'), '1024', String(permille), '9'];
+  const out = run(args), frames = run(args, ['--no-track-dirty']);
+  const mc = num(out, 'memcpy_ms'), pvm = num(out, 'pvm_ms'), u = num(out, 'undo_ms');
+  undo.push([label, String(num(out, 'changed_bytes')), f(u, 2), f(num(out, 'min_ms'), 2), f(num(frames, 'undo_ms'), 2), f(mc, 3), f(pvm, 2), f(u / Math.max(mc, 0.001)), f(u / Math.max(pvm, 0.001))]);
 }
-table('undo of a 1 GiB process (7 rollbacks each)', undo);
+table('undo of a 1 GiB process (9 rollbacks each; program-side time from restart() to arriving at the checkpoint)', undo);
 fs.rmSync(dir, { recursive: true, force: true });
