@@ -21,7 +21,7 @@ import { CKPT } from './abi.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, checkMappings, copyDontfork, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
-import { makeHusk, finishHusk, destroyHusk, huskMemory, type MemCheckpoint } from './memckpt.js';
+import { makeHusk, finishHusk, destroyHusk, huskMemory, HuskRefused, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstack, findTidAddress, peekPending } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
@@ -50,7 +50,19 @@ export function checkpoint(ctx: SyscallCtx): number {
   if (pidArg < 0 || !root || root.tgid !== pid) throw new CkptError(errno('ESRCH'), 'checkpoint', `pid ${pidArg} is not a process of this supervised tree`);
   let procs = subtree(tracer, pid);
   checkPermission(caller.tgid, procs);
-  if (f & (CKPT.DEFER | CKPT.KEEP)) return checkpointInMemory(ctx, pid, procs, f, fdArg);
+  if (f & (CKPT.DEFER | CKPT.KEEP)) return checkpointInMemory(ctx, pid, procs, f, fdArg, true);
+  if (!(f & CKPT.KILL)) {
+    // To a file, the subtree is stopped only as long as for CKPT_DEFER: the
+    // image is written from husks while it runs again. A subtree that
+    // husks cannot hold (MADV_WIPEONFORK) is captured whole while stopped.
+    try {
+      return checkpointInMemory(ctx, pid, procs, f, fdArg, false);
+    } catch (e) {
+      if (!(e instanceof HuskRefused)) throw e;
+      log.syscall('checkpoint %d: %s; capturing it while stopped', pid, e.detail);
+      procs = subtree(tracer, pid);
+    }
+  }
   const out = takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint');
   const crid = ctx.sv.newCrid();
   const freeze = new Freeze(tracer);
@@ -275,12 +287,14 @@ export function checkPermission(callerPid: number, procs: number[]): void {
  * CKPT_DEFER / CKPT_KEEP: the subtree is stopped only to capture what is not
  * memory and to make one husk per process; it runs again before the husks'
  * memory is even described. KEEP then writes the image from the husks.
+ * Without `keep` (a plain checkpoint to a file) the image is written the
+ * same way and the husks go: nothing is kept.
  */
-function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: number, fdArg: number): number {
+function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: number, fdArg: number, keep: boolean): number {
   const { tracer, caller, sv } = ctx;
   sv.store.reapHandles();
-  if (sv.store.all.size >= sv.store.max) throw new CkptError(errno('EAGAIN'), 'checkpoint', `${sv.store.all.size} in-memory checkpoints already live (--max-checkpoints ${sv.store.max})`);
-  const out = f & CKPT.KEEP ? takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint') : -1;
+  if (keep && sv.store.all.size >= sv.store.max) throw new CkptError(errno('EAGAIN'), 'checkpoint', `${sv.store.all.size} in-memory checkpoints already live (--max-checkpoints ${sv.store.max})`);
+  const out = f & CKPT.KEEP || !keep ? takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint') : -1;
   try {
     const freeze = new Freeze(tracer);
     const t0 = performance.now();
@@ -289,7 +303,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     try {
       procs = freezeSubtree(freeze, tracer, caller, pid, procs);
       // Rollback (what tracking is for) is not done in a pid namespace that runs, nor after CKPT_KILL.
-      const track = sv.options.trackDirty && !(f & CKPT.KILL) && !isContainerRoot(pid);
+      const track = keep && sv.options.trackDirty && !(f & CKPT.KILL) && !isContainerRoot(pid);
       cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !sv.store.tracker(p) });
     } catch (e) {
       freeze.thaw();
@@ -323,6 +337,15 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       for (const [pid, husk] of c.husks) destroyHusk(tracer, c.hostOf(pid), husk); // nothing is kept
       for (const fd of cap.uffds.values()) fs.closeSync(fd);
       throw e;
+    }
+    if (!keep) {
+      try {
+        writeImage(c, out);
+      } finally {
+        for (const [p, husk] of c.husks) destroyHusk(tracer, c.hostOf(p), husk);
+      }
+      log.syscall('checkpoint %d of %d to a file: stopped %s ms, image %s ms', c.crid, pid, stopMs.toFixed(2), (performance.now() - t0 - stopMs).toFixed(2));
+      return c.crid;
     }
     c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree)) + cap.shm.bytes() + [...c.held.values()].flat().reduce((n, r) => n + r.data.length, 0);
     sv.store.add(c);

@@ -278,6 +278,13 @@ export function destroyHusk(tracer: Tracer, parent: number, husk: number): void 
   }
 }
 
+/** Memory a husk cannot hold (EOPNOTSUPP for an in-memory checkpoint). */
+export class HuskRefused extends CkptError {
+  constructor(detail: string) {
+    super(errno('EOPNOTSUPP'), 'checkpoint:memory', detail);
+  }
+}
+
 /**
  * Memory of a husk: what to copy, chosen from its own page tables. A
  * MADV_WIPEONFORK range came to the husk empty: its contents at checkpoint
@@ -286,7 +293,7 @@ export function destroyHusk(tracer: Tracer, parent: number, husk: number): void 
 export function huskMemory(pid: number, husk: number): MemoryCapture {
   const wiped = readSmaps(husk).find((m) => m.flags?.includes('wf'));
   if (wiped) {
-    throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:memory', `task ${pid}: mapping 0x${wiped.start.toString(16)}-0x${wiped.end.toString(16)} is MADV_WIPEONFORK: a copy-on-write checkpoint cannot hold it`);
+    throw new HuskRefused(`task ${pid}: mapping 0x${wiped.start.toString(16)}-0x${wiped.end.toString(16)} is MADV_WIPEONFORK: a copy-on-write checkpoint cannot hold it`);
   }
   return captureMemory(husk);
 }

@@ -142,6 +142,16 @@ t.test('a MADV_WIPEONFORK region cannot be held by a husk: EOPNOTSUPP, nothing k
   t.match(r.stderr, /MADV_WIPEONFORK/);
 });
 
+t.test('a MADV_WIPEONFORK region checkpointed to a file is captured while stopped, and restored', async (t) => {
+  const img = path.join(dir, 'wipeonfork.img');
+  const r = supervise([callabi, 'wipeonfork-file', `w:${img}`]);
+  t.match(r.stdout, /checkpoint ret=[1-9]\d* errno=0/);
+  t.match(r.stdout, /memory intact: yes/);
+  const again = supervise([...CKPT, 'restart', '-i', img]);
+  t.match(again.stdout, /restored: wipeonfork data intact: yes/, 'the image holds the region\'s bytes');
+  t.equal(again.status, 0);
+});
+
 t.test('MADV_DONTFORK memory is copied during the stop: write-back, rollback and restore hold it', async (t) => {
   const img = path.join(dir, 'dontfork.img');
   const r = supervise([callabi, 'dontfork', img]);
