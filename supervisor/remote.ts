@@ -97,6 +97,18 @@ export class Remote {
 
   /** Run one syscall in the tracee; returns the raw (signed) result. */
   call(nr: number, ...args: (bigint | number)[]): bigint {
+    this.begin(nr, ...args);
+    return this.end();
+  }
+
+  private started?: { regs: Regs; req: number; nr: number; args: (bigint | number)[] };
+
+  /**
+   * Start one syscall and return at once; `end` waits for it. Several
+   * tracees can be started before any is waited for, so that their round
+   * trips overlap (see callEach).
+   */
+  begin(nr: number, ...args: (bigint | number)[]): void {
     const t = this.task;
     const regs = this.saved.clone();
     ARG_REGS.forEach((r, i) => regs.set(r, BigInt(args[i] ?? 0)));
@@ -111,9 +123,18 @@ export class Remote {
       regs.set('orig_rax', -1n);
       req = PT.SINGLESTEP;
     }
-    this.run(regs, req);
-    const res = getRegs(t.tid).getSigned('rax');
-    log.remote('%d: syscall %d(%s) = %d', t.tid, nr, args.join(', '), res);
+    this.started = { regs, req, nr, args };
+    this.start(regs, req);
+  }
+
+  /** Wait for the syscall `begin` started; its raw (signed) result. */
+  end(): bigint {
+    const s = this.started;
+    if (!s) throw new Error(`remote: task ${this.task.tid}: end() without begin()`);
+    this.started = undefined;
+    this.finishRun(s.regs, s.req);
+    const res = getRegs(this.task.tid).getSigned('rax');
+    log.remote('%d: syscall %d(%s) = %d', this.task.tid, s.nr, s.args.join(', '), res);
     return res;
   }
 
@@ -143,28 +164,53 @@ export class Remote {
 
   /** Set `regs`, resume with `req`, and wait for the trap that ends it. */
   private run(regs: Regs, req: number): void {
-    const t = this.task;
+    this.start(regs, req);
+    this.finishRun(regs, req);
+  }
+
+  private start(regs: Regs, req: number): void {
     this.tracer.roundTrips++;
-    setRegs(t.tid, regs);
+    setRegs(this.task.tid, regs);
+    if (sys.ptrace(req, this.task.tid, 0, 0) === -1) throw this.gone();
+  }
+
+  private finishRun(regs: Regs, req: number): void {
+    const t = this.task;
     for (;;) {
-      if (sys.ptrace(req, t.tid, 0, 0) === -1) throw this.gone();
       const ev = this.tracer.wait(t.tid);
       if (!ev || ev.kind !== 'stopped') throw this.gone();
       if (ev.event === PTRACE_EVENT.FORK || ev.event === PTRACE_EVENT.CLONE || ev.event === PTRACE_EVENT.VFORK) {
         const child = getEventMsg(t.tid);
         this.tracer.add(child, ev.event === PTRACE_EVENT.CLONE ? undefined : child);
         this.newChildren.push(child);
-        continue;
-      }
-      if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event === 0)) break;
-      if (ev.event === 0 && FAULTS.has(ev.signal) && getRegs(t.tid).get('rip') === regs.get('rip')) {
+      } else if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event === 0)) {
+        break;
+      } else if (ev.event === 0 && FAULTS.has(ev.signal) && getRegs(t.tid).get('rip') === regs.get('rip')) {
         // Our own injected code faulted (no gadget there any more?): never retry it.
         throw new CkptError(errno('EFAULT'), 'remote', `task ${t.tid}: injected code at 0x${regs.get('rip').toString(16)} faulted (signal ${ev.signal})`);
-      }
-      if (ev.event === 0) t.heldSignals.push(ev.signal); // a real signal: keep it for later
-      // otherwise a stray PTRACE_EVENT_STOP (a pending interrupt): go on
+      } else if (ev.event === 0) {
+        t.heldSignals.push(ev.signal); // a real signal: keep it for later
+      } // otherwise a stray PTRACE_EVENT_STOP (a pending interrupt): go on
+      if (sys.ptrace(req, t.tid, 0, 0) === -1) throw this.gone();
     }
     t.stop = 'stopped';
+  }
+
+  /**
+   * `len` bytes of the task's own stack, below the red zone, to use as
+   * scratch without mapping anything (two injected syscalls fewer): the
+   * bytes are saved here and must be put back with `putBack`. Undefined
+   * where the stack cannot be read there.
+   */
+  stackScratch(len: number): { addr: bigint; putBack: () => void } | undefined {
+    const addr = (this.saved.get('rsp') - 128n - BigInt(len) - 64n) & ~15n;
+    let old: Buffer;
+    try {
+      old = this.mem.read(addr, len);
+    } catch {
+      return undefined;
+    }
+    return { addr, putBack: () => this.mem.write(addr, old) };
   }
 
   /** Move tracee descriptor `fd` to a number >= `min` (close-on-exec), if it is below. */
@@ -223,4 +269,34 @@ export class Remote {
   private gone(): CkptError {
     return new CkptError(errno('ESRCH'), 'remote', `task ${this.task.tid} died during an injected syscall`);
   }
+}
+
+/**
+ * The same kind of call in several stopped tracees at once: all are started
+ * before any is waited for, so that the round trips overlap. Results in order.
+ */
+export function callEach(remotes: Remote[], call: (r: Remote, i: number) => [number, ...(bigint | number)[]]): bigint[] {
+  const begun: Remote[] = [];
+  let failure: unknown;
+  for (const [i, r] of remotes.entries()) {
+    try {
+      const [nr, ...args] = call(r, i);
+      r.begin(nr, ...args);
+      begun.push(r);
+    } catch (e) {
+      failure = e;
+      break;
+    }
+  }
+  // Every started call is waited for, even after a failure: each task must be stopped again.
+  const out = begun.map((r) => {
+    try {
+      return r.end();
+    } catch (e) {
+      failure ??= e;
+      return 0n;
+    }
+  });
+  if (failure) throw failure;
+  return out;
 }

@@ -21,9 +21,9 @@ import { CKPT } from './abi.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, checkMappings, copyDontfork, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
-import { makeHusk, finishHusk, destroyHusk, huskMemory, HuskRefused, type MemCheckpoint } from './memckpt.js';
+import { makeHusks, finishHusk, destroyHusk, huskMemory, HuskRefused, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
-import { captureThread, captureAltstack, findTidAddress, peekPending } from './resources/thread.js';
+import { captureThread, captureAltstack, captureAltstacks, findTidAddress, peekPending } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles } from './resources/files.js';
 import { ShmCapture, type ShmData } from './resources/shm.js';
@@ -121,16 +121,18 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
       state.files = files.perProc.get(pid)!;
       processes.push(state);
       if (mem) memory.set(pid, mem);
-      else {
-        const before = checkMappings(pid, shm); // shared memory is copied now: fork cannot keep it
-        const husk = makeHusk(tracer, tracer.tasks.get(pid)!, (r) => {
-          if (!husks || !husks.track(pid)) return;
-          const fd = openUffd(r);
-          if (fd >= 0) uffds.set(pid, fd);
-        });
-        made.set(pid, husk);
-        held.set(pid, copyDontfork(pid, before, husk)); // so is what fork does not copy
-      }
+    }
+    if (husks) {
+      const before = procs.map((pid) => checkMappings(pid, shm)); // shared memory is copied now: fork cannot keep it
+      const made1 = makeHusks(tracer, procs.map((pid) => tracer.tasks.get(pid)!), (r) => {
+        if (!husks.track(r.task.tgid)) return;
+        const fd = openUffd(r);
+        if (fd >= 0) uffds.set(r.task.tgid, fd);
+      });
+      procs.forEach((pid, i) => {
+        made.set(pid, made1[i]);
+        held.set(pid, copyDontfork(pid, before[i], made1[i])); // so is what fork does not copy
+      });
     }
     const tree: TreeState = { root, processes, zombies: findZombies(tracer, procs), files: files.table, shm: shm.objects };
     const ns = toNamespace(tree);
@@ -173,21 +175,22 @@ function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<s
     threads,
   };
   const others = threads.filter((t) => t.tid !== pid);
-  const r = shm || others.length ? new Remote(tracer, task(shm ? pid : others[0].tid)) : undefined;
-  try {
-    // glibc keeps the tid as the thread itself sees it (inside its pid namespace)
-    if (shm) captureProcessWide(r!, state, status, (tid) => nsPids(tid).at(-1)!);
-    for (const t of others) {
-      const rt = t.tid === r!.task.tid ? r! : new Remote(tracer, task(t.tid));
-      if (rt !== r) rt.setScratch(r!.scratch());
-      try {
-        t.altstack = captureAltstack(rt);
-      } finally {
-        if (rt !== r) rt.finish();
-      }
+  // glibc keeps the tid as the thread itself sees it (inside its pid namespace)
+  if (shm) {
+    const r = new Remote(tracer, task(pid));
+    try {
+      captureProcessWide(r, state, status, (tid) => nsPids(tid).at(-1)!);
+    } finally {
+      r.finish();
     }
+  }
+  // The other threads' alternate stacks (not inherited by a husk): all at once.
+  const rs: Remote[] = [];
+  try {
+    for (const t of others) rs.push(new Remote(tracer, task(t.tid)));
+    captureAltstacks(rs).forEach((a, i) => (others[i].altstack = a));
   } finally {
-    r?.finish();
+    for (const r of rs) r.finish();
   }
   const mem = shm ? captureMemory(pid, shm) : undefined;
   if (mem) state.memory = mem.vmas;

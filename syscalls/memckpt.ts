@@ -15,7 +15,7 @@ import { CkptError, errno } from '../lib/errors.js';
 import { sys, SYS } from '../lib/libc.js';
 import { readStat, readSmaps } from '../lib/proc.js';
 import { log } from '../lib/log.js';
-import { Remote } from '../supervisor/remote.js';
+import { Remote, callEach } from '../supervisor/remote.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { Freeze } from '../supervisor/freeze.js';
 import type { TreeState } from './state.js';
@@ -200,26 +200,45 @@ function refine(written: Runs, pid: number, husk: number, cache: HuskPageCache):
 }
 
 /**
- * Make a husk of frozen process `pid` (through its task `task`); returns the
- * husk's pid. `then` runs more injected syscalls in the same remote session.
+ * Make a husk of each frozen process (through its leader task), all at
+ * once: the clones are injected together so that their round trips (and
+ * page-table copies, on different CPUs) overlap. `then` runs more injected
+ * syscalls in each process's remote session (one by one). Returns the
+ * husks' pids in order; on failure, the husks made are gone again.
  */
-export function makeHusk(tracer: Tracer, task: Task, then?: (r: Remote) => void): number {
-  const r = new Remote(tracer, task);
-  let husk: number;
+export function makeHusks(tracer: Tracer, tasks: Task[], then?: (r: Remote) => void): number[] {
+  const rs: Remote[] = [];
+  const husks: number[] = [], parents: number[] = [];
   try {
-    // clone(flags = 0): exit signal 0, no sharing: a plain copy-on-write copy.
-    const res = r.call(SYS.clone, 0, 0, 0, 0, 0);
-    if (res < 0n) throw new CkptError(Number(-res), 'checkpoint:husk', `task ${task.tid}: clone failed`);
-    husk = Number(res);
-    then?.(r);
-  } finally {
-    r.finish();
+    try {
+      for (const t of tasks) rs.push(new Remote(tracer, t));
+      // clone(flags = 0): exit signal 0, no sharing: a plain copy-on-write copy.
+      const res = callEach(rs, () => [SYS.clone, 0, 0, 0, 0, 0]);
+      res.forEach((x, i) => {
+        if (x <= 0n) return;
+        husks.push(adoptHusk(tracer, tasks[i], Number(x)));
+        parents.push(tasks[i].tgid);
+      });
+      const bad = res.findIndex((x) => x <= 0n);
+      if (bad >= 0) throw new CkptError(Number(-res[bad]) || errno('ENOMEM'), 'checkpoint:husk', `task ${tasks[bad].tid}: clone failed`);
+      if (then) for (const r of rs) then(r);
+    } finally {
+      for (const r of rs) r.finish();
+    }
+  } catch (e) {
+    husks.forEach((h, i) => destroyHusk(tracer, parents[i], h));
+    throw e;
   }
+  return husks;
+}
+
+/** A husk just cloned: ours to keep stopped (its first stop is awaited here). */
+function adoptHusk(tracer: Tracer, parent: Task, husk: number): number {
   const t = tracer.add(husk, husk);
   t.husk = true;
   for (;;) {
     const ev = tracer.wait(husk);
-    if (!ev || ev.kind !== 'stopped') throw new CkptError(errno('ENOMEM'), 'checkpoint:husk', `husk ${husk} of ${task.tgid} died at birth`);
+    if (!ev || ev.kind !== 'stopped') throw new CkptError(errno('ENOMEM'), 'checkpoint:husk', `husk ${husk} of ${parent.tgid} died at birth`);
     if (ev.event !== 0 || ev.signal === 5 || ev.signal === 19) break;
   }
   return husk;

@@ -5,7 +5,7 @@
 import { CkptError, errno } from '../../lib/errors.js';
 import { getRegs, setRegs, getXState, setXState, getSigmask, setSigmask, Regs, REGS_SIZE } from '../../lib/ptrace.js';
 import { sys, SYS, addressOf } from '../../lib/libc.js';
-import type { Remote } from '../../supervisor/remote.js';
+import { callEach, type Remote } from '../../supervisor/remote.js';
 import type { RemoteMem } from '../../lib/mem.js';
 
 const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f, PTRACE_PEEKSIGINFO = 0x4209, PTRACE_PEEKSIGINFO_SHARED = 1;
@@ -119,10 +119,26 @@ export function findTidAddress(mem: RemoteMem, tid: number, fsBase: bigint): Thr
 
 /** sigaltstack(NULL, &old) in the stopped thread. */
 export function captureAltstack(r: Remote): ThreadState['altstack'] {
-  const buf = r.scratch();
-  r.check('checkpoint:sigaltstack', SYS_sigaltstack, 0, buf);
-  const b = r.mem.read(buf, 24);
-  return { sp: '0x' + b.readBigUInt64LE(0).toString(16), flags: b.readInt32LE(8), size: '0x' + b.readBigUInt64LE(16).toString(16) };
+  return captureAltstacks([r])[0];
+}
+
+/**
+ * The alternate signal stacks of several stopped threads, read all at once
+ * (one sigaltstack each, their round trips overlapping), each into a few
+ * bytes of its own stack rather than a mapped scratch page.
+ */
+export function captureAltstacks(rs: Remote[]): ThreadState['altstack'][] {
+  const slots = rs.map((r) => r.stackScratch(24));
+  try {
+    const res = callEach(rs, (r, i) => [SYS_sigaltstack, 0, slots[i]?.addr ?? r.scratch()]);
+    return rs.map((r, i) => {
+      if (res[i] < 0n) throw new CkptError(Number(-res[i]), 'checkpoint:sigaltstack', `task ${r.task.tid}: sigaltstack failed`);
+      const b = r.mem.read(slots[i]?.addr ?? r.scratch(), 24);
+      return { sp: '0x' + b.readBigUInt64LE(0).toString(16), flags: b.readInt32LE(8), size: '0x' + b.readBigUInt64LE(16).toString(16) };
+    });
+  } finally {
+    for (const s of slots) s?.putBack();
+  }
 }
 
 /** Before the shell's memory goes: drop the rseq area it inherited from the caller. */
