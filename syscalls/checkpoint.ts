@@ -11,7 +11,7 @@ import { sys } from '../lib/libc.js';
 import { ImageWriter, REC, FORMAT_VERSION, ARCH, PAGE_SIZE } from '../lib/image.js';
 import { FdSink } from '../lib/stream.js';
 import { readStatus, listTids, readStat } from '../lib/proc.js';
-import { log } from '../lib/log.js';
+import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { hostPid, nsPids } from '../supervisor/pidns.js';
 import { Remote } from '../supervisor/remote.js';
@@ -105,7 +105,7 @@ export interface HuskOptions {
   track: (pid: number) => boolean;
 }
 
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: HuskOptions | false): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: HuskOptions | false, ph = new Phases()): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
   const statuses = new Map(procs.map((p) => [p, readStatus(p)]));
   const shm = new ShmCapture();
   const memory = new Map<number, MemoryCapture>();
@@ -116,26 +116,32 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
   try {
     const inside = new Set(procs);
     const files = captureFiles(procs, outside, (p) => statuses.get(p)!, shm, tracer.processes().filter((p) => !inside.has(p)));
+    ph.mark('files');
     for (const pid of procs) {
       const { state, mem } = captureProcess(tracer, pid, caller, statuses.get(pid)!, husks ? undefined : shm);
       state.files = files.perProc.get(pid)!;
       processes.push(state);
       if (mem) memory.set(pid, mem);
     }
+    ph.mark('processes');
     if (husks) {
       const before = procs.map((pid) => checkMappings(pid, shm)); // shared memory is copied now: fork cannot keep it
+      ph.mark('maps');
       const made1 = makeHusks(tracer, procs.map((pid) => tracer.tasks.get(pid)!), (r) => {
         if (!husks.track(r.task.tgid)) return;
         const fd = openUffd(r);
         if (fd >= 0) uffds.set(r.task.tgid, fd);
       });
+      ph.mark('husks');
       procs.forEach((pid, i) => {
         made.set(pid, made1[i]);
         held.set(pid, copyDontfork(pid, before[i], made1[i])); // so is what fork does not copy
       });
+      ph.mark('dontfork');
     }
     const tree: TreeState = { root, processes, zombies: findZombies(tracer, procs), files: files.table, shm: shm.objects };
     const ns = toNamespace(tree);
+    ph.mark('tree');
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
     return { tree, memory: rekey(memory), husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds) };
   } catch (e) {
@@ -301,13 +307,15 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
   try {
     const freeze = new Freeze(tracer);
     const t0 = performance.now();
+    const ph = new Phases();
     let procs = procs0;
     let cap;
     try {
       procs = freezeSubtree(freeze, tracer, caller, pid, procs);
+      ph.mark('freeze');
       // Rollback (what tracking is for) is not done in a pid namespace that runs, nor after CKPT_KILL.
       const track = keep && sv.options.trackDirty && !(f & CKPT.KILL) && !isContainerRoot(pid);
-      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !sv.store.tracker(p) });
+      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !sv.store.tracker(p) }, ph);
     } catch (e) {
       freeze.thaw();
       throw e;
@@ -316,7 +324,9 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       for (const p of procs) sys.kill(p, 9);
       freeze.tasks.length = 0;
     } else freeze.thaw();
+    ph.mark('thaw');
     const stopMs = performance.now() - t0;
+    log.syscall('checkpoint of %d: stopped %s', pid, ph);
     const c: MemCheckpoint = {
       crid: sv.newCrid(), created: new Date().toISOString(), stopMs, tree: cap.tree, husks: cap.husks,
       memory: new Map(), privateBytes: 0, writtenBack: false, uid: parseCreds(readStatus(caller.tgid)).uid[0],

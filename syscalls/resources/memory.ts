@@ -85,12 +85,14 @@ function describe(pid: number, m: MapEntry, shm?: ShmCapture): VmaState | null {
 }
 
 /**
- * Refuse (EOPNOTSUPP) what a husk cannot hold, from /proc/PID/maps alone
- * (cheap: this runs while the subtree is stopped).
+ * While the subtree is stopped, before its husks are made: take in the
+ * shared mappings (fork does not snapshot them; their contents are copied
+ * now) from /proc/PID/maps alone. Private mappings are described, and
+ * refused if need be, from the husk once the subtree runs again.
  */
 export function checkMappings(pid: number, shm: ShmCapture): MapEntry[] {
   const maps = readMaps(pid);
-  for (const m of maps) describe(pid, m, shm);
+  for (const m of maps) if (m.perms[3] === 's') describe(pid, m, shm);
   return maps;
 }
 
