@@ -300,3 +300,48 @@ export function callEach(remotes: Remote[], call: (r: Remote, i: number) => [num
   if (failure) throw failure;
   return out;
 }
+
+/**
+ * Syscalls collected to run with one resume of the gadget's batch loop
+ * (Remote.batch), their in-memory arguments laid out side by side in
+ * scratch. Each call says what it does, for the error when it fails.
+ */
+export class CallBatch {
+  private readonly calls: (bigint | number)[][] = [];
+  private readonly whats: (string | undefined)[] = [];
+  private readonly blobs: { at: bigint; data: Buffer }[] = [];
+  private next: bigint;
+  private readonly end: bigint;
+
+  constructor(readonly r: Remote, room = 4096) {
+    this.next = r.scratch();
+    this.end = this.next + BigInt(room);
+  }
+
+  /** A place in scratch for `data` (written there when the batch runs). */
+  put(data: Buffer): bigint {
+    const at = this.next;
+    this.next += BigInt((data.length + 15) & ~15);
+    if (this.next > this.end) throw new Error(`remote: task ${this.r.task.tid}: batch arguments exceed the scratch space`);
+    this.blobs.push({ at, data });
+    return at;
+  }
+
+  /** A call whose failure fails the batch (`what` names it), or, with `what` undefined, one that may fail. */
+  add(what: string | undefined, nr: number, ...args: (bigint | number)[]): void {
+    this.calls.push([nr, ...args]);
+    this.whats.push(what);
+  }
+
+  /** Run everything (in order, all of it), then throw for the first required call that failed. */
+  run(): bigint[] {
+    if (!this.calls.length) return [];
+    for (const b of this.blobs) this.r.mem.write(b.at, b.data);
+    const res = this.r.batch(this.calls);
+    res.forEach((x, i) => {
+      const what = this.whats[i];
+      if (what && x < 0n && x > -4096n) throw new CkptError(Number(-x), what, `task ${this.r.task.tid}: injected syscall ${this.calls[i][0]} failed`);
+    });
+    return res;
+  }
+}

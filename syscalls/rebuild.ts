@@ -9,12 +9,12 @@ import { CkptError, errno } from '../lib/errors.js';
 import { SYS, sys } from '../lib/libc.js';
 import { readStat } from '../lib/proc.js';
 import { RemoteMem } from '../lib/mem.js';
-import { Remote } from '../supervisor/remote.js';
+import { Remote, CallBatch } from '../supervisor/remote.js';
 import { cloneWithTid, THREAD_FLAGS } from '../supervisor/shells.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import type { MemoryCapture } from './resources/memory.js';
-import { fillPages, GADGET_SIZE, GADGET_IOV, GADGET_IOVS } from './resources/memory.js';
+import { fillPages, useGadget, GADGET_SIZE, GADGET_IOV, GADGET_IOVS } from './resources/memory.js';
 import { nsPids } from '../supervisor/pidns.js';
 import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending } from './resources/thread.js';
 import { setSigmask } from '../lib/ptrace.js';
@@ -146,9 +146,13 @@ export function copyFromHusk(sh: Shell, husk: number, mem: MemoryCapture, runs =
 export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): void {
   const r = sh.remote;
   const p = sh.state;
-  restoreMm(r, p.mm, !sh.live);
-  restoreName(r, p.ids.comm);
-  restoreSignals(r, p.signals);
+  // Process-wide state and the leader's own, in one batch.
+  const b = new CallBatch(r);
+  restoreMm(b, p.mm, !sh.live);
+  restoreName(b, p.ids.comm);
+  restoreSignals(b, p.signals);
+  restoreThreadSyscalls(b, p.threads.find((t) => t.tid === p.ids.pid)!);
+  b.run();
   for (const t of p.threads) {
     if (t.tid === p.ids.pid) continue;
     let task = sh.threads.get(t.tid);
@@ -157,16 +161,16 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
       sh.threads.set(t.tid, task);
     }
     const rt = new Remote(tracer, task);
-    rt.useSyscallAt(sh.gadget!);
-    rt.setScratch(r.scratch());
+    useGadget(rt, sh.gadget!);
     try {
       if (sh.live) unregisterRseq(rt);
-      restoreThreadSyscalls(rt, t);
+      const tb = new CallBatch(rt);
+      restoreThreadSyscalls(tb, t);
+      tb.run();
     } finally {
       rt.mem.close();
     }
   }
-  restoreThreadSyscalls(r, p.threads.find((t) => t.tid === p.ids.pid)!);
   if (setCreds) restoreCreds(r, p.creds);
   // Pending signals last, each thread's mask already in place.
   const host = (t: { tid: number }) => sh.threads.get(t.tid)!.tid;

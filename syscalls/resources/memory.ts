@@ -291,6 +291,11 @@ export function installGadget(r: Remote, gadget: bigint): void {
   code.set([0x0f, 0x05], 0);
   code.set(BATCH_CODE, 16);
   r.mem.write(gadget, code);
+  useGadget(r, gadget);
+}
+
+/** Make `r` (any thread of the process) inject through the installed gadget. */
+export function useGadget(r: Remote, gadget: bigint): void {
   r.useSyscallAt(gadget);
   r.useBatchAt(gadget + 16n, gadget + 4096n, 128);
   r.setScratch(gadget + 12288n);

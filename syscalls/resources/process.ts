@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { readStat } from '../../lib/proc.js';
 import { SYS } from '../../lib/libc.js';
-import type { Remote } from '../../supervisor/remote.js';
+import type { Remote, CallBatch } from '../../supervisor/remote.js';
 import { openIn } from './memory.js';
 
 const PR_SET_NAME = 15, PR_SET_MM = 35, PR_SET_MM_MAP = 14;
@@ -72,26 +72,20 @@ export function captureMm(r: Remote, pid: number): MmState {
 }
 
 /** `setExe`: a fresh shell must take the image's executable; a live process keeps its own. */
-export function restoreMm(r: Remote, mm: MmState, setExe = true): void {
+export function restoreMm(b: CallBatch, mm: MmState, setExe = true): void {
+  const r = b.r;
   const auxv = Buffer.from(mm.auxv, 'base64');
-  const scratch = r.scratch();
   // The exe link can only be changed while the old file is unmapped: when
   // the shell already runs the image's binary there is nothing to change.
   const exeFd = setExe && !sameFile(`/proc/${r.task.tid}/exe`, mm.exe) ? openIn(r, mm.exe, O_RDONLY | O_CLOEXEC, 'restart:mm') : -1n;
   const map = Buffer.alloc(104);
   const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, mm.envStart, mm.envEnd];
   fields.forEach((v, i) => map.writeBigUInt64LE(BigInt(v), i * 8));
-  const auxvAt = scratch + 256n;
-  map.writeBigUInt64LE(auxvAt, 88);
+  map.writeBigUInt64LE(b.put(auxv), 88);
   map.writeUInt32LE(auxv.length, 96);
   map.writeInt32LE(Number(exeFd), 100);
-  r.mem.write(scratch, map);
-  r.mem.write(auxvAt, auxv);
-  try {
-    r.check('restart:mm', SYS.prctl, PR_SET_MM, PR_SET_MM_MAP, scratch, map.length, 0);
-  } finally {
-    if (exeFd >= 0n) r.call(SYS.close, exeFd);
-  }
+  b.add('restart:mm', SYS.prctl, PR_SET_MM, PR_SET_MM_MAP, b.put(map), map.length, 0);
+  if (exeFd >= 0n) b.add(undefined, SYS.close, exeFd);
 }
 
 function sameFile(a: string, b: string): boolean {
@@ -103,10 +97,8 @@ function sameFile(a: string, b: string): boolean {
   }
 }
 
-export function restoreName(r: Remote, comm: string): void {
-  const scratch = r.scratch();
-  r.mem.write(scratch, Buffer.concat([Buffer.from(comm).subarray(0, 15), Buffer.from([0])]));
-  r.call(SYS.prctl, PR_SET_NAME, scratch);
+export function restoreName(b: CallBatch, comm: string): void {
+  b.add(undefined, SYS.prctl, PR_SET_NAME, b.put(Buffer.concat([Buffer.from(comm).subarray(0, 15), Buffer.from([0])])));
 }
 
 const same = (a: number[], b: number[]) => a.length === b.length && a.every((x, i) => x === b[i]);

@@ -6,7 +6,7 @@
 import { readStatus } from '../../lib/proc.js';
 import { CkptError } from '../../lib/errors.js';
 import { SYS } from '../../lib/libc.js';
-import type { Remote } from '../../supervisor/remote.js';
+import type { Remote, CallBatch } from '../../supervisor/remote.js';
 
 export interface SigAction {
   handler: string; // hex; 0 = SIG_DFL, 1 = SIG_IGN
@@ -47,11 +47,10 @@ export function captureSignals(r: Remote, status: Map<string, string>): SignalSt
 }
 
 /** Set every disposition the shell has or the image wants; defaults for the rest. */
-export function restoreSignals(r: Remote, state: SignalState): void {
-  const shellSigs = nonDefaultSignals(readStatus(r.task.tid));
+export function restoreSignals(b: CallBatch, state: SignalState): void {
+  const shellSigs = nonDefaultSignals(readStatus(b.r.task.tid));
   const sigs = [...new Set([...shellSigs, ...Object.keys(state).map(Number)])].filter((s) => s !== SIGKILL && s !== SIGSTOP).sort((a, b) => a - b);
-  // One struct per signal side by side in scratch (64 x 32 bytes), then one batch.
-  const buf = r.scratch();
+  // One struct per signal side by side in scratch (up to 64 x 32 bytes).
   const acts = Buffer.alloc(KSIGACTION * sigs.length);
   sigs.forEach((sig, i) => {
     const a = state[sig];
@@ -61,9 +60,7 @@ export function restoreSignals(r: Remote, state: SignalState): void {
     acts.writeBigUInt64LE(BigInt('0x' + a.restorer), i * KSIGACTION + 16);
     acts.writeBigUInt64LE(BigInt('0x' + a.mask), i * KSIGACTION + 24);
   });
-  r.mem.write(buf, acts);
-  const res = r.batch(sigs.map((sig, i) => [SYS.rt_sigaction, sig, buf + BigInt(i * KSIGACTION), 0, 8]));
-  res.forEach((x, i) => {
-    if (x < 0n) throw new CkptError(Number(-x), 'restart:signals', `task ${r.task.tid}: rt_sigaction(${sigs[i]}) failed`);
-  });
+  if (!sigs.length) return;
+  const at = b.put(acts);
+  sigs.forEach((sig, i) => b.add(`restart:signals rt_sigaction(${sig})`, SYS.rt_sigaction, sig, at + BigInt(i * KSIGACTION), 0, 8));
 }

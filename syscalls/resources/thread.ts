@@ -5,7 +5,7 @@
 import { CkptError, errno } from '../../lib/errors.js';
 import { getRegs, setRegs, getXState, setXState, getSigmask, setSigmask, Regs, REGS_SIZE } from '../../lib/ptrace.js';
 import { sys, SYS, addressOf } from '../../lib/libc.js';
-import { callEach, type Remote } from '../../supervisor/remote.js';
+import { callEach, type Remote, type CallBatch } from '../../supervisor/remote.js';
 import type { RemoteMem } from '../../lib/mem.js';
 
 const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f, PTRACE_PEEKSIGINFO = 0x4209, PTRACE_PEEKSIGINFO_SHARED = 1;
@@ -148,18 +148,17 @@ export function unregisterRseq(r: Remote): void {
 }
 
 /** The parts that need injected syscalls (while the gadget is still there). */
-export function restoreThreadSyscalls(r: Remote, t: ThreadState): void {
+export function restoreThreadSyscalls(b: CallBatch, t: ThreadState): void {
   // The shell inherited the caller's alternate stack: replace it (or disable).
   const alt = t.altstack ?? { sp: '0x0', flags: 2, size: '0x0' };
-  const b = Buffer.alloc(24);
-  b.writeBigUInt64LE(BigInt(alt.sp), 0);
-  b.writeInt32LE(alt.flags & 2, 8); // SS_ONSTACK is a status, not a setting
-  b.writeBigUInt64LE(BigInt(alt.size), 16);
-  r.mem.write(r.scratch(), b);
-  r.check('restart:sigaltstack', SYS_sigaltstack, r.scratch(), 0);
-  if (t.tidAddress) r.check('restart:tid_address', SYS_set_tid_address, BigInt(t.tidAddress));
-  if (t.robustList) r.check('restart:robust_list', SYS.set_robust_list, BigInt(t.robustList.head), t.robustList.len);
-  if (t.rseq) r.check('restart:rseq', SYS_rseq, BigInt(t.rseq.addr), t.rseq.size, 0, t.rseq.sig);
+  const ss = Buffer.alloc(24);
+  ss.writeBigUInt64LE(BigInt(alt.sp), 0);
+  ss.writeInt32LE(alt.flags & 2, 8); // SS_ONSTACK is a status, not a setting
+  ss.writeBigUInt64LE(BigInt(alt.size), 16);
+  b.add('restart:sigaltstack', SYS_sigaltstack, b.put(ss), 0);
+  if (t.tidAddress) b.add('restart:tid_address', SYS_set_tid_address, BigInt(t.tidAddress));
+  if (t.robustList) b.add('restart:robust_list', SYS.set_robust_list, BigInt(t.robustList.head), t.robustList.len);
+  if (t.rseq) b.add('restart:rseq', SYS_rseq, BigInt(t.rseq.addr), t.rseq.size, 0, t.rseq.sig);
 }
 
 /** The final register state, set once no more syscalls will be injected. */
