@@ -20,8 +20,8 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
-import { captureMemory, writePages, vdsoInfo, checkMappings, copyDontfork, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
-import { makeHusks, finishHusk, destroyHusk, huskMemory, HuskRefused, type MemCheckpoint } from './memckpt.js';
+import { captureMemory, writePages, vdsoInfo, checkMappings, copyUnforked, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
+import { makeHusks, finishHusk, destroyHusk, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstack, captureAltstacks, findTidAddress, peekPending } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
@@ -51,18 +51,9 @@ export function checkpoint(ctx: SyscallCtx): number {
   let procs = subtree(tracer, pid);
   checkPermission(caller.tgid, procs);
   if (f & (CKPT.DEFER | CKPT.KEEP)) return checkpointInMemory(ctx, pid, procs, f, fdArg, true);
-  if (!(f & CKPT.KILL)) {
-    // To a file, the subtree is stopped only as long as for CKPT_DEFER: the
-    // image is written from husks while it runs again. A subtree that
-    // husks cannot hold (MADV_WIPEONFORK) is captured whole while stopped.
-    try {
-      return checkpointInMemory(ctx, pid, procs, f, fdArg, false);
-    } catch (e) {
-      if (!(e instanceof HuskRefused)) throw e;
-      log.syscall('checkpoint %d: %s; capturing it while stopped', pid, e.detail);
-      procs = subtree(tracer, pid);
-    }
-  }
+  // To a file, the subtree is stopped only as long as for CKPT_DEFER: the
+  // image is written from husks while it runs again.
+  if (!(f & CKPT.KILL)) return checkpointInMemory(ctx, pid, procs, f, fdArg, false);
   const out = takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint');
   const crid = ctx.sv.newCrid();
   const freeze = new Freeze(tracer);
@@ -135,7 +126,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
       ph.mark('husks');
       procs.forEach((pid, i) => {
         made.set(pid, made1[i]);
-        held.set(pid, copyDontfork(pid, before[i], made1[i])); // so is what fork does not copy
+        held.set(pid, copyUnforked(pid, before[i], made1[i])); // so is what fork does not copy
       });
       ph.mark('dontfork');
     }
@@ -340,7 +331,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       for (const p of c.tree.processes) {
         const husk = c.husks.get(p.ids.pid)!;
         finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
-        const mem = huskMemory(p.ids.pid, husk);
+        const mem = captureMemory(husk);
         const held = cap.held.get(p.ids.pid);
         p.memory = [...mem.vmas, ...(held?.vmas ?? [])].sort((a, b) => (BigInt(a.start) < BigInt(b.start) ? -1 : 1));
         c.memory.set(p.ids.pid, mem);

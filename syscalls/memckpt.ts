@@ -13,7 +13,7 @@
 import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';
 import { sys, SYS } from '../lib/libc.js';
-import { readStat, readSmaps } from '../lib/proc.js';
+import { readStat } from '../lib/proc.js';
 import { log } from '../lib/log.js';
 import { Remote, callEach } from '../supervisor/remote.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
@@ -295,26 +295,6 @@ export function destroyHusk(tracer: Tracer, parent: number, husk: number): void 
   } finally {
     freeze.thaw();
   }
-}
-
-/** Memory a husk cannot hold (EOPNOTSUPP for an in-memory checkpoint). */
-export class HuskRefused extends CkptError {
-  constructor(detail: string) {
-    super(errno('EOPNOTSUPP'), 'checkpoint:memory', detail);
-  }
-}
-
-/**
- * Memory of a husk: what to copy, chosen from its own page tables. A
- * MADV_WIPEONFORK range came to the husk empty: its contents at checkpoint
- * time are not held anywhere, so such a checkpoint is refused.
- */
-export function huskMemory(pid: number, husk: number): MemoryCapture {
-  const wiped = readSmaps(husk).find((m) => m.flags?.includes('wf'));
-  if (wiped) {
-    throw new HuskRefused(`task ${pid}: mapping 0x${wiped.start.toString(16)}-0x${wiped.end.toString(16)} is MADV_WIPEONFORK: a copy-on-write checkpoint cannot hold it`);
-  }
-  return captureMemory(husk);
 }
 
 /** Bytes of page data a husk holds (what the checkpoint references). */

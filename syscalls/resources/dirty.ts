@@ -55,6 +55,8 @@ export interface ScanQuery {
   inverted?: number;
   /** Categories reported per region. */
   report: number;
+  /** Only whether there is one: stop at the first matching page. */
+  first?: boolean;
 }
 
 const VEC = 4096, REGION = 24;
@@ -80,6 +82,7 @@ export function pagemapScan(pid: number, start: number, end: number, q: ScanQuer
       arg.writeBigUInt64LE(BigInt(end), 24);
       arg.writeBigUInt64LE(addressOf(vec), 40);
       arg.writeBigUInt64LE(BigInt(VEC), 48);
+      if (q.first) arg.writeBigUInt64LE(1n, 56); // max_pages
       arg.writeBigUInt64LE(BigInt(q.inverted ?? 0), 64);
       arg.writeBigUInt64LE(BigInt(q.all ?? 0), 72);
       arg.writeBigUInt64LE(BigInt(q.anyOf ?? 0), 80);
@@ -92,6 +95,7 @@ export function pagemapScan(pid: number, start: number, end: number, q: ScanQuer
         if (last && last.end === s && last.categories === categories) last.end = e;
         else out.push({ start: s, end: e, categories });
       }
+      if (q.first && out.length) break;
       const walkEnd = Number(arg.readBigUInt64LE(32));
       if (walkEnd <= at) break; // no progress: nothing more to learn
       at = walkEnd;

@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { CkptError, errno } from '../../lib/errors.js';
 import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
+import { pagemapScan, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
 import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
 import { SYS } from '../../lib/libc.js';
@@ -19,7 +20,7 @@ import { isShm, shmKeyOfMap, type ShmCapture, type ShmRestore } from './shm.js';
 const PAGE = 4096n;
 const PROT_READ = 1, PROT_WRITE = 2, PROT_EXEC = 4;
 const MAP_SHARED = 1, MAP_PRIVATE = 2, MAP_FIXED = 0x10, MAP_ANONYMOUS = 0x20, MAP_GROWSDOWN = 0x100;
-const MAP_FIXED_NOREPLACE = 0x100000, MAP_POPULATE = 0x8000, MADV_DONTFORK = 10;
+const MAP_FIXED_NOREPLACE = 0x100000, MAP_POPULATE = 0x8000, MADV_DONTFORK = 10, MADV_WIPEONFORK = 18;
 const MREMAP_MAYMOVE = 1, MREMAP_FIXED = 2;
 const O_RDONLY = 0, O_RDWR = 2, O_CLOEXEC = 0o2000000, AT_FDCWD = -100;
 
@@ -40,6 +41,8 @@ export interface VmaState {
   growsdown?: boolean;
   /** MADV_DONTFORK: a husk cannot hold it, so its pages were copied during the stop. */
   dontfork?: boolean;
+  /** MADV_WIPEONFORK: a husk has it empty, so its pages were copied during the stop. */
+  wipeonfork?: boolean;
   /** Identity of a mapped file, checked before it is mapped again. */
   file?: { size: number; mtimeMs: number };
   /** Pages of this VMA the image carries. */
@@ -100,32 +103,41 @@ export function checkMappings(pid: number, shm: ShmCapture): MapEntry[] {
 export interface HeldRun { addr: bigint; data: Buffer }
 
 /**
- * Mappings fork did not copy (MADV_DONTFORK): the husk lacks them, so they
- * are copied now, while the process is stopped (anonymous private ones;
- * anything else is refused).
+ * What fork did not copy, taken now while the process is stopped (a husk
+ * was just made): MADV_DONTFORK mappings, which the husk lacks (anonymous
+ * private ones; anything else is refused), and the pages of
+ * MADV_WIPEONFORK mappings, which the husk has empty. A private anonymous
+ * mapping with pages in the process but none in the husk can only be the
+ * latter: fork copies the page tables of every other one.
  */
-export function copyDontfork(pid: number, before: MapEntry[], husk: number): { vmas: VmaState[]; runs: HeldRun[] } {
-  const inHusk = new Set(readMaps(husk).map((m) => `${m.start}-${m.end}`));
+export function copyUnforked(pid: number, before: MapEntry[], husk: number): { vmas: VmaState[]; runs: HeldRun[] } {
+  const huskMaps = readMaps(husk);
+  const inHusk = new Set(huskMaps.map((m) => `${m.start}-${m.end}`));
   const vmas: VmaState[] = [];
   const runs: HeldRun[] = [];
   const mem = new RemoteMem(pid);
+  const copy = (start: number, end: number) => {
+    for (const r of pagemapScan(pid, start, end, { anyOf: PG.PRESENT | PG.SWAPPED, report: PG.PRESENT })) {
+      runs.push({ addr: BigInt(r.start), data: Buffer.from(mem.read(BigInt(r.start), r.end - r.start)) });
+    }
+  };
   try {
     for (const m of before) {
       if (m.path === '[vsyscall]' || inHusk.has(`${m.start}-${m.end}`)) continue;
       const v = describe(pid, m);
       if (!v || v.kind !== 'anon') throw unsupported(pid, `mapping 0x${m.start.toString(16)}-0x${m.end.toString(16)} ${m.path} is not inherited by fork (MADV_DONTFORK) and not anonymous`);
       v.dontfork = true;
-      const flags = readPagemapFlags(pid, m.start, m.end);
-      for (let i = 0; i < flags.length; ) {
-        if (!(flags[i] & (PM_PRESENT | PM_SWAP))) { i++; continue; }
-        let j = i;
-        while (j < flags.length && flags[j] & (PM_PRESENT | PM_SWAP)) j++;
-        const addr = m.start + BigInt(i) * PAGE;
-        runs.push({ addr, data: Buffer.from(mem.read(addr, (j - i) * 4096)) });
-        v.pages += j - i;
-        i = j;
-      }
+      const n = runs.length;
+      copy(Number(m.start), Number(m.end));
+      v.pages = runs.slice(n).reduce((k, r) => k + r.data.length / 4096, 0);
       vmas.push(v);
+    }
+    for (const m of huskMaps) {
+      if (m.perms[3] !== 'p' || (m.path !== '' && m.path !== '[heap]')) continue;
+      const s = Number(m.start), e = Number(m.end);
+      // One present page is enough to know: the scan stops at the first.
+      if (pagemapScan(husk, s, e, { anyOf: PG.PRESENT | PG.SWAPPED, report: PG.PRESENT, first: true }).length) continue;
+      copy(s, e); // nothing if the process has no pages there either
     }
   } finally {
     mem.close();
@@ -148,6 +160,7 @@ export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
     for (const m of readSmaps(pid)) {
       const v = describe(pid, m, shm);
       if (!v) continue;
+      if (m.flags?.includes('wf')) v.wipeonfork = true;
       vmas.push(v);
       if (v.kind === 'special' || v.shared) continue;
       const entries = readPagemapFlags(pid, m.start, m.end, pm);
@@ -381,7 +394,7 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
     res.forEach((x, i) => {
       if (x < 0n && x > -4096n) throw new CkptError(Number(-x), 'restart:memory', calls[i].what);
     });
-    r.batch(vmas.filter((v) => v.dontfork).map((v) => [SYS.madvise, vmaStart(v), vmaEnd(v) - vmaStart(v), MADV_DONTFORK]));
+    r.batch(vmas.filter((v) => v.dontfork || v.wipeonfork).map((v) => [SYS.madvise, vmaStart(v), vmaEnd(v) - vmaStart(v), v.dontfork ? MADV_DONTFORK : MADV_WIPEONFORK]));
   } finally {
     r.batch([...fds.values()].map((fd) => [SYS.close, fd]));
   }
