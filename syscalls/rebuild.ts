@@ -16,7 +16,7 @@ import type { ProcessState, TreeState, ZombieState } from './state.js';
 import type { MemoryCapture } from './resources/memory.js';
 import { fillPages, useGadget, GADGET_SIZE, GADGET_IOV, GADGET_IOVS } from './resources/memory.js';
 import { nsPids } from '../supervisor/pidns.js';
-import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending } from './resources/thread.js';
+import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending, drainPending } from './resources/thread.js';
 import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
@@ -152,6 +152,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   restoreName(b, p.ids.comm);
   restoreSignals(b, p.signals);
   restoreThreadSyscalls(b, p.threads.find((t) => t.tid === p.ids.pid)!);
+  if (sh.live) drainPending(b, sh.task.tid, true);
   b.run();
   for (const t of p.threads) {
     if (t.tid === p.ids.pid) continue;
@@ -166,6 +167,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
       if (sh.live) unregisterRseq(rt);
       const tb = new CallBatch(rt);
       restoreThreadSyscalls(tb, t);
+      if (sh.live) drainPending(tb, task.tid, false);
       tb.run();
     } finally {
       rt.mem.close();

@@ -43,6 +43,22 @@ export function requeuePending(r: Remote, tid: number, tgid: number, infos: stri
     else r.check('restart:signals', SYS_rt_tgsigqueueinfo, tgid, tid, sig, r.scratch());
   }
 }
+/**
+ * A live process rolled back: the signals queued for it since the
+ * checkpoint go, so that the checkpoint's own are queued again without
+ * doubling. Added to `b` (a batch of the thread `tid`): one zero-timeout
+ * rt_sigtimedwait per queued siginfo (a thread's own queue is taken
+ * before the process's, so the leader's batch drains the shared queue
+ * after its own).
+ */
+export function drainPending(b: CallBatch, tid: number, shared: boolean): void {
+  const n = (peekPending(tid, false)?.length ?? 0) + (shared ? peekPending(tid, true)?.length ?? 0 : 0);
+  if (!n) return;
+  const all = b.put(Buffer.alloc(8, 0xff)); // the kernel leaves out SIGKILL and SIGSTOP
+  const now = b.put(Buffer.alloc(16)); // a zero timeout
+  for (let i = 0; i < n; i++) b.add(undefined, SYS_rt_sigtimedwait, all, 0, now, 8);
+}
+const SYS_rt_sigtimedwait = 128;
 const RSEQ_FLAG_UNREGISTER = 1;
 const SYS_rseq = 334, SYS_get_robust_list = 274;
 
