@@ -20,7 +20,7 @@ import { CkptError, errno } from '../../lib/errors.js';
 import { listFds, readFdinfo } from '../../lib/proc.js';
 import { sys, SYS } from '../../lib/libc.js';
 import { logError } from '../../lib/log.js';
-import type { Remote } from '../../supervisor/remote.js';
+import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
@@ -332,9 +332,8 @@ export function restoreFiles(ctx: FilesRestore): void {
     if (!placed.has(d.id)) {
       if (d.kind === 'path') {
         const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NOCTTY, 'restart:files');
-        moveFd(r, tmp, owner.fd, owner.cloexec);
         const pos = BigInt(d.pos);
-        if (pos) r.check('restart:files', SYS.lseek, owner.fd, pos, SEEK_SET);
+        moveFd(r, tmp, owner.fd, owner.cloexec, (b) => pos && b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET));
       } else if (d.kind === 'unix') {
         let ends = sockEnds.get(d.pair);
         if (!ends) {
@@ -356,10 +355,11 @@ export function restoreFiles(ctx: FilesRestore): void {
         transfer(ends[d.end], owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'memfd') {
-        moveFd(r, ctx.shm.fdIn(r, d.shmKey, tempBase), owner.fd, owner.cloexec);
-        r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
         const pos = BigInt(d.pos);
-        if (pos) r.check('restart:files', SYS.lseek, owner.fd, pos, SEEK_SET);
+        moveFd(r, ctx.shm.fdIn(r, d.shmKey, tempBase), owner.fd, owner.cloexec, (b) => {
+          b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+          if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
+        });
       } else if (d.kind === 'fifo') {
         // O_RDWR first: opening one end alone would block until the other opens.
         const keep = r.raise(openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files'), tempBase); // never on a target number
@@ -397,15 +397,14 @@ export function restoreFiles(ctx: FilesRestore): void {
   }
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
 
+  // Per process, in one batch: close-on-exec of the inherited descriptors, cwd, umask.
   for (const pid of order) {
-    const r = remote(pid);
+    const b = new CallBatch(remote(pid));
     const st = perProc.get(pid)!;
-    for (const f of st.fds) if ('outside' in f && fs.existsSync(`/proc/${ctx.host(pid)}/fd/${f.fd}`)) r.check('restart:files', SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
-    const scratch = r.scratch();
-    r.mem.write(scratch, Buffer.from(st.cwd + '\0'));
-    const rc = r.call(SYS.chdir, scratch);
-    if (rc < 0n) throw new CkptError(Number(-rc), 'restart:files', `task ${pid}: cannot chdir to ${st.cwd}`);
-    r.call(SYS.umask, st.umask);
+    for (const f of st.fds) if ('outside' in f && fs.existsSync(`/proc/${ctx.host(pid)}/fd/${f.fd}`)) b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
+    b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
+    b.add(undefined, SYS.umask, st.umask);
+    b.run();
   }
 }
 
@@ -431,11 +430,14 @@ function closeForeign(r: Remote, st: FilesState, live: boolean): void {
 }
 
 /** Put descriptor `from` at number `to` (with close-on-exec as asked) in one process. */
-function moveFd(r: Remote, from: bigint, to: number, cloexec: boolean): void {
+function moveFd(r: Remote, from: bigint, to: number, cloexec: boolean, then?: (b: CallBatch) => void): void {
+  const b = new CallBatch(r); // with what follows on `to`, one resume
   if (from !== BigInt(to)) {
-    r.check('restart:files', SYS.dup3, from, to, cloexec ? O_CLOEXEC : 0);
-    r.call(SYS.close, from);
-  } else r.check('restart:files', SYS.fcntl, to, F_SETFD, cloexec ? 1 : 0);
+    b.add('restart:files dup3', SYS.dup3, from, to, cloexec ? O_CLOEXEC : 0);
+    b.add(undefined, SYS.close, from);
+  } else b.add('restart:files', SYS.fcntl, to, F_SETFD, cloexec ? 1 : 0);
+  then?.(b);
+  b.run();
 }
 
 /** Give `to` the open file that `from` holds: a dup in one process, pidfd_getfd across two. */
