@@ -304,8 +304,8 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     try {
       procs = freezeSubtree(freeze, tracer, caller, pid, procs);
       ph.mark('freeze');
-      // Rollback (what tracking is for) is not done in a pid namespace that runs, nor after CKPT_KILL.
-      const track = keep && sv.options.trackDirty && !(f & CKPT.KILL) && !isContainerRoot(pid);
+      // Tracking is for rollback: not after CKPT_KILL.
+      const track = keep && sv.options.trackDirty && !(f & CKPT.KILL);
       cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !sv.store.tracker(p) }, ph);
     } catch (e) {
       freeze.thaw();

@@ -18,6 +18,7 @@ import { log } from '../lib/log.js';
 import { Remote, callEach } from '../supervisor/remote.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { Freeze } from '../supervisor/freeze.js';
+import { viewPid } from '../supervisor/pidns.js';
 import type { TreeState } from './state.js';
 import type { ShmData } from './resources/shm.js';
 import type { SyscallCtx } from './context.js';
@@ -175,7 +176,7 @@ export class CheckpointStore {
   release(c: MemCheckpoint): void {
     this.all.delete(c.crid);
     if (c.handleFd !== undefined) fs.closeSync(c.handleFd);
-    for (const [pid, husk] of c.husks) destroyHusk(this.tracer, pid, husk);
+    for (const [pid, husk] of c.husks) destroyHusk(this.tracer, c.hostOf(pid), husk);
     for (const pid of c.dirty.keys()) {
       if (![...this.all.values()].some((o) => o.dirty.has(pid))) this.dropTracker(pid, 'no checkpoint of it left');
     }
@@ -216,7 +217,8 @@ export function makeHusks(tracer: Tracer, tasks: Task[], then?: (r: Remote) => v
       const res = callEach(rs, () => [SYS.clone, 0, 0, 0, 0, 0]);
       res.forEach((x, i) => {
         if (x <= 0n) return;
-        husks.push(adoptHusk(tracer, tasks[i], Number(x)));
+        // The clone's own result is its pid inside the process's namespace; the ptrace event has the host's.
+        husks.push(adoptHusk(tracer, tasks[i], rs[i].newChildren.at(-1) ?? Number(x)));
         parents.push(tasks[i].tgid);
       });
       const bad = res.findIndex((x) => x <= 0n);
@@ -286,7 +288,7 @@ export function destroyHusk(tracer: Tracer, parent: number, husk: number): void 
   try {
     const r = new Remote(tracer, tracer.tasks.get(parent)!);
     try {
-      r.call(SYS.wait4, husk, 0, WALL, 0);
+      r.call(SYS.wait4, viewPid(parent, husk) || husk, 0, WALL, 0); // as the parent sees it (a container's namespace)
     } finally {
       r.finish();
     }

@@ -16,6 +16,7 @@ import { normalize, union, intersect, subtract, asRanges, runBytes, type Runs } 
 import { frameDiff, huskOwn, type DirtyTracker } from './resources/dirty.js';
 import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
+import { nsPids, viewPid } from '../supervisor/pidns.js';
 import { Remote } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
 import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
@@ -29,10 +30,11 @@ import type { MemCheckpoint } from './memckpt.js';
 const SIGKILL = 9, SIGCHLD = 17, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
 
-/** Is this the very process the checkpoint was taken from (not a reuse of its pid)? */
-function sameProcess(p: ProcessState): boolean {
+/** Is host pid `pid` the very process the checkpoint was taken from (not a reuse of its pid)? */
+function sameProcess(pid: number, p: ProcessState): boolean {
   try {
-    return readStat(p.ids.pid).field(22) === p.ids.starttime && readStat(p.ids.pid).field(3) !== 'Z';
+    const st = readStat(pid);
+    return st.field(22) === p.ids.starttime && st.field(3) !== 'Z';
   } catch {
     return false;
   }
@@ -40,11 +42,8 @@ function sameProcess(p: ProcessState): boolean {
 
 /** The checkpoint's root still runs: restart means rollback. */
 export function treeAlive(c: MemCheckpoint): boolean {
-  if (c.tree.pidns) {
-    const host = c.hostOf(c.tree.root);
-    return host !== c.tree.root && sameProcess({ ...c.tree.processes[0], ids: { ...c.tree.processes[0].ids, pid: host } });
-  }
-  return sameProcess(c.tree.processes[0]);
+  const host = c.hostOf(c.tree.root);
+  return (!c.tree.pidns || host !== c.tree.root) && sameProcess(host, c.tree.processes[0]);
 }
 
 const inUse = (pid: number) => sys.kill(pid, 0) === 0 || errnoNow() === errno('EPERM');
@@ -52,21 +51,29 @@ const inUse = (pid: number) => sys.kill(pid, 0) === 0 || errnoNow() === errno('E
 export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const { tracer, caller } = ctx;
   const tree = c.tree;
-  if (tree.pidns) throw new CkptError(errno('EOPNOTSUPP'), 'restart', `checkpoint ${c.crid} is of a pid namespace that still runs: rolling it back in place is not supported yet`);
+  // The tree's pids are the host's, or, for a container (pid 1 of its own
+  // namespace), the namespace's: `host` and `ns` go between the two.
+  const host = (pid: number) => c.hostOf(pid);
+  const ns = tree.pidns ? (h: number) => nsPids(h).at(-1)! : (h: number) => h;
+  const root = host(tree.root);
   const ph = new Phases();
   const freeze = new Freeze(tracer);
-  freeze.add(subtree(tracer, tree.root));
-  const procs = subtree(tracer, tree.root);
+  freeze.add(subtree(tracer, root));
+  const procs = subtree(tracer, root);
   freeze.add(procs);
 
   // ---- checks: nothing has changed yet
-  const kept = tree.processes.filter(sameProcess);
-  const keptPids = new Set(kept.map((p) => p.ids.pid));
+  const kept = tree.processes.filter((p) => sameProcess(host(p.ids.pid), p));
+  const keptPids = new Set(kept.map((p) => host(p.ids.pid)));
   const extra = procs.filter((p) => !keptPids.has(p));
   const extraSet = new Set(extra);
-  for (const p of tree.processes.filter((p) => !keptPids.has(p.ids.pid))) {
+  // A pid to make again must be free (or held by a process about to go):
+  // on the host, or, in a container, among the tasks of its namespace (husks too).
+  const nsUsed = tree.pidns ? namespaceTids(tracer, root, extraSet, ns) : undefined;
+  const busy = (tid: number) => (nsUsed ? nsUsed.has(tid) : inUse(tid) && !extraSet.has(tid));
+  for (const p of tree.processes.filter((p) => !keptPids.has(host(p.ids.pid)))) {
     for (const t of p.threads) {
-      if (inUse(t.tid) && !extraSet.has(t.tid)) {
+      if (busy(t.tid)) {
         freeze.thaw();
         throw new CkptError(errno('EBUSY'), 'restart', `pid ${t.tid} of checkpoint ${c.crid} is in use by a process outside its subtree`);
       }
@@ -85,12 +92,12 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       for (const tid of tracer.threadsOf(p).map((t) => t.tid)) while (tracer.wait(tid)?.kind === 'stopped') sys.ptrace(7, tid, 0, 0);
     }
     for (const p of kept) {
-      const task = tracer.tasks.get(p.ids.pid)!;
+      const task = tracer.tasks.get(host(p.ids.pid))!;
       const sh = openShell(tracer, p, task, true);
       shells.set(p.ids.pid, sh);
-      endExtraThreads(tracer, sh);
+      endExtraThreads(tracer, sh, ns);
     }
-    for (const x of extra) reapExtra(tracer, shells, x);
+    for (const x of extra) reapExtra(tracer, shells, x, ns);
     // Their SIGCHLD (held while we had the parents stopped, on whichever
     // thread took it) is about children the program no longer ever had.
     if (extra.length) for (const sh of shells.values()) tracer.dropHeld(tracer.threadsOf(sh.task.tgid), SIGCHLD);
@@ -98,7 +105,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     makeShells(tracer, tree, shells, undefined, made);
     const zombies = makeZombies(tracer, tree, shells, made, (pid) => {
       try {
-        return readStat(pid).field(3) === 'Z';
+        return readStat(host(pid)).field(3) === 'Z';
       } catch {
         return false;
       }
@@ -134,8 +141,8 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   } catch (e) {
     // Past the checks: never leave the subtree half-restored.
     for (const sh of shells.values()) sh.remote.mem.close();
-    for (const p of subtree(tracer, tree.root)) sys.kill(p, SIGKILL);
-    sys.kill(tree.root, SIGKILL);
+    for (const p of subtree(tracer, root)) sys.kill(p, SIGKILL);
+    sys.kill(root, SIGKILL);
     freeze.tasks.length = 0;
     throw e;
   } finally {
@@ -143,17 +150,30 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   }
   freeze.tasks.length = 0; // resumed below with their checkpointed registers
   runShells(tracer, shells.values());
-  return callerInside ? NO_RETURN : tree.root;
+  return callerInside ? NO_RETURN : viewPid(caller.tgid, root);
+}
+
+/** The tids in use in the namespace of container root `root` (as seen inside), but for `going`. */
+function namespaceTids(tracer: Tracer, root: number, going: Set<number>, ns: (h: number) => number): Set<number> {
+  const depth = nsPids(root).length;
+  const used = new Set<number>();
+  for (const t of tracer.tasks.values()) {
+    if (going.has(t.tgid)) continue;
+    try {
+      if (nsPids(t.tid).length === depth) used.add(ns(t.tid));
+    } catch { /* gone */ }
+  }
+  return used;
 }
 
 /** Threads born since the checkpoint end (exit, not a signal: that would end the process). */
-function endExtraThreads(tracer: Tracer, sh: Shell): void {
+function endExtraThreads(tracer: Tracer, sh: Shell, ns: (h: number) => number): void {
   const want = new Set(sh.state.threads.map((t) => t.tid));
-  for (const tid of listTids(sh.state.ids.pid)) {
+  for (const tid of listTids(sh.task.tgid)) {
     const task = tracer.tasks.get(tid);
     if (!task) continue;
-    if (want.has(tid)) {
-      sh.threads.set(tid, task);
+    if (want.has(ns(tid))) {
+      sh.threads.set(ns(tid), task);
       continue;
     }
     new Remote(tracer, task).runToExit(SYS_exit, 0);
@@ -161,15 +181,16 @@ function endExtraThreads(tracer: Tracer, sh: Shell): void {
 }
 
 /** A killed extra child is reaped in its parent, so the program never sees it. */
-function reapExtra(tracer: Tracer, shells: Map<number, Shell>, pid: number): void {
-  let ppid: number;
+function reapExtra(tracer: Tracer, shells: Map<number, Shell>, pid: number, ns: (h: number) => number): void {
+  let ppid: number, seen: number;
   try {
     ppid = Number(readStat(pid).field(4));
+    seen = ns(pid);
   } catch {
     return;
   }
-  const parent = shells.get(ppid);
-  if (parent) parent.remote.call(SYS.wait4, pid, 0, WALL, 0);
+  const parent = [...shells.values()].find((sh) => sh.task.tgid === ppid);
+  if (parent) parent.remote.call(SYS.wait4, seen, 0, WALL, 0);
   else tracer.wait(pid); // its parent died too: it is ours (subreaper)
 }
 

@@ -35,6 +35,14 @@ for (const mode of ['tracked', 'frames']) {
   });
 }
 
+t.test('a container (--pidns, pid 1) rolled back in place again and again', async (t) => {
+  const r = run([...SUPERVISE, '--pidns', '--', fixture('undo'), path.join(dir, 'undo-ns.state'), '4', '16', '1']);
+  t.equal(r.status, 0, 'the program\'s own checks all passed');
+  t.equal((r.stdout.match(/^round \d+ ok: .*queued 1\+1 \(42, 7\)$/gm) ?? []).length, 4, 'four rollbacks of the whole container, each back at the checkpoint');
+  t.match(r.stdout, /ok no husk left as a child, not even a zombie/);
+  t.match(r.stdout, /UNDO OK after 4 rounds/);
+});
+
 t.test('a deferred checkpoint written back later holds the memory of checkpoint time', async (t) => {
   const img = path.join(dir, 'deferred.img'), keep = path.join(dir, 'keep.img');
   const r = supervise([fixture('deferwb'), img, keep]);
