@@ -6,6 +6,8 @@
  */
 import fs from 'node:fs';
 import type { Tracer } from './tracer.js';
+import { sys, errnoNow } from '../lib/libc.js';
+import { errno } from '../lib/errors.js';
 
 export function nsPids(pid: number): number[] {
   try {
@@ -35,4 +37,20 @@ export function viewPid(viewer: number, host: number): number {
   const d = depthOf(viewer);
   const n = nsPids(host);
   return n.length > d ? n[d] : 0;
+}
+
+/**
+ * Which pids, as `viewer` names them, are taken: on our level, any process
+ * (kill 0); in a namespace below ours, its tasks (all traced, and all seen
+ * here: husks too).
+ */
+export function pidsInUse(tracer: Tracer, viewer: number): (pid: number) => boolean {
+  const d = depthOf(viewer);
+  if (d === 0) return (pid) => sys.kill(pid, 0) === 0 || errnoNow() === errno('EPERM');
+  const used = new Set<number>();
+  for (const t of tracer.tasks.values()) {
+    const n = nsPids(t.tid);
+    if (n.length === d + 1) used.add(n[d]);
+  }
+  return (pid) => used.has(pid);
 }

@@ -210,32 +210,33 @@ export function captureProcessWide(r: Remote, state: ProcessState, status: Map<s
 }
 
 /**
- * A subtree rooted at the init (pid 1) of a pid namespace is a container:
- * its ids are recorded as seen inside it, so that a restart in a new
- * namespace gets every one of them. Other subtrees keep host ids.
+ * A subtree whose root lives in a pid namespace below ours has its ids
+ * recorded as seen in that namespace: what the program itself sees, and
+ * gets back at a restart made from inside it. Rooted at the namespace's
+ * init (pid 1), it is a container: a restart makes a new namespace, so it
+ * gets every one of them.
  */
-/** Is `pid` the init of a pid namespace below ours (a container's root)? */
-function isContainerRoot(pid: number): boolean {
-  const ns = nsPids(pid);
-  return ns.length > 1 && ns[ns.length - 1] === 1;
-}
-
 function toNamespace(tree: TreeState): { toNs: (h: number) => number; toHost: (n: number) => number } {
-  if (!isContainerRoot(tree.root)) return { toNs: (h) => h, toHost: (n) => n };
   const rootNs = nsPids(tree.root);
+  if (rootNs.length < 2) return { toNs: (h) => h, toHost: (n) => n };
   const level = rootNs.length - 1;
-  const map = new Map<number, number>();
-  const all = [...tree.processes.flatMap((p) => p.threads.map((t) => t.tid)), ...tree.zombies.map((z) => z.pid)];
-  for (const h of all) map.set(h, nsPids(h)[level] ?? 0);
-  const back = new Map([...map].map(([h, n]) => [n, h]));
-  const toNs = (h: number) => map.get(h) ?? 0; // 0: outside the namespace
+  const seen = new Map<number, number>();
+  const toNs = (h: number) => {
+    if (h <= 0) return 0;
+    let n = seen.get(h);
+    if (n === undefined) seen.set(h, (n = nsPids(h)[level] ?? 0)); // 0: not visible in the namespace
+    return n;
+  };
+  const back = new Map<number, number>();
+  for (const h of [...tree.processes.flatMap((p) => p.threads.map((t) => t.tid)), ...tree.zombies.map((z) => z.pid)]) back.set(toNs(h), h);
   for (const p of tree.processes) {
     p.ids = { ...p.ids, pid: toNs(p.ids.pid), ppid: toNs(p.ids.ppid), pgid: toNs(p.ids.pgid), sid: toNs(p.ids.sid) };
     for (const t of p.threads) t.tid = toNs(t.tid);
   }
   for (const z of tree.zombies) Object.assign(z, { pid: toNs(z.pid), ppid: toNs(z.ppid), pgid: toNs(z.pgid), sid: toNs(z.sid) });
-  tree.root = 1;
-  tree.pidns = true;
+  tree.root = toNs(tree.root);
+  tree.nsView = true;
+  if (tree.root === 1) tree.pidns = true;
   return { toNs, toHost: (n) => back.get(n) ?? n };
 }
 

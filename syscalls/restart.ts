@@ -21,7 +21,7 @@ import { readMaps, readStatus } from '../lib/proc.js';
 import { Remote } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import { destroyShells } from '../supervisor/shells.js';
-import { viewPid } from '../supervisor/pidns.js';
+import { viewPid, pidsInUse } from '../supervisor/pidns.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import type { HandlerResult, SyscallCtx } from './context.js';
@@ -66,9 +66,10 @@ export function restart(ctx: SyscallCtx): HandlerResult {
 export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill: (shells: Map<number, Shell>, shm: ShmRestore) => void): number {
   const callerCreds = parseCreds(readStatus(caller.tgid));
   const setCreds = new Map(tree.processes.map((p) => [p.ids.pid, checkCreds(p.creds, callerCreds, p.ids.pid)]));
-  // In a new pid namespace every pid is free; elsewhere each must be.
+  // In a new pid namespace every pid is free; elsewhere each must be, in the caller's.
+  const inUse = pidsInUse(tracer, caller.tgid);
   for (const id of tree.pidns ? [] : allIds(tree)) {
-    if (sys.kill(id, 0) === 0 || errnoNow() === errno('EPERM')) throw new CkptError(errno('EBUSY'), 'restart', `pid ${id} of the image is in use`);
+    if (inUse(id)) throw new CkptError(errno('EBUSY'), 'restart', `pid ${id} of the image is in use`);
   }
   const shells = new Map<number, Shell>();
   const made: number[] = [];

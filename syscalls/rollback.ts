@@ -10,13 +10,13 @@
  * that point a failure kills the subtree rather than leave it half-restored.
  */
 import { CkptError, errno } from '../lib/errors.js';
-import { sys, SYS, errnoNow } from '../lib/libc.js';
+import { sys, SYS } from '../lib/libc.js';
 import { readMaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
 import { normalize, union, intersect, subtract, asRanges, runBytes, type Runs } from '../lib/runs.js';
 import { frameDiff, huskOwn, type DirtyTracker } from './resources/dirty.js';
 import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
-import { nsPids, viewPid } from '../supervisor/pidns.js';
+import { viewPid, pidsInUse } from '../supervisor/pidns.js';
 import { Remote } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
 import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
@@ -46,16 +46,15 @@ export function treeAlive(c: MemCheckpoint): boolean {
   return (!c.tree.pidns || host !== c.tree.root) && sameProcess(host, c.tree.processes[0]);
 }
 
-const inUse = (pid: number) => sys.kill(pid, 0) === 0 || errnoNow() === errno('EPERM');
 
 export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const { tracer, caller } = ctx;
   const tree = c.tree;
-  // The tree's pids are the host's, or, for a container (pid 1 of its own
-  // namespace), the namespace's: `host` and `ns` go between the two.
+  // The tree's pids are the host's, or, for a tree in a pid namespace below
+  // ours, the namespace's: `host` and `ns` go between the two.
   const host = (pid: number) => c.hostOf(pid);
-  const ns = tree.pidns ? (h: number) => nsPids(h).at(-1)! : (h: number) => h;
   const root = host(tree.root);
+  const ns = tree.nsView ? (h: number) => viewPid(root, h) : (h: number) => h;
   const ph = new Phases();
   const freeze = new Freeze(tracer);
   freeze.add(subtree(tracer, root));
@@ -66,11 +65,10 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const kept = tree.processes.filter((p) => sameProcess(host(p.ids.pid), p));
   const keptPids = new Set(kept.map((p) => host(p.ids.pid)));
   const extra = procs.filter((p) => !keptPids.has(p));
-  const extraSet = new Set(extra);
-  // A pid to make again must be free (or held by a process about to go):
-  // on the host, or, in a container, among the tasks of its namespace (husks too).
-  const nsUsed = tree.pidns ? namespaceTids(tracer, root, extraSet, ns) : undefined;
-  const busy = (tid: number) => (nsUsed ? nsUsed.has(tid) : inUse(tid) && !extraSet.has(tid));
+  // A pid to make again must be free (or held by a process about to go), as the tree names it.
+  const inUse = pidsInUse(tracer, root);
+  const going = new Set(extra.flatMap((p) => tracer.threadsOf(p).map((t) => ns(t.tid))));
+  const busy = (tid: number) => inUse(tid) && !going.has(tid);
   for (const p of tree.processes.filter((p) => !keptPids.has(host(p.ids.pid)))) {
     for (const t of p.threads) {
       if (busy(t.tid)) {
@@ -153,18 +151,6 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   return callerInside ? NO_RETURN : viewPid(caller.tgid, root);
 }
 
-/** The tids in use in the namespace of container root `root` (as seen inside), but for `going`. */
-function namespaceTids(tracer: Tracer, root: number, going: Set<number>, ns: (h: number) => number): Set<number> {
-  const depth = nsPids(root).length;
-  const used = new Set<number>();
-  for (const t of tracer.tasks.values()) {
-    if (going.has(t.tgid)) continue;
-    try {
-      if (nsPids(t.tid).length === depth) used.add(ns(t.tid));
-    } catch { /* gone */ }
-  }
-  return used;
-}
 
 /** Threads born since the checkpoint end (exit, not a signal: that would end the process). */
 function endExtraThreads(tracer: Tracer, sh: Shell, ns: (h: number) => number): void {

@@ -39,6 +39,8 @@ export interface TreeState {
   shm: ShmObject[];
   /** The root is the init of a pid namespace; ids are as seen inside it. */
   pidns?: boolean;
+  /** Ids are as seen in the root's pid namespace (below the supervisor's); a restart reads them in the caller's. */
+  nsView?: boolean;
 }
 
 const bad = (why: string) => new CkptError(errno('EBADMSG'), 'image', `TREE record: ${why}`);

@@ -109,6 +109,24 @@ t.test('--pidns: the tree runs under a minimal init as pid 1 that reaps orphans'
   t.match(esrch.stdout, /ret=-1 errno=ESRCH/, 'pids are the namespace\'s own: 999 is no one there');
 });
 
+t.test('--pidns: a program checkpoints itself (not pid 1) and is restarted inside the namespace with its own pid', async (t) => {
+  const img = path.join(dir, 'ns-self.img');
+  const r = run([...SUPERVISE, '--pidns', '--', 'sh', '-c', `${q(fixture('selfckpt'))} ${q(img)} crash; ${CKPT.map(q).join(' ')} restart -i ${q(img)}; echo restart-status=$?`]);
+  const pid = Number(/checkpointed crid=\d+ pid=(\d+)/.exec(r.stdout)?.[1]);
+  t.ok(pid > 1 && pid < 100, `the pid it saw is its namespace's (${pid})`);
+  t.match(r.stdout, new RegExp(`restored pid=${pid}\\n`), 'restored with the same pid, as seen in the namespace');
+  t.match(r.stdout, /^ok queued signal keeps its value and sender$/m);
+  t.notMatch(r.stdout, /FAIL/);
+  t.match(r.stdout, /RESTORE OK\nrestart-status=0/);
+});
+
+t.test('--pidns: a program rolls itself back (not pid 1) again and again', async (t) => {
+  const r = run([...SUPERVISE, '--pidns', '--', fixture('undo'), path.join(dir, 'undo-ns-self.state'), '3', '16']);
+  t.equal(r.status, 0);
+  t.equal((r.stdout.match(/^round \d+ ok: /gm) ?? []).length, 3, 'three rollbacks, each back at the checkpoint');
+  t.match(r.stdout, /UNDO OK after 3 rounds/);
+});
+
 t.test('--pidns: the whole container checkpointed as pid 1, restored (twice at once) by a new supervisor', async (t) => {
   const img = path.join(dir, 'container.img');
   const first = run([...SUPERVISE, '--pidns', '--', 'sh', '-c', `${q(fixture('counter'))} 30 50 | cat & sleep 0.5; ${q(fixture('callabi'))} checkpoint 1 w:${q(img)} 4; wait`]);
