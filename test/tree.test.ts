@@ -120,6 +120,15 @@ t.test('--pidns: a program checkpoints itself (not pid 1) and is restarted insid
   t.match(r.stdout, /RESTORE OK\nrestart-status=0/);
 });
 
+t.test('--pidns: shared memory restored inside the namespace, where the supervisor is out of sight', async (t) => {
+  const img = path.join(dir, 'ns-shmem.img');
+  const r = run([...SUPERVISE, '--pidns', '--', 'sh', '-c', `${q(fixture('shmem'))} ${q(img)}; ${CKPT.map(q).join(' ')} restart -i ${q(img)}; echo restart-status=$?`]);
+  for (const c of ['shared anonymous memory written by the child', 'memfd contents', 'memfd fd offset', "still shared: the child sees the parent's writes"]) {
+    t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  }
+  t.match(r.stdout, /SHMEM OK\nrestart-status=0/);
+});
+
 t.test('--pidns: a program rolls itself back (not pid 1) again and again', async (t) => {
   const r = run([...SUPERVISE, '--pidns', '--', fixture('undo'), path.join(dir, 'undo-ns-self.state'), '3', '16']);
   t.equal(r.status, 0);

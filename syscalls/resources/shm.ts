@@ -11,6 +11,10 @@ import { CkptError, errno } from '../../lib/errors.js';
 import { sys } from '../../lib/libc.js';
 import type { MapEntry } from '../../lib/proc.js';
 import type { Remote } from '../../supervisor/remote.js';
+import { viewPid } from '../../supervisor/pidns.js';
+import { openIn } from './memory.js';
+
+const O_RDWR = 2, O_CLOEXEC = 0o2000000;
 
 export interface ShmObject {
   /** "dev:ino" of the shmem inode: how mappings and descriptors name it. */
@@ -108,7 +112,10 @@ export class ShmRestore {
   fdIn(r: Remote, key: string, minFd = 0): bigint {
     const mine = this.fds.get(key);
     if (mine === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
-    return r.takeFd(process.pid, mine, minFd);
+    if (viewPid(r.task.tgid, process.pid)) return r.takeFd(process.pid, mine, minFd);
+    // In a pid namespace that cannot name the supervisor: open the same
+    // object again through its /proc entry (procfs as mounted here is ours).
+    return r.raise(openIn(r, `/proc/${process.pid}/fd/${mine}`, O_RDWR | O_CLOEXEC, 'restart:shm'), minFd);
   }
   close(): void {
     for (const fd of this.fds.values()) fs.closeSync(fd);
