@@ -24,7 +24,7 @@
  */
 import fs from 'node:fs';
 import { sys, SYS, addressOf, errnoNow } from '../../lib/libc.js';
-import { errnoName } from '../../lib/errors.js';
+import { CkptError, errnoName } from '../../lib/errors.js';
 import { readMaps, readStat, readPagemapRaw } from '../../lib/proc.js';
 import { log } from '../../lib/log.js';
 import { normalize, type Runs } from '../../lib/runs.js';
@@ -70,38 +70,44 @@ const u64 = (b: Buffer, at: number) => b.readUInt32LE(at) + b.readUInt32LE(at + 
  */
 export function pagemapScan(pid: number, start: number, end: number, q: ScanQuery): ScanRegion[] {
   const fd = fs.openSync(`/proc/${pid}/pagemap`, 'r');
-  const vec = Buffer.alloc(VEC * REGION);
-  const arg = Buffer.alloc(96);
-  const out: ScanRegion[] = [];
   try {
-    for (let at = start; at < end; ) {
-      arg.fill(0);
-      arg.writeBigUInt64LE(96n, 0);
-      arg.writeBigUInt64LE(q.protect ? PM_SCAN_WP_MATCHING : 0n, 8);
-      arg.writeBigUInt64LE(BigInt(at), 16);
-      arg.writeBigUInt64LE(BigInt(end), 24);
-      arg.writeBigUInt64LE(addressOf(vec), 40);
-      arg.writeBigUInt64LE(BigInt(VEC), 48);
-      if (q.first) arg.writeBigUInt64LE(1n, 56); // max_pages
-      arg.writeBigUInt64LE(BigInt(q.inverted ?? 0), 64);
-      arg.writeBigUInt64LE(BigInt(q.all ?? 0), 72);
-      arg.writeBigUInt64LE(BigInt(q.anyOf ?? 0), 80);
-      arg.writeBigUInt64LE(BigInt(q.report), 88);
-      const n = sys.ioctl(fd, PAGEMAP_SCAN, arg);
-      if (n < 0) throw Object.assign(new Error(`PAGEMAP_SCAN of ${pid}: ${errnoName(errnoNow())}`), { errno: errnoNow() });
-      for (let i = 0; i < n; i++) {
-        const s = u64(vec, i * REGION), e = u64(vec, i * REGION + 8), categories = vec.readUInt32LE(i * REGION + 16);
-        const last = out[out.length - 1];
-        if (last && last.end === s && last.categories === categories) last.end = e;
-        else out.push({ start: s, end: e, categories });
-      }
-      if (q.first && out.length) break;
-      const walkEnd = Number(arg.readBigUInt64LE(32));
-      if (walkEnd <= at) break; // no progress: nothing more to learn
-      at = walkEnd;
-    }
+    return pagemapScanFd(fd, pid, start, end, q);
   } finally {
     fs.closeSync(fd);
+  }
+}
+
+/** pagemapScan on an open /proc/PID/pagemap (many scans of one process). */
+export function pagemapScanFd(fd: number, pid: number, start: number, end: number, q: ScanQuery): ScanRegion[] {
+  const room = q.first ? 1 : VEC;
+  const vec = Buffer.allocUnsafe(room * REGION);
+  const arg = Buffer.alloc(96);
+  const out: ScanRegion[] = [];
+  for (let at = start; at < end; ) {
+    arg.fill(0);
+    arg.writeBigUInt64LE(96n, 0);
+    arg.writeBigUInt64LE(q.protect ? PM_SCAN_WP_MATCHING : 0n, 8);
+    arg.writeBigUInt64LE(BigInt(at), 16);
+    arg.writeBigUInt64LE(BigInt(end), 24);
+    arg.writeBigUInt64LE(addressOf(vec), 40);
+    arg.writeBigUInt64LE(BigInt(room), 48);
+    if (q.first) arg.writeBigUInt64LE(1n, 56); // max_pages
+    arg.writeBigUInt64LE(BigInt(q.inverted ?? 0), 64);
+    arg.writeBigUInt64LE(BigInt(q.all ?? 0), 72);
+    arg.writeBigUInt64LE(BigInt(q.anyOf ?? 0), 80);
+    arg.writeBigUInt64LE(BigInt(q.report), 88);
+    const n = sys.ioctl(fd, PAGEMAP_SCAN, arg);
+    if (n < 0) throw new CkptError(errnoNow(), 'memory:pagemap', `task ${pid}: PAGEMAP_SCAN failed`);
+    for (let i = 0; i < n; i++) {
+      const s = u64(vec, i * REGION), e = u64(vec, i * REGION + 8), categories = vec.readUInt32LE(i * REGION + 16);
+      const last = out[out.length - 1];
+      if (last && last.end === s && last.categories === categories) last.end = e;
+      else out.push({ start: s, end: e, categories });
+    }
+    if (q.first && out.length) break;
+    const walkEnd = Number(arg.readBigUInt64LE(32));
+    if (walkEnd <= at) break; // no progress: nothing more to learn
+    at = walkEnd;
   }
   return out;
 }

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { CkptError, errno } from '../../lib/errors.js';
 import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
-import { pagemapScan, PAGE as PG } from './dirty.js';
+import { pagemapScan, pagemapScanFd, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
 import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
 import { SYS } from '../../lib/libc.js';
@@ -132,12 +132,17 @@ export function copyUnforked(pid: number, before: MapEntry[], husk: number): { v
       v.pages = runs.slice(n).reduce((k, r) => k + r.data.length / 4096, 0);
       vmas.push(v);
     }
-    for (const m of huskMaps) {
-      if (m.perms[3] !== 'p' || (m.path !== '' && m.path !== '[heap]')) continue;
-      const s = Number(m.start), e = Number(m.end);
-      // One present page is enough to know: the scan stops at the first.
-      if (pagemapScan(husk, s, e, { anyOf: PG.PRESENT | PG.SWAPPED, report: PG.PRESENT, first: true }).length) continue;
-      copy(s, e); // nothing if the process has no pages there either
+    const pm = fs.openSync(`/proc/${husk}/pagemap`, 'r');
+    try {
+      for (const m of huskMaps) {
+        if (m.perms[3] !== 'p' || (m.path !== '' && m.path !== '[heap]')) continue;
+        const s = Number(m.start), e = Number(m.end);
+        // One present page is enough to know: the scan stops at the first.
+        if (pagemapScanFd(pm, husk, s, e, { anyOf: PG.PRESENT | PG.SWAPPED, report: PG.PRESENT, first: true }).length) continue;
+        copy(s, e); // nothing if the process has no pages there either
+      }
+    } finally {
+      fs.closeSync(pm);
     }
   } finally {
     mem.close();
