@@ -24,7 +24,7 @@ import type { ShmData } from './resources/shm.js';
 import type { SyscallCtx } from './context.js';
 import { readStatus } from '../lib/proc.js';
 import { parseCreds } from './resources/process.js';
-import { captureMemory, type MemoryCapture, type HeldRun } from './resources/memory.js';
+import type { MemoryCapture, HeldRun } from './resources/memory.js';
 import { DirtyTracker, frameDiff, type HuskPageCache } from './resources/dirty.js';
 import { normalize, union, type Runs } from '../lib/runs.js';
 

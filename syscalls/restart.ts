@@ -14,7 +14,6 @@
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';
-import { sys, errnoNow } from '../lib/libc.js';
 import { ImageReader, REC, parseJson, splitPages, splitShm } from '../lib/image.js';
 import { FdSource } from '../lib/stream.js';
 import { readMaps, readStatus } from '../lib/proc.js';

@@ -3,8 +3,10 @@
  * processes are brought back to the checkpoint in place, with their pids
  * and the root's parent unchanged: processes created since are killed,
  * processes that exited since are made again, threads likewise; memory is
- * put back from the husks, copying only the pages that changed (a page
- * whose frame is still the husk's was not written since: copy-on-write).
+ * put back from the husks, copying only the pages that changed: those the
+ * dirty tracker reports written (dirty.ts), or, where it cannot vouch,
+ * those whose frame is no longer the husk's (copy-on-write); signals queued
+ * since are dropped and the checkpoint's queued again.
  *
  * Everything that can be checked is checked before anything changes; after
  * that point a failure kills the subtree rather than leave it half-restored.

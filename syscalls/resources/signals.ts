@@ -4,7 +4,6 @@
  * rt_sigaction; everything else is the default.
  */
 import { readStatus } from '../../lib/proc.js';
-import { CkptError } from '../../lib/errors.js';
 import { SYS } from '../../lib/libc.js';
 import type { Remote, CallBatch } from '../../supervisor/remote.js';
 
