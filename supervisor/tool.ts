@@ -50,6 +50,8 @@ function exitLike(pid: number): never {
   }
 }
 
+const OUTPUT = { alias: 'output', type: 'string', describe: 'image file (default: stdout)' } as const;
+
 await yargs(hideBin(process.argv))
   .scriptName('ckpt')
   .command(
@@ -57,7 +59,7 @@ await yargs(hideBin(process.argv))
     'checkpoint the subtree rooted at pid (0: this ckpt process) to a file or stdout, or into memory',
     (y) => y
       .positional('pid', { type: 'number', demandOption: true })
-      .option('o', { alias: 'output', type: 'string', describe: 'image file (default: stdout)' })
+      .option('o', OUTPUT)
       .option('kill', { type: 'boolean', default: false, describe: 'kill the subtree after the checkpoint' })
       .option('defer', { type: 'boolean', default: false, describe: 'keep it in memory only (CKPT_DEFER); prints the crid' })
       .option('keep', { type: 'boolean', default: false, describe: 'write the image and keep it in memory too (CKPT_KEEP)' }),
@@ -79,7 +81,7 @@ await yargs(hideBin(process.argv))
     'write an in-memory checkpoint as an image (then release it, unless --keep)',
     (y) => y
       .positional('crid', { type: 'number', demandOption: true })
-      .option('o', { alias: 'output', type: 'string', describe: 'image file (default: stdout)' })
+      .option('o', OUTPUT)
       .option('keep', { type: 'boolean', default: false }),
     (a) => {
       const fd = a.o ? fs.openSync(a.o, 'w') : 1;

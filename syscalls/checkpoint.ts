@@ -21,7 +21,7 @@ import { CKPT } from './abi.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, checkMappings, copyUnforked, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
-import { makeHusks, finishHusk, destroyHusk, type MemCheckpoint } from './memckpt.js';
+import { makeHusks, finishHusk, destroyHusks, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstack, captureAltstacks, findTidAddress, peekPending } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
@@ -136,7 +136,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
     return { tree, memory: rekey(memory), husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds) };
   } catch (e) {
-    for (const [pid, husk] of made) destroyHusk(tracer, pid, husk);
+    destroyHusks(tracer, made);
     for (const fd of uffds.values()) fs.closeSync(fd);
     throw e;
   }
@@ -297,6 +297,10 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
   if (keep && sv.store.all.size >= sv.store.max) throw new CkptError(errno('EAGAIN'), 'checkpoint', `${sv.store.all.size} in-memory checkpoints already live (--max-checkpoints ${sv.store.max})`);
   const out = f & CKPT.KEEP || !keep ? takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint') : -1;
   try {
+    // Tracking is for rollback: not after CKPT_KILL. Who is tracked already
+    // is looked up now, not in the freeze window (it reads /proc).
+    const track = keep && sv.options.trackDirty && !(f & CKPT.KILL);
+    const tracked = new Set(track ? procs0.filter((p) => sv.store.tracker(p)) : []);
     const freeze = new Freeze(tracer);
     const t0 = performance.now();
     const ph = new Phases();
@@ -305,9 +309,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     try {
       procs = freezeSubtree(freeze, tracer, caller, pid, procs);
       ph.mark('freeze');
-      // Tracking is for rollback: not after CKPT_KILL.
-      const track = keep && sv.options.trackDirty && !(f & CKPT.KILL);
-      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !sv.store.tracker(p) }, ph);
+      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !tracked.has(p) }, ph);
     } catch (e) {
       freeze.thaw();
       throw e;
@@ -339,7 +341,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         if (held?.runs.length) c.held.set(p.ids.pid, held.runs);
       }
     } catch (e) {
-      for (const [pid, husk] of c.husks) destroyHusk(tracer, c.hostOf(pid), husk); // nothing is kept
+      destroyHusks(tracer, c.husks, c.hostOf); // nothing is kept
       for (const fd of cap.uffds.values()) fs.closeSync(fd);
       throw e;
     }
@@ -347,7 +349,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       try {
         writeImage(c, out);
       } finally {
-        for (const [p, husk] of c.husks) destroyHusk(tracer, c.hostOf(p), husk);
+        destroyHusks(tracer, c.husks, c.hostOf);
       }
       log.syscall('checkpoint %d of %d to a file: stopped %s ms, image %s ms', c.crid, pid, stopMs.toFixed(2), (performance.now() - t0 - stopMs).toFixed(2));
       return c.crid;
@@ -355,8 +357,8 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree)) + cap.shm.bytes() + [...c.held.values()].flat().reduce((n, r) => n + r.data.length, 0);
     sv.store.add(c);
     // Protecting every page costs ~35 ms per GiB the first time: after the caller has its answer.
-    if (f & CKPT.KILL) for (const fd of cap.uffds.values()) fs.closeSync(fd);
-    else sv.later(() => sv.store.track(c, cap.uffds));
+    // (After CKPT_KILL there is nothing to track: no userfaultfd was made.)
+    if (!(f & CKPT.KILL)) sv.later(() => sv.store.track(c, cap.uffds));
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);
     if (out >= 0) {
       try {

@@ -25,7 +25,7 @@ import type { SyscallCtx } from './context.js';
 import { readStatus } from '../lib/proc.js';
 import { parseCreds } from './resources/process.js';
 import type { MemoryCapture, HeldRun } from './resources/memory.js';
-import { DirtyTracker, frameDiff, type HuskPageCache } from './resources/dirty.js';
+import { DirtyTracker, frameDiff, withPagemap, type HuskPageCache } from './resources/dirty.js';
 import { normalize, union, type Runs } from '../lib/runs.js';
 
 const SIGKILL = 9, WALL = 0x40000000;
@@ -112,15 +112,15 @@ export class CheckpointStore {
   track(c: MemCheckpoint, uffds: Map<number, number>): void {
     for (const p of c.tree.processes) {
       const pid = c.hostOf(p.ids.pid);
+      let t = this.tracker(pid);
       const fd = uffds.get(p.ids.pid);
-      if (fd !== undefined && !this.tracker(pid)) {
+      if (fd !== undefined && !t) {
         try {
-          this.trackers.set(pid, new DirtyTracker(pid, fd, readStat(pid).field(22), this.tracer.execGen(pid)));
+          this.trackers.set(pid, (t = new DirtyTracker(pid, fd, readStat(pid).field(22), this.tracer.execGen(pid))));
         } catch {
           fs.closeSync(fd); // it exited already
         }
       } else if (fd !== undefined) fs.closeSync(fd);
-      const t = this.tracker(pid);
       if (!t) continue;
       const husk = c.husks.get(p.ids.pid)!;
       this.reprotect(pid, t, c, (written) => refine(written, pid, husk, c.huskPages));
@@ -176,7 +176,7 @@ export class CheckpointStore {
   release(c: MemCheckpoint): void {
     this.all.delete(c.crid);
     if (c.handleFd !== undefined) fs.closeSync(c.handleFd);
-    for (const [pid, husk] of c.husks) destroyHusk(this.tracer, c.hostOf(pid), husk);
+    destroyHusks(this.tracer, c.husks, c.hostOf);
     for (const pid of c.dirty.keys()) {
       if (![...this.all.values()].some((o) => o.dirty.has(pid))) this.dropTracker(pid, 'no checkpoint of it left');
     }
@@ -189,15 +189,13 @@ export class CheckpointStore {
  * short ones are kept as they are (cheaper to copy than to check).
  */
 function refine(written: Runs, pid: number, husk: number, cache: HuskPageCache): Runs {
-  const out: Runs = [];
-  for (const [s, e] of written) {
-    if (e - s < 64 * 4096) out.push([s, e]);
-    else {
-      const { copy, drop } = frameDiff(pid, husk, s, e, true, cache);
-      out.push(...copy, ...drop);
-    }
-  }
-  return normalize(out);
+  const short = written.filter(([s, e]) => e - s < 64 * 4096);
+  const long = written.filter(([s, e]) => e - s >= 64 * 4096);
+  if (!long.length) return written;
+  return withPagemap(pid, (live) => normalize([...short, ...long.flatMap(([s, e]) => {
+    const { copy, drop } = frameDiff(live, husk, s, e, true, cache);
+    return [...copy, ...drop];
+  })]));
 }
 
 /**
@@ -264,6 +262,11 @@ export function finishHusk(tracer: Tracer, husk: number, read: (r: Remote) => vo
 }
 
 const SYS_setpgid = 109;
+
+/** Every husk of `husks` (process pid -> husk), each parent named through `hostOf`. */
+export function destroyHusks(tracer: Tracer, husks: Map<number, number>, hostOf = (pid: number) => pid): void {
+  for (const [pid, husk] of husks) destroyHusk(tracer, hostOf(pid), husk);
+}
 
 /** Kill a husk and reap it: in its parent (if alive) or ourselves (we are the subreaper). */
 export function destroyHusk(tracer: Tracer, parent: number, husk: number): void {

@@ -15,7 +15,7 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import type { MemoryCapture } from './resources/memory.js';
 import { fillPages, useGadget, GADGET_SIZE, GADGET_IOV, GADGET_IOVS } from './resources/memory.js';
-import { nsPids } from '../supervisor/pidns.js';
+import { viewPid } from '../supervisor/pidns.js';
 import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending, drainPending } from './resources/thread.js';
 import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
@@ -226,7 +226,7 @@ export function copyChangedFromHusk(sh: Shell, husk: number, runs: { addr: bigin
  */
 export function pullFromHusk(sh: Shell, husk: number, runs: { addr: bigint; len: number }[]): number {
   if (!sh.gadget) return copyChangedFromHusk(sh, husk, runs);
-  const huskSeen = nsPids(husk).at(-1)!; // the husk's pid in the process's own namespace
+  const huskSeen = viewPid(sh.task.tgid, husk); // the husk as the process names it (its own namespace)
   let bytes = 0;
   for (let i = 0; i < runs.length; i += GADGET_IOVS) {
     const part = runs.slice(i, i + GADGET_IOVS);

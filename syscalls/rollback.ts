@@ -15,11 +15,11 @@ import { CkptError, errno } from '../lib/errors.js';
 import { sys, SYS } from '../lib/libc.js';
 import { readMaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
 import { normalize, union, intersect, subtract, asRanges, runBytes, type Runs } from '../lib/runs.js';
-import { frameDiff, huskOwn, type DirtyTracker } from './resources/dirty.js';
+import { frameDiff, huskOwn, withPagemap, type DirtyTracker } from './resources/dirty.js';
 import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { viewPid, pidsInUse } from '../supervisor/pidns.js';
-import { Remote } from '../supervisor/remote.js';
+import { Remote, CallBatch } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
 import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
@@ -273,17 +273,17 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
   log.restore('rollback %d: %d parts kept, %d mapped again', pid, kept.length, fresh.length);
   // Unmap what lies outside the kept parts (munmap splits mappings as needed).
   const keepRanges = [...kept.map((p) => [p.start, p.end]), [sh.gadget, sh.gadget + GADGET_SIZE]].sort((x, y) => (x[0] < y[0] ? -1 : 1));
-  const unmaps: bigint[][] = [];
+  const unmaps = new CallBatch(r);
   for (const m of current) {
     let at = m.start;
     for (const [ks, ke] of keepRanges) {
       if (ke <= at || ks >= m.end) continue;
-      if (ks > at) unmaps.push([BigInt(SYS.munmap), at, ks - at]);
+      if (ks > at) unmaps.add('restart:memory munmap', SYS.munmap, at, ks - at);
       at = ke;
     }
-    if (at < m.end) unmaps.push([BigInt(SYS.munmap), at, m.end - at]);
+    if (at < m.end) unmaps.add('restart:memory munmap', SYS.munmap, at, m.end - at);
   }
-  checkAll(r.batch(unmaps), 'munmap');
+  unmaps.run();
   mapVmas(r, fresh.map(pieceVma), shm); // shared memory is always mapped anew, from its checkpoint contents
   let bytes = copyFromHusk(sh, husk, mem, clip(mem.runs, fresh));
   ph.mark('layout');
@@ -291,13 +291,13 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
   const pieces = kept.filter((p) => !p.v.shared).map((p) => ({ range: [Number(p.start), Number(p.end)] as [number, number], anon: p.v.kind === 'anon', writable: (p.v.prot & 2) !== 0, v: p.v }));
   const dirty = tracker ? c.dirty.get(pid) : undefined;
   let copy: Runs = [], drop: Runs = [];
-  let untracked: Runs = pieces.map((p) => p.range);
+  const keptRuns: Runs = pieces.map((p) => p.range);
+  let untracked = keptRuns;
   if (tracker && dirty) {
-    const cand = tracker.candidates(untracked);
+    const cand = tracker.candidates(keptRuns);
     ph.mark('scan');
-    const K = untracked;
-    untracked = intersect(cand.untracked, K);
-    const changed = subtract(intersect(union(dirty, cand.written), K), untracked);
+    untracked = intersect(cand.untracked, keptRuns);
+    const changed = subtract(intersect(union(dirty, cand.written), keptRuns), untracked);
     const own = normalize(pieces.flatMap((p) => intersect(huskOwn(husk, Number(vmaStart(p.v)), Number(vmaEnd(p.v)), p.anon, c.huskPages), [p.range])));
     copy = union(intersect(changed, own), intersect(cand.absent, own));
     drop = subtract(changed, own);
@@ -306,15 +306,21 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
   }
   if (fresh.length || untracked.length) remapped.add(pid);
   // Where tracking cannot vouch (or there is none): compare page frames.
-  for (const p of pieces) {
-    for (const [s, e] of intersect(untracked, [p.range])) {
-      const d = frameDiff(pid, husk, s, e, p.anon, c.huskPages);
-      copy = union(copy, d.copy);
-      drop = union(drop, d.drop);
-    }
+  if (untracked.length) {
+    withPagemap(pid, (live) => {
+      for (const p of pieces) {
+        for (const [s, e] of intersect(untracked, [p.range])) {
+          const d = frameDiff(live, husk, s, e, p.anon, c.huskPages);
+          copy = union(copy, d.copy);
+          drop = union(drop, d.drop);
+        }
+      }
+    });
   }
   ph.mark('diff');
-  checkAll(r.batch(drop.map(([s, e]) => [SYS.madvise, s, e - s, MADV_DONTNEED])), 'madvise');
+  const drops = new CallBatch(r);
+  for (const [s, e] of drop) drops.add('restart:memory madvise', SYS.madvise, s, e - s, MADV_DONTNEED);
+  drops.run();
   ph.mark('drop');
   const writable = normalize(pieces.filter((p) => p.writable).map((p) => p.range));
   bytes += pullFromHusk(sh, husk, asRanges(intersect(copy, writable)));
@@ -324,8 +330,3 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
   return bytes;
 }
 
-/** Results of a batch of injected syscalls: any failure fails the rollback. */
-function checkAll(results: bigint[], what: string): void {
-  const bad = results.find((x) => x < 0n);
-  if (bad !== undefined) throw new CkptError(Number(-bad), 'restart:memory', `${what} failed`);
-}

@@ -24,7 +24,7 @@
  */
 import fs from 'node:fs';
 import { sys, SYS, addressOf, errnoNow } from '../../lib/libc.js';
-import { CkptError, errnoName } from '../../lib/errors.js';
+import { CkptError, errno, errnoName } from '../../lib/errors.js';
 import { readMaps, readStat, readPagemapRaw } from '../../lib/proc.js';
 import { log } from '../../lib/log.js';
 import { normalize, type Runs } from '../../lib/runs.js';
@@ -63,53 +63,70 @@ const VEC = 4096, REGION = 24;
 /** A user address (below 2^47) as a number, without a BigInt on the way. */
 const u64 = (b: Buffer, at: number) => b.readUInt32LE(at) + b.readUInt32LE(at + 4) * 2 ** 32;
 
-/**
- * PAGEMAP_SCAN over [start, end) of process `pid` (its current mm). The
- * answer is coalesced by the kernel; the walk resumes until it covers the
- * range (the vector may fill first).
- */
-export function pagemapScan(pid: number, start: number, end: number, q: ScanQuery): ScanRegion[] {
-  const fd = fs.openSync(`/proc/${pid}/pagemap`, 'r');
-  try {
-    return pagemapScanFd(fd, pid, start, end, q);
-  } finally {
-    fs.closeSync(fd);
+/** One process's /proc/PID/pagemap (its current mm), open for many reads and scans. */
+export class Pagemap {
+  private readonly fd: number;
+  constructor(readonly pid: number) {
+    this.fd = fs.openSync(`/proc/${pid}/pagemap`, 'r');
+  }
+
+  /** Raw entries of [start, end), as pairs of 32-bit words. */
+  words(start: number, end: number): Uint32Array {
+    const b = readPagemapRaw(this.fd, BigInt(start), BigInt(end));
+    return new Uint32Array(b.buffer, b.byteOffset, b.length / 4);
+  }
+
+  /**
+   * PAGEMAP_SCAN over [start, end). The answer is coalesced by the kernel;
+   * the walk resumes until it covers the range (the vector may fill first).
+   */
+  scan(start: number, end: number, q: ScanQuery): ScanRegion[] {
+    const room = q.first ? 1 : VEC;
+    const vec = Buffer.allocUnsafe(room * REGION);
+    const arg = Buffer.alloc(96);
+    const out: ScanRegion[] = [];
+    for (let at = start; at < end; ) {
+      arg.fill(0);
+      arg.writeBigUInt64LE(96n, 0);
+      arg.writeBigUInt64LE(q.protect ? PM_SCAN_WP_MATCHING : 0n, 8);
+      arg.writeBigUInt64LE(BigInt(at), 16);
+      arg.writeBigUInt64LE(BigInt(end), 24);
+      arg.writeBigUInt64LE(addressOf(vec), 40);
+      arg.writeBigUInt64LE(BigInt(room), 48);
+      if (q.first) arg.writeBigUInt64LE(1n, 56); // max_pages
+      arg.writeBigUInt64LE(BigInt(q.inverted ?? 0), 64);
+      arg.writeBigUInt64LE(BigInt(q.all ?? 0), 72);
+      arg.writeBigUInt64LE(BigInt(q.anyOf ?? 0), 80);
+      arg.writeBigUInt64LE(BigInt(q.report), 88);
+      const n = sys.ioctl(this.fd, PAGEMAP_SCAN, arg);
+      if (n < 0) throw new CkptError(errnoNow(), 'memory:pagemap', `task ${this.pid}: PAGEMAP_SCAN failed`);
+      for (let i = 0; i < n; i++) {
+        const s = u64(vec, i * REGION), e = u64(vec, i * REGION + 8), categories = vec.readUInt32LE(i * REGION + 16);
+        const last = out[out.length - 1];
+        if (last && last.end === s && last.categories === categories) last.end = e;
+        else out.push({ start: s, end: e, categories });
+      }
+      if (q.first && out.length) break;
+      const walkEnd = Number(arg.readBigUInt64LE(32));
+      if (walkEnd <= at) break; // no progress: nothing more to learn
+      at = walkEnd;
+    }
+    return out;
+  }
+
+  close(): void {
+    fs.closeSync(this.fd);
   }
 }
 
-/** pagemapScan on an open /proc/PID/pagemap (many scans of one process). */
-export function pagemapScanFd(fd: number, pid: number, start: number, end: number, q: ScanQuery): ScanRegion[] {
-  const room = q.first ? 1 : VEC;
-  const vec = Buffer.allocUnsafe(room * REGION);
-  const arg = Buffer.alloc(96);
-  const out: ScanRegion[] = [];
-  for (let at = start; at < end; ) {
-    arg.fill(0);
-    arg.writeBigUInt64LE(96n, 0);
-    arg.writeBigUInt64LE(q.protect ? PM_SCAN_WP_MATCHING : 0n, 8);
-    arg.writeBigUInt64LE(BigInt(at), 16);
-    arg.writeBigUInt64LE(BigInt(end), 24);
-    arg.writeBigUInt64LE(addressOf(vec), 40);
-    arg.writeBigUInt64LE(BigInt(room), 48);
-    if (q.first) arg.writeBigUInt64LE(1n, 56); // max_pages
-    arg.writeBigUInt64LE(BigInt(q.inverted ?? 0), 64);
-    arg.writeBigUInt64LE(BigInt(q.all ?? 0), 72);
-    arg.writeBigUInt64LE(BigInt(q.anyOf ?? 0), 80);
-    arg.writeBigUInt64LE(BigInt(q.report), 88);
-    const n = sys.ioctl(fd, PAGEMAP_SCAN, arg);
-    if (n < 0) throw new CkptError(errnoNow(), 'memory:pagemap', `task ${pid}: PAGEMAP_SCAN failed`);
-    for (let i = 0; i < n; i++) {
-      const s = u64(vec, i * REGION), e = u64(vec, i * REGION + 8), categories = vec.readUInt32LE(i * REGION + 16);
-      const last = out[out.length - 1];
-      if (last && last.end === s && last.categories === categories) last.end = e;
-      else out.push({ start: s, end: e, categories });
-    }
-    if (q.first && out.length) break;
-    const walkEnd = Number(arg.readBigUInt64LE(32));
-    if (walkEnd <= at) break; // no progress: nothing more to learn
-    at = walkEnd;
+/** `use` with the pagemap of `pid` open. */
+export function withPagemap<T>(pid: number, use: (pm: Pagemap) => T): T {
+  const pm = new Pagemap(pid);
+  try {
+    return use(pm);
+  } finally {
+    pm.close();
   }
-  return out;
 }
 
 const TOP = 0x7ffffffff000; // TASK_SIZE: PAGEMAP_SCAN refuses ranges beyond it (EFAULT)
@@ -147,7 +164,7 @@ export class DirtyTracker {
       b.writeBigUInt64LE(UFFDIO_REGISTER_MODE_WP, 16);
       if (sys.ioctl(this.uffd, UFFDIO_REGISTER, b) < 0) {
         const e = errnoNow();
-        if (errnoName(e) === 'EBUSY') this.trusted = false; // the program's own userfaultfd
+        if (e === errno('EBUSY')) this.trusted = false; // another userfaultfd has it
         log.restore('dirty %d: mapping 0x%s not tracked: %s', this.pid, m.start.toString(16), errnoName(e));
       }
     }
@@ -158,7 +175,7 @@ export class DirtyTracker {
    * Pages in mappings not registered are neither reported nor protected.
    */
   protect(): Runs {
-    return normalize(pagemapScan(this.pid, 0, TOP, { protect: true, all: PAGE.WRITTEN, report: PAGE.WRITTEN }).map((r) => [r.start, r.end]));
+    return normalize(withPagemap(this.pid, (pm) => pm.scan(0, TOP, { protect: true, all: PAGE.WRITTEN, report: PAGE.WRITTEN })).map((r) => [r.start, r.end]));
   }
 
   /**
@@ -169,12 +186,12 @@ export class DirtyTracker {
   candidates(ranges: Runs): { written: Runs; absent: Runs; untracked: Runs } {
     const written: Runs = [], absent: Runs = [], untracked: Runs = [];
     if (!ranges.length) return { written, absent, untracked };
-    const regions = pagemapScan(this.pid, ranges[0][0], ranges[ranges.length - 1][1], {
+    const regions = withPagemap(this.pid, (pm) => pm.scan(ranges[0][0], ranges[ranges.length - 1][1], {
       // written, or not present (nor swapped), or not in a tracked mapping
       inverted: PAGE.PRESENT | PAGE.WPALLOWED,
       anyOf: PAGE.WRITTEN | PAGE.PRESENT | PAGE.WPALLOWED,
-      report: PAGE.WRITTEN | PAGE.PRESENT | PAGE.WPALLOWED | PAGE.SWAPPED,
-    });
+      report: PAGE.WRITTEN | PAGE.PRESENT | PAGE.WPALLOWED,
+    }));
     for (const r of regions) {
       const c = r.categories;
       if (!(c & PAGE.WPALLOWED)) untracked.push([r.start, r.end]);
@@ -224,23 +241,12 @@ export interface HuskPageCache {
 }
 export const newHuskPageCache = (): HuskPageCache => ({ pagemaps: new Map(), own: new Map() });
 
-/** Raw pagemap entries of [start, end) of `pid`, as pairs of 32-bit words. */
-function pagemapWords(pid: number, start: number, end: number): Uint32Array {
-  const fd = fs.openSync(`/proc/${pid}/pagemap`, 'r');
-  try {
-    const b = readPagemapRaw(fd, BigInt(start), BigInt(end));
-    return new Uint32Array(b.buffer, b.byteOffset, b.length / 4);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 function huskPagemap(husk: number, start: number, end: number, cache: HuskPageCache): Uint32Array {
   const key = `${husk}:${start}:${end}`;
   let words = cache.pagemaps.get(key);
   if (!words) {
     if (cache.pagemaps.size > 4096) cache.pagemaps.clear();
-    words = pagemapWords(husk, start, end);
+    words = withPagemap(husk, (pm) => pm.words(start, end));
     cache.pagemaps.set(key, words);
   }
   return words;
@@ -255,7 +261,7 @@ export function huskOwn(husk: number, start: number, end: number, anon: boolean,
   const key = `${husk}:${start}:${end}`;
   let runs = cache.own.get(key);
   if (!runs) {
-    const regions = pagemapScan(husk, start, end, { anyOf: PAGE.PRESENT | PAGE.SWAPPED, report: PAGE.FILE | PAGE.PRESENT | PAGE.SWAPPED });
+    const regions = withPagemap(husk, (pm) => pm.scan(start, end, { anyOf: PAGE.PRESENT | PAGE.SWAPPED, report: PAGE.FILE }));
     runs = normalize(regions.filter((r) => anon || !(r.categories & PAGE.FILE)).map((r) => [r.start, r.end]));
     cache.own.set(key, runs);
   }
@@ -271,8 +277,8 @@ export function huskOwn(husk: number, start: number, end: number, anon: boolean,
  * husk's page is copied back, or, where the husk had no data of its own
  * (none, or only the file's page), the live page is dropped.
  */
-export function frameDiff(live: number, husk: number, start: number, end: number, anon: boolean, cache: HuskPageCache): { copy: Runs; drop: Runs } {
-  const l = pagemapWords(live, start, end), h = huskPagemap(husk, start, end, cache);
+export function frameDiff(live: Pagemap, husk: number, start: number, end: number, anon: boolean, cache: HuskPageCache): { copy: Runs; drop: Runs } {
+  const l = live.words(start, end), h = huskPagemap(husk, start, end, cache);
   const copy: Runs = [], drop: Runs = [];
   const add = (list: Runs, i: number) => {
     const addr = start + i * 4096;

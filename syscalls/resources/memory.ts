@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { CkptError, errno } from '../../lib/errors.js';
 import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
-import { pagemapScan, pagemapScanFd, PAGE as PG } from './dirty.js';
+import { Pagemap, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
 import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
 import { SYS } from '../../lib/libc.js';
@@ -116,10 +116,10 @@ export function copyUnforked(pid: number, before: MapEntry[], husk: number): { v
   const vmas: VmaState[] = [];
   const runs: HeldRun[] = [];
   const mem = new RemoteMem(pid);
+  const live = new Pagemap(pid), huskPm = new Pagemap(husk);
+  const has = { anyOf: PG.PRESENT | PG.SWAPPED, report: PG.PRESENT };
   const copy = (start: number, end: number) => {
-    for (const r of pagemapScan(pid, start, end, { anyOf: PG.PRESENT | PG.SWAPPED, report: PG.PRESENT })) {
-      runs.push({ addr: BigInt(r.start), data: Buffer.from(mem.read(BigInt(r.start), r.end - r.start)) });
-    }
+    for (const r of live.scan(start, end, has)) runs.push({ addr: BigInt(r.start), data: Buffer.from(mem.read(BigInt(r.start), r.end - r.start)) });
   };
   try {
     for (const m of before) {
@@ -132,20 +132,17 @@ export function copyUnforked(pid: number, before: MapEntry[], husk: number): { v
       v.pages = runs.slice(n).reduce((k, r) => k + r.data.length / 4096, 0);
       vmas.push(v);
     }
-    const pm = fs.openSync(`/proc/${husk}/pagemap`, 'r');
-    try {
-      for (const m of huskMaps) {
-        if (m.perms[3] !== 'p' || (m.path !== '' && m.path !== '[heap]')) continue;
-        const s = Number(m.start), e = Number(m.end);
-        // One present page is enough to know: the scan stops at the first.
-        if (pagemapScanFd(pm, husk, s, e, { anyOf: PG.PRESENT | PG.SWAPPED, report: PG.PRESENT, first: true }).length) continue;
-        copy(s, e); // nothing if the process has no pages there either
-      }
-    } finally {
-      fs.closeSync(pm);
+    for (const m of huskMaps) {
+      if (m.perms[3] !== 'p' || (m.path !== '' && m.path !== '[heap]')) continue;
+      const s = Number(m.start), e = Number(m.end);
+      // One present page is enough to know: the scan stops at the first.
+      if (huskPm.scan(s, e, { ...has, first: true }).length) continue;
+      copy(s, e); // nothing if the process has no pages there either
     }
   } finally {
     mem.close();
+    live.close();
+    huskPm.close();
   }
   return { vmas, runs };
 }
@@ -395,11 +392,12 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
       }
       calls.push({ call: [SYS.mmap, vmaStart(v), len, v.prot, (v.shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED, fd, BigInt(v.offset!)], what });
     }
-    const res = r.batch(calls.map((c) => c.call));
-    res.forEach((x, i) => {
-      if (x < 0n && x > -4096n) throw new CkptError(Number(-x), 'restart:memory', calls[i].what);
+    // The fork advice goes in the same resume, after the mappings (its result is not checked).
+    const advice = vmas.filter((v) => v.dontfork || v.wipeonfork).map((v) => [SYS.madvise, vmaStart(v), vmaEnd(v) - vmaStart(v), v.dontfork ? MADV_DONTFORK : MADV_WIPEONFORK]);
+    const res = r.batch([...calls.map((c) => c.call), ...advice]);
+    calls.forEach((c, i) => {
+      if (res[i] < 0n && res[i] > -4096n) throw new CkptError(Number(-res[i]), 'restart:memory', c.what);
     });
-    r.batch(vmas.filter((v) => v.dontfork || v.wipeonfork).map((v) => [SYS.madvise, vmaStart(v), vmaEnd(v) - vmaStart(v), v.dontfork ? MADV_DONTFORK : MADV_WIPEONFORK]));
   } finally {
     r.batch([...fds.values()].map((fd) => [SYS.close, fd]));
   }
