@@ -96,11 +96,21 @@ export function setRegs(pid: number, regs: Regs): void {
   regset(PT.SETREGSET, pid, NT_PRSTATUS, regs.buf);
 }
 
-/** The XSAVE area (FPU, SSE, AVX ...): the kernel tells its real size. */
+/**
+ * The XSAVE area (FPU, SSE, AVX ...). The kernel tells its real size, the
+ * same for every task of this machine: asked with a large buffer once, then
+ * with one of that size (a 16 KiB request costs a 16 KiB zeroed kernel
+ * buffer each time, a quarter of a thread's capture).
+ */
+const xstateSize = { bytes: 0 };
 export function getXState(pid: number): Buffer {
-  const buf = Buffer.alloc(16384);
+  const buf = Buffer.alloc(xstateSize.bytes || 16384);
   const n = regset(PT.GETREGSET, pid, NT_X86_XSTATE, buf);
-  return Buffer.from(buf.subarray(0, n));
+  if (!xstateSize.bytes) {
+    xstateSize.bytes = n;
+    return Buffer.from(buf.subarray(0, n));
+  }
+  return n === buf.length ? buf : buf.subarray(0, n);
 }
 
 export function setXState(pid: number, data: Buffer): void {

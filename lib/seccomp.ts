@@ -1,7 +1,11 @@
 /**
  * The seccomp filter of a supervised tree: trap the ckpt syscall numbers to
  * the tracer (SECCOMP_RET_TRACE) and allow everything else, including other
- * architectures' syscalls, which must never be killed.
+ * architectures' syscalls, which must never be killed. One ordinary call is
+ * trapped too, and only with the arguments that matter to us: madvise with
+ * MADV_DONTFORK or MADV_WIPEONFORK (rare: set once on a region by the few
+ * programs that use them), so that the stop of a checkpoint only looks for
+ * memory fork does not copy in processes that ever asked for it.
  */
 const BPF_LD_W_ABS = 0x20;
 const BPF_JEQ_K = 0x15;
@@ -10,19 +14,27 @@ const BPF_RET_K = 0x06;
 const AUDIT_ARCH_X86_64 = 0xc000003e;
 export const SECCOMP_RET_ALLOW = 0x7fff0000;
 export const SECCOMP_RET_TRACE = 0x7ff00000;
+const SYS_madvise = 28;
+export const MADV_DONTFORK = 10, MADV_WIPEONFORK = 18;
+/** struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low word first). */
+const DATA_NR = 0, DATA_ARCH = 4, DATA_ARG2 = 32;
 
 type Insn = [code: number, jt: number, jf: number, k: number];
 
-/** Trap [first, last] on x86-64; the result is a struct sock_filter array. */
+/** Trap [first, last] and the fork-advice madvise calls on x86-64; the result is a struct sock_filter array. */
 export function buildTrapFilter(first: number, last: number): Buffer {
   const prog: Insn[] = [
-    [BPF_LD_W_ABS, 0, 0, 4], // seccomp_data.arch
-    [BPF_JEQ_K, 0, 4, AUDIT_ARCH_X86_64], // other arch -> allow
-    [BPF_LD_W_ABS, 0, 0, 0], // seccomp_data.nr
-    [BPF_JGE_K, 0, 2, first], // nr < first -> allow
-    [BPF_JGE_K, 1, 0, last + 1], // nr > last -> allow
-    [BPF_RET_K, 0, 0, SECCOMP_RET_TRACE],
-    [BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW],
+    /* 0 */ [BPF_LD_W_ABS, 0, 0, DATA_ARCH],
+    /* 1 */ [BPF_JEQ_K, 0, 8, AUDIT_ARCH_X86_64], // other arch -> allow
+    /* 2 */ [BPF_LD_W_ABS, 0, 0, DATA_NR],
+    /* 3 */ [BPF_JEQ_K, 0, 3, SYS_madvise], // else -> 7
+    /* 4 */ [BPF_LD_W_ABS, 0, 0, DATA_ARG2], // the advice (an int: the low word)
+    /* 5 */ [BPF_JEQ_K, 3, 0, MADV_DONTFORK], // -> trace
+    /* 6 */ [BPF_JEQ_K, 2, 3, MADV_WIPEONFORK], // -> trace, else allow
+    /* 7 */ [BPF_JGE_K, 0, 2, first], // nr < first -> allow
+    /* 8 */ [BPF_JGE_K, 1, 0, last + 1], // nr > last -> allow
+    /* 9 */ [BPF_RET_K, 0, 0, SECCOMP_RET_TRACE],
+    /* 10 */ [BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW],
   ];
   const buf = Buffer.alloc(prog.length * 8);
   prog.forEach(([code, jt, jf, k], i) => {
@@ -35,7 +47,7 @@ export function buildTrapFilter(first: number, last: number): Buffer {
 }
 
 /** Run a classic-BPF seccomp program on (arch, nr): for unit tests. */
-export function evalFilter(filter: Buffer, arch: number, nr: number): number {
+export function evalFilter(filter: Buffer, arch: number, nr: number, args: number[] = []): number {
   let acc = 0;
   for (let pc = 0; pc < filter.length / 8; ) {
     const code = filter.readUInt16LE(pc * 8);
@@ -43,7 +55,7 @@ export function evalFilter(filter: Buffer, arch: number, nr: number): number {
     const jf = filter.readUInt8(pc * 8 + 3);
     const k = filter.readUInt32LE(pc * 8 + 4);
     switch (code) {
-      case BPF_LD_W_ABS: acc = k === 4 ? arch : k === 0 ? nr : 0; pc++; break;
+      case BPF_LD_W_ABS: acc = k === DATA_ARCH ? arch : k === DATA_NR ? nr : k >= 16 && k % 8 === 0 ? (args[(k - 16) / 8] ?? 0) >>> 0 : 0; pc++; break;
       case BPF_JEQ_K: pc += 1 + (acc === k ? jt : jf); break;
       case BPF_JGE_K: pc += 1 + (acc >>> 0 >= k ? jt : jf); break;
       case BPF_RET_K: return k;

@@ -31,7 +31,7 @@ export class Remote {
   readonly newChildren: number[] = [];
   mem: RemoteMem;
 
-  constructor(private readonly tracer: Tracer, readonly task: Task) {
+  constructor(readonly tracer: Tracer, readonly task: Task) {
     if (task.stop === 'running') throw new Error(`remote: task ${task.tid} is not stopped`);
     this.saved = getRegs(task.tid);
     this.mem = new RemoteMem(task.tid, true);
@@ -272,10 +272,13 @@ export class Remote {
 }
 
 /**
- * The same kind of call in several stopped tracees at once: all are started
- * before any is waited for, so that the round trips overlap. Results in order.
+ * One injected call in each of several stopped tracees, all started before
+ * any is waited for, so that the round trips overlap. `meanwhile` runs
+ * while they are in flight: the supervisor's own work (reading /proc, say)
+ * that would otherwise wait its turn. Results in order; every started call
+ * is waited for even after a failure, and then the first failure is thrown.
  */
-export function callEach(remotes: Remote[], call: (r: Remote, i: number) => [number, ...(bigint | number)[]]): bigint[] {
+export function callEach(remotes: Remote[], call: (r: Remote, i: number) => [number, ...(bigint | number)[]], meanwhile?: () => void): bigint[] {
   const begun: Remote[] = [];
   let failure: unknown;
   for (const [i, r] of remotes.entries()) {
@@ -288,7 +291,14 @@ export function callEach(remotes: Remote[], call: (r: Remote, i: number) => [num
       break;
     }
   }
-  // Every started call is waited for, even after a failure: each task must be stopped again.
+  if (!failure && meanwhile) {
+    try {
+      meanwhile();
+    } catch (e) {
+      failure = e;
+    }
+  }
+  // Each task must be stopped again before anything else is done with it.
   const out = begun.map((r) => {
     try {
       return r.end();

@@ -58,13 +58,7 @@ export function cloneWithTid(tracer: Tracer, r: Remote, tid: number, flags: numb
  */
 export function destroyShells(tracer: Tracer, caller: Task, rootPid: number | undefined, pids: number[]): void {
   for (const p of pids) sys.kill(p, SIGKILL);
-  for (const p of pids) {
-    for (;;) {
-      const ev = tracer.wait(p);
-      if (!ev || ev.kind !== 'stopped') break;
-      sys.ptrace(7, p, 0, 0);
-    }
-  }
+  for (const p of pids) tracer.waitGone(p);
   if (rootPid === undefined) return;
   const r = new Remote(tracer, caller);
   try {

@@ -35,6 +35,14 @@ export class Tracer {
   readonly exited = new Set<number>();
   /** execve count by process: an mm-bound resource (a userfaultfd) is stale once it changes. */
   private readonly execs = new Map<number, number>();
+  /**
+   * Processes that may hold memory fork does not copy: they called madvise
+   * with MADV_DONTFORK or MADV_WIPEONFORK (the seccomp filter traps exactly
+   * those), were forked from one that did (a child keeps WIPEONFORK
+   * regions), or were restored with such regions. Only their checkpoints
+   * look for that memory during the stop. An exec clears the mark.
+   */
+  readonly forkAdvice = new Set<number>();
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
@@ -89,10 +97,25 @@ export class Tracer {
     }
   }
 
+  /**
+   * After SIGKILL to process `tgid`: wait until every thread of it is gone.
+   * Its other threads first: a killed leader is not reported (even to
+   * waitpid on its own pid) until they have been reaped, so waiting for it
+   * first would wait forever. Stops still reported on the way are let go.
+   */
+  waitGone(tgid: number): void {
+    const tids = this.threadsOf(tgid).map((t) => t.tid).sort((a, b) => (a === tgid ? 1 : b === tgid ? -1 : 0));
+    if (!tids.includes(tgid)) tids.push(tgid);
+    for (const tid of tids) while (this.wait(tid)?.kind === 'stopped') sys.ptrace(PT.CONT, tid, 0, 0);
+  }
+
   private forget(ev: Extract<WaitEvent, { kind: 'exited' | 'killed' }>): void {
     const t = this.tasks.get(ev.pid);
     this.tasks.delete(ev.pid);
-    if (!t || t.tgid === ev.pid) this.exited.add(ev.pid);
+    if (!t || t.tgid === ev.pid) {
+      this.exited.add(ev.pid);
+      this.forkAdvice.delete(ev.pid);
+    }
     if (ev.pid === this.rootPid) {
       this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };
     }
@@ -190,8 +213,9 @@ export class Tracer {
       case PTRACE_EVENT.FORK:
       case PTRACE_EVENT.VFORK:
       case PTRACE_EVENT.CLONE: {
-        const child = getEventMsg(task.tid);
-        this.add(child, ev.event === PTRACE_EVENT.CLONE ? undefined : child);
+        const pid = getEventMsg(task.tid);
+        const child = this.add(pid, ev.event === PTRACE_EVENT.CLONE ? undefined : pid);
+        if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
         this.resume(task);
         return;
       }
@@ -200,6 +224,7 @@ export class Tracer {
         // thread now runs under the leader's id.
         const former = getEventMsg(task.tid);
         this.execs.set(task.tgid, this.execGen(task.tgid) + 1);
+        this.forkAdvice.delete(task.tgid); // a new address space
         for (const t of this.threadsOf(task.tgid)) if (t.tid !== task.tid) this.tasks.delete(t.tid);
         if (former !== task.tid) this.tasks.delete(former);
         this.resume(task);

@@ -14,18 +14,18 @@ import { readStatus, listTids, readStat } from '../lib/proc.js';
 import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { hostPid, nsPids } from '../supervisor/pidns.js';
-import { Remote } from '../supervisor/remote.js';
+import { Remote, callEach } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import type { SyscallCtx } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, checkMappings, copyUnforked, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
-import { makeHusks, finishHusk, destroyHusks, type MemCheckpoint } from './memckpt.js';
+import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
-import { captureThread, captureAltstack, captureAltstacks, findTidAddress, peekPending } from './resources/thread.js';
+import { captureThread, captureAltstacks, AltstackQuery, findTidAddress, peekPending, type ThreadState } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
-import { captureFiles } from './resources/files.js';
+import { captureFiles, OutsideHolders } from './resources/files.js';
 import { ShmCapture, type ShmData } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
 
@@ -56,12 +56,13 @@ export function checkpoint(ctx: SyscallCtx): number {
   if (!(f & CKPT.KILL)) return checkpointInMemory(ctx, pid, procs, f, fdArg, false);
   const out = takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint');
   const crid = ctx.sv.newCrid();
+  const others = outsideHolders(tracer, procs);
   const freeze = new Freeze(tracer);
   try {
     const t0 = performance.now();
     procs = freezeSubtree(freeze, tracer, caller, pid, procs);
     const t1 = performance.now();
-    const { tree, memory, shm, hostOf } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, false);
+    const { tree, memory, shm, hostOf } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, others, false);
     const t2 = performance.now();
     const w = new ImageWriter(new FdSink(out));
     w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid, kernel: os.release(), created: new Date().toISOString(), vdso: vdsoInfo(pid) });
@@ -86,51 +87,85 @@ export function checkpoint(ctx: SyscallCtx): number {
   return crid;
 }
 
-/**
- * Capture a frozen subtree: processes (parents first), zombies, files. With
- * `husks`, memory is not read: each process gets a husk instead (returned),
- * and its memory is described from the husk once the subtree runs again.
- */
 export interface HuskOptions {
   /** Should a dirty-page tracker be started in this (host) process? */
   track: (pid: number) => boolean;
 }
 
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], husks: HuskOptions | false, ph = new Phases()): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
-  const statuses = new Map(procs.map((p) => [p, readStatus(p)]));
+/**
+ * Capture a frozen subtree: processes (parents first), zombies, files. With
+ * `husks`, memory is not read: each process gets a husk instead (returned),
+ * and its memory is described from the husk once the subtree runs again.
+ */
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], others: OutsideHolders, husks: HuskOptions | false, ph = new Phases()): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
   const shm = new ShmCapture();
   const memory = new Map<number, MemoryCapture>();
   const made = new Map<number, number>();
   const held = new Map<number, { vmas: VmaState[]; runs: HeldRun[] }>();
   const uffds = new Map<number, number>();
-  const processes: ProcessState[] = [];
+  const task = (tid: number) => {
+    const t = tracer.tasks.get(tid);
+    if (!t || t.stop === 'running') throw new CkptError(errno('EAGAIN'), 'checkpoint', `task ${tid} is not frozen`);
+    return t;
+  };
+  const rs: Remote[] = [];
   try {
-    const inside = new Set(procs);
-    const files = captureFiles(procs, outside, (p) => statuses.get(p)!, shm, tracer.processes().filter((p) => !inside.has(p)));
-    ph.mark('files');
-    for (const pid of procs) {
-      const { state, mem } = captureProcess(tracer, pid, caller, statuses.get(pid)!, husks ? undefined : shm);
-      state.files = files.perProc.get(pid)!;
-      processes.push(state);
-      if (mem) memory.set(pid, mem);
+    // Registers and pending signals first, before any injected syscall
+    // touches them (a task resumed for one may take a signal on its way back).
+    const threads = procs.map((pid) => listTids(pid).map((tid) => captureThread(tid, tid === caller.tid)));
+    const sharedPending = procs.map((pid) => peekPending(pid, true));
+    ph.mark('threads');
+    // Then one round of injected calls: a husk clone in each leader and, in
+    // every other thread, sigaltstack (a husk inherits only the leader's).
+    // While they run (a clone copies page tables: the longest part of the
+    // stop), everything that is only read from /proc is read.
+    const leaders = husks ? procs.map((pid) => new Remote(tracer, task(pid))) : [];
+    rs.push(...leaders);
+    const others1 = threads.flatMap((ts, i) => ts.filter((t) => t.tid !== procs[i]));
+    for (const t of others1) rs.push(new Remote(tracer, task(t.tid)));
+    const alt = new AltstackQuery(rs.slice(leaders.length));
+    let read: ReturnType<typeof readProcs> | undefined;
+    let res: bigint[];
+    try {
+      res = callEach(rs, (_, i) => (i < leaders.length ? HUSK_CLONE : alt.call(i - leaders.length)), () => {
+        read = readProcs(tracer, procs, threads, sharedPending, outside, others, shm, !!husks);
+      });
+      alt.answers(res.slice(leaders.length)).forEach((a, i) => (others1[i].altstack = a));
+    } catch (e) {
+      for (const r of leaders) for (const h of r.newChildren) destroyHusk(tracer, r.task.tgid, h);
+      throw e;
+    } finally {
+      alt.putBack(); // after the answers are read: they are in those bytes
     }
-    ph.mark('processes');
+    ph.mark('husks+proc');
+    if (husks) adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
+    const { processes, files, zombies, maps } = read!;
     if (husks) {
-      const before = procs.map((pid) => checkMappings(pid, shm)); // shared memory is copied now: fork cannot keep it
-      ph.mark('maps');
-      const made1 = makeHusks(tracer, procs.map((pid) => tracer.tasks.get(pid)!), (r) => {
-        if (!husks.track(r.task.tgid)) return;
+      for (const r of leaders) {
+        if (!husks.track(r.task.tgid)) continue;
         const fd = openUffd(r);
         if (fd >= 0) uffds.set(r.task.tgid, fd);
-      });
-      ph.mark('husks');
+      }
+      // What fork does not copy, in the processes that ever asked for it
+      // (MADV_DONTFORK, MADV_WIPEONFORK), is copied now too.
       procs.forEach((pid, i) => {
-        made.set(pid, made1[i]);
-        held.set(pid, copyUnforked(pid, before[i], made1[i])); // so is what fork does not copy
+        if (tracer.forkAdvice.has(pid)) held.set(pid, copyUnforked(pid, maps[i], made.get(pid)!));
       });
-      ph.mark('dontfork');
+    } else {
+      // A direct checkpoint: the process-wide state and the memory now.
+      processes.forEach((p, i) => {
+        const r = new Remote(tracer, task(procs[i]));
+        try {
+          captureProcessWide(r, p, read!.statuses[i], (tid) => nsPids(tid).at(-1)!); // glibc keeps the tid as the thread sees it
+        } finally {
+          r.finish();
+        }
+        const mem = captureMemory(procs[i], shm);
+        p.memory = mem.vmas;
+        memory.set(procs[i], mem);
+      });
     }
-    const tree: TreeState = { root, processes, zombies: findZombies(tracer, procs), files: files.table, shm: shm.objects };
+    const tree: TreeState = { root, processes, zombies, files: files.table, shm: shm.objects };
     const ns = toNamespace(tree);
     ph.mark('tree');
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
@@ -139,59 +174,34 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     destroyHusks(tracer, made);
     for (const fd of uffds.values()) fs.closeSync(fd);
     throw e;
-  }
-}
-
-/** Capture one frozen process; everything that can refuse does so here. */
-/**
- * Capture one frozen process; everything that can refuse does so here.
- * With `shm`: a direct checkpoint, everything now. Without: a husk will be
- * made, and the process-wide state (mm, handlers, the leader's alternate
- * stack, tid addresses) is read from it after the thaw, since at this
- * instant the husk and the process are the same; only what is per thread
- * and not inherited (registers, other threads' alternate stacks) is read
- * while the subtree is stopped.
- */
-function captureProcess(tracer: Tracer, pid: number, caller: Task, status: Map<string, string>, shm: ShmCapture | undefined): { state: ProcessState; mem?: MemoryCapture } {
-  const tids = listTids(pid);
-  // Registers first, before any injected syscall touches them.
-  const threads = tids.map((tid) => captureThread(tid, tid === caller.tid));
-  const task = (tid: number) => {
-    const t = tracer.tasks.get(tid);
-    if (!t || t.stop === 'running') throw new CkptError(errno('EAGAIN'), 'checkpoint', `task ${tid} of ${pid} is not frozen`);
-    return t;
-  };
-  const state: ProcessState = {
-    ids: captureIds(pid),
-    creds: parseCreds(status),
-    mm: undefined as unknown as ProcessState['mm'], // set by captureProcessWide
-    memory: [], // for a husk: described from it after the thaw
-    files: { fds: [], cwd: '/', umask: 0o22 }, // filled in by captureTree
-    signals: {},
-    sharedPending: peekPending(pid, true),
-    threads,
-  };
-  const others = threads.filter((t) => t.tid !== pid);
-  // glibc keeps the tid as the thread itself sees it (inside its pid namespace)
-  if (shm) {
-    const r = new Remote(tracer, task(pid));
-    try {
-      captureProcessWide(r, state, status, (tid) => nsPids(tid).at(-1)!);
-    } finally {
-      r.finish();
-    }
-  }
-  // The other threads' alternate stacks (not inherited by a husk): all at once.
-  const rs: Remote[] = [];
-  try {
-    for (const t of others) rs.push(new Remote(tracer, task(t.tid)));
-    captureAltstacks(rs).forEach((a, i) => (others[i].altstack = a));
   } finally {
     for (const r of rs) r.finish();
   }
-  const mem = shm ? captureMemory(pid, shm) : undefined;
-  if (mem) state.memory = mem.vmas;
-  return { state, mem };
+}
+
+/**
+ * What a frozen subtree shows in /proc: ids,
+ * credentials, descriptors, zombies, and, with husks to be made, the
+ * mappings (shared memory is copied now: fork cannot keep it). Nothing here
+ * needs the tasks themselves, so it runs while injected calls do. The
+ * process-wide state a husk shares (mm, handlers, the leader's alternate
+ * stack, tid addresses) is read from the husk after the thaw.
+ */
+function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sharedPending: (string[] | undefined)[], outside: number[], others: OutsideHolders, shm: ShmCapture, husks: boolean) {
+  const statuses = procs.map((pid) => readStatus(pid));
+  const files = captureFiles(procs, outside, (p) => statuses[procs.indexOf(p)], shm, others);
+  const processes: ProcessState[] = procs.map((pid, i) => ({
+    ids: captureIds(pid),
+    creds: parseCreds(statuses[i]),
+    mm: undefined as unknown as ProcessState['mm'], // set by captureProcessWide
+    memory: [], // for a husk: described from it after the thaw
+    files: files.perProc.get(pid)!,
+    signals: {},
+    sharedPending: sharedPending[i],
+    threads: threads[i],
+  }));
+  const maps = husks ? procs.map((pid) => checkMappings(pid, shm)) : [];
+  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps };
 }
 
 /**
@@ -205,7 +215,7 @@ export function captureProcessWide(r: Remote, state: ProcessState, status: Map<s
   for (const t of state.threads) {
     const fsBase = BigInt(Buffer.from(t.regs, 'base64').readBigUInt64LE(21 * 8));
     t.tidAddress = findTidAddress(r.mem, selfTid(t.tid), fsBase);
-    if (t.tid === state.ids.pid) t.altstack = captureAltstack(r);
+    if (t.tid === state.ids.pid) t.altstack = captureAltstacks([r])[0];
   }
 }
 
@@ -284,6 +294,12 @@ export function checkPermission(callerPid: number, procs: number[]): void {
   }
 }
 
+/** What the supervised processes outside the subtree hold: read before the freeze. */
+function outsideHolders(tracer: Tracer, procs: number[]): OutsideHolders {
+  const inside = new Set(procs);
+  return new OutsideHolders(tracer.processes().filter((p) => !inside.has(p)));
+}
+
 /**
  * CKPT_DEFER / CKPT_KEEP: the subtree is stopped only to capture what is not
  * memory and to make one husk per process; it runs again before the husks'
@@ -301,6 +317,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     // is looked up now, not in the freeze window (it reads /proc).
     const track = keep && sv.options.trackDirty && !(f & CKPT.KILL);
     const tracked = new Set(track ? procs0.filter((p) => sv.store.tracker(p)) : []);
+    const others = outsideHolders(tracer, procs0);
     const freeze = new Freeze(tracer);
     const t0 = performance.now();
     const ph = new Phases();
@@ -309,7 +326,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     try {
       procs = freezeSubtree(freeze, tracer, caller, pid, procs);
       ph.mark('freeze');
-      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, { track: (p) => track && !tracked.has(p) }, ph);
+      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, others, { track: (p) => track && !tracked.has(p) }, ph);
     } catch (e) {
       freeze.thaw();
       throw e;

@@ -15,7 +15,7 @@ import { CkptError, errno } from '../lib/errors.js';
 import { sys, SYS } from '../lib/libc.js';
 import { readStat } from '../lib/proc.js';
 import { log } from '../lib/log.js';
-import { Remote, callEach } from '../supervisor/remote.js';
+import { Remote } from '../supervisor/remote.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { Freeze } from '../supervisor/freeze.js';
 import { viewPid } from '../supervisor/pidns.js';
@@ -199,32 +199,31 @@ function refine(written: Runs, pid: number, husk: number, cache: HuskPageCache):
 }
 
 /**
- * Make a husk of each frozen process (through its leader task), all at
- * once: the clones are injected together so that their round trips (and
- * page-table copies, on different CPUs) overlap. `then` runs more injected
- * syscalls in each process's remote session (one by one). Returns the
- * husks' pids in order; on failure, the husks made are gone again.
+ * The call that makes a husk, injected into a frozen process's leader:
+ * clone(flags = 0), exit signal 0, no sharing: a plain copy-on-write copy.
+ * The orchestrator starts it in every process at once, beside other
+ * injected work, so that the round trips and page-table copies overlap.
  */
-export function makeHusks(tracer: Tracer, tasks: Task[], then?: (r: Remote) => void): number[] {
-  const rs: Remote[] = [];
+export const HUSK_CLONE: [number, ...number[]] = [SYS.clone, 0, 0, 0, 0, 0];
+
+/**
+ * After HUSK_CLONE ran in each leader of `rs` (results `res`): take each
+ * husk made. Returns their pids in order; if any clone failed, the husks
+ * made are gone again and it throws.
+ */
+export function adoptHusks(tracer: Tracer, rs: Remote[], res: bigint[]): number[] {
   const husks: number[] = [], parents: number[] = [];
   try {
-    try {
-      for (const t of tasks) rs.push(new Remote(tracer, t));
-      // clone(flags = 0): exit signal 0, no sharing: a plain copy-on-write copy.
-      const res = callEach(rs, () => [SYS.clone, 0, 0, 0, 0, 0]);
-      res.forEach((x, i) => {
-        if (x <= 0n) return;
-        // The clone's own result is its pid inside the process's namespace; the ptrace event has the host's.
-        husks.push(adoptHusk(tracer, tasks[i], rs[i].newChildren.at(-1) ?? Number(x)));
-        parents.push(tasks[i].tgid);
-      });
-      const bad = res.findIndex((x) => x <= 0n);
-      if (bad >= 0) throw new CkptError(Number(-res[bad]) || errno('ENOMEM'), 'checkpoint:husk', `task ${tasks[bad].tid}: clone failed`);
-      if (then) for (const r of rs) then(r);
-    } finally {
-      for (const r of rs) r.finish();
-    }
+    rs.forEach((r, i) => {
+      // The clone's own result is its pid inside the process's namespace; the ptrace event has the host's.
+      const child = r.newChildren.at(-1) ?? (res[i] > 0n ? Number(res[i]) : 0);
+      if (!child) return;
+      parents.push(r.task.tgid);
+      husks.push(child);
+      adoptHusk(tracer, r.task, child);
+    });
+    const bad = res.findIndex((x) => x <= 0n);
+    if (bad >= 0) throw new CkptError(Number(-res[bad]) || errno('ENOMEM'), 'checkpoint:husk', `task ${rs[bad].task.tid}: clone failed`);
   } catch (e) {
     husks.forEach((h, i) => destroyHusk(tracer, parents[i], h));
     throw e;

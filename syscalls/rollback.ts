@@ -88,9 +88,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     shm.fill(c.shmData);
     // Processes born since the checkpoint go (and are reaped).
     for (const p of extra) sys.kill(p, SIGKILL);
-    for (const p of extra) {
-      for (const tid of tracer.threadsOf(p).map((t) => t.tid)) while (tracer.wait(tid)?.kind === 'stopped') sys.ptrace(7, tid, 0, 0);
-    }
+    for (const p of extra) tracer.waitGone(p);
     for (const p of kept) {
       const task = tracer.tasks.get(host(p.ids.pid))!;
       const sh = openShell(tracer, p, task, true);

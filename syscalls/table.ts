@@ -8,12 +8,14 @@ import { CkptError, asCkptError, errno, errnoName } from '../lib/errors.js';
 import { getRegs, setRegs } from '../lib/ptrace.js';
 import { log, logError } from '../lib/log.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
-import { NO_RETURN, type Handler, type Supervisor } from './context.js';
+import { NO_RETURN, type Handler, type Supervisor, type SyscallCtx } from './context.js';
 import { checkpoint } from './checkpoint.js';
 import { restart } from './restart.js';
 import { writeback } from './writeback.js';
 import { release } from './release.js';
 import { query } from './query.js';
+import { noteForkAdvice } from './madvise.js';
+import { SYS } from '../lib/libc.js';
 
 export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
   [NR.checkpoint]: { name: 'checkpoint', handler: checkpoint },
@@ -23,19 +25,30 @@ export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
   [NR.ckpt_query]: { name: 'ckpt_query', handler: query },
 };
 
+/** Ordinary calls the filter traps only to take note of: they then run untouched. */
+export const NOTED: Record<number, (ctx: SyscallCtx) => void> = {
+  [SYS.madvise]: noteForkAdvice,
+};
+
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;
 
 export function serve(sv: Supervisor, tracer: Tracer, caller: Task): void {
-  answer(sv, tracer, caller);
-  sv.runLater();
-}
-
-function answer(sv: Supervisor, tracer: Tracer, caller: Task): void {
-  const t0 = performance.now(), trips0 = tracer.roundTrips;
-  const trips = () => tracer.roundTrips - trips0;
   const regs = getRegs(caller.tid);
   const nr = Number(regs.getSigned('orig_rax'));
   const args = ARG_REGS.map((r) => regs.get(r));
+  const note = NOTED[nr];
+  if (note) {
+    note({ sv, tracer, caller, args });
+    tracer.resume(caller); // from the seccomp stop: the call itself runs now
+    return;
+  }
+  answer(sv, tracer, caller, nr, args);
+  sv.runLater();
+}
+
+function answer(sv: Supervisor, tracer: Tracer, caller: Task, nr: number, args: bigint[]): void {
+  const t0 = performance.now(), trips0 = tracer.roundTrips;
+  const trips = () => tracer.roundTrips - trips0;
   const entry = TABLE[nr];
   let ret: bigint;
   if (!entry) {

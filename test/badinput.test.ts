@@ -4,7 +4,9 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { supervise, fixture, tmpdir, q, pidAlive } from './helpers.js';
-import { encodeHeader } from '../lib/image.js';
+import { encodeHeader, ImageReader, ImageWriter, REC, parseJson, splitPages } from '../lib/image.js';
+import { FdSource, FdSink } from '../lib/stream.js';
+import type { TreeState } from '../syscalls/state.js';
 
 const dir = tmpdir('badinput');
 const callabi = fixture('callabi');
@@ -104,6 +106,39 @@ t.test('damaged and foreign images: EBADMSG / ENOEXEC, no process left behind', 
   fs.writeFileSync(path.join(dir, 'good2.img'), img);
   const ok = supervise([callabi, 'restart-all', path.join(dir, 'good2.img')]);
   t.match(ok.stdout, new RegExp(`ret=${pid} errno=0`), 'the intact image restores');
+});
+
+/** The image `from` again, sound (checksums and all), with its tree changed by `edit`. */
+function rewriteTree(from: string, to: string, edit: (tree: TreeState) => void): void {
+  const r = new ImageReader(new FdSource(fs.openSync(from, 'r')));
+  const out = fs.openSync(to, 'w');
+  const w = new ImageWriter(new FdSink(out));
+  w.header(r.header());
+  const tree = parseJson<TreeState>(r.expect(REC.TREE).payload, 'TREE');
+  edit(tree);
+  w.json(REC.TREE, tree);
+  for (let rec = r.next(); rec && rec.type !== REC.TRAILER; rec = r.next()) {
+    if (rec.type === REC.PAGES) {
+      const p = splitPages(rec.payload);
+      w.pages(p.addr, p.data);
+    } else w.record(rec.type, rec.payload);
+  }
+  w.trailer();
+  fs.closeSync(out);
+}
+
+t.test('a sound image whose state the kernel refuses half-way (a worker thread\'s bad altstack): its errno, no process left, no hang', async (t) => {
+  const good = path.join(dir, 'pool.img'), bad = path.join(dir, 'pool-bad.img');
+  const first = supervise([fixture('pool'), good]);
+  const pid = Number(/checkpointed crid=\d+ pid=(\d+)/.exec(first.stdout)?.[1]);
+  t.ok(pid > 0, 'the pool checkpointed itself');
+  // Enabled, at 0, of size 0: sigaltstack refuses it (ENOMEM) once the process and two threads are rebuilt.
+  rewriteTree(good, bad, (tree) => void (tree.processes[0].threads[2].altstack = { sp: '0x0', flags: 0, size: '0x0' }));
+  const r = supervise([callabi, 'restart-all', bad], { timeout: 30_000 });
+  t.match(r.stdout, /restart ret=-1 errno=ENOMEM/, 'the kernel\'s errno');
+  t.match(r.stdout, /leftover children: none/, 'no child (not even a zombie) left with the caller');
+  t.match(r.stderr, /restart:sigaltstack: task \d+/, 'one log line names the task and the resource');
+  t.notOk(pidAlive(pid), `no process holds the image's pid ${pid}`);
 });
 
 t.test('a failed checkpoint leaves the subtree running as it was', async (t) => {

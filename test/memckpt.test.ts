@@ -149,7 +149,15 @@ t.test('a MADV_WIPEONFORK region checkpointed to a file is restored with its byt
   t.match(r.stdout, /memory intact: yes/);
   const again = supervise([...CKPT, 'restart', '-i', img]);
   t.match(again.stdout, /restored: wipeonfork data intact: yes/, 'the image holds the region\'s bytes');
+  t.match(again.stdout, /rolled back after the restore: wipeonfork data intact: yes/, 'a checkpoint of the restored process keeps the region (it is known to hold one)');
   t.equal(again.status, 0);
+});
+
+t.test('a child that inherited a MADV_WIPEONFORK region keeps its bytes across a rollback', async (t) => {
+  // Only the parent called madvise: the child is known to hold such a region because it was forked from it.
+  const r = supervise([callabi, 'wipeonfork-child']);
+  t.match(r.stdout, /child back at the checkpoint: inherited wipeonfork data intact/);
+  t.match(r.stdout, /child exit=0/);
 });
 
 for (const advice of ['dontfork', 'wipeonfork']) {

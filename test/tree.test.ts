@@ -20,6 +20,20 @@ t.test('a multi-threaded worker pool survives checkpoint -> crash -> restart', a
   t.match(second.stdout, /POOL OK/);
 });
 
+t.test('the worker pool checkpointed from outside while it runs (husk path) restarts with every thread\'s state', async (t) => {
+  // No --kill: the image is written from a husk after the pool runs again;
+  // the workers' own alternate stacks and masks are read during the stop.
+  const img = path.join(dir, 'pool-outside.img');
+  const first = supervise(['sh', '-c', `${q(fixture('pool'))} - & sleep 0.5; ${CKPT.map(q).join(' ')} checkpoint $! -o ${q(img)}; kill -9 $!; wait`]);
+  t.match(first.stderr, /checkpoint \d+ of \d+ written/, 'the checkpoint was taken');
+  const second = restart(img);
+  t.equal(second.status, 0, 'all the pool\'s own checks passed');
+  for (const c of ['every item taken once', 'sum of items', 'worker 0 (tid, TLS, mask, altstack)', 'worker 1 (tid, TLS, mask, altstack)', 'worker 2 (tid, TLS, mask, altstack)', 'worker 3 (tid, TLS, mask, altstack)']) {
+    t.match(second.stdout, new RegExp(`^ok ${c.replace(/[()]/g, '\\$&')}$`, 'm'), c);
+  }
+  t.match(second.stdout, /POOL OK/);
+});
+
 t.test('a tree of three levels with its own session, group, a zombie and a pipe', async (t) => {
   const img = path.join(dir, 'tree.img');
   const first = supervise([fixture('tree'), img]);

@@ -82,13 +82,12 @@ const kcmpFile = (p1: number, f1: number, p2: number, f2: number) => sys.syscall
 const unsupported = (pid: number, fd: number, what: string) =>
   new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
 
-/** Capture the descriptors of every process of a frozen tree. */
 /**
- * `others`: the supervised processes outside the subtree, the ones that can
- * share its pipes (descriptors passed to unrelated processes over sockets
- * are not looked for).
+ * Capture the descriptors of every process of a frozen tree. `others`: what
+ * the processes outside it hold, read before the freeze (a pipe shared with
+ * one is refused).
  */
-export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture, others: number[]): { table: FilesTable; perProc: Map<number, FilesState> } {
+export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture, others: OutsideHolders): { table: FilesTable; perProc: Map<number, FilesState> } {
   const table: FilesTable = { descs: [], pipes: [], socks: [] };
   let diag: Map<number, UnixSockInfo> | undefined;
   const pairIds = new Map<number, number>();
@@ -169,7 +168,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       umask: parseInt(statusOf(pid).get('Umask') ?? '022', 8),
     });
   }
-  capturePipeData(table, pipeIds, pipeHolders, others);
+  capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
   for (const [lo, pair] of pairIds) {
     const peer = diag!.get(lo)!.peer;
     for (const [end, ino] of [[0, lo], [1, peer]] as const) {
@@ -188,10 +187,10 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
  * Unread data of each pipe and FIFO, copied with tee() from a read end (the
  * pipe keeps it); and a refusal if a process outside the subtree holds one.
  */
-function capturePipeData(table: FilesTable, pipeIds: Map<string, number>, holders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[], others: number[]): void {
+function capturePipeData(table: FilesTable, pipeIds: Map<string, number>, holders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[], others: OutsideHolders, inside: Set<number>): void {
   if (!holders.length) return;
   const inodes = new Set(holders.map((h) => h.ino));
-  const ext = holdersOutside(inodes, others);
+  const ext = others.find(inodes, inside);
   if (ext) throw unsupported(holders.find((h) => h.ino === ext.ino)!.pid, holders.find((h) => h.ino === ext.ino)!.fd, `pipe also held by process ${ext.pid} outside the subtree`);
   const done = new Set<string>();
   for (const h of holders) {
@@ -248,33 +247,55 @@ function peekQueue(pid: number, fd: number): Buffer[] {
   return out;
 }
 
-/** One of `others` holding one of these pipe inodes, if any. */
-function holdersOutside(inodes: Set<string>, others: number[]): { pid: number; ino: string } | null {
-  for (const pid of others) {
-    let fds: string[];
-    try {
-      fds = fs.readdirSync(`/proc/${pid}/fd`);
-    } catch {
-      continue;
-    }
-    for (const fd of fds) {
-      let t: string;
+/**
+ * The pipes and FIFOs held by the supervised processes outside a subtree
+ * (the ones that could share its pipes; descriptors passed to unrelated
+ * processes over sockets are not looked for). Read before the subtree is
+ * frozen: those processes are not frozen anyway, so reading them in the
+ * stop would only make it longer. `inside` (known once frozen) is left out
+ * of the answer: a child forked meanwhile belongs to the subtree.
+ */
+export class OutsideHolders {
+  private readonly pipes = new Map<string, number[]>();
+  /** Descriptors naming a path: a FIFO among them is only looked for when the subtree holds one. */
+  private readonly paths: { pid: number; fd: string }[] = [];
+  constructor(others: number[]) {
+    for (const pid of others) {
+      let fds: string[];
       try {
-        t = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+        fds = fs.readdirSync(`/proc/${pid}/fd`);
       } catch {
-        continue;
+        continue; // gone
       }
-      const m = /^pipe:\[(\d+)\]$/.exec(t);
-      if (m && inodes.has(m[1])) return { pid, ino: m[1] };
-      if (t.startsWith('/')) {
+      for (const fd of fds) {
+        let t: string;
         try {
-          const ino = String(fs.statSync(`/proc/${pid}/fd/${fd}`).ino);
-          if (inodes.has(ino) && fs.statSync(`/proc/${pid}/fd/${fd}`).isFIFO()) return { pid, ino };
-        } catch { /* gone */ }
+          t = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+        } catch {
+          continue;
+        }
+        const m = /^pipe:\[(\d+)\]$/.exec(t);
+        if (m) this.pipes.set(m[1], [...(this.pipes.get(m[1]) ?? []), pid]);
+        else if (t.startsWith('/')) this.paths.push({ pid, fd });
       }
     }
   }
-  return null;
+
+  /** A process outside `inside` holding one of these pipe or FIFO inodes, if any. */
+  find(inodes: Set<string>, inside: Set<number>): { pid: number; ino: string } | null {
+    for (const ino of inodes) {
+      const pid = this.pipes.get(ino)?.find((p) => !inside.has(p));
+      if (pid !== undefined) return { pid, ino };
+    }
+    for (const { pid, fd } of this.paths) {
+      if (inside.has(pid)) continue;
+      try {
+        const st = fs.statSync(`/proc/${pid}/fd/${fd}`);
+        if (st.isFIFO() && inodes.has(String(st.ino))) return { pid, ino: String(st.ino) };
+      } catch { /* gone */ }
+    }
+    return null;
+  }
 }
 
 // ---------------------------------------------------------------- restore

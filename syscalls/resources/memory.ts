@@ -394,6 +394,8 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
     }
     // The fork advice goes in the same resume, after the mappings (its result is not checked).
     const advice = vmas.filter((v) => v.dontfork || v.wipeonfork).map((v) => [SYS.madvise, vmaStart(v), vmaEnd(v) - vmaStart(v), v.dontfork ? MADV_DONTFORK : MADV_WIPEONFORK]);
+    // Injected, these calls are not seen the way the program's own are: say so here (see Tracer.forkAdvice).
+    if (advice.length) r.tracer.forkAdvice.add(r.task.tgid);
     const res = r.batch([...calls.map((c) => c.call), ...advice]);
     calls.forEach((c, i) => {
       if (res[i] < 0n && res[i] > -4096n) throw new CkptError(Number(-res[i]), 'restart:memory', c.what);

@@ -52,9 +52,13 @@ export function captureIds(pid: number): ProcessIds {
     sid: Number(st.field(6)),
     comm: st.comm,
     starttime: st.field(22),
-    bootId: fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim(),
+    bootId: bootId(),
   };
 }
+
+/** This boot's id: constant until the machine restarts, so read once. */
+const boot = { id: '' };
+export const bootId = (): string => (boot.id ||= fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim());
 
 /** brk comes from an injected brk(0); the rest from /proc/PID/stat. */
 export function captureMm(r: Remote, pid: number): MmState {

@@ -133,27 +133,43 @@ export function findTidAddress(mem: RemoteMem, tid: number, fsBase: bigint): Thr
   return undefined;
 }
 
-/** sigaltstack(NULL, &old) in the stopped thread. */
-export function captureAltstack(r: Remote): ThreadState['altstack'] {
-  return captureAltstacks([r])[0];
+/** sigaltstack(NULL, &old) in each stopped thread, their round trips overlapping. */
+export function captureAltstacks(rs: Remote[]): ThreadState['altstack'][] {
+  const q = new AltstackQuery(rs);
+  try {
+    return q.answers(callEach(rs, (_, i) => q.call(i)));
+  } finally {
+    q.putBack();
+  }
 }
 
 /**
- * The alternate signal stacks of several stopped threads, read all at once
- * (one sigaltstack each, their round trips overlapping), each into a few
- * bytes of its own stack rather than a mapped scratch page.
+ * The alternate signal stacks of several stopped threads: one sigaltstack
+ * each, answered into a few bytes of the thread's own stack rather than a
+ * mapped scratch page. `call` gives each thread's call, for a round of
+ * injected calls the caller runs (with others: see callEach); `answers`
+ * reads the results; `putBack` restores those stack bytes, always.
  */
-export function captureAltstacks(rs: Remote[]): ThreadState['altstack'][] {
-  const slots = rs.map((r) => r.stackScratch(24));
-  try {
-    const res = callEach(rs, (r, i) => [SYS_sigaltstack, 0, slots[i]?.addr ?? r.scratch()]);
-    return rs.map((r, i) => {
+export class AltstackQuery {
+  private readonly slots;
+  constructor(private readonly rs: Remote[]) {
+    this.slots = rs.map((r) => r.stackScratch(24));
+  }
+
+  call(i: number): [number, ...(bigint | number)[]] {
+    return [SYS_sigaltstack, 0, this.slots[i]?.addr ?? this.rs[i].scratch()];
+  }
+
+  answers(res: bigint[]): ThreadState['altstack'][] {
+    return this.rs.map((r, i) => {
       if (res[i] < 0n) throw new CkptError(Number(-res[i]), 'checkpoint:sigaltstack', `task ${r.task.tid}: sigaltstack failed`);
-      const b = r.mem.read(slots[i]?.addr ?? r.scratch(), 24);
+      const b = r.mem.read(this.slots[i]?.addr ?? r.scratch(), 24);
       return { sp: '0x' + b.readBigUInt64LE(0).toString(16), flags: b.readInt32LE(8), size: '0x' + b.readBigUInt64LE(16).toString(16) };
     });
-  } finally {
-    for (const s of slots) s?.putBack();
+  }
+
+  putBack(): void {
+    for (const s of this.slots) s?.putBack();
   }
 }
 
