@@ -31,11 +31,12 @@ export class Remote {
   readonly newChildren: number[] = [];
   mem: RemoteMem;
 
-  constructor(readonly tracer: Tracer, readonly task: Task) {
+  /** `syscallAt`: a syscall instruction known to be there (a gadget), so none is looked for. */
+  constructor(readonly tracer: Tracer, readonly task: Task, syscallAt?: bigint) {
     if (task.stop === 'running') throw new Error(`remote: task ${task.tid} is not stopped`);
     this.saved = getRegs(task.tid);
     this.mem = new RemoteMem(task.tid, true);
-    this.syscallAddr = this.findSyscallInsn();
+    this.syscallAddr = syscallAt ?? this.findSyscallInsn();
   }
 
   /** rip-2 when the task sits just after a syscall instruction, else one in [vdso]. */
@@ -73,21 +74,46 @@ export class Remote {
     if (!this.batchCode) return calls.map(([nr, ...args]) => this.call(Number(nr), ...args));
     const out: bigint[] = [];
     for (let i = 0; i < calls.length; i += this.batchMax) {
-      const part = calls.slice(i, i + this.batchMax);
-      const table = Buffer.alloc(64 * part.length);
-      part.forEach((c, j) => c.forEach((v, k) => table.writeBigInt64LE(BigInt.asIntN(64, BigInt(v)), j * 64 + k * 8)));
-      this.mem.write(this.batchTable, table);
-      const regs = this.saved.clone();
-      regs.set('rip', this.batchCode);
-      regs.set('rbx', this.batchTable);
-      regs.set('r12', part.length);
-      regs.set('orig_rax', -1n);
-      this.run(regs, PT.CONT);
-      const done = this.mem.read(this.batchTable, table.length);
-      part.forEach((_, j) => out.push(done.readBigInt64LE(j * 64 + 56)));
-      log.remote('%d: batch of %d syscalls', this.task.tid, part.length);
+      this.beginBatch(calls.slice(i, i + this.batchMax));
+      out.push(...this.endBatch());
     }
     return out;
+  }
+
+  /** At most this many calls go in one beginBatch (the gadget's table). */
+  get batchLimit(): number {
+    return this.batchMax;
+  }
+
+  private startedBatch?: { regs: Regs; n: number };
+
+  /**
+   * Start one batch through the gadget (at most batchLimit calls) and
+   * return at once, so the supervisor can do other work while it runs;
+   * endBatch waits for it and gives the results.
+   */
+  beginBatch(calls: (number | bigint)[][]): void {
+    if (!this.batchCode || calls.length > this.batchMax) throw new Error(`remote: task ${this.task.tid}: no gadget for a batch of ${calls.length}`);
+    const table = Buffer.alloc(64 * calls.length);
+    calls.forEach((c, j) => c.forEach((v, k) => table.writeBigInt64LE(BigInt.asIntN(64, BigInt(v)), j * 64 + k * 8)));
+    this.mem.write(this.batchTable, table);
+    const regs = this.saved.clone();
+    regs.set('rip', this.batchCode);
+    regs.set('rbx', this.batchTable);
+    regs.set('r12', calls.length);
+    regs.set('orig_rax', -1n);
+    this.startedBatch = { regs, n: calls.length };
+    this.start(regs, PT.CONT);
+  }
+
+  endBatch(): bigint[] {
+    const s = this.startedBatch;
+    if (!s) throw new Error(`remote: task ${this.task.tid}: endBatch() without beginBatch()`);
+    this.startedBatch = undefined;
+    this.finishRun(s.regs, PT.CONT);
+    const done = this.mem.read(this.batchTable, 64 * s.n);
+    log.remote('%d: batch of %d syscalls', this.task.tid, s.n);
+    return Array.from({ length: s.n }, (_, j) => done.readBigInt64LE(j * 64 + 56));
   }
 
   /** Use another syscall instruction from now on (the restore gadget). */

@@ -346,6 +346,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       held: new Map(),
       dirty: new Map(),
       huskPages: newHuskPageCache(),
+      huskPorts: new Map(),
     };
     try {
       for (const p of c.tree.processes) {

@@ -62,6 +62,8 @@ export interface MemCheckpoint {
   dirty: Map<number, Runs>;
   /** What the husks' page tables say, read once. */
   huskPages: HuskPageCache;
+  /** By husk pid: where its port (a gadget) is, for putting pages back into the live process (see putBackFromHusk). */
+  huskPorts: Map<number, bigint>;
 }
 
 /** The supervisor's in-memory checkpoints. */

@@ -26,7 +26,7 @@ import type { ProcessState } from './state.js';
 import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
 import { ShmRestore } from './resources/shm.js';
-import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, pullFromHusk, openShell, type Shell } from './rebuild.js';
+import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
 
 const SIGKILL = 9, SIGCHLD = 17, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
@@ -116,7 +116,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     for (const sh of shells.values()) {
       const husk = c.husks.get(sh.state.ids.pid)!;
       const mem = c.memory.get(sh.state.ids.pid)!;
-      copied += sh.live ? rollbackMemory(sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), remapped, ph) : freshMemory(sh, husk, mem, shm);
+      copied += sh.live ? rollbackMemory(tracer, sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), remapped, ph) : freshMemory(sh, husk, mem, shm);
       // What the husk cannot hold (MADV_DONTFORK) was mapped anew: fill it from the copy.
       for (const r of c.held.get(sh.state.ids.pid) ?? []) fillPages(sh.remote.mem, sh.state.memory, r.addr, r.data);
     }
@@ -259,7 +259,7 @@ function clip(runs: Run[], pieces: Piece[]): Run[] {
  * dropped. Everything else is unmapped, and the checkpoint's other parts
  * are mapped again and filled whole. Returns the bytes copied.
  */
-function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, remapped: Set<number>, ph: Phases): number {
+function rollbackMemory(tracer: Tracer, sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, remapped: Set<number>, ph: Phases): number {
   const pid = sh.task.tid;
   const r = sh.remote;
   const all = readMaps(pid);
@@ -321,7 +321,7 @@ function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRes
   drops.run();
   ph.mark('drop');
   const writable = normalize(pieces.filter((p) => p.writable).map((p) => p.range));
-  bytes += pullFromHusk(sh, husk, asRanges(intersect(copy, writable)));
+  bytes += putBackFromHusk(tracer, sh, husk, asRanges(intersect(copy, writable)), c.huskPorts);
   ph.mark('pull');
   bytes += copyChangedFromHusk(sh, husk, asRanges(subtract(copy, writable)));
   ph.mark('copy');

@@ -278,10 +278,12 @@ export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], 
  *   +16     a loop that runs a table of syscalls and stops on int3 (batches)
  *   +4 KiB  the table: 128 entries of { nr, 6 args, result }
  *   +12 KiB scratch memory (paths, structs)
- *   +16 KiB iovecs for a process_vm_readv made by the process itself
+ *   +16 KiB iovecs: room for 16 calls of 1024 (process_vm_readv or _writev
+ *           of scattered pages, made by the task itself; see putBackFromHusk)
+ * Pages of it never touched cost nothing.
  */
-export const GADGET_SIZE = 32768n;
-export const GADGET_IOV = 16384n, GADGET_IOVS = 1024;
+export const GADGET_IOV = 16384n, GADGET_IOVS = 1024, GADGET_CALLS = 16;
+export const GADGET_SIZE = GADGET_IOV + BigInt(16 * GADGET_IOVS * GADGET_CALLS);
 const BATCH_CODE = Buffer.from([
   0x4d, 0x85, 0xe4, //       loop: test r12, r12
   0x74, 0x2a, //                   jz done
