@@ -188,12 +188,6 @@ export class Remote {
     }
   }
 
-  /** Set `regs`, resume with `req`, and wait for the trap that ends it. */
-  private run(regs: Regs, req: number): void {
-    this.start(regs, req);
-    this.finishRun(regs, req);
-  }
-
   private start(regs: Regs, req: number): void {
     this.tracer.roundTrips++;
     setRegs(this.task.tid, regs);

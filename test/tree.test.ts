@@ -106,6 +106,29 @@ t.test('unix socketpairs (stream, datagram, seqpacket) with queued data', async 
   t.match(r.stdout, /SOCKETS OK/);
 });
 
+for (const mode of ['restart', 'undo']) {
+  t.test(`named unix sockets (listeners, accepted connections, a bound datagram socket) across a ${mode}`, async (t) => {
+    const sockdir = fs.mkdtempSync(path.join(dir, 'usock-'));
+    const img = path.join(dir, 'usock.img');
+    const first = supervise([fixture('usock'), sockdir, mode === 'undo' ? 'undo' : img]);
+    const r = mode === 'undo' ? first : restart(img);
+    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    else t.match(first.stdout, /spoiled, rolling back/, 'queues read, listeners closed and unlinked before the rollback');
+    for (const c of ['stream listener keeps its path', 'accepted stream socket keeps the listener\'s name', 'seqpacket listener and its connection keep the abstract name', 'datagram socket keeps its path', 'queued stream bytes from the client', 'queued seqpackets, boundaries kept', 'queued datagrams of the unconnected socket', 'the client sees the server\'s name and its queues', 'a new client connects to the stream listener', 'a new client connects to the seqpacket listener', 'a new datagram reaches the named socket']) {
+      t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+    }
+    t.match(r.stdout, /USOCK OK/);
+    t.equal(r.status, 0);
+  });
+}
+
+t.test('a listener with a connection not yet accepted is refused, the program unharmed', async (t) => {
+  const r = supervise([fixture('callabi'), 'pending-accept', path.join(dir, 'pending.sock')]);
+  t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
+  t.match(r.stderr, /listening unix socket \S+pending\.sock with 1 connections not yet accepted/);
+  t.match(r.stdout, /connection still usable after the refusal: yes/);
+});
+
 t.test('a socket connected outside the subtree is refused, the program unharmed', async (t) => {
   const r = supervise([fixture('callabi'), 'peer-outside', path.join(dir, 'x.img')]);
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);

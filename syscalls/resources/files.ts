@@ -24,13 +24,16 @@ import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
+import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+
+export type { SockPairState } from './unixsock.js';
 
 const O_ACCMODE = 3, O_RDONLY = 0, O_WRONLY = 1, O_RDWR = 2, O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000, O_CREAT = 0o100, O_EXCL = 0o200, O_TRUNC = 0o1000, O_NOCTTY = 0o400;
 const F_SETFD = 2, F_SETFL = 4, F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032, SEEK_SET = 0;
 const SYS_kcmp = 312, KCMP_FILE = 0, SPLICE_F_NONBLOCK = 2;
-const SOL_SOCKET = 1, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40, AF_UNIX = 1, SOCK_CLOEXEC = 0o2000000;
-const SYS_socketpair = 53, SYS_pipe2 = 293;
+const SOCK_DGRAM = 2;
+const SYS_pipe2 = 293;
 /** Status flags F_SETFL can change. */
 const SETFL_MASK = 0o2000 | O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000; // APPEND NONBLOCK ASYNC DIRECT NOATIME
 
@@ -39,15 +42,8 @@ export type FileDesc =
   | { id: number; kind: 'fifo'; path: string; flags: number; data: string }
   | { id: number; kind: 'pipe'; pipe: number; end: 'r' | 'w'; flags: number }
   | { id: number; kind: 'memfd'; shmKey: string; flags: number; pos: string }
-  | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number };
-
-/** A connected pair of unix sockets, both ends in the tree; what each end has yet to read. */
-export interface SockPairState {
-  id: number;
-  type: number; // SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
-  /** Per end, its receive queue: messages (one for a stream), base64. */
-  queues: [string[], string[]];
-}
+  | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
+  | ({ id: number; kind: 'usock'; flags: number } & SoloSockState);
 
 export interface PipeState {
   id: number;
@@ -138,16 +134,33 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         diag ??= unixSockets();
         const info = diag.get(ino);
         if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
-        if (info.state !== 1 || !info.peer) throw unsupported(pid, fd, `${target}: a ${info.state === 10 ? 'listening' : 'unconnected'} unix socket${info.name ? ' ' + info.name : ''}`);
-        const lo = Math.min(ino, info.peer);
-        let pair = pairIds.get(lo);
-        if (pair === undefined) {
-          pair = table.socks.length;
-          pairIds.set(lo, pair);
-          table.socks.push({ id: pair, type: info.type, queues: [[], []] });
-        }
-        table.descs.push({ id, kind: 'unix', pair, end: ino === lo ? 0 : 1, flags });
-        if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
+        const name = sockName(pid, info.name);
+        const peer = info.peer ? diag.get(info.peer) : undefined;
+        if (info.peer && (!peer || peer.peer === ino)) { // a pair (its other end may be outside: refused below)
+          const lo = Math.min(ino, info.peer);
+          let pair = pairIds.get(lo);
+          if (pair === undefined) {
+            pair = table.socks.length;
+            pairIds.set(lo, pair);
+            table.socks.push({ id: pair, type: info.type, queues: [[], []], names: [{}, {}] });
+          }
+          const end = ino === lo ? 0 : 1;
+          table.socks[pair].names![end] = name;
+          table.descs.push({ id, kind: 'unix', pair, end, flags });
+          if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
+        } else if (info.state === 10) {
+          // Connections not yet accepted would need their clients remade: refused.
+          if (info.rqueue) throw unsupported(pid, fd, `${target}: listening unix socket ${printable(info.name)} with ${info.rqueue} connections not yet accepted`);
+          table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...name });
+        } else if (info.state === 7 || info.type === SOCK_DGRAM) {
+          // Not connected (bound or not), or a datagram one connected to a
+          // named socket (in the tree or not: /dev/log...) that is not
+          // connected back; a datagram one keeps what was sent to it.
+          if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one`);
+          const queue = info.type === SOCK_DGRAM && info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
+          if (queue?.length && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket`);
+          table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...name });
+        } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} whose peer is gone`);
       } else if (isShm(target)) {
         shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
         table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
@@ -224,30 +237,6 @@ function peekPipe(pid: number, fd: number): { data: Buffer; size: number } {
 }
 
 /**
- * What a socket has yet to read, without reading it: with SO_PEEK_OFF each
- * MSG_PEEK returns the next message (or stream bytes) after the last one.
- */
-function peekQueue(pid: number, fd: number): Buffer[] {
-  const mine = sys.takeFd(pid, fd);
-  if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint:files', `task ${pid}: cannot reach socket fd ${fd}`);
-  const out: Buffer[] = [];
-  try {
-    if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd}: cannot peek at its queue`);
-    const buf = Buffer.alloc(1 << 20);
-    for (;;) {
-      const n = sys.recv(mine, buf, MSG_PEEK | MSG_DONTWAIT);
-      if (n < 0) break; // EAGAIN: the queue is read
-      if (n === 0) break;
-      out.push(Buffer.from(buf.subarray(0, n)));
-    }
-    sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, -1);
-  } finally {
-    fs.closeSync(mine);
-  }
-  return out;
-}
-
-/**
  * The pipes and FIFOs held by the supervised processes outside a subtree
  * (the ones that could share its pipes; descriptors passed to unrelated
  * processes over sockets are not looked for). Read before the subtree is
@@ -300,8 +289,6 @@ export class OutsideHolders {
 
 // ---------------------------------------------------------------- restore
 
-/** Where a description currently lives during a restore. */
-interface Place { pid: number; fd: number }
 
 export interface FilesRestore {
   remote: (pid: number) => Remote;
@@ -330,6 +317,17 @@ export function restoreFiles(ctx: FilesRestore): void {
   const temps: Place[] = [];
   const transfer = (from: Place, to: Place & { cloexec: boolean }) => transferFd(remote, tempBase, from, to);
   for (const pid of order) closeForeign(remote(pid), perProc.get(pid)!, ctx.live?.has(pid) ?? false);
+  // Per process, in one batch: close-on-exec of the inherited descriptors,
+  // cwd, umask. First: a socket bound to a relative name binds in its cwd,
+  // and its file is made with its umask.
+  for (const pid of order) {
+    const b = new CallBatch(remote(pid));
+    const st = perProc.get(pid)!;
+    for (const f of st.fds) if ('outside' in f && fs.existsSync(`/proc/${ctx.host(pid)}/fd/${f.fd}`)) b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
+    b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
+    b.add(undefined, SYS.umask, st.umask);
+    b.run();
+  }
 
   const placed = new Map<number, Place>(); // desc id -> a place holding it
   const holders = new Map<number, (Place & { cloexec: boolean })[]>();
@@ -344,8 +342,25 @@ export function restoreFiles(ctx: FilesRestore): void {
   const pipeEnds = new Map<number, { r?: Place; w?: Place }>();
   const sockEnds = new Map<number, [Place, Place]>();
   const filledFifos = new Set<string>();
+  const park = (pid: number, fd: bigint): Place => {
+    const t = nextTemp++;
+    moveFd(remote(pid), fd, t, true);
+    temps.push({ pid, fd: t });
+    return { pid, fd: t };
+  };
+  const sockets = new UnixSockets({ remote, host: ctx.host, park, listeners: new Map() });
+  // The first holder of each end of each socket pair: where that end is made.
+  const pairHolder = (pair: number, end: 0 | 1) => {
+    const d = table.descs.find((x) => x.kind === 'unix' && x.pair === pair && x.end === end);
+    const h = d && holders.get(d.id)?.[0];
+    if (!h) throw new CkptError(errno('EBADMSG'), 'image', `socket pair #${pair} has no holder of its end ${end}`);
+    return h.pid;
+  };
 
-  for (const d of table.descs) {
+  // Sockets on their own first (those connected to others after them):
+  // listeners are what connected pairs are remade through.
+  const rank = (x: FileDesc) => (x.kind !== 'usock' ? 2 : x.connectTo !== undefined ? 1 : 0);
+  for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y))) {
     const hs = holders.get(d.id);
     if (!hs?.length) continue;
     const owner = hs[0];
@@ -358,22 +373,13 @@ export function restoreFiles(ctx: FilesRestore): void {
       } else if (d.kind === 'unix') {
         let ends = sockEnds.get(d.pair);
         if (!ends) {
-          // Make the pair here, refill each end's queue by sending from the other.
-          const pair = table.socks[d.pair];
-          const scratch = r.scratch();
-          r.check('restart:files', SYS_socketpair, AF_UNIX, pair.type | SOCK_CLOEXEC, 0, scratch);
-          const fds = r.mem.read(scratch, 8);
-          const made = [fds.readInt32LE(0), fds.readInt32LE(4)];
-          pair.queues.forEach((q, end) => sendInto(ctx.host(owner.pid), made[1 - end], q.map((m) => Buffer.from(m, 'base64'))));
-          ends = made.map((fd) => {
-            const t = nextTemp++;
-            moveFd(r, BigInt(fd), t, true);
-            temps.push({ pid: owner.pid, fd: t });
-            return { pid: owner.pid, fd: t };
-          }) as [Place, Place];
+          ends = sockets.makePair(table.socks[d.pair], [pairHolder(d.pair, 0), pairHolder(d.pair, 1)]);
           sockEnds.set(d.pair, ends);
         }
         transfer(ends[d.end], owner);
+        r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+      } else if (d.kind === 'usock') {
+        transfer(sockets.makeSolo(owner.pid, d), owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'memfd') {
         const pos = BigInt(d.pos);
@@ -418,15 +424,6 @@ export function restoreFiles(ctx: FilesRestore): void {
   }
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
 
-  // Per process, in one batch: close-on-exec of the inherited descriptors, cwd, umask.
-  for (const pid of order) {
-    const b = new CallBatch(remote(pid));
-    const st = perProc.get(pid)!;
-    for (const f of st.fds) if ('outside' in f && fs.existsSync(`/proc/${ctx.host(pid)}/fd/${f.fd}`)) b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
-    b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
-    b.add(undefined, SYS.umask, st.umask);
-    b.run();
-  }
 }
 
 /**
@@ -469,20 +466,6 @@ function transferFd(remote: (pid: number) => Remote, tempBase: number, from: Pla
     return;
   }
   moveFd(r, r.takeFd(from.pid, from.fd, tempBase), to.fd, to.cloexec);
-}
-
-/** Send messages through a tracee's socket, via a duplicate of its descriptor. */
-function sendInto(pid: number, fd: number, msgs: Buffer[]): void {
-  if (!msgs.length) return;
-  const mine = sys.takeFd(pid, fd);
-  if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${pid}: cannot reach socket fd ${fd}`);
-  try {
-    for (const m of msgs) {
-      if (sys.send(mine, m, MSG_DONTWAIT) !== m.length) throw new CkptError(errno('ENOMEM'), 'restart:files', `task ${pid}: cannot queue ${m.length} bytes on a socket`);
-    }
-  } finally {
-    fs.closeSync(mine);
-  }
 }
 
 /** Write bytes into a tracee's pipe through a duplicate of its descriptor. */
