@@ -1,0 +1,56 @@
+/** ckpt-supervise [options] -- prog args...: run prog as the root of a supervised tree (entry: cli.ts). */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { Tracer } from './tracer.js';
+import { launch } from './spawn.js';
+import { sys } from '../lib/libc.js';
+import { Supervisor } from '../syscalls/context.js';
+import { serve } from '../syscalls/table.js';
+import { logError } from '../lib/log.js';
+import { inheritedFds } from '../syscalls/resources/files.js';
+
+// Before anything else opens a descriptor: these are what we were given.
+const outsideFds = inheritedFds();
+
+const PR_SET_CHILD_SUBREAPER = 36, PRIO_PROCESS = 0;
+
+// Everything after "--" is the program, untouched by option parsing.
+const raw = hideBin(process.argv);
+const dash = raw.indexOf('--');
+const argv = yargs(dash < 0 ? raw : raw.slice(0, dash))
+  .scriptName('ckpt-supervise')
+  .usage('$0 [options] -- prog [args...]\n\nRun prog as the root of a supervised tree that may call the ckpt system calls.')
+  .option('max-checkpoints', { type: 'number', default: 64, describe: 'cap on live in-memory checkpoints' })
+  .option('track-dirty', { type: 'boolean', default: true, describe: 'track written pages (userfaultfd) so that undo copies only them; --no-track-dirty compares page frames instead' })
+  .option('pidns', { type: 'boolean', default: false, describe: 'run the tree in a new pid namespace under a minimal init (pid 1), so that a restart always gets its pids' })
+  .parserConfiguration({ 'halt-at-non-option': true })
+  .strict(false)
+  .help()
+  .parseSync();
+
+const cmd = dash < 0 ? raw.slice(raw.length - argv._.length) : raw.slice(dash + 1);
+if (cmd.length === 0) {
+  logError('no program given (usage: ckpt-supervise [options] -- prog args...)');
+  process.exit(2);
+}
+
+// Orphans of the tree come to us, so that their exits are reaped.
+sys.prctl(PR_SET_CHILD_SUBREAPER, 1);
+const sv: Supervisor = new Supervisor(new Tracer((tracer, task) => serve(sv, tracer, task)), {
+  maxCheckpoints: argv['max-checkpoints'],
+  trackDirty: argv['track-dirty'],
+  outsideFds,
+});
+try {
+  launch(sv.tracer, cmd[0], cmd.slice(1), argv.pidns);
+} catch (e) {
+  logError(`cannot start ${cmd[0]}: ${(e as Error).message}`);
+  process.exit(127);
+}
+// A terminal's ^C and ^\ go to the whole foreground group: the tree decides
+// what they mean, the supervisor outlives them. Also: the freeze window is
+// shorter at a higher priority (only this thread does the tracing).
+sys.signalIgnore(2);
+sys.signalIgnore(3);
+sys.setpriority(PRIO_PROCESS, 0, -10);
+process.exit(sv.tracer.run());
