@@ -316,19 +316,6 @@ export function restoreFiles(ctx: FilesRestore): void {
   let nextTemp = maxFd + 64;
   const temps: Place[] = [];
   const transfer = (from: Place, to: Place & { cloexec: boolean }) => transferFd(remote, tempBase, from, to);
-  for (const pid of order) closeForeign(remote(pid), perProc.get(pid)!, ctx.live?.has(pid) ?? false);
-  // Per process, in one batch: close-on-exec of the inherited descriptors,
-  // cwd, umask. First: a socket bound to a relative name binds in its cwd,
-  // and its file is made with its umask.
-  for (const pid of order) {
-    const b = new CallBatch(remote(pid));
-    const st = perProc.get(pid)!;
-    for (const f of st.fds) if ('outside' in f && fs.existsSync(`/proc/${ctx.host(pid)}/fd/${f.fd}`)) b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
-    b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
-    b.add(undefined, SYS.umask, st.umask);
-    b.run();
-  }
-
   const placed = new Map<number, Place>(); // desc id -> a place holding it
   const holders = new Map<number, (Place & { cloexec: boolean })[]>();
   for (const pid of order) {
@@ -339,6 +326,17 @@ export function restoreFiles(ctx: FilesRestore): void {
       }
     }
   }
+  // Per process, one batch first: what must go is closed (in a live process
+  // what it still holds as at the checkpoint stays, its offset set back),
+  // close-on-exec of the inherited descriptors, cwd, umask (before any
+  // socket: one bound to a relative name binds in its cwd, with its umask).
+  for (const pid of order) {
+    const live = ctx.live?.has(pid) ?? false;
+    const kept = live ? keptFiles(ctx.host(pid), perProc.get(pid)!, table, holders) : new Map<number, PathDesc>();
+    settle(remote(pid), perProc.get(pid)!, live, kept);
+    for (const [fd, d] of kept) placed.set(d.id, { pid, fd });
+  }
+
   const pipeEnds = new Map<number, { r?: Place; w?: Place }>();
   const sockEnds = new Map<number, [Place, Place]>();
   const filledFifos = new Set<string>();
@@ -426,16 +424,56 @@ export function restoreFiles(ctx: FilesRestore): void {
 
 }
 
+type PathDesc = Extract<FileDesc, { kind: 'path' }>;
+
 /**
- * Close every descriptor but the "outside" ones: a fresh shell keeps the
- * caller's; a live process keeps its own if they still are the supervisor's
- * files, else gets them again from the supervisor.
+ * The files a live process rolled back still holds as it held them at the
+ * checkpoint: the same number, path, access mode and status flags, and an
+ * open file description no other descriptor shared then. Keeping them, with
+ * their offset set back, is the same to the program as opening them again,
+ * and saves closing, reopening and moving each.
  */
-function closeForeign(r: Remote, st: FilesState, live: boolean): void {
+function keptFiles(host: number, st: FilesState, table: FilesTable, holders: Map<number, unknown[]>): Map<number, PathDesc> {
+  const kept = new Map<number, PathDesc>();
+  const MASK = O_ACCMODE | SETFL_MASK;
+  for (const f of st.fds) {
+    if (!('desc' in f)) continue;
+    const d = table.descs[f.desc];
+    if (d?.kind !== 'path' || holders.get(d.id)?.length !== 1) continue;
+    try {
+      if (fs.readlinkSync(`/proc/${host}/fd/${f.fd}`) !== d.path) continue;
+      if ((readFdinfo(host, f.fd).flags & MASK) !== (d.flags & MASK)) continue;
+    } catch {
+      continue; // not open there
+    }
+    kept.set(f.fd, d);
+  }
+  return kept;
+}
+
+/**
+ * Close every descriptor but the "outside" ones and `kept`: a fresh shell
+ * keeps the caller's; a live process keeps its own if they still are the
+ * supervisor's files, else gets them again from the supervisor. In the same
+ * batch: the kept files' offsets and flags, close-on-exec, cwd, umask.
+ */
+function settle(r: Remote, st: FilesState, live: boolean, kept: Map<number, PathDesc>): void {
   const pid = r.task.tid;
   const outside = st.fds.filter((f): f is FdRef & { outside: true; sfd: number } => 'outside' in f);
   const keep = new Set(outside.filter((f) => !live || kcmpFile(process.pid, f.sfd, pid, f.fd)).map((f) => f.fd));
-  r.batch(listFds(pid).filter((fd) => !keep.has(fd)).map((fd) => [SYS.close, fd]));
+  const b = new CallBatch(r);
+  for (const fd of listFds(pid)) if (!keep.has(fd) && !kept.has(fd)) b.add(undefined, SYS.close, fd);
+  for (const f of outside) if (keep.has(f.fd) && fs.existsSync(`/proc/${pid}/fd/${f.fd}`)) b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
+  for (const f of st.fds) {
+    const d = kept.get(f.fd);
+    if (!d) continue;
+    b.add(`restart:files fd ${f.fd} lseek`, SYS.lseek, f.fd, BigInt(d.pos), SEEK_SET);
+    b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFL, d.flags & SETFL_MASK);
+    b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
+  }
+  b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
+  b.add(undefined, SYS.umask, st.umask);
+  b.run();
   if (live) {
     for (const f of outside) if (!keep.has(f.fd)) transferFd(() => r, Math.max(...st.fds.map((x) => x.fd)) + 1, { pid: process.pid, fd: f.sfd }, { pid, fd: f.fd, cloexec: f.cloexec });
     return;
