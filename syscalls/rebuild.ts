@@ -16,7 +16,7 @@ import type { ProcessState, TreeState, ZombieState } from './state.js';
 import type { MemoryCapture } from './resources/memory.js';
 import { fillPages, useGadget, installGadget, pickGadget, GADGET_SIZE, GADGET_IOV, GADGET_IOVS, GADGET_CALLS } from './resources/memory.js';
 import { viewPid } from '../supervisor/pidns.js';
-import { unregisterRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending, drainPending } from './resources/thread.js';
+import { dropRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending, drainPending } from './resources/thread.js';
 import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
@@ -32,12 +32,16 @@ export interface Shell {
   threads: Map<number, Task>;
   /** A live process rolled back in place (not a fresh shell). */
   live: boolean;
+  /** Threads (by tid) whose rseq registration already is the checkpoint's: left as it is. */
+  rseqKept: Set<number>;
 }
 
 export function openShell(tracer: Tracer, state: ProcessState, task: Task, live: boolean): Shell {
   const remote = new Remote(tracer, task);
-  unregisterRseq(remote);
-  return { state, task, remote, threads: new Map([[state.ids.pid, task]]), live };
+  const sh: Shell = { state, task, remote, threads: new Map([[state.ids.pid, task]]), live, rseqKept: new Set() };
+  // A fresh shell drops the caller's rseq area; a live process keeps its own if it is the checkpoint's.
+  if (dropRseq(remote, live ? state.threads.find((t) => t.tid === state.ids.pid)?.rseq : undefined)) sh.rseqKept.add(state.ids.pid);
+  return sh;
 }
 
 export function allIds(tree: TreeState): number[] {
@@ -151,7 +155,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   restoreMm(b, p.mm, !sh.live);
   restoreName(b, p.ids.comm);
   restoreSignals(b, p.signals);
-  restoreThreadSyscalls(b, p.threads.find((t) => t.tid === p.ids.pid)!);
+  restoreThreadSyscalls(b, p.threads.find((t) => t.tid === p.ids.pid)!, sh.rseqKept.has(p.ids.pid));
   if (sh.live) drainPending(b, sh.task.tid, true);
   b.run();
   for (const t of p.threads) {
@@ -164,9 +168,9 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
     const rt = new Remote(tracer, task);
     useGadget(rt, sh.gadget!);
     try {
-      if (sh.live) unregisterRseq(rt);
+      if (sh.live && dropRseq(rt, t.rseq)) sh.rseqKept.add(t.tid);
       const tb = new CallBatch(rt);
-      restoreThreadSyscalls(tb, t);
+      restoreThreadSyscalls(tb, t, sh.rseqKept.has(t.tid));
       if (sh.live) drainPending(tb, task.tid, false);
       tb.run();
     } finally {

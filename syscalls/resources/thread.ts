@@ -173,14 +173,20 @@ export class AltstackQuery {
   }
 }
 
-/** Before the shell's memory goes: drop the rseq area it inherited from the caller. */
-export function unregisterRseq(r: Remote): void {
+/**
+ * Before the task's memory changes: drop its rseq area (a fresh shell's is
+ * the caller's), unless it already is `want` (a live thread rolled back that
+ * kept it): then nothing is done, and true says there is nothing to register.
+ */
+export function dropRseq(r: Remote, want?: ThreadState['rseq']): boolean {
   const cur = rseqConfig(r.task.tid);
+  if (cur && want && cur.addr === want.addr && cur.size === want.size && cur.sig === want.sig) return true;
   if (cur) r.check('restart:rseq', SYS_rseq, BigInt(cur.addr), cur.size, RSEQ_FLAG_UNREGISTER, cur.sig);
+  return false;
 }
 
-/** The parts that need injected syscalls (while the gadget is still there). */
-export function restoreThreadSyscalls(b: CallBatch, t: ThreadState): void {
+/** The parts that need injected syscalls (while the gadget is still there); `rseqKept`: see dropRseq. */
+export function restoreThreadSyscalls(b: CallBatch, t: ThreadState, rseqKept = false): void {
   // The shell inherited the caller's alternate stack: replace it (or disable).
   const alt = t.altstack ?? { sp: '0x0', flags: 2, size: '0x0' };
   const ss = Buffer.alloc(24);
@@ -190,7 +196,7 @@ export function restoreThreadSyscalls(b: CallBatch, t: ThreadState): void {
   b.add('restart:sigaltstack', SYS_sigaltstack, b.put(ss), 0);
   if (t.tidAddress) b.add('restart:tid_address', SYS_set_tid_address, BigInt(t.tidAddress));
   if (t.robustList) b.add('restart:robust_list', SYS.set_robust_list, BigInt(t.robustList.head), t.robustList.len);
-  if (t.rseq) b.add('restart:rseq', SYS_rseq, BigInt(t.rseq.addr), t.rseq.size, 0, t.rseq.sig);
+  if (t.rseq && !rseqKept) b.add('restart:rseq', SYS_rseq, BigInt(t.rseq.addr), t.rseq.size, 0, t.rseq.sig);
 }
 
 /** The final register state, set once no more syscalls will be injected. */
