@@ -77,6 +77,8 @@ export interface FdInfo {
   flags: number;
   mntId: number;
   extra: Map<string, string>;
+  /** The whole text (an epoll has one line per watch). */
+  text: string;
 }
 
 export function parseFdinfo(text: string): FdInfo {
@@ -86,6 +88,7 @@ export function parseFdinfo(text: string): FdInfo {
     flags: parseInt(kv.get('flags') ?? '0', 8),
     mntId: Number(kv.get('mnt_id') ?? 0),
     extra: kv,
+    text,
   };
 }
 

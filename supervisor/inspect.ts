@@ -84,6 +84,13 @@ function describeDesc(files: TreeState['files'], id: number): string {
     const state = d.backlog !== undefined ? `listening, backlog ${d.backlog}` : d.connectTo !== undefined ? `connected to${named(d.connectTo)}` : 'not connected';
     return `unix socket${named(d.name)} (${type(d.type)}; ${state}${q.length ? `, ${q.length} queued` : ''})`;
   }
+  if (d.kind === 'event') {
+    const e = d.ev;
+    if (e.kind === 'eventfd') return `eventfd, count ${e.count}${e.semaphore ? ', semaphore' : ''}`;
+    if (e.kind === 'signalfd') return `signalfd, mask ${e.mask}`;
+    if (e.kind === 'timerfd') return `timerfd on clock ${e.clock}, ${e.left[0]}.${e.left[1].padStart(9, '0')} s left, every ${e.interval[0]}.${e.interval[1].padStart(9, '0')} s, ${e.ticks} expirations unread`;
+    return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)})`).join(', ') || 'nothing'}`;
+  }
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;

@@ -122,6 +122,45 @@ for (const mode of ['restart', 'undo']) {
   });
 }
 
+for (const mode of ['restart', 'undo']) {
+  t.test(`eventfd, signalfd, timerfds and an epoll watching them across a ${mode}`, async (t) => {
+    const img = path.join(dir, 'events.img');
+    const first = supervise([fixture('events'), mode === 'undo' ? 'undo' : img]);
+    const r = mode === 'undo' ? first : restart(img);
+    if (mode === 'restart') {
+      t.equal(first.status, 137, 'CKPT_KILL');
+      const inspect = supervise([...CKPT, 'inspect', img]).stdout;
+      t.match(inspect, /eventfd, count 5, semaphore/);
+      t.match(inspect, /timerfd on clock 1, 0\.0+ s left, every 0\.0+ s, 1 expirations unread/);
+      for (const events of ['0x19', '0x80000019', '0x40000019']) t.match(inspect, new RegExp(`epoll watching .*fd \\d+ \\(events ${events}\\)`), `the epoll watch with events ${events} (level, edge, one-shot)`);
+    } else t.match(first.stdout, /spoiled, rolling back/, 'everything read, changed and disarmed before the rollback');
+    for (const c of ['epoll reports the eventfd and the signalfd with their data', 'one-shot and edge-triggered watches do not fire twice', 'eventfd in semaphore mode still counts 5, non-blocking', 'signalfd reads the pending SIGUSR1', 'an expiration not read before the checkpoint is still there', 'the periodic timer fires again through the epoll', 'a timer far away keeps its time left', 'status flags']) {
+      t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+    }
+    t.match(r.stdout, /EVENTS OK/);
+    t.equal(r.status, 0);
+  });
+}
+
+t.test('a Node.js process (epoll, eventfds, pipes, threads) checkpointed from outside carries on after a restart', async (t) => {
+  const img = path.join(dir, 'node.img');
+  const script = 'let i = 0; setInterval(() => { console.log("tick " + ++i); if (i === 20) process.exit(0); }, 100)';
+  const first = supervise(['sh', '-c', `${q(process.execPath)} -e ${q(script)} & sleep 0.5; ${CKPT.map(q).join(' ')} checkpoint $! --kill -o ${q(img)}; wait`], { timeout: 60_000 });
+  const before = first.stdout.match(/^tick \d+$/gm) ?? [];
+  t.ok(before.length > 0 && before.length < 20, `checkpointed after ${before.length} ticks`);
+  const second = supervise([...CKPT, 'restart', '-i', img], { timeout: 60_000 });
+  t.equal(second.status, 0, 'the restored node exits 0');
+  const after = second.stdout.match(/^tick \d+$/gm) ?? [];
+  t.same([...before, ...after], Array.from({ length: 20 }, (_, i) => `tick ${i + 1}`), 'its timer goes on from where it was: no tick lost or repeated');
+});
+
+t.test('an epoll watching a file no longer at its number is refused, the program unharmed', async (t) => {
+  const r = supervise([fixture('callabi'), 'epoll-stale']);
+  t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
+  t.match(r.stderr, /epoll watching a file that is no longer at its descriptor \d+/);
+  t.match(r.stdout, /epoll still works after the refusal: yes/);
+});
+
 t.test('a listener with a connection not yet accepted is refused, the program unharmed', async (t) => {
   const r = supervise([fixture('callabi'), 'pending-accept', path.join(dir, 'pending.sock')]);
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);

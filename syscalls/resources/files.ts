@@ -24,6 +24,7 @@ import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
+import { captureEvent, makeEvent, addWatches, type EventState } from './events.js';
 import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 
 export type { SockPairState } from './unixsock.js';
@@ -43,7 +44,8 @@ export type FileDesc =
   | { id: number; kind: 'pipe'; pipe: number; end: 'r' | 'w'; flags: number }
   | { id: number; kind: 'memfd'; shmKey: string; flags: number; pos: string }
   | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
-  | ({ id: number; kind: 'usock'; flags: number } & SoloSockState);
+  | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
+  | { id: number; kind: 'event'; flags: number; ev: EventState };
 
 export interface PipeState {
   id: number;
@@ -170,7 +172,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       } else if ((st.isFile() || st.isDirectory() || st.isCharacterDevice()) && target.startsWith('/') && !target.endsWith(' (deleted)')) {
         table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
       } else {
-        throw unsupported(pid, fd, `${target}: a kind of descriptor not supported yet`);
+        const ev = captureEvent(pid, fd, target, info);
+        if (!ev) throw unsupported(pid, fd, `${target}: a kind of descriptor not supported yet`);
+        table.descs.push({ id, kind: 'event', flags, ev });
       }
       seen.push({ key, pid, fd, desc: id });
       fds.push({ fd, cloexec, desc: id });
@@ -347,6 +351,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     return { pid, fd: t };
   };
   const sockets = new UnixSockets({ remote, host: ctx.host, park, listeners: new Map() });
+  const epolls: { pid: number; fd: number; ev: Extract<EventState, { kind: 'epoll' }> }[] = [];
   // The first holder of each end of each socket pair: where that end is made.
   const pairHolder = (pair: number, end: 0 | 1) => {
     const d = table.descs.find((x) => x.kind === 'unix' && x.pair === pair && x.end === end);
@@ -379,6 +384,9 @@ export function restoreFiles(ctx: FilesRestore): void {
       } else if (d.kind === 'usock') {
         transfer(sockets.makeSolo(owner.pid, d), owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+      } else if (d.kind === 'event') {
+        moveFd(r, makeEvent(r, ctx.host(owner.pid), d.ev), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
+        if (d.ev.kind === 'epoll') epolls.push({ pid: owner.pid, fd: owner.fd, ev: d.ev });
       } else if (d.kind === 'memfd') {
         const pos = BigInt(d.pos);
         moveFd(r, ctx.shm.fdIn(r, d.shmKey, tempBase), owner.fd, owner.cloexec, (b) => {
@@ -421,6 +429,8 @@ export function restoreFiles(ctx: FilesRestore): void {
     for (const h of hs.slice(1)) transfer(owner, h);
   }
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
+  // Every descriptor is in place: what each epoll watched can be named again.
+  for (const e of epolls) addWatches(remote(e.pid), e.fd, e.ev);
 
 }
 
