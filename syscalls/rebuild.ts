@@ -178,6 +178,12 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
     }
   }
   if (setCreds) restoreCreds(r, p.creds);
+  // A SIGCHLD an injected call took since the freeze (on whichever thread)
+  // is about children the program no longer ever had: extras killed in a
+  // rollback, zombies made again. Any injected call after their deaths may
+  // have taken it, so it is dropped only now; one still queued in the
+  // kernel was drained above, and the checkpoint's own are queued next.
+  tracer.dropHeld(sh.threads.values(), SIGCHLD);
   // Pending signals last, each thread's mask already in place.
   const host = (t: { tid: number }) => sh.threads.get(t.tid)!.tid;
   for (const t of p.threads) setSigmask(host(t), BigInt('0x' + t.sigmask));

@@ -96,9 +96,6 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       endExtraThreads(tracer, sh, ns);
     }
     for (const x of extra) reapExtra(tracer, shells, x, ns);
-    // Their SIGCHLD (held while we had the parents stopped, on whichever
-    // thread took it) is about children the program no longer ever had.
-    if (extra.length) for (const sh of shells.values()) tracer.dropHeld(tracer.threadsOf(sh.task.tgid), SIGCHLD);
     const made: number[] = [];
     makeShells(tracer, tree, shells, undefined, made);
     const zombies = makeZombies(tracer, tree, shells, made, (pid) => {
