@@ -6,7 +6,8 @@ import { launch } from './spawn.js';
 import { sys } from '../lib/libc.js';
 import { Supervisor } from '../syscalls/context.js';
 import { serve } from '../syscalls/table.js';
-import { logError } from '../lib/log.js';
+import { warmUp } from '../syscalls/checkpoint.js';
+import { log, logError } from '../lib/log.js';
 import { inheritedFds } from '../syscalls/resources/files.js';
 
 // Before anything else opens a descriptor: these are what we were given.
@@ -22,6 +23,7 @@ const argv = yargs(dash < 0 ? raw : raw.slice(0, dash))
   .usage('$0 [options] -- prog [args...]\n\nRun prog as the root of a supervised tree that may call the ckpt system calls.')
   .option('max-checkpoints', { type: 'number', default: 64, describe: 'cap on live in-memory checkpoints' })
   .option('track-dirty', { type: 'boolean', default: true, describe: 'track written pages (userfaultfd) so that undo copies only them; --no-track-dirty compares page frames instead' })
+  .option('warm-up', { type: 'boolean', default: true, describe: 'checkpoint the launcher into /dev/null before the program starts (about 40 ms), so that the first checkpoint is not slowed by cold code; --no-warm-up skips it' })
   .option('pidns', { type: 'boolean', default: false, describe: 'run the tree in a new pid namespace under a minimal init (pid 1), so that a restart always gets its pids' })
   .parserConfiguration({ 'halt-at-non-option': true })
   .strict(false)
@@ -42,7 +44,14 @@ const sv: Supervisor = new Supervisor(new Tracer((tracer, task) => serve(sv, tra
   outsideFds,
 });
 try {
-  launch(sv.tracer, cmd[0], cmd.slice(1), argv.pidns);
+  launch(sv.tracer, cmd[0], cmd.slice(1), argv.pidns, (launcher) => {
+    if (!argv['warm-up']) return;
+    try {
+      warmUp(sv, launcher);
+    } catch (e) {
+      log.syscall('warm-up checkpoint of the launcher failed: %s', (e as Error).message);
+    }
+  });
 } catch (e) {
   logError(`cannot start ${cmd[0]}: ${(e as Error).message}`);
   process.exit(127);

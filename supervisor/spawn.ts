@@ -16,7 +16,7 @@ import { PT, PTRACE_O } from '../lib/ptrace.js';
 import { buildTrapFilter } from '../lib/seccomp.js';
 import { NR_FIRST, NR_LAST } from '../syscalls/abi.js';
 import { Remote } from './remote.js';
-import type { Tracer } from './tracer.js';
+import type { Tracer, Task } from './tracer.js';
 
 const F_GETFD = 1, F_SETFD = 2, SIGCONT = 18;
 const PR_SET_NO_NEW_PRIVS = 38, PR_SET_SECCOMP = 22, SECCOMP_MODE_FILTER = 2;
@@ -47,7 +47,7 @@ function procState(pid: number): string {
  * Spawn `prog args` as a tracee carrying the ckpt seccomp filter; returns
  * its pid. `pidns`: run it in a new pid namespace under ckpt-init (pid 1).
  */
-export function launch(tracer: Tracer, prog: string, args: string[], pidns = false): number {
+export function launch(tracer: Tracer, prog: string, args: string[], pidns = false, beforeRun?: (launcher: Task) => void): number {
   for (let fd = 0; fd <= 2; fd++) {
     const f = sys.fcntl(fd, F_GETFD);
     if (f >= 0) sys.fcntl(fd, F_SETFD, f & ~1); // Node marks its stdio close-on-exec
@@ -83,9 +83,18 @@ export function launch(tracer: Tracer, prog: string, args: string[], pidns = fal
     r.mem.write(r.scratch(), fprog);
     r.mem.write(r.scratch() + 64n, filter);
     r.check('launch', SYS.prctl, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, r.scratch(), 0, 0);
-    if (pidns) r.check('launch:pidns', SYS_unshare, CLONE_NEWPID);
   } finally {
     r.finish();
+  }
+  // Before the launcher's next child would be a new namespace's pid 1.
+  beforeRun?.(task);
+  if (pidns) {
+    const u = new Remote(tracer, task);
+    try {
+      u.check('launch:pidns', SYS_unshare, CLONE_NEWPID);
+    } finally {
+      u.finish();
+    }
   }
   sys.kill(pid, SIGCONT);
   tracer.resume(task);

@@ -18,7 +18,7 @@ import { Remote, callEach } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
-import type { SyscallCtx } from './context.js';
+import type { SyscallCtx, Supervisor } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { captureMemory, writePages, vdsoInfo, checkMappings, copyUnforked, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
 import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, type MemCheckpoint } from './memckpt.js';
@@ -50,10 +50,11 @@ export function checkpoint(ctx: SyscallCtx): number {
   if (pidArg < 0 || !root || root.tgid !== pid) throw new CkptError(errno('ESRCH'), 'checkpoint', `pid ${pidArg} is not a process of this supervised tree`);
   let procs = subtree(tracer, pid);
   checkPermission(caller.tgid, procs);
-  if (f & (CKPT.DEFER | CKPT.KEEP)) return checkpointInMemory(ctx, pid, procs, f, fdArg, true);
+  if (f & CKPT.DEFER) return checkpointInMemory(ctx, pid, procs, f, -1, true);
+  if (f & CKPT.KEEP) return checkpointInMemory(ctx, pid, procs, f, takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint'), true);
   // To a file, the subtree is stopped only as long as for CKPT_DEFER: the
   // image is written from husks while it runs again.
-  if (!(f & CKPT.KILL)) return checkpointInMemory(ctx, pid, procs, f, fdArg, false);
+  if (!(f & CKPT.KILL)) return checkpointInMemory(ctx, pid, procs, f, takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint'), false);
   const out = takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint');
   const crid = ctx.sv.newCrid();
   const others = outsideHolders(tracer, procs);
@@ -294,6 +295,16 @@ export function checkPermission(callerPid: number, procs: number[]): void {
   }
 }
 
+/**
+ * A checkpoint of the launcher (the stopped shell about to exec the
+ * program) into /dev/null, before the program runs: the capture path runs
+ * once, so the program's first checkpoint does not find it cold. Nothing is
+ * kept, no crid is taken, the launcher is left as it was.
+ */
+export function warmUp(sv: Supervisor, launcher: Task): void {
+  checkpointInMemory({ sv, tracer: sv.tracer, caller: launcher, args: [] }, launcher.tgid, [launcher.tgid], 0, fs.openSync('/dev/null', 'w'), false, 0);
+}
+
 /** What the supervised processes outside the subtree hold: read before the freeze. */
 function outsideHolders(tracer: Tracer, procs: number[]): OutsideHolders {
   const inside = new Set(procs);
@@ -305,14 +316,15 @@ function outsideHolders(tracer: Tracer, procs: number[]): OutsideHolders {
  * memory and to make one husk per process; it runs again before the husks'
  * memory is even described. KEEP then writes the image from the husks.
  * Without `keep` (a plain checkpoint to a file) the image is written the
- * same way and the husks go: nothing is kept.
+ * same way and the husks go: nothing is kept. `out`: the image's
+ * descriptor (the supervisor's, closed here), or -1. `crid`: 0 for the
+ * warm-up, which takes none.
  */
-function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: number, fdArg: number, keep: boolean): number {
+function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: number, out: number, keep: boolean, crid?: number): number {
   const { tracer, caller, sv } = ctx;
-  sv.store.reapHandles();
-  if (keep && sv.store.all.size >= sv.store.max) throw new CkptError(errno('EAGAIN'), 'checkpoint', `${sv.store.all.size} in-memory checkpoints already live (--max-checkpoints ${sv.store.max})`);
-  const out = f & CKPT.KEEP || !keep ? takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint') : -1;
   try {
+    sv.store.reapHandles();
+    if (keep && sv.store.all.size >= sv.store.max) throw new CkptError(errno('EAGAIN'), 'checkpoint', `${sv.store.all.size} in-memory checkpoints already live (--max-checkpoints ${sv.store.max})`);
     // Tracking is for rollback: not after CKPT_KILL. Who is tracked already
     // is looked up now, not in the freeze window (it reads /proc).
     const track = keep && sv.options.trackDirty && !(f & CKPT.KILL);
@@ -339,7 +351,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     const stopMs = performance.now() - t0;
     log.syscall('checkpoint of %d: stopped %s', pid, ph);
     const c: MemCheckpoint = {
-      crid: sv.newCrid(), created: new Date().toISOString(), stopMs, tree: cap.tree, husks: cap.husks,
+      crid: crid ?? sv.newCrid(), created: new Date().toISOString(), stopMs, tree: cap.tree, husks: cap.husks,
       memory: new Map(), privateBytes: 0, writtenBack: false, uid: parseCreds(readStatus(caller.tgid)).uid[0],
       shmData: cap.shm.data,
       hostOf: cap.hostOf,

@@ -1,6 +1,6 @@
 // ckpt-supervise itself: exit status, signals, stdio, tracing of the whole tree.
 import t from 'tap';
-import { supervise, run, fixture, q } from './helpers.js';
+import { supervise, run, fixture, q, SUPERVISE } from './helpers.js';
 
 t.test('exit status of the program becomes the supervisor\'s', async (t) => {
   t.equal(supervise(['sh', '-c', 'exit 3']).status, 3);
@@ -50,4 +50,15 @@ t.test('a bad call never takes the supervisor down', async (t) => {
   const r = supervise([fixture('callabi'), 'restart', '0', 'none', '0']);
   t.equal(r.status, 0);
   t.match(r.stdout, /caller alive/);
+});
+
+t.test('the warm-up checkpoint of the launcher leaves the program nothing to see', async (t) => {
+  // What the program inherits: descriptors, signal state, its own pid and parent.
+  const probe = 'for f in /proc/$$/fd/*; do echo "${f##*/} $(readlink $f | sed "s/\\[[0-9]*\\]//")"; done; grep -E "^(SigBlk|SigIgn|SigCgt)" /proc/$$/status; ps -o stat= -p $$ | cut -c1';
+  const warm = run([...SUPERVISE, '--', 'sh', '-c', probe], { env: { ...process.env, DEBUG: 'ckpt:syscall' } });
+  const cold = run([...SUPERVISE, '--no-warm-up', '--', 'sh', '-c', probe]);
+  t.equal(warm.status, 0);
+  t.match(warm.stderr, /checkpoint 0 of \d+ to a file/, 'the warm-up ran (crid 0: none taken from the program)');
+  t.equal(warm.stdout, cold.stdout, 'descriptors and signal state are the same with and without it');
+  t.notMatch(warm.stdout, /T/, 'the program is not left stopped');
 });
