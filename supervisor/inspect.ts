@@ -61,8 +61,8 @@ export function formatDescription(d: ImageDescription): string {
     const sigs = Object.keys(p.signals);
     if (sigs.length) out.push(`  signal handlers: ${sigs.join(', ')}`);
   }
-  for (const o of d.shm) out.push(`shared memory object ${o.key} (${o.name}), ${size(o.size)}`);
-  if (d.shm.length) out.push(`  ${size(d.shmBytes)} of shared memory data`);
+  for (const o of d.shm) out.push(o.key.startsWith('ghost:') ? `deleted file contents ${o.name}, ${size(o.size)}` : `shared memory object ${o.key} (${o.name}), ${size(o.size)}`);
+  if (d.shm.length) out.push(`  ${size(d.shmBytes)} of shared memory and deleted file data`);
   for (const z of d.zombies) out.push(`zombie ${z.pid} (child of ${z.ppid}), wait status ${z.status}`);
   return out.join('\n') + '\n';
 }
@@ -91,6 +91,7 @@ function describeDesc(files: TreeState['files'], id: number): string {
     if (e.kind === 'timerfd') return `timerfd on clock ${e.clock}, ${e.left[0]}.${e.left[1].padStart(9, '0')} s left, every ${e.interval[0]}.${e.interval[1].padStart(9, '0')} s, ${e.ticks} expirations unread`;
     return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)})`).join(', ') || 'nothing'}`;
   }
+  if (d.kind === 'ghost') return `deleted file ${d.path} (contents kept) pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;

@@ -154,6 +154,24 @@ t.test('a Node.js process (epoll, eventfds, pipes, threads) checkpointed from ou
   t.same([...before, ...after], Array.from({ length: 20 }, (_, i) => `tick ${i + 1}`), 'its timer goes on from where it was: no tick lost or repeated');
 });
 
+for (const mode of ['restart', 'undo']) {
+  t.test(`deleted files still open (an O_TMPFILE with a hole, a file unlinked after opening) across a ${mode}`, async (t) => {
+    const gdir = fs.mkdtempSync(path.join(dir, 'ghost-'));
+    const img = path.join(dir, 'ghost.img');
+    const first = supervise([fixture('ghost'), gdir, mode === 'undo' ? 'undo' : img]);
+    const r = mode === 'undo' ? first : restart(img);
+    if (mode === 'restart') {
+      t.equal(first.status, 137, 'CKPT_KILL');
+      t.match(supervise([...CKPT, 'inspect', img]).stdout, /deleted file \S+\/unlinked \(contents kept\) pos 8/);
+    } else t.match(first.stdout, /spoiled, rolling back/, 'both overwritten, one truncated, before the rollback');
+    for (const c of ['O_TMPFILE: unlinked, mode and size kept', 'O_TMPFILE: contents from its offset', 'O_TMPFILE: the data after the hole', 'O_TMPFILE: still writable', 'unlinked file: still unlinked, read-only', 'unlinked file: contents from its offset']) {
+      t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+    }
+    t.match(r.stdout, /GHOST OK/);
+    t.equal(r.status, 0);
+  });
+}
+
 t.test('an epoll watching a file no longer at its number is refused, the program unharmed', async (t) => {
   const r = supervise([fixture('callabi'), 'epoll-stale']);
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);

@@ -43,6 +43,7 @@ export type FileDesc =
   | { id: number; kind: 'fifo'; path: string; flags: number; data: string }
   | { id: number; kind: 'pipe'; pipe: number; end: 'r' | 'w'; flags: number }
   | { id: number; kind: 'memfd'; shmKey: string; flags: number; pos: string }
+  | { id: number; kind: 'ghost'; path: string; mode: number; shmKey: string; flags: number; pos: string }
   | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
   | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
   | { id: number; kind: 'event'; flags: number; ev: EventState };
@@ -169,6 +170,13 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       } else if (st.isFIFO() && target.startsWith('/')) {
         table.descs.push({ id, kind: 'fifo', path: target, flags, data: '' });
         pipeHolders.push({ ino: String(st.ino), pid, fd, end: (flags & O_ACCMODE) === O_WRONLY ? 'w' : 'r' });
+      } else if (st.isFile() && target.startsWith('/') && target.endsWith(' (deleted)')) {
+        // Unlinked while open, it cannot be opened again by its path: its
+        // contents are kept (as shared memory's are), up to GHOST_MAX.
+        if (st.size > GHOST_MAX) throw unsupported(pid, fd, `${target}: a deleted file of ${st.size} bytes (up to ${GHOST_MAX} are kept)`);
+        const path = target.replace(/ \(deleted\)$/, '');
+        shm.add(`ghost:${key}`, path, link);
+        table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString() });
       } else if ((st.isFile() || st.isDirectory() || st.isCharacterDevice()) && target.startsWith('/') && !target.endsWith(' (deleted)')) {
         table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
       } else {
@@ -393,6 +401,12 @@ export function restoreFiles(ctx: FilesRestore): void {
           b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
           if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
         });
+      } else if (d.kind === 'ghost') {
+        const pos = BigInt(d.pos);
+        moveFd(r, makeGhost(r, ctx, d, tempBase), owner.fd, owner.cloexec, (b) => {
+          b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+          if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
+        });
       } else if (d.kind === 'fifo') {
         // O_RDWR first: opening one end alone would block until the other opens.
         const keep = r.raise(openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files'), tempBase); // never on a target number
@@ -435,6 +449,35 @@ export function restoreFiles(ctx: FilesRestore): void {
 }
 
 type PathDesc = Extract<FileDesc, { kind: 'path' }>;
+
+/** Deleted files larger than this are refused (their contents go into the image). */
+const GHOST_MAX = 64 << 20;
+const O_TMPFILE = 0o20200000;
+
+/**
+ * A deleted file made again: an unnamed file (O_TMPFILE) in the directory
+ * it was in (else in /tmp), with its mode and contents, opened as it was.
+ * Made by the process itself, with its own permissions.
+ */
+function makeGhost(r: Remote, ctx: FilesRestore, d: Extract<FileDesc, { kind: 'ghost' }>, tempBase: number): bigint {
+  let fd: bigint | undefined;
+  let why: unknown;
+  for (const dir of [d.path.slice(0, d.path.lastIndexOf('/')) || '/', '/tmp']) {
+    try {
+      fd = r.raise(openIn(r, dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 'restart:files', d.mode), tempBase);
+      break;
+    } catch (e) {
+      why ??= e;
+    }
+  }
+  if (fd === undefined) throw why;
+  ctx.shm.copyTo(d.shmKey, r.task.tgid, fd);
+  if ((d.flags & O_ACCMODE) === O_RDWR) return fd;
+  // Opened read-only or write-only: open it again so, through its /proc entry.
+  const again = openIn(r, `/proc/self/fd/${fd}`, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC, 'restart:files');
+  r.call(SYS.close, fd);
+  return again;
+}
 
 /**
  * The files a live process rolled back still holds as it held them at the

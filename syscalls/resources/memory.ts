@@ -422,12 +422,12 @@ function checkFileIdentity(pid: number, v: VmaState): void {
 }
 
 /** openat() a path inside the tracee (with its own credentials); returns the fd. */
-export function openIn(r: Remote, path: string, flags: number, op: string): bigint {
+export function openIn(r: Remote, path: string, flags: number, op: string, mode = 0): bigint {
   const scratch = r.scratch();
   const p = Buffer.from(path + '\0');
   if (p.length > 2000) throw new CkptError(errno('ENAMETOOLONG'), op, `path too long: ${path}`);
   r.mem.write(scratch, p);
-  const fd = r.call(SYS.openat, AT_FDCWD, scratch, flags, 0);
+  const fd = r.call(SYS.openat, AT_FDCWD, scratch, flags, mode);
   if (fd < 0n) {
     const e = Number(-fd);
     const mapped = e === errno('EACCES') ? errno('EPERM') : e;

@@ -108,6 +108,27 @@ export class ShmRestore {
   fill(data: ShmData): void {
     for (const [key, runs] of data) for (const r of runs) this.write(key, r.offset, r.data);
   }
+  /** Copy the object's contents into descriptor `fd` of process `host` (a file made to hold them). */
+  copyTo(key: string, host: number, fd: bigint): void {
+    const src = this.fds.get(key);
+    if (src === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
+    const mine = sys.takeFd(host, Number(fd));
+    if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${host}: cannot reach fd ${fd}`);
+    try {
+      const size = fs.fstatSync(src).size;
+      const buf = Buffer.allocUnsafe(1 << 20);
+      for (let off = 0; off < size; ) {
+        const n = fs.readSync(src, buf, 0, Math.min(buf.length, size - off), off);
+        if (n <= 0) break;
+        for (let done = 0; done < n; ) done += fs.writeSync(mine, buf, done, n - done, off + done);
+        off += n;
+      }
+      fs.ftruncateSync(mine, size); // holes at the end stay holes
+    } finally {
+      fs.closeSync(mine);
+    }
+  }
+
   /** The object as a descriptor of tracee `r` (>= minFd), from the supervisor's. */
   fdIn(r: Remote, key: string, minFd = 0): bigint {
     const mine = this.fds.get(key);
