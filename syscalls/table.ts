@@ -16,6 +16,7 @@ import { release } from './release.js';
 import { query } from './query.js';
 import { noteForkAdvice } from './madvise.js';
 import { SYS } from '../lib/libc.js';
+import { collectYoung } from '../lib/gc.js';
 
 export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
   [NR.checkpoint]: { name: 'checkpoint', handler: checkpoint },
@@ -44,6 +45,7 @@ export function serve(sv: Supervisor, tracer: Tracer, caller: Task): void {
   }
   answer(sv, tracer, caller, nr, args);
   sv.runLater();
+  collectYoung(); // while the program runs, not in the next stop
 }
 
 function answer(sv: Supervisor, tracer: Tracer, caller: Task, nr: number, args: bigint[]): void {
