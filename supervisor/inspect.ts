@@ -73,7 +73,8 @@ function describeDesc(files: TreeState['files'], id: number): string {
   if (d.kind === 'path') return `${d.path} pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'fifo') return `fifo ${d.path} (${Buffer.from(d.data, 'base64').length} bytes unread)`;
   const type = (t: number) => ['', 'stream', 'dgram', '', '', 'seqpacket'][t] ?? String(t);
-  const named = (n?: string) => (n === undefined ? '' : ` named ${n.startsWith('\0') ? '@' + n.slice(1) : n.replace(/\0$/, '')}`);
+  const shown = (n: string) => (n.startsWith('\0') ? '@' + n.slice(1) : n.replace(/\0$/, ''));
+  const named = (n?: string) => (n === undefined ? '' : ` named ${shown(n)}`);
   if (d.kind === 'unix') {
     const p = files.socks[d.pair];
     const q = p.queues[d.end].map((m) => Buffer.from(m, 'base64').length);
@@ -81,7 +82,7 @@ function describeDesc(files: TreeState['files'], id: number): string {
   }
   if (d.kind === 'usock') {
     const q = (d.queue ?? []).map((m) => Buffer.from(m, 'base64').length);
-    const state = d.backlog !== undefined ? `listening, backlog ${d.backlog}` : d.connectTo !== undefined ? `connected to${named(d.connectTo)}` : 'not connected';
+    const state = d.backlog !== undefined ? `listening, backlog ${d.backlog}` : d.connectTo !== undefined ? `connected to ${shown(d.connectTo)}` : 'not connected';
     return `unix socket${named(d.name)} (${type(d.type)}; ${state}${q.length ? `, ${q.length} queued` : ''})`;
   }
   if (d.kind === 'event') {

@@ -172,6 +172,17 @@ for (const mode of ['restart', 'undo']) {
   });
 }
 
+t.test('a datagram socket connected to a named socket outside the subtree (as to /dev/log) is connected again by name', async (t) => {
+  const sock = path.join(fs.mkdtempSync(path.join(dir, 'dgram-')), 'log.sock');
+  const img = path.join(dir, 'dgram-client.img');
+  const ca = q(fixture('callabi'));
+  // The server is a sibling of the client: outside the subtree checkpointed.
+  const r = supervise(['sh', '-c', `${ca} dgram-server ${q(sock)} 2 & sleep 0.3; ${ca} dgram-client ${q(sock)} w:${q(img)}; ${CKPT.map(q).join(' ')} restart -i ${q(img)}; wait`]);
+  t.match(r.stdout, /server got: before\n(.|\n)*server got: after/, 'the server hears the client before the checkpoint and after the restart');
+  t.match(r.stdout, /client restored: send ok/);
+  t.match(supervise([...CKPT, 'inspect', img]).stdout, new RegExp(`unix socket \\(dgram; connected to ${sock.replace(/[.]/g, '\\.')}\\)`), 'inspect names where it is connected');
+});
+
 t.test('an epoll watching a file no longer at its number is refused, the program unharmed', async (t) => {
   const r = supervise([fixture('callabi'), 'epoll-stale']);
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
