@@ -5,10 +5,13 @@
  * A husk is a copy-on-write snapshot of one process: a clone (exit signal 0,
  * so the program's wait() never sees it) injected into the frozen process.
  * Costs one fork (page-table copy); then it is disarmed (no descriptors, its
- * own process group, never resumed) and kept stopped. Its memory is read
- * with pread on /proc/HUSK/mem, which keeps the pages shared. Everything
- * else about the checkpoint (registers, files, signals...) is captured
- * during the stop like for a direct checkpoint.
+ * own process group, never resumed on its own) and kept stopped. Its
+ * memory is read with pread on /proc/HUSK/mem, which keeps the pages
+ * shared; at a rollback the husk itself also writes changed pages back
+ * into the process (putBackFromHusk), through a small gadget mapped in it
+ * outside the checkpoint's layout. Everything else about the checkpoint
+ * (registers, files, signals...) is captured during the stop like for a
+ * direct checkpoint.
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';

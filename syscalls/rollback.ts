@@ -319,9 +319,9 @@ function rollbackMemory(tracer: Tracer, sh: Shell, husk: number, mem: MemoryCapt
   ph.mark('drop');
   const writable = normalize(pieces.filter((p) => p.writable).map((p) => p.range));
   bytes += putBackFromHusk(tracer, sh, husk, asRanges(intersect(copy, writable)), c.huskPorts);
-  ph.mark('pull');
+  ph.mark('put back');
   bytes += copyChangedFromHusk(sh, husk, asRanges(subtract(copy, writable)));
-  ph.mark('copy');
+  ph.mark('read-only');
   return bytes;
 }
 
