@@ -139,6 +139,13 @@ t.test('a sound image whose state the kernel refuses half-way (a worker thread\'
   t.match(r.stdout, /leftover children: none/, 'no child (not even a zombie) left with the caller');
   t.match(r.stderr, /restart:sigaltstack: task \d+/, 'one log line names the task and the resource');
   t.notOk(pidAlive(pid), `no process holds the image's pid ${pid}`);
+  // A description of a kind this supervisor does not know, and an event file of no known kind: EBADMSG.
+  const kinds = [path.join(dir, 'pool-kind.img'), path.join(dir, 'pool-event.img')];
+  rewriteTree(good, kinds[0], (tree) => void ((tree.files.descs[0] as { kind: string }).kind = 'socketcan'));
+  rewriteTree(good, kinds[1], (tree) => void (tree.files.descs[0] = { id: 0, kind: 'event', flags: 2, ev: { kind: 'inotify' } } as unknown as TreeState['files']['descs'][number]));
+  const k = supervise([callabi, 'restart-all', ...kinds], { timeout: 30_000 });
+  t.equal(k.stdout.match(/restart ret=-1 errno=EBADMSG/g)?.length, 2, 'unknown kinds in a sound image: EBADMSG, both');
+  t.match(k.stdout, /leftover children: none/);
 });
 
 t.test('a failed checkpoint leaves the subtree running as it was', async (t) => {

@@ -90,6 +90,7 @@ export function makeEvent(r: Remote, host: number, e: EventState): bigint {
     return b.run()[0];
   }
   if (e.kind === 'epoll') return r.check(what, SYS_epoll_create1, O_CLOEXEC);
+  if (e.kind !== 'timerfd') throw new CkptError(errno('EBADMSG'), 'image', `an event file of unknown kind ${(e as { kind: unknown }).kind}`);
   const fd = r.check(what, SYS_timerfd_create, e.clock, O_CLOEXEC);
   const [ls, ln] = e.left.map(BigInt), [is, ins] = e.interval.map(BigInt);
   if (ls || ln) {

@@ -418,6 +418,7 @@ export function restoreFiles(ctx: FilesRestore): void {
         moveFd(r, tmp, owner.fd, owner.cloexec);
         r.call(SYS.close, keep);
       } else {
+        if (d.kind !== 'pipe' || !table.pipes[d.pipe]) throw new CkptError(errno('EBADMSG'), 'image', `descriptor ${d.id}: unknown kind ${(d as { kind: unknown }).kind} or pipe`);
         const pipe = table.pipes[d.pipe];
         let ends = pipeEnds.get(d.pipe);
         if (!ends) {
