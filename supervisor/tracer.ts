@@ -23,6 +23,8 @@ export interface Task {
   heldSignals: number[];
   /** A husk (the copy-on-write snapshot of an in-memory checkpoint): never resumed. */
   husk?: boolean;
+  /** In a group-stop (job control) since this stop signal; undefined once it runs again. */
+  groupStop?: number;
 }
 
 export type SeccompHandler = (tracer: Tracer, task: Task) => void;
@@ -146,8 +148,47 @@ export class Tracer {
   resume(task: Task, sig = 0, req: number = PT.CONT): void {
     for (const s of task.heldSignals.splice(0)) sys.tgkill(task.tgid, task.tid, s);
     task.stop = 'running';
+    task.groupStop = undefined;
     task.parked = undefined;
     sys.ptrace(req, task.tid, 0, sig); // ESRCH: it died meanwhile, the loop will see it
+  }
+
+  /**
+   * The stop signal of task `tid` if it is in a group-stop (job control):
+   * known from its last dispatched stop, or from the stop a freeze
+   * collected before the loop saw it.
+   */
+  groupStopOf(tid: number): number | undefined {
+    const t = this.tasks.get(tid);
+    const p = t?.parked;
+    if (p?.kind === 'stopped' && p.event === PTRACE_EVENT.STOP && STOP_SIGNALS.has(p.signal)) return p.signal;
+    return t?.groupStop;
+  }
+
+  /**
+   * A group-stop: LISTEN keeps the task stopped, as without a tracer, yet
+   * lets SIGCONT and our PTRACE_INTERRUPT through. LISTEN applies only to a
+   * stop as the kernel reported it; a task moved since (the injected calls
+   * of a checkpoint) is made to report it again first: interrupted and let
+   * go, it traps at once, before an instruction of its own. Without that it
+   * stayed in a ptrace stop for good: SIGCONT could not wake it, and the
+   * next freeze waited for it forever.
+   */
+  private listen(task: Task, sig: number): void {
+    task.stop = 'running';
+    task.groupStop = sig;
+    if (sys.ptrace(PT.LISTEN, task.tid, 0, 0) === 0) return;
+    sys.ptrace(PT.INTERRUPT, task.tid, 0, 0);
+    if (sys.ptrace(PT.CONT, task.tid, 0, 0) === -1) return; // gone
+    const ev = this.wait(task.tid);
+    if (!ev || ev.kind !== 'stopped') return;
+    if (ev.event === PTRACE_EVENT.STOP && STOP_SIGNALS.has(ev.signal)) {
+      task.stop = 'running';
+      sys.ptrace(PT.LISTEN, task.tid, 0, 0);
+    } else {
+      task.groupStop = undefined; // the group-stop ended meanwhile
+      this.pending.push(ev); // the loop takes it from here
+    }
   }
 
   /** Answer a trapped call with -EIO after an internal error (if the task still exists). */
@@ -231,12 +272,8 @@ export class Tracer {
         return;
       }
       case PTRACE_EVENT.STOP:
-        if (STOP_SIGNALS.has(ev.signal)) {
-          // A group-stop: LISTEN keeps it stopped, as without a tracer, yet
-          // lets SIGCONT and our PTRACE_INTERRUPT through.
-          task.stop = 'running';
-          sys.ptrace(PT.LISTEN, task.tid, 0, 0);
-        } else this.resume(task);
+        if (STOP_SIGNALS.has(ev.signal)) this.listen(task, ev.signal);
+        else this.resume(task);
         return;
       default:
         if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event !== 0)) this.resume(task);

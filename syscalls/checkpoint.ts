@@ -199,6 +199,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
     files: files.perProc.get(pid)!,
     signals: {},
     sharedPending: sharedPending[i],
+    stopSignal: tracer.groupStopOf(pid),
     threads: threads[i],
   }));
   const maps = husks ? procs.map((pid) => checkMappings(pid, shm)) : [];

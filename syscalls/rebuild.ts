@@ -21,7 +21,7 @@ import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
 
-const SYS_process_vm_readv = 310, SYS_process_vm_writev = 311, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, CLONE_NEWPID = 0x20000000;
+const SYS_process_vm_readv = 310, SYS_process_vm_writev = 311, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, SIGSTOP = 19, CLONE_NEWPID = 0x20000000;
 
 export interface Shell {
   state: ProcessState;
@@ -333,6 +333,12 @@ export function putBackFromHusk(tracer: Tracer, sh: Shell, husk: number, runs: {
 export function runShells(tracer: Tracer, shells: Iterable<Shell>): void {
   for (const sh of shells) {
     sh.remote.mem.close();
+    // Stopped by job control at the checkpoint: SIGSTOP is queued first, so
+    // it is taken on the way out of the kernel, before a single instruction
+    // of the program runs. SIGSTOP, whatever stopped it: the kernel drops
+    // SIGTSTP, SIGTTIN and SIGTTOU in an orphaned process group. (Its
+    // parent's wait() sees a stop reported again, by SIGSTOP.)
+    if (sh.state.stopSignal) sys.tgkill(sh.task.tgid, sh.task.tid, SIGSTOP);
     for (const t of sh.threads.values()) if (tracer.tasks.has(t.tid)) tracer.resume(t);
   }
 }

@@ -16,6 +16,8 @@ export interface ProcessState {
   signals: SignalState;
   /** Signals pending for the whole process (siginfo, base64). */
   sharedPending?: string[];
+  /** Stopped by job control at the checkpoint: the stop signal (it comes back stopped). */
+  stopSignal?: number;
   threads: ThreadState[];
 }
 

@@ -183,6 +183,18 @@ t.test('a datagram socket connected to a named socket outside the subtree (as to
   t.match(supervise([...CKPT, 'inspect', img]).stdout, new RegExp(`unix socket \\(dgram; connected to ${sock.replace(/[.]/g, '\\.')}\\)`), 'inspect names where it is connected');
 });
 
+for (const mode of ['restart', 'undo']) {
+  t.test(`a child stopped by job control stays stopped across a ${mode}, and goes on at SIGCONT`, async (t) => {
+    const img = path.join(dir, 'jobstop.img');
+    const first = supervise([fixture('jobstop'), mode === 'undo' ? 'undo' : img], { timeout: 60_000 });
+    const r = mode === 'undo' ? first : supervise([...CKPT, 'restart', '-i', img], { timeout: 60_000 });
+    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    else t.match(first.stdout, /spoiled, rolling back/, 'the child was continued and ran before the rollback');
+    for (const c of ['the stopped child stays stopped', 'SIGCONT lets it go on', 'and it is still the parent\'s child']) t.match(r.stdout, new RegExp(`^ok ${c.replace(/'/g, "'")}$`, 'm'), c);
+    t.match(r.stdout, /JOBSTOP OK/);
+  });
+}
+
 t.test('an epoll watching a file no longer at its number is refused, the program unharmed', async (t) => {
   const r = supervise([fixture('callabi'), 'epoll-stale']);
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
