@@ -1,4 +1,4 @@
-/** The caller's descriptor, duplicated into the supervisor (same open file). */
+/** A tracee's descriptor, duplicated into the supervisor (the same open file). */
 import fs from 'node:fs';
 import { sys, errnoNow } from '../lib/libc.js';
 import { CkptError, errno } from '../lib/errors.js';
@@ -15,4 +15,18 @@ export function takeCallerFd(pid: number, fd: number, mode: 'read' | 'write', op
     throw new CkptError(errno('EBADF'), op, `task ${pid}: fd ${fd} is not open for ${mode === 'write' ? 'writing' : 'reading'}`);
   }
   return mine;
+}
+
+/**
+ * Use descriptor `fd` of process `pid` through such a duplicate, closed
+ * afterwards, whatever `use` does. `what` names the descriptor in the error.
+ */
+export function withTraceeFd<T>(pid: number, fd: number | bigint, op: string, use: (mine: number) => T, what = 'fd'): T {
+  const mine = sys.takeFd(pid, Number(fd));
+  if (mine < 0) throw new CkptError(errno('EBADF'), op, `task ${pid}: ${what} ${fd} is not open`);
+  try {
+    return use(mine);
+  } finally {
+    fs.closeSync(mine);
+  }
 }

@@ -19,6 +19,7 @@ import { sys, SYS } from '../lib/libc.js';
 import { readStat } from '../lib/proc.js';
 import { log } from '../lib/log.js';
 import { Remote } from '../supervisor/remote.js';
+import { withTraceeFd } from '../supervisor/callerfd.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { Freeze } from '../supervisor/freeze.js';
 import { viewPid } from '../supervisor/pidns.js';
@@ -157,10 +158,7 @@ export class CheckpointStore {
   /** The checkpoint a handle fd of `pid` stands for. */
   byHandle(pid: number, fd: number): MemCheckpoint {
     this.reapHandles();
-    const mine = sys.takeFd(pid, fd);
-    if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint', `task ${pid}: handle fd ${fd} is not open`);
-    const ino = fs.fstatSync(mine).ino;
-    fs.closeSync(mine);
+    const ino = withTraceeFd(pid, fd, 'checkpoint', (mine) => fs.fstatSync(mine).ino, 'handle fd');
     for (const c of this.all.values()) if (c.handleIno === ino) return c;
     throw new CkptError(errno('ENOENT'), 'checkpoint', `task ${pid}: fd ${fd} is not a checkpoint handle (or its checkpoint was released)`);
   }

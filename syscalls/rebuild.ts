@@ -109,9 +109,10 @@ export function setGroups(tracer: Tracer, tree: TreeState, shells: Map<number, S
 
 /**
  * Let a zombie shell die as the checkpointed child did. Its parent saw that
- * SIGCHLD before the checkpoint: it must not see it twice.
+ * SIGCHLD before the checkpoint: finishProcess drops it, with every other
+ * SIGCHLD the rebuild caused.
  */
-export function makeZombie(tracer: Tracer, task: Task, z: ZombieState, parent: Task): void {
+export function makeZombie(tracer: Tracer, task: Task, z: ZombieState): void {
   const r = new Remote(tracer, task);
   if ((z.status & 0x7f) === 0) r.runToExit(SYS_exit_group, (z.status >> 8) & 0xff);
   else {
@@ -119,7 +120,6 @@ export function makeZombie(tracer: Tracer, task: Task, z: ZombieState, parent: T
     r.check('restart:zombie', SYS.rt_sigaction, z.status & 0x7f, r.scratch(), 0, 8);
     r.runToExit(0, 0, z.status & 0x7f);
   }
-  tracer.dropHeld([parent], SIGCHLD);
 }
 
 /** Copy the chosen pages of a husk into a shell's (already laid out) memory. */
@@ -179,8 +179,8 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   }
   if (setCreds) restoreCreds(r, p.creds);
   // A SIGCHLD an injected call took since the freeze (on whichever thread)
-  // is about children the program no longer ever had: extras killed in a
-  // rollback, zombies made again. Any injected call after their deaths may
+  // is about children the program no longer ever had, or saw die before the
+  // checkpoint: extras killed in a rollback, zombies made again. Any injected call after their deaths may
   // have taken it, so it is dropped only now; one still queued in the
   // kernel was drained above, and the checkpoint's own are queued next.
   tracer.dropHeld(sh.threads.values(), SIGCHLD);
@@ -302,10 +302,10 @@ class VmCopy {
  * supervisor; on this 2-CPU machine the two together take about 60% of
  * either alone. Returns the bytes put back.
  */
-export function putBackFromHusk(tracer: Tracer, sh: Shell, husk: number, runs: { addr: bigint; len: number }[], ports: Map<number, bigint>): number {
+export function putBackFromHusk(sh: Shell, husk: number, runs: { addr: bigint; len: number }[], ports: Map<number, bigint>): number {
   if (!runs.length) return 0;
   if (!sh.gadget) return copyChangedFromHusk(sh, husk, runs);
-  const hr = openPort(tracer, husk, sh.state.memory, ports);
+  const hr = openPort(sh.remote.tracer, husk, sh.state.memory, ports);
   const fallback = (part: { addr: bigint; len: number }[]) => copyChangedFromHusk(sh, husk, part);
   const pull = new VmCopy(sh.remote, SYS_process_vm_readv, viewPid(sh.task.tgid, husk) || husk, sh.gadget, fallback);
   const push = new VmCopy(hr, SYS_process_vm_writev, viewPid(husk, sh.task.tid) || sh.task.tid, ports.get(husk)!, fallback);

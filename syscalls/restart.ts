@@ -82,7 +82,7 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
     }
     const zombies = makeZombies(tracer, tree, shells, made, () => false);
     setGroups(tracer, tree, shells, zombies);
-    for (const { z, task } of zombies) makeZombie(tracer, task, z, shells.get(z.ppid)!.task);
+    for (const { z, task } of zombies) makeZombie(tracer, task, z);
     fill(shells, shm);
     restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm });
     for (const sh of shells.values()) finishProcess(tracer, sh, setCreds.get(sh.state.ids.pid)!);

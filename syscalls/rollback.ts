@@ -29,7 +29,7 @@ import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
 
-const SIGKILL = 9, SIGCHLD = 17, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
+const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
 
 /** Is host pid `pid` the very process the checkpoint was taken from (not a reuse of its pid)? */
@@ -106,14 +106,14 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       }
     });
     setGroups(tracer, tree, shells, zombies);
-    for (const { z, task } of zombies) makeZombie(tracer, task, z, shells.get(z.ppid)!.task);
+    for (const { z, task } of zombies) makeZombie(tracer, task, z);
     ph.mark('processes');
     let copied = 0;
     const remapped = new Set<number>(); // processes with mappings the tracker does not cover yet
     for (const sh of shells.values()) {
       const husk = c.husks.get(sh.state.ids.pid)!;
       const mem = c.memory.get(sh.state.ids.pid)!;
-      copied += sh.live ? rollbackMemory(tracer, sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), remapped, ph) : freshMemory(sh, husk, mem, shm);
+      copied += sh.live ? rollbackMemory(sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), remapped, ph) : freshMemory(sh, husk, mem, shm);
       // What the husk cannot hold (MADV_DONTFORK) was mapped anew: fill it from the copy.
       for (const r of c.held.get(sh.state.ids.pid) ?? []) fillPages(sh.remote.mem, sh.state.memory, r.addr, r.data);
     }
@@ -256,7 +256,7 @@ function clip(runs: Run[], pieces: Piece[]): Run[] {
  * dropped. Everything else is unmapped, and the checkpoint's other parts
  * are mapped again and filled whole. Returns the bytes copied.
  */
-function rollbackMemory(tracer: Tracer, sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, remapped: Set<number>, ph: Phases): number {
+function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, remapped: Set<number>, ph: Phases): number {
   const pid = sh.task.tid;
   const r = sh.remote;
   const all = readMaps(pid);
@@ -318,7 +318,7 @@ function rollbackMemory(tracer: Tracer, sh: Shell, husk: number, mem: MemoryCapt
   drops.run();
   ph.mark('drop');
   const writable = normalize(pieces.filter((p) => p.writable).map((p) => p.range));
-  bytes += putBackFromHusk(tracer, sh, husk, asRanges(intersect(copy, writable)), c.huskPorts);
+  bytes += putBackFromHusk(sh, husk, asRanges(intersect(copy, writable)), c.huskPorts);
   ph.mark('put back');
   bytes += copyChangedFromHusk(sh, husk, asRanges(subtract(copy, writable)));
   ph.mark('read-only');

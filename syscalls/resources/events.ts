@@ -17,6 +17,7 @@ import { CkptError, errno } from '../../lib/errors.js';
 import { sys } from '../../lib/libc.js';
 import type { FdInfo } from '../../lib/proc.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
+import { withTraceeFd } from '../../supervisor/callerfd.js';
 
 const SYS_timerfd_settime = 286, SYS_signalfd4 = 289, SYS_eventfd2 = 290, SYS_epoll_create1 = 291, SYS_timerfd_create = 283, SYS_epoll_ctl = 233;
 const O_CLOEXEC = 0o2000000, EFD_SEMAPHORE = 1, TFD_TIMER_ABSTIME = 1, TFD_TIMER_CANCEL_ON_SET = 2, EPOLL_CTL_ADD = 1;
@@ -75,7 +76,7 @@ export function makeEvent(r: Remote, host: number, e: EventState): bigint {
   if (e.kind === 'eventfd') {
     const fd = r.check(what, SYS_eventfd2, 0, O_CLOEXEC | (e.semaphore ? EFD_SEMAPHORE : 0));
     const count = BigInt(e.count);
-    if (count) withFd(host, fd, (mine) => {
+    if (count) withTraceeFd(host, fd, what, (mine) => {
       const b = Buffer.alloc(8);
       b.writeBigUInt64LE(count);
       if (fs.writeSync(mine, b) !== 8) throw new CkptError(errno('EINVAL'), what, `task ${r.task.tid}: cannot set the counter to ${count}`);
@@ -108,7 +109,7 @@ export function makeEvent(r: Remote, host: number, e: EventState): bigint {
     b.run();
   }
   const ticks = BigInt(e.ticks);
-  if (ticks) withFd(host, fd, (mine) => {
+  if (ticks) withTraceeFd(host, fd, what, (mine) => {
     const b = Buffer.alloc(8);
     b.writeBigUInt64LE(ticks);
     if (sys.ioctl(mine, TFD_IOC_SET_TICKS, b) < 0) throw new CkptError(errno('EOPNOTSUPP'), what, `task ${r.task.tid}: cannot set ${ticks} expirations not yet read`);
@@ -128,15 +129,5 @@ export function addWatches(r: Remote, epfd: number, e: Extract<EventState, { kin
       b.add(`restart:files epoll watch of fd ${w.fd}`, SYS_epoll_ctl, epfd, EPOLL_CTL_ADD, w.fd, b.put(ev));
     }
     b.run();
-  }
-}
-
-function withFd(host: number, fd: bigint, use: (mine: number) => void): void {
-  const mine = sys.takeFd(host, Number(fd));
-  if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${host}: cannot reach fd ${fd}`);
-  try {
-    use(mine);
-  } finally {
-    fs.closeSync(mine);
   }
 }

@@ -21,6 +21,7 @@ import { listFds, readFdinfo } from '../../lib/proc.js';
 import { sys, SYS } from '../../lib/libc.js';
 import { logError } from '../../lib/log.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
+import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
@@ -232,20 +233,20 @@ function capturePipeData(table: FilesTable, pipeIds: Map<string, number>, holder
 }
 
 function peekPipe(pid: number, fd: number): { data: Buffer; size: number } {
-  const mine = sys.takeFd(pid, fd);
-  if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint:files', `task ${pid}: cannot reach pipe fd ${fd}`);
-  const [r, w] = sys.pipe2(O_CLOEXEC | O_NONBLOCK);
-  try {
-    const size = sys.fcntl(mine, F_GETPIPE_SZ);
-    sys.fcntl(w, F_SETPIPE_SZ, size);
-    const n = sys.tee(mine, w, size, SPLICE_F_NONBLOCK);
-    const data = Buffer.alloc(Math.max(0, n));
-    let got = 0;
-    while (got < data.length) got += fs.readSync(r, data, got, data.length - got, null);
-    return { data, size };
-  } finally {
-    for (const f of [mine, r, w]) fs.closeSync(f);
-  }
+  return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
+    const [r, w] = sys.pipe2(O_CLOEXEC | O_NONBLOCK);
+    try {
+      const size = sys.fcntl(mine, F_GETPIPE_SZ);
+      sys.fcntl(w, F_SETPIPE_SZ, size);
+      const n = sys.tee(mine, w, size, SPLICE_F_NONBLOCK);
+      const data = Buffer.alloc(Math.max(0, n));
+      let got = 0;
+      while (got < data.length) got += fs.readSync(r, data, got, data.length - got, null);
+      return { data, size };
+    } finally {
+      for (const f of [r, w]) fs.closeSync(f);
+    }
+  }, 'pipe fd');
 }
 
 /**
@@ -563,12 +564,7 @@ function transferFd(remote: (pid: number) => Remote, tempBase: number, from: Pla
 /** Write bytes into a tracee's pipe through a duplicate of its descriptor. */
 function writeInto(pid: number, fd: number, data: Buffer): void {
   if (!data.length) return;
-  const mine = sys.takeFd(pid, fd);
-  if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${pid}: cannot reach fd ${fd}`);
-  try {
-    let off = 0;
-    while (off < data.length) off += fs.writeSync(mine, data, off, data.length - off);
-  } finally {
-    fs.closeSync(mine);
-  }
+  withTraceeFd(pid, fd, 'restart:files', (mine) => {
+    for (let off = 0; off < data.length; ) off += fs.writeSync(mine, data, off, data.length - off);
+  });
 }

@@ -12,6 +12,7 @@ import { sys } from '../../lib/libc.js';
 import type { MapEntry } from '../../lib/proc.js';
 import type { Remote } from '../../supervisor/remote.js';
 import { viewPid } from '../../supervisor/pidns.js';
+import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { openIn } from './memory.js';
 
 const O_RDWR = 2, O_CLOEXEC = 0o2000000;
@@ -112,9 +113,7 @@ export class ShmRestore {
   copyTo(key: string, host: number, fd: bigint): void {
     const src = this.fds.get(key);
     if (src === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
-    const mine = sys.takeFd(host, Number(fd));
-    if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${host}: cannot reach fd ${fd}`);
-    try {
+    withTraceeFd(host, fd, 'restart:files', (mine) => {
       const size = fs.fstatSync(src).size;
       const buf = Buffer.allocUnsafe(1 << 20);
       for (let off = 0; off < size; ) {
@@ -124,9 +123,7 @@ export class ShmRestore {
         off += n;
       }
       fs.ftruncateSync(mine, size); // holes at the end stay holes
-    } finally {
-      fs.closeSync(mine);
-    }
+    });
   }
 
   /** The object as a descriptor of tracee `r` (>= minFd), from the supervisor's. */

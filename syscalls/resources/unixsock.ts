@@ -26,6 +26,7 @@ import { CkptError, errno } from '../../lib/errors.js';
 import { sys, SYS } from '../../lib/libc.js';
 import { unixSockets } from '../../lib/sockdiag.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
+import { withTraceeFd } from '../../supervisor/callerfd.js';
 
 const AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, EADDRINUSE = 98;
 const SOL_SOCKET = 1, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
@@ -86,11 +87,9 @@ export function sockName(pid: number, name: string | undefined): SockName {
  * MSG_PEEK returns the next message (or stream bytes) after the last one.
  */
 export function peekQueue(pid: number, fd: number): Buffer[] {
-  const mine = sys.takeFd(pid, fd);
-  if (mine < 0) throw new CkptError(errno('EBADF'), 'checkpoint:files', `task ${pid}: cannot reach socket fd ${fd}`);
-  const out: Buffer[] = [];
-  try {
+  return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
     if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd}: cannot peek at its queue`);
+    const out: Buffer[] = [];
     const buf = Buffer.alloc(1 << 20);
     for (;;) {
       const n = sys.recv(mine, buf, MSG_PEEK | MSG_DONTWAIT);
@@ -98,24 +97,18 @@ export function peekQueue(pid: number, fd: number): Buffer[] {
       out.push(Buffer.from(buf.subarray(0, n)));
     }
     sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, -1);
-  } finally {
-    fs.closeSync(mine);
-  }
-  return out;
+    return out;
+  }, 'socket fd');
 }
 
 /** Send messages through a tracee's socket, via a duplicate of its descriptor. */
 function sendInto(pid: number, fd: number | bigint, msgs: string[]): void {
   if (!msgs.length) return;
-  const mine = sys.takeFd(pid, Number(fd));
-  if (mine < 0) throw new CkptError(errno('EBADF'), 'restart:files', `task ${pid}: cannot reach socket fd ${fd}`);
-  try {
+  withTraceeFd(pid, fd, 'restart:files', (mine) => {
     for (const m of msgs.map((x) => Buffer.from(x, 'base64'))) {
       if (sys.send(mine, m, MSG_DONTWAIT) !== m.length) throw new CkptError(errno('ENOMEM'), 'restart:files', `task ${pid}: cannot queue ${m.length} bytes on a socket`);
     }
-  } finally {
-    fs.closeSync(mine);
-  }
+  }, 'socket fd');
 }
 
 /** Where a restored socket lives (a process, a descriptor number in it). */
