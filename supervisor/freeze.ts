@@ -16,7 +16,12 @@ export class Freeze {
   readonly tasks: Task[] = [];
   constructor(private readonly tracer: Tracer) {}
 
-  /** Stop every thread of `tgids` and of any child they fork meanwhile. */
+  /**
+   * Stop every thread of `tgids` and of any child they fork meanwhile.
+   * Returns the processes that are alive and frozen: one that died on the
+   * way (a child that exits at once, a zombie whose exit the loop has not
+   * seen yet) is left out, and its death recorded, never taken for a task.
+   */
   add(tgids: number[]): number[] {
     const procs = new Set(tgids);
     for (let changed = true; changed; ) {
@@ -31,24 +36,38 @@ export class Freeze {
           continue;
         }
         for (const tid of tids) {
-          const t = this.tracer.tasks.get(tid) ?? this.tracer.add(tid, tgid);
-          if (t.stop !== 'running') continue;
-          sys.ptrace(PT.INTERRUPT, tid, 0, 0);
-          asked.push(t);
+          const known = this.tracer.tasks.get(tid);
+          if (known && known.stop !== 'running') continue;
+          // A task we do not know that cannot be interrupted is no tracee
+          // (a zombie already reported): never register it. A known one
+          // that cannot is dying: the wait below collects its exit.
+          if (sys.ptrace(PT.INTERRUPT, tid, 0, 0) !== 0 && !known) continue;
+          asked.push(known ?? this.tracer.add(tid, tgid));
         }
       }
       for (const t of asked) {
         const ev = this.tracer.wait(t.tid);
-        if (!ev || ev.kind !== 'stopped') continue;
+        if (!ev || ev.kind !== 'stopped') {
+          this.tracer.tasks.delete(t.tid); // ECHILD: not ours after all
+          continue;
+        }
         t.parked = ev;
         this.tasks.push(t);
         if (ev.event === PTRACE_EVENT.FORK || ev.event === PTRACE_EVENT.VFORK || ev.event === PTRACE_EVENT.CLONE) {
           changed = true; // a new task: freeze it too on the next pass
-          if (ev.event !== PTRACE_EVENT.CLONE) procs.add(childOf(t.tid));
+          const child = this.tracer.noteFork(t, ev.event);
+          if (ev.event !== PTRACE_EVENT.CLONE) procs.add(child);
+          // A vfork parent waits for its child, unstoppable: it stays at its event.
+          if (ev.event !== PTRACE_EVENT.VFORK) {
+            const now = this.tracer.pastEvent(t);
+            t.parked = now?.kind === 'stopped' ? now : undefined;
+            if (!t.parked) this.tasks.pop();
+          }
         }
       }
     }
-    return [...procs];
+    const alive = (tgid: number) => this.tracer.tasks.has(tgid) && this.tracer.tasks.get(tgid)!.stop !== 'running';
+    return [...procs].filter(alive);
   }
 
   /** Let every frozen task go on as it would have. */
@@ -60,11 +79,6 @@ export class Freeze {
   }
 }
 
-function childOf(tid: number): number {
-  const b = Buffer.alloc(8);
-  sys.ptraceBuf(PT.GETEVENTMSG, tid, 0, b);
-  return Number(b.readBigUInt64LE(0));
-}
 
 /** The processes of the subtree rooted at `root` (root first), among the tracees. */
 export function subtree(tracer: Tracer, root: number): number[] {

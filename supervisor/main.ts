@@ -62,4 +62,5 @@ try {
 sys.signalIgnore(2);
 sys.signalIgnore(3);
 sys.setpriority(PRIO_PROCESS, 0, -10);
+sv.io.warm(); // the first call in flight does not wait for a worker to start
 process.exit(sv.tracer.run());

@@ -25,9 +25,20 @@ export interface Task {
   husk?: boolean;
   /** In a group-stop (job control) since this stop signal; undefined once it runs again. */
   groupStop?: number;
+  /** The fork/clone event it is stopped at was taken in already (by a freeze). */
+  forkNoted?: boolean;
 }
 
 export type SeccompHandler = (tracer: Tracer, task: Task) => void;
+
+/** Jobs of calls in flight, as the loop sees them (supervisor/io.ts). */
+export interface InFlightJobs {
+  busy(): boolean;
+  /** Sleep until a job finishes or `ms` pass. */
+  sleep(ms: number): void;
+  /** Finish the jobs that are done (their continuations run here); how many. */
+  pump(): number;
+}
 
 export class Tracer {
   readonly tasks = new Map<number, Task>();
@@ -48,6 +59,8 @@ export class Tracer {
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
+  /** Calls in flight: while any runs, the loop polls instead of blocking in waitpid. */
+  io?: InFlightJobs;
   rootStatus: { code: number } | { signal: number } | null = null;
 
   constructor(private readonly onSeccomp: SeccompHandler) {}
@@ -144,12 +157,37 @@ export class Tracer {
     for (const t of tasks) t.heldSignals = t.heldSignals.filter((s) => s !== sig);
   }
 
+  /** A fork, vfork or clone event of `task`: its new task joins the registry. Returns its id. */
+  noteFork(task: Task, event: number): number {
+    const pid = getEventMsg(task.tid);
+    const child = this.add(pid, event === PTRACE_EVENT.CLONE ? undefined : pid);
+    if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
+    task.forkNoted = true;
+    return pid;
+  }
+
+  /**
+   * Move a task stopped at a fork or clone event past it, to a stop from
+   * which calls can be injected: at the event the kernel is still inside
+   * the fork, whose own result would overwrite an injected call's number.
+   * Interrupted, then let go, the task finishes the fork and traps at once,
+   * before an instruction of its own. Returns the stop it is in now (or
+   * its death).
+   */
+  pastEvent(task: Task): WaitEvent | null {
+    sys.ptrace(PT.INTERRUPT, task.tid, 0, 0);
+    if (sys.ptrace(PT.CONT, task.tid, 0, 0) === -1) return null;
+    task.stop = 'running';
+    return this.wait(task.tid);
+  }
+
   /** Resume a stopped task, first re-sending any signal we held back. */
   resume(task: Task, sig = 0, req: number = PT.CONT): void {
     for (const s of task.heldSignals.splice(0)) sys.tgkill(task.tgid, task.tid, s);
     task.stop = 'running';
     task.groupStop = undefined;
     task.parked = undefined;
+    task.forkNoted = undefined;
     sys.ptrace(req, task.tid, 0, sig); // ESRCH: it died meanwhile, the loop will see it
   }
 
@@ -207,9 +245,9 @@ export class Tracer {
     // Until the program's processes are all gone: husks (kept checkpoints)
     // do not keep the supervisor alive; they die with it (PTRACE_O_EXITKILL).
     while (this.processes().length) {
-      const ev = this.pending.shift() ?? this.wait(-1);
-      if (!ev) break;
-      this.dispatch(ev);
+      const ev = this.pending.shift() ?? this.next();
+      if (ev === null) break;
+      if (ev) this.dispatch(ev);
     }
     // We are the subreaper of the tree: what is left of it (husks, zombies
     // of killed processes) is reaped before we go, so no pid stays taken.
@@ -218,6 +256,21 @@ export class Tracer {
     const st = this.rootStatus;
     if (!st) return 1;
     return 'code' in st ? st.code : 128 + st.signal;
+  }
+
+  /**
+   * The next event to dispatch. With no call in flight: block in waitpid.
+   * With one: never block there (the call's worker may be waiting for a
+   * tracee that needs a stop served); poll waitpid, finish what the workers
+   * are done with, and sleep on their doorbell for at most 1 ms in between.
+   * undefined: nothing to dispatch (yet); null: no tracee left.
+   */
+  private next(): WaitEvent | null | undefined {
+    if (!this.io?.busy()) return this.wait(-1);
+    const ev = this.wait(-1, true);
+    if (ev) return ev;
+    if (!this.io.pump()) this.io.sleep(1);
+    return undefined;
   }
 
   /**
@@ -231,7 +284,7 @@ export class Tracer {
       if (Date.now() > end) return false;
       const ev = this.pending.shift() ?? this.wait(-1, true);
       if (ev) this.dispatch(ev);
-      else Atomics.wait(nap, 0, 0, 1);
+      else if (!this.io?.pump()) Atomics.wait(nap, 0, 0, 1);
     }
     return true;
   }
@@ -253,13 +306,10 @@ export class Tracer {
         return;
       case PTRACE_EVENT.FORK:
       case PTRACE_EVENT.VFORK:
-      case PTRACE_EVENT.CLONE: {
-        const pid = getEventMsg(task.tid);
-        const child = this.add(pid, ev.event === PTRACE_EVENT.CLONE ? undefined : pid);
-        if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
+      case PTRACE_EVENT.CLONE:
+        if (!task.forkNoted) this.noteFork(task, ev.event);
         this.resume(task);
         return;
-      }
       case PTRACE_EVENT.EXEC: {
         // execve by a non-leader thread: the other threads are gone and the
         // thread now runs under the leader's id.

@@ -8,8 +8,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { CkptError, errno } from '../lib/errors.js';
 import { sys } from '../lib/libc.js';
-import { ImageWriter, REC, FORMAT_VERSION, ARCH, PAGE_SIZE } from '../lib/image.js';
-import { FdSink } from '../lib/stream.js';
+import { FORMAT_VERSION, ARCH, PAGE_SIZE } from '../lib/image.js';
+import type { ImagePlan } from '../lib/imagejob.js';
+import type { IoOutcome } from '../supervisor/io.js';
 import { readStatus, listTids, readStat } from '../lib/proc.js';
 import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
@@ -18,10 +19,10 @@ import { Remote, callEach } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
-import type { SyscallCtx, Supervisor } from './context.js';
+import { InFlight, runHere, unwrap, type HandlerResult, type SyscallCtx, type Supervisor } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
-import { captureMemory, writePages, vdsoInfo, checkMappings, copyUnforked, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
-import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, type MemCheckpoint } from './memckpt.js';
+import { captureMemory, vdsoInfo, checkMappings, copyUnforked, type VmaState, type HeldRun } from './resources/memory.js';
+import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, reapChild, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstacks, AltstackQuery, findTidAddress, peekPending, type ThreadState } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
@@ -34,7 +35,7 @@ const CAP_SYS_PTRACE = 19n;
 
 export const int32 = (v: bigint) => Number(BigInt.asIntN(32, v));
 
-export function checkpoint(ctx: SyscallCtx): number {
+export function checkpoint(ctx: SyscallCtx): HandlerResult {
   const { tracer, caller } = ctx;
   const pidArg = int32(ctx.args[0]);
   const fdArg = int32(ctx.args[1]);
@@ -51,41 +52,10 @@ export function checkpoint(ctx: SyscallCtx): number {
   let procs = subtree(tracer, pid);
   checkPermission(caller.tgid, procs);
   if (f & CKPT.DEFER) return checkpointInMemory(ctx, pid, procs, f, -1, true);
-  if (f & CKPT.KEEP) return checkpointInMemory(ctx, pid, procs, f, takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint'), true);
-  // To a file, the subtree is stopped only as long as for CKPT_DEFER: the
-  // image is written from husks while it runs again.
-  if (!(f & CKPT.KILL)) return checkpointInMemory(ctx, pid, procs, f, takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint'), false);
-  const out = takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint');
-  const crid = ctx.sv.newCrid();
-  const others = outsideHolders(tracer, procs);
-  const freeze = new Freeze(tracer);
-  try {
-    const t0 = performance.now();
-    procs = freezeSubtree(freeze, tracer, caller, pid, procs);
-    const t1 = performance.now();
-    const { tree, memory, shm, hostOf } = captureTree(tracer, pid, procs, caller, ctx.sv.options.outsideFds, others, false);
-    const t2 = performance.now();
-    const w = new ImageWriter(new FdSink(out));
-    w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid, kernel: os.release(), created: new Date().toISOString(), vdso: vdsoInfo(pid) });
-    w.json(REC.TREE, tree);
-    writeShm(w, shm.data);
-    for (const p of tree.processes) {
-      w.json(REC.MEMORY, { pid: p.ids.pid });
-      writePages(hostOf(p.ids.pid), memory.get(p.ids.pid)!, w, true);
-    }
-    w.trailer();
-    log.syscall('checkpoint %d: %d processes; freeze %s ms, capture %s ms, image %s ms', pid, procs.length, (t1 - t0).toFixed(2), (t2 - t1).toFixed(2), (performance.now() - t2).toFixed(2));
-  } catch (e) {
-    freeze.thaw();
-    throw e;
-  } finally {
-    fs.closeSync(out);
-  }
-  if (f & CKPT.KILL) {
-    for (const p of procs) sys.kill(p, 9);
-    freeze.tasks.length = 0; // they die; nothing to resume
-  } else freeze.thaw();
-  return crid;
+  // To a file too, the subtree is stopped only as long as for CKPT_DEFER:
+  // the image is written from husks while it runs again (or, with
+  // CKPT_KILL, once it is dead), by an I/O worker while the loop goes on.
+  return checkpointInMemory(ctx, pid, procs, f, takeCallerFd(caller.tgid, fdArg, 'write', 'checkpoint'), !!(f & CKPT.KEEP));
 }
 
 export interface HuskOptions {
@@ -94,13 +64,12 @@ export interface HuskOptions {
 }
 
 /**
- * Capture a frozen subtree: processes (parents first), zombies, files. With
- * `husks`, memory is not read: each process gets a husk instead (returned),
- * and its memory is described from the husk once the subtree runs again.
+ * Capture a frozen subtree: processes (parents first), zombies, files.
+ * Memory is not read: each process gets a husk instead (returned), and its
+ * memory is described from the husk once the subtree runs again.
  */
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], others: OutsideHolders, husks: HuskOptions | false, ph = new Phases()): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], others: OutsideHolders, husks: HuskOptions, ph = new Phases()): { tree: TreeState; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
   const shm = new ShmCapture();
-  const memory = new Map<number, MemoryCapture>();
   const made = new Map<number, number>();
   const held = new Map<number, { vmas: VmaState[]; runs: HeldRun[] }>();
   const uffds = new Map<number, number>();
@@ -120,7 +89,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     // every other thread, sigaltstack (a husk inherits only the leader's).
     // While they run (a clone copies page tables: the longest part of the
     // stop), everything that is only read from /proc is read.
-    const leaders = husks ? procs.map((pid) => new Remote(tracer, task(pid))) : [];
+    const leaders = procs.map((pid) => new Remote(tracer, task(pid)));
     rs.push(...leaders);
     const others1 = threads.flatMap((ts, i) => ts.filter((t) => t.tid !== procs[i]));
     for (const t of others1) rs.push(new Remote(tracer, task(t.tid)));
@@ -129,7 +98,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     let res: bigint[];
     try {
       res = callEach(rs, (_, i) => (i < leaders.length ? HUSK_CLONE : alt.call(i - leaders.length)), () => {
-        read = readProcs(tracer, procs, threads, sharedPending, outside, others, shm, !!husks);
+        read = readProcs(tracer, procs, threads, sharedPending, outside, others, shm);
       });
       alt.answers(res.slice(leaders.length)).forEach((a, i) => (others1[i].altstack = a));
     } catch (e) {
@@ -139,38 +108,23 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
       alt.putBack(); // after the answers are read: they are in those bytes
     }
     ph.mark('husks+proc');
-    if (husks) adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
+    adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
     const { processes, files, zombies, maps } = read!;
-    if (husks) {
-      for (const r of leaders) {
-        if (!husks.track(r.task.tgid)) continue;
-        const fd = openUffd(r);
-        if (fd >= 0) uffds.set(r.task.tgid, fd);
-      }
-      // What fork does not copy, in the processes that ever asked for it
-      // (MADV_DONTFORK, MADV_WIPEONFORK), is copied now too.
-      procs.forEach((pid, i) => {
-        if (tracer.forkAdvice.has(pid)) held.set(pid, copyUnforked(pid, maps[i], made.get(pid)!));
-      });
-    } else {
-      // A direct checkpoint: the process-wide state and the memory now.
-      processes.forEach((p, i) => {
-        const r = new Remote(tracer, task(procs[i]));
-        try {
-          captureProcessWide(r, p, read!.statuses[i], (tid) => nsPids(tid).at(-1)!); // glibc keeps the tid as the thread sees it
-        } finally {
-          r.finish();
-        }
-        const mem = captureMemory(procs[i], shm);
-        p.memory = mem.vmas;
-        memory.set(procs[i], mem);
-      });
+    for (const r of leaders) {
+      if (!husks.track(r.task.tgid)) continue;
+      const fd = openUffd(r);
+      if (fd >= 0) uffds.set(r.task.tgid, fd);
     }
+    // What fork does not copy, in the processes that ever asked for it
+    // (MADV_DONTFORK, MADV_WIPEONFORK), is copied now too.
+    procs.forEach((pid, i) => {
+      if (tracer.forkAdvice.has(pid)) held.set(pid, copyUnforked(pid, maps[i], made.get(pid)!));
+    });
     const tree: TreeState = { root, processes, zombies, files: files.table, shm: shm.objects };
     const ns = toNamespace(tree);
     ph.mark('tree');
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
-    return { tree, memory: rekey(memory), husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds) };
+    return { tree, husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds) };
   } catch (e) {
     destroyHusks(tracer, made);
     for (const fd of uffds.values()) fs.closeSync(fd);
@@ -181,14 +135,14 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
 }
 
 /**
- * What a frozen subtree shows in /proc: ids,
- * credentials, descriptors, zombies, and, with husks to be made, the
- * mappings (shared memory is copied now: fork cannot keep it). Nothing here
+ * What a frozen subtree shows in /proc: ids, credentials, descriptors,
+ * zombies, and the mappings (shared memory is copied now: fork cannot
+ * keep it). Nothing here
  * needs the tasks themselves, so it runs while injected calls do. The
  * process-wide state a husk shares (mm, handlers, the leader's alternate
  * stack, tid addresses) is read from the husk after the thaw.
  */
-function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sharedPending: (string[] | undefined)[], outside: number[], others: OutsideHolders, shm: ShmCapture, husks: boolean) {
+function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sharedPending: (string[] | undefined)[], outside: number[], others: OutsideHolders, shm: ShmCapture) {
   const statuses = procs.map((pid) => readStatus(pid));
   const files = captureFiles(procs, outside, (p) => statuses[procs.indexOf(p)], shm, others);
   const processes: ProcessState[] = procs.map((pid, i) => ({
@@ -202,7 +156,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
     stopSignal: tracer.groupStopOf(pid),
     threads: threads[i],
   }));
-  const maps = husks ? procs.map((pid) => checkMappings(pid, shm)) : [];
+  const maps = procs.map((pid) => checkMappings(pid, shm));
   return { statuses, files, processes, zombies: findZombies(tracer, procs), maps };
 }
 
@@ -303,7 +257,7 @@ export function checkPermission(callerPid: number, procs: number[]): void {
  * kept, no crid is taken, the launcher is left as it was.
  */
 export function warmUp(sv: Supervisor, launcher: Task): void {
-  checkpointInMemory({ sv, tracer: sv.tracer, caller: launcher, args: [] }, launcher.tgid, [launcher.tgid], 0, fs.openSync('/dev/null', 'w'), false, 0);
+  runHere(checkpointInMemory({ sv, tracer: sv.tracer, caller: launcher, args: [] }, launcher.tgid, [launcher.tgid], 0, fs.openSync('/dev/null', 'w'), false, 0));
 }
 
 /** What the supervised processes outside the subtree hold: read before the freeze. */
@@ -313,22 +267,31 @@ function outsideHolders(tracer: Tracer, procs: number[]): OutsideHolders {
 }
 
 /**
- * CKPT_DEFER / CKPT_KEEP: the subtree is stopped only to capture what is not
+ * Every checkpoint: the subtree is stopped only to capture what is not
  * memory and to make one husk per process; it runs again before the husks'
- * memory is even described. KEEP then writes the image from the husks.
- * Without `keep` (a plain checkpoint to a file) the image is written the
- * same way and the husks go: nothing is kept. `out`: the image's
- * descriptor (the supervisor's, closed here), or -1. `crid`: 0 for the
- * warm-up, which takes none.
+ * memory is even described (CKPT_KILL: it stays stopped until it dies).
+ * Then, by flags:
+ * - CKPT_DEFER: kept in memory, nothing written;
+ * - CKPT_KEEP: kept, and the image written from the husks;
+ * - neither: the image written from the husks, which then go;
+ * - CKPT_KILL: the image written (all but its trailer) while the subtree
+ *   is still stopped, so that a failed write leaves it running as it was;
+ *   then it is killed and reaped, so that a restart reading the stream
+ *   finds its pids free by the time the image is complete; the trailer last.
+ * Image bytes move as a call in flight (supervisor/io.ts). `out`: the
+ * image's descriptor (the supervisor's, closed here), or -1. `crid`: 0 for
+ * the warm-up, which takes none.
  */
-function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: number, out: number, keep: boolean, crid?: number): number {
+function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: number, out: number, keep: boolean, crid?: number): HandlerResult {
   const { tracer, caller, sv } = ctx;
+  const kill = (f & CKPT.KILL) !== 0;
+  let closeOut = out >= 0; // until a job in flight owns it
   try {
     sv.store.reapHandles();
     if (keep && sv.store.all.size >= sv.store.max) throw new CkptError(errno('EAGAIN'), 'checkpoint', `${sv.store.all.size} in-memory checkpoints already live (--max-checkpoints ${sv.store.max})`);
     // Tracking is for rollback: not after CKPT_KILL. Who is tracked already
     // is looked up now, not in the freeze window (it reads /proc).
-    const track = keep && sv.options.trackDirty && !(f & CKPT.KILL);
+    const track = keep && sv.options.trackDirty && !kill;
     const tracked = new Set(track ? procs0.filter((p) => sv.store.tracker(p)) : []);
     const others = outsideHolders(tracer, procs0);
     const freeze = new Freeze(tracer);
@@ -344,10 +307,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       freeze.thaw();
       throw e;
     }
-    if (f & CKPT.KILL) {
-      for (const p of procs) sys.kill(p, 9);
-      freeze.tasks.length = 0;
-    } else freeze.thaw();
+    if (!kill) freeze.thaw();
     ph.mark('thaw');
     const stopMs = performance.now() - t0;
     log.syscall('checkpoint of %d: stopped %s', pid, ph);
@@ -361,6 +321,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       huskPages: newHuskPageCache(),
       huskPorts: new Map(),
     };
+    let plan: ImagePlan | undefined;
     try {
       for (const p of c.tree.processes) {
         const husk = c.husks.get(p.ids.pid)!;
@@ -371,59 +332,93 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         c.memory.set(p.ids.pid, mem);
         if (held?.runs.length) c.held.set(p.ids.pid, held.runs);
       }
+      if (out >= 0) plan = imagePlan(c);
     } catch (e) {
       destroyHusks(tracer, c.husks, c.hostOf); // nothing is kept
       for (const fd of cap.uffds.values()) fs.closeSync(fd);
+      if (kill) freeze.thaw();
       throw e;
     }
     if (!keep) {
-      try {
-        writeImage(c, out);
-      } finally {
+      closeOut = false;
+      const done = (o: IoOutcome<unknown>): number => {
+        fs.closeSync(out);
         destroyHusks(tracer, c.husks, c.hostOf);
-      }
-      log.syscall('checkpoint %d of %d to a file: stopped %s ms, image %s ms', c.crid, pid, stopMs.toFixed(2), (performance.now() - t0 - stopMs).toFixed(2));
-      return c.crid;
+        unwrap(o);
+        log.syscall('checkpoint %d of %d to a file: stopped %s ms, image %s ms', c.crid, pid, stopMs.toFixed(2), (performance.now() - t0 - stopMs).toFixed(2));
+        return c.crid;
+      };
+      if (!kill) return new InFlight({ kind: 'write', fd: out, plan: plan! }, done);
+      return new InFlight({ kind: 'write', fd: out, plan: plan!, holdTrailer: true }, (o) => {
+        if (!o.ok) {
+          freeze.thaw(); // the subtree goes on as it was
+          return done(o);
+        }
+        freeze.tasks.length = 0; // they die: nothing to resume
+        killSubtree(tracer, procs);
+        return new InFlight({ kind: 'raw', fd: out, data: o.value.trailer! }, done);
+      });
     }
     c.privateBytes = Buffer.byteLength(JSON.stringify(c.tree)) + cap.shm.bytes() + [...c.held.values()].flat().reduce((n, r) => n + r.data.length, 0);
     sv.store.add(c);
     // Protecting every page costs ~35 ms per GiB the first time: after the caller has its answer.
-    // (After CKPT_KILL there is nothing to track: no userfaultfd was made.)
-    if (!(f & CKPT.KILL)) sv.later(() => sv.store.track(c, cap.uffds));
+    if (track) sv.later(() => sv.store.track(c, cap.uffds));
+    if (kill) {
+      freeze.tasks.length = 0;
+      killSubtree(tracer, procs); // DEFER|KILL: nothing to write, memory is kept
+    }
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);
-    if (out >= 0) {
-      try {
-        writeImage(c, out);
-      } catch (e) {
+    const answer = () => (f & CKPT.HANDLE ? makeHandle(ctx, c) : c.crid);
+    if (out < 0) return answer();
+    closeOut = false;
+    sv.store.hold(c);
+    return new InFlight({ kind: 'write', fd: out, plan: plan! }, (o) => {
+      fs.closeSync(out);
+      sv.store.unhold(c);
+      if (!o.ok) {
         sv.store.release(c);
-        throw e;
+        throw o.error;
       }
       c.writtenBack = true;
-    }
-    if (f & CKPT.HANDLE) return makeHandle(ctx, c);
-    return c.crid;
+      return answer();
+    });
   } finally {
-    if (out >= 0) fs.closeSync(out);
+    if (closeOut) fs.closeSync(out);
   }
 }
 
-/** The image of an in-memory checkpoint, its pages read from the husks (sharing kept). */
-export function writeImage(c: MemCheckpoint, out: number): void {
-  const w = new ImageWriter(new FdSink(out));
+/**
+ * CKPT_KILL: the subtree dies, and is reaped, before its image is complete:
+ * a restart that reads the stream (in this tree or another supervisor's)
+ * then finds every pid free. Processes whose parent died with them come to
+ * us (the subreaper) or to their namespace's init; the root's parent lives
+ * outside the subtree and is made to reap it (a restart makes the root the
+ * restarter's child anyway).
+ */
+function killSubtree(tracer: Tracer, procs: number[]): void {
+  const ppid = (p: number) => {
+    try {
+      return Number(readStat(p).field(4));
+    } catch {
+      return 0;
+    }
+  };
+  const rootParent = ppid(procs[0]);
+  for (const p of procs) sys.kill(p, 9);
+  for (const p of procs) tracer.waitGone(p);
+  reapChild(tracer, rootParent, procs[0]);
+  for (const p of procs.slice(1)) reapChild(tracer, ppid(p), p);
+}
+
+/** The image of an in-memory checkpoint, its pages to be read from the husks (sharing kept). */
+export function imagePlan(c: MemCheckpoint): ImagePlan {
   const husk0 = c.husks.get(c.tree.root)!;
-  w.header({ version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid: c.crid, kernel: os.release(), created: c.created, vdso: vdsoInfo(husk0) });
-  w.json(REC.TREE, c.tree);
-  writeShm(w, c.shmData);
-  for (const p of c.tree.processes) {
-    w.json(REC.MEMORY, { pid: p.ids.pid });
-    writePages(c.husks.get(p.ids.pid)!, c.memory.get(p.ids.pid)!, w, false);
-    for (const r of c.held.get(p.ids.pid) ?? []) w.pages(r.addr, r.data);
-  }
-  w.trailer();
-}
-
-function writeShm(w: ImageWriter, data: ShmData): void {
-  for (const [key, runs] of data) for (const r of runs) w.shm(key, r.offset, r.data);
+  return {
+    header: { version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid: c.crid, kernel: os.release(), created: c.created, vdso: vdsoInfo(husk0) },
+    tree: JSON.stringify(c.tree),
+    shm: [...c.shmData].flatMap(([key, runs]) => runs.map((r) => ({ key, offset: r.offset, data: r.data }))),
+    procs: c.tree.processes.map((p) => ({ pid: p.ids.pid, memPid: c.husks.get(p.ids.pid)!, runs: c.memory.get(p.ids.pid)!.runs, held: c.held.get(p.ids.pid) ?? [] })),
+  };
 }
 
 /**

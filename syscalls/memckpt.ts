@@ -68,6 +68,10 @@ export interface MemCheckpoint {
   huskPages: HuskPageCache;
   /** By husk pid: where its port (a gadget) is, for putting pages back into the live process (see putBackFromHusk). */
   huskPorts: Map<number, bigint>;
+  /** Calls in flight reading its husks (an image being written). */
+  holds?: number;
+  /** Released while held: destroyed when the last hold ends. */
+  released?: boolean;
 }
 
 /** The supervisor's in-memory checkpoints. */
@@ -175,9 +179,22 @@ export class CheckpointStore {
     }
   }
 
+  /** A call in flight reads `c`'s husks: a release meanwhile waits for it. */
+  hold(c: MemCheckpoint): void {
+    c.holds = (c.holds ?? 0) + 1;
+  }
+
+  unhold(c: MemCheckpoint): void {
+    if (--c.holds! === 0 && c.released) this.release(c);
+  }
+
   /** Drop a checkpoint: its husks are killed and reaped, its handle closed. */
   release(c: MemCheckpoint): void {
     this.all.delete(c.crid);
+    if (c.holds) {
+      c.released = true; // gone for every caller now; its husks go when the call in flight is done
+      return;
+    }
     if (c.handleFd !== undefined) fs.closeSync(c.handleFd);
     destroyHusks(this.tracer, c.husks, c.hostOf);
     for (const pid of c.dirty.keys()) {
@@ -277,28 +294,40 @@ export function destroyHusk(tracer: Tracer, parent: number, husk: number): void 
     const ev = tracer.wait(husk);
     if (!ev || ev.kind !== 'stopped') break;
   }
+  reapChild(tracer, parent, husk);
+}
+
+/**
+ * Reap the zombie of `child`, a traced process whose death we have seen:
+ * we do it if it is ours (orphans come to us, the subreaper), else its
+ * parent `parent`, if it is a tracee, is made to (wait4 injected while it
+ * is briefly frozen). A parent outside our reach reaps it itself.
+ */
+export function reapChild(tracer: Tracer, parent: number, child: number): void {
   let ppid = 0;
   try {
-    ppid = Number(readStat(husk).field(4));
+    const st = readStat(child);
+    if (st.field(3) !== 'Z') return;
+    ppid = Number(st.field(4));
   } catch {
     return; // already reaped
   }
-  if (ppid !== parent || !tracer.tasks.has(parent)) {
-    tracer.wait(husk); // orphaned: reparented to us, the subreaper
+  if (ppid === process.pid) {
+    tracer.wait(child, true); // ours: orphans are reparented to us
     return;
   }
-  // Its parent must reap it; inject wait4 while the parent is briefly frozen.
+  if (ppid !== parent || !tracer.tasks.has(parent)) return; // a namespace's init, or a parent out of reach, reaps it
   const freeze = new Freeze(tracer);
   freeze.add([parent]);
   try {
     const r = new Remote(tracer, tracer.tasks.get(parent)!);
     try {
-      r.call(SYS.wait4, viewPid(parent, husk) || husk, 0, WALL, 0); // as the parent sees it (a container's namespace)
+      r.call(SYS.wait4, viewPid(parent, child) || child, 0, WALL, 0); // as the parent sees it (a container's namespace)
     } finally {
       r.finish();
     }
   } catch (e) {
-    log.syscall('reaping husk %d in %d: %s', husk, parent, (e as Error).message);
+    log.syscall('reaping %d in %d: %s', child, parent, (e as Error).message);
   } finally {
     freeze.thaw();
   }

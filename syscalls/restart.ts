@@ -14,8 +14,8 @@
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';
-import { ImageReader, REC, parseJson, splitPages, splitShm } from '../lib/image.js';
-import { FdSource } from '../lib/stream.js';
+import { REC, parseJson, splitPages, splitShm } from '../lib/image.js';
+import { RecordQueue, asBuffer } from '../lib/imagejob.js';
 import { readMaps, readStatus } from '../lib/proc.js';
 import { Remote } from '../supervisor/remote.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
@@ -23,7 +23,7 @@ import { destroyShells } from '../supervisor/shells.js';
 import { viewPid, pidsInUse } from '../supervisor/pidns.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
-import type { HandlerResult, SyscallCtx } from './context.js';
+import { InFlight, unwrap, type HandlerResult, type SyscallCtx } from './context.js';
 import { validateTree, type TreeState } from './state.js';
 import { int32 } from './checkpoint.js';
 import { checkVdso, vdsoInfo, pickGadget, restoreLayout, fillPages } from './resources/memory.js';
@@ -49,16 +49,19 @@ export function restart(ctx: SyscallCtx): HandlerResult {
       fillFromHusks(c, shells, shm);
     });
   }
+  // The whole image is read, and its trailer checked, in flight
+  // (supervisor/io.ts) before any process is made: its writer may be a
+  // tracee, and with CKPT_KILL the pids it needs are free only once the
+  // image is complete.
   const src = takeCallerFd(caller.tgid, fdArg, 'read', 'restart');
-  try {
-    const reader = new ImageReader(new FdSource(src));
-    const header = reader.header();
-    checkVdso(header.vdso, vdsoInfo(caller.tgid));
-    const tree = validateTree(parseJson<TreeState>(reader.expect(REC.TREE).payload, 'TREE'));
-    return restoreTree(tracer, caller, tree, (shells, shm) => fillFromImage(tree, shells, reader, shm));
-  } finally {
+  return new InFlight({ kind: 'read', fd: src }, (o) => {
     fs.closeSync(src);
-  }
+    const img = unwrap(o);
+    checkVdso(img.header.vdso, vdsoInfo(caller.tgid));
+    const records = new RecordQueue(img.records.map((r) => ({ type: r.type, payload: asBuffer(r.payload) })));
+    const tree = validateTree(parseJson<TreeState>(records.expect(REC.TREE).payload, 'TREE'));
+    return restoreTree(tracer, caller, tree, (shells, shm) => fillFromImage(tree, shells, records, shm));
+  });
 }
 
 /** Rebuild `tree` as new processes under the caller; `fill` lays out and fills memory. */
@@ -105,7 +108,7 @@ function layout(sh: Shell, shm: ShmRestore): void {
 }
 
 /** Address spaces, in the order the image streams them; then its trailer. */
-function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: ImageReader, shm: ShmRestore): void {
+function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: RecordQueue, shm: ShmRestore): void {
   let cur: Shell | undefined;
   const filled = new Set<number>();
   for (let rec = reader.next(); rec; rec = reader.next()) {

@@ -8,7 +8,7 @@ import { CkptError, asCkptError, errno, errnoName } from '../lib/errors.js';
 import { getRegs, setRegs } from '../lib/ptrace.js';
 import { log, logError } from '../lib/log.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
-import { NO_RETURN, type Handler, type Supervisor, type SyscallCtx } from './context.js';
+import { NO_RETURN, InFlight, type Handler, type HandlerResult, type Supervisor, type SyscallCtx } from './context.js';
 import { checkpoint } from './checkpoint.js';
 import { restart } from './restart.js';
 import { writeback } from './writeback.js';
@@ -43,36 +43,62 @@ export function serve(sv: Supervisor, tracer: Tracer, caller: Task): void {
     tracer.resume(caller); // from the seccomp stop: the call itself runs now
     return;
   }
-  answer(sv, tracer, caller, nr, args);
-  sv.runLater();
+  const entry = TABLE[nr];
+  const call: Call = { sv, tracer, caller, name: entry?.name ?? String(nr), args, t0: performance.now(), trips0: tracer.roundTrips };
+  if (!entry) reply(call, -BigInt(errno('ENOSYS')));
+  else settle(call, () => entry.handler({ sv, tracer, caller, args }));
+}
+
+interface Call {
+  sv: Supervisor;
+  tracer: Tracer;
+  caller: Task;
+  name: string;
+  args: bigint[];
+  t0: number;
+  trips0: number;
+}
+
+/**
+ * Run one step of a call: the handler, or the continuation of a call in
+ * flight. An InFlight result hands its job to the I/O pool and comes back
+ * here when the job is done; anything else answers the caller.
+ */
+function settle(call: Call, step: () => HandlerResult): void {
+  let r: HandlerResult;
+  try {
+    r = step();
+  } catch (e) {
+    const err = asCkptError(e, call.name);
+    logError(`task ${call.caller.tid}: ${call.name}: ${errnoName(err.errno)}: ${err.op === call.name ? '' : err.op + ': '}${err.detail}`);
+    r = -BigInt(err.errno);
+  }
+  if (r instanceof InFlight) {
+    const f = r;
+    call.sv.io.submit(f.job, (o) => settle(call, () => f.then(o as never)));
+  } else if (r === NO_RETURN) {
+    log.syscall('%d: %s(%s) did not return (%s ms, %d injected runs)', call.caller.tid, call.name, call.args.slice(0, 3).join(', '), (performance.now() - call.t0).toFixed(2), call.tracer.roundTrips - call.trips0);
+  } else {
+    reply(call, BigInt(r));
+    return;
+  }
+  call.sv.runLater(); // the program runs now (a job in flight, or the caller went on)
+}
+
+function reply(call: Call, ret: bigint): void {
+  const { tracer, caller } = call;
+  log.syscall('%d: %s(%s) = %d (%s ms, %d injected runs)', caller.tid, call.name, call.args.slice(0, 3).join(', '), ret, (performance.now() - call.t0).toFixed(2), tracer.roundTrips - call.trips0);
+  answerCaller(tracer, caller, ret);
+  call.sv.runLater();
   collectYoung(); // while the program runs, not in the next stop
 }
 
-function answer(sv: Supervisor, tracer: Tracer, caller: Task, nr: number, args: bigint[]): void {
-  const t0 = performance.now(), trips0 = tracer.roundTrips;
-  const trips = () => tracer.roundTrips - trips0;
-  const entry = TABLE[nr];
-  let ret: bigint;
-  if (!entry) {
-    ret = -BigInt(errno('ENOSYS'));
-  } else {
-    try {
-      const r = entry.handler({ sv, tracer, caller, args });
-      if (r === NO_RETURN) {
-        log.syscall('%d: %s(%s) did not return (%s ms, %d injected runs)', caller.tid, entry.name, args.slice(0, 3).join(', '), (performance.now() - t0).toFixed(2), trips());
-        return;
-      }
-      ret = BigInt(r);
-    } catch (e) {
-      const err = asCkptError(e, entry.name);
-      logError(`task ${caller.tid}: ${entry.name}: ${errnoName(err.errno)}: ${err.op === entry.name ? '' : err.op + ': '}${err.detail}`);
-      ret = -BigInt(err.errno);
-    }
-  }
-  log.syscall('%d: %s(%s) = %d (%s ms, %d injected runs)', caller.tid, entry?.name ?? nr, args.slice(0, 3).join(', '), ret, (performance.now() - t0).toFixed(2), trips());
+function answerCaller(tracer: Tracer, caller: Task, ret: bigint): void {
   // Whatever stop the caller is in now (seccomp, or a stop after injected
   // syscalls that put its registers back), orig_rax -1 skips any syscall.
-  // The caller may be gone (CKPT_KILL of its own subtree): nothing to answer.
+  // The caller may be gone (CKPT_KILL of its own subtree, or killed while
+  // its call was in flight): nothing to answer.
+  if (!tracer.tasks.has(caller.tid)) return;
   try {
     const now = getRegs(caller.tid);
     now.set('rax', ret);

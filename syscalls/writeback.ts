@@ -8,11 +8,11 @@ import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';
 import { takeCallerFd } from '../supervisor/callerfd.js';
 import { CKPT } from './abi.js';
-import type { SyscallCtx } from './context.js';
-import { int32, writeImage } from './checkpoint.js';
+import { InFlight, unwrap, type HandlerResult, type SyscallCtx } from './context.js';
+import { int32, imagePlan } from './checkpoint.js';
 import { usableCheckpoint } from './memckpt.js';
 
-export function writeback(ctx: SyscallCtx): number {
+export function writeback(ctx: SyscallCtx): HandlerResult {
   const flags = ctx.args[2];
   const known = BigInt(CKPT.KEEP | CKPT.HANDLE);
   if (flags & ~known) throw new CkptError(errno('EINVAL'), 'ckpt_writeback', `flags 0x${flags.toString(16)}: only CKPT_KEEP and CKPT_HANDLE are accepted`);
@@ -21,12 +21,22 @@ export function writeback(ctx: SyscallCtx): number {
   if (!handle && crid < 1n) throw new CkptError(errno('EINVAL'), 'ckpt_writeback', `crid ${crid}`);
   const c = usableCheckpoint(ctx, Number(crid), handle);
   const out = takeCallerFd(ctx.caller.tgid, int32(ctx.args[1]), 'write', 'ckpt_writeback');
+  let plan;
   try {
-    writeImage(c, out);
-  } finally {
+    plan = imagePlan(c);
+  } catch (e) {
     fs.closeSync(out);
+    throw e;
   }
-  c.writtenBack = true;
-  if (!(flags & BigInt(CKPT.KEEP))) ctx.sv.store.release(c);
-  return 0;
+  // In flight (supervisor/io.ts): the reader may be a tracee of this tree.
+  const store = ctx.sv.store;
+  store.hold(c);
+  return new InFlight({ kind: 'write', fd: out, plan }, (o) => {
+    fs.closeSync(out);
+    store.unhold(c);
+    unwrap(o); // a failed write keeps the checkpoint, whatever the flags
+    c.writtenBack = true;
+    if (!(flags & BigInt(CKPT.KEEP))) store.release(c);
+    return 0;
+  });
 }

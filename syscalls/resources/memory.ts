@@ -12,7 +12,7 @@ import { CkptError, errno } from '../../lib/errors.js';
 import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
 import { Pagemap, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
-import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
+import type { ImageHeader } from '../../lib/image.js';
 import { SYS } from '../../lib/libc.js';
 import type { Remote } from '../../supervisor/remote.js';
 import { isShm, shmKeyOfMap, type ShmCapture, type ShmRestore } from './shm.js';
@@ -187,30 +187,6 @@ export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
     fs.closeSync(pm);
   }
   return { vmas, runs };
-}
-
-/**
- * Stream the chosen pages into the image, reading them from `memPid`.
- * `fast`: the live process itself, so process_vm_readv may be used.
- */
-export function writePages(memPid: number, cap: MemoryCapture, w: ImageWriter, fast: boolean): number {
-  const mem = new RemoteMem(memPid);
-  const buf = Buffer.allocUnsafe(PAGE_RUN_MAX);
-  let bytes = 0;
-  try {
-    for (const run of cap.runs) {
-      for (let off = 0; off < run.len; off += PAGE_RUN_MAX) {
-        const n = Math.min(PAGE_RUN_MAX, run.len - off);
-        const at = run.addr + BigInt(off);
-        const data = fast ? mem.readFast(at, n, buf) : mem.read(at, n, buf.subarray(0, n));
-        w.pages(run.addr + BigInt(off), data);
-        bytes += n;
-      }
-    }
-  } finally {
-    mem.close();
-  }
-  return bytes;
 }
 
 /** The vDSO layout and code hash, recorded in the header and checked at restart. */
