@@ -27,6 +27,13 @@ export interface Task {
   groupStop?: number;
   /** The fork/clone event it is stopped at was taken in already (by a freeze). */
   forkNoted?: boolean;
+  /**
+   * Its ckpt call is in flight (supervisor/io.ts): it sits in that call's
+   * seccomp stop. A checkpoint meanwhile records the call as to be made
+   * again; a rollback or restore of the task clears this, and the call's
+   * late answer then goes nowhere.
+   */
+  inFlight?: object;
 }
 
 export type SeccompHandler = (tracer: Tracer, task: Task) => void;

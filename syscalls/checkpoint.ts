@@ -82,7 +82,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
   try {
     // Registers and pending signals first, before any injected syscall
     // touches them (a task resumed for one may take a signal on its way back).
-    const threads = procs.map((pid) => listTids(pid).map((tid) => captureThread(tid, tid === caller.tid)));
+    const threads = procs.map((pid) => listTids(pid).map((tid) => captureThread(tid, tid === caller.tid, undefined, tid !== caller.tid && tracer.tasks.get(tid)?.inFlight !== undefined)));
     const sharedPending = procs.map((pid) => peekPending(pid, true));
     ph.mark('threads');
     // Then one round of injected calls: a husk clone in each leader and, in

@@ -116,8 +116,12 @@ export function makeZombie(tracer: Tracer, task: Task, z: ZombieState): void {
   const r = new Remote(tracer, task);
   if ((z.status & 0x7f) === 0) r.runToExit(SYS_exit_group, (z.status >> 8) & 0xff);
   else {
-    r.mem.write(r.scratch(), Buffer.alloc(32)); // a zeroed sigaction: SIG_DFL
-    r.check('restart:zombie', SYS.rt_sigaction, z.status & 0x7f, r.scratch(), 0, 8);
+    const sig = z.status & 0x7f;
+    // Its action set to the default, so the signal kills (SIGKILL's cannot be changed, nor needs to).
+    if (sig !== 9) {
+      r.mem.write(r.scratch(), Buffer.alloc(32)); // a zeroed sigaction: SIG_DFL
+      r.check('restart:zombie', SYS.rt_sigaction, sig, r.scratch(), 0, 8);
+    }
     r.runToExit(0, 0, z.status & 0x7f);
   }
 }
@@ -192,7 +196,10 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   // The gadget goes last; the step trap stops the task at that syscall's
   // exit, so it never runs another instruction there.
   r.check('restart:memory', SYS.munmap, sh.gadget!, GADGET_SIZE);
-  for (const t of p.threads) restoreThreadRegs(host(t), t);
+  for (const t of p.threads) {
+    sh.threads.get(t.tid)!.inFlight = undefined; // a call it had in flight is over: it is at the checkpoint now
+    restoreThreadRegs(host(t), t);
+  }
 }
 
 /**

@@ -57,6 +57,8 @@ interface Call {
   args: bigint[];
   t0: number;
   trips0: number;
+  /** It went in flight once (its caller's inFlight then names it, until a rollback clears that). */
+  flew?: boolean;
 }
 
 /**
@@ -75,6 +77,8 @@ function settle(call: Call, step: () => HandlerResult): void {
   }
   if (r instanceof InFlight) {
     const f = r;
+    if (!call.flew) call.caller.inFlight = call;
+    call.flew = true;
     call.sv.io.submit(f.job, (o) => settle(call, () => f.then(o as never)));
   } else if (r === NO_RETURN) {
     log.syscall('%d: %s(%s) did not return (%s ms, %d injected runs)', call.caller.tid, call.name, call.args.slice(0, 3).join(', '), (performance.now() - call.t0).toFixed(2), call.tracer.roundTrips - call.trips0);
@@ -88,7 +92,12 @@ function settle(call: Call, step: () => HandlerResult): void {
 function reply(call: Call, ret: bigint): void {
   const { tracer, caller } = call;
   log.syscall('%d: %s(%s) = %d (%s ms, %d injected runs)', caller.tid, call.name, call.args.slice(0, 3).join(', '), ret, (performance.now() - call.t0).toFixed(2), tracer.roundTrips - call.trips0);
-  answerCaller(tracer, caller, ret);
+  // A caller rolled back or restored while its call was in flight is no longer in that call.
+  const current = !call.flew || caller.inFlight === call;
+  if (current) {
+    caller.inFlight = undefined;
+    answerCaller(tracer, caller, ret);
+  }
   call.sv.runLater();
   collectYoung(); // while the program runs, not in the next stop
 }

@@ -44,7 +44,7 @@ t.test('a restored program can checkpoint again (it keeps the filter)', async (t
 t.test('external checkpoint of a sibling with ckpt checkpoint --kill, through a pipe', async (t) => {
   const img = path.join(dir, 'counter.img');
   const first = supervise(['sh', '-c',
-    `${q(fixture('counter'))} 30 100 & sleep 0.5; ${CKPT.map(q).join(' ')} checkpoint $! --kill | cat > ${q(img)}; wait $!; echo "counter status=$?"`]);
+    `${q(fixture("counter"))} 30 200 & sleep 0.5; ${CKPT.map(q).join(' ')} checkpoint $! --kill | cat > ${q(img)}; wait $!; echo "counter status=$?"`]);
   t.match(first.stdout, /counter status=137/, 'CKPT_KILL killed the counter after the checkpoint');
   t.notMatch(first.stdout, /done/, 'it did not get to finish');
   const before = first.stdout.match(/^step \d+$/gm) ?? [];

@@ -40,7 +40,7 @@ t.test('a tree of three levels with its own session, group, a zombie and a pipe'
   t.equal(first.status, 137, 'CKPT_KILL killed the whole tree, the caller too');
   const second = restart(img);
   t.equal(second.status, 0);
-  for (const c of ["root is still its session's leader", 'data queued in the pipe survived', 'A: same pid, parent, own group, session', 'B: child of A, in A\'s group, same session', 'zombie reaped with its status 7', 'A exits normally']) {
+  for (const c of ["root is still its session's leader", 'data queued in the pipe survived', 'A: same pid, parent, own group, session', 'B: child of A, in A\'s group, same session', 'zombie reaped with its status 7', 'zombie killed by SIGKILL reaped as such', 'A exits normally']) {
     t.match(second.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
   }
   t.match(second.stdout, /TREE OK/);

@@ -178,6 +178,10 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const path = target.replace(/ \(deleted\)$/, '');
         shm.add(`ghost:${key}`, path, link);
         table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString() });
+      } else if (st.isCharacterDevice() && (st.rdev >> 8 === PTMX_MAJOR && (st.rdev & 0xff) === PTMX_MINOR || /^\/dev\/pts\/ptmx$/.test(target))) {
+        // Reopening /dev/ptmx would make another pair: the program's
+        // terminal, its index, queues and settings would be lost.
+        throw unsupported(pid, fd, `${target}: the master of a pty pair made in the tree (ptys are not kept yet)`);
       } else if ((st.isFile() || st.isDirectory() || st.isCharacterDevice()) && target.startsWith('/') && !target.endsWith(' (deleted)')) {
         table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
       } else {
@@ -452,6 +456,17 @@ export function restoreFiles(ctx: FilesRestore): void {
 
 type PathDesc = Extract<FileDesc, { kind: 'path' }>;
 
+/** /dev/ptmx: 5:2. */
+const PTMX_MAJOR = 5, PTMX_MINOR = 2;
+
+function isCharDevice(pid: number, fd: number): boolean {
+  try {
+    return fs.statSync(`/proc/${pid}/fd/${fd}`).isCharacterDevice();
+  } catch {
+    return false;
+  }
+}
+
 /** Deleted files larger than this are refused (their contents go into the image). */
 const GHOST_MAX = 64 << 20;
 const O_TMPFILE = 0o20200000;
@@ -522,7 +537,8 @@ function settle(r: Remote, st: FilesState, live: boolean, kept: Map<number, Path
   for (const f of st.fds) {
     const d = kept.get(f.fd);
     if (!d) continue;
-    b.add(`restart:files fd ${f.fd} lseek`, SYS.lseek, f.fd, BigInt(d.pos), SEEK_SET);
+    // A device has no offset to set back (a terminal: ESPIPE).
+    if (!isCharDevice(pid, f.fd)) b.add(`restart:files fd ${f.fd} lseek`, SYS.lseek, f.fd, BigInt(d.pos), SEEK_SET);
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFL, d.flags & SETFL_MASK);
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
   }

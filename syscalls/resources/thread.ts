@@ -95,11 +95,19 @@ function robustList(tid: number): ThreadState['robustList'] {
 /**
  * Capture a stopped thread. `inCheckpointCall`: this thread is the caller of
  * checkpoint, so after a restart it must see that call return 0.
+ * `callInFlight`: it is inside a ckpt call of its own that is in flight.
  */
-export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: Regs): ThreadState {
+export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: Regs, callInFlight = false): ThreadState {
   const regs = regsNow ?? getRegs(tid);
   if (inCheckpointCall) {
     regs.set('rax', 0);
+    regs.set('orig_rax', -1n);
+  } else if (callInFlight) {
+    // Another thread inside a ckpt call in flight (its seccomp stop): it
+    // comes back about to make that call again, as after a signal with
+    // SA_RESTART.
+    regs.set('rax', regs.get('orig_rax'));
+    regs.set('rip', regs.get('rip') - 2n);
     regs.set('orig_rax', -1n);
   }
   return {
