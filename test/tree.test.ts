@@ -123,6 +123,17 @@ for (const mode of ['restart', 'undo']) {
 }
 
 for (const mode of ['restart', 'undo']) {
+  t.test(`a datagram socket connected to its own name, a datagram queued, across a ${mode}`, async (t) => {
+    const img = path.join(dir, 'selfdgram.img');
+    const first = supervise([fixture('selfdgram'), mode === 'undo' ? 'undo' : img]);
+    const r = mode === 'undo' ? first : restart(img);
+    t.match(r.stdout, /^ok queued datagram back$/m);
+    t.match(r.stdout, /^ok still connected to itself$/m);
+    t.equal(r.status, 0, r.stderr);
+  });
+}
+
+for (const mode of ['restart', 'undo']) {
   t.test(`eventfd, signalfd, timerfds and an epoll watching them across a ${mode}`, async (t) => {
     const img = path.join(dir, 'events.img');
     const first = supervise([fixture('events'), mode === 'undo' ? 'undo' : img]);

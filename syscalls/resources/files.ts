@@ -140,7 +140,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
         const name = sockName(pid, info.name);
         const peer = info.peer ? diag.get(info.peer) : undefined;
-        if (info.peer && (!peer || peer.peer === ino)) { // a pair (its other end may be outside: refused below)
+        // A pair (its other end may be outside: refused below); a datagram
+        // socket connected to its own name is one socket, below.
+        if (info.peer && info.peer !== ino && (!peer || peer.peer === ino)) {
           const lo = Math.min(ino, info.peer);
           let pair = pairIds.get(lo);
           if (pair === undefined) {

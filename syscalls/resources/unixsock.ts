@@ -136,7 +136,6 @@ export class UnixSockets {
     const at = this.ctx.park(pid, fd);
     if (s.name !== undefined) this.bind(pid, at.fd, s.name);
     if (s.backlog !== undefined) r.check('restart:files listen', SYS_listen, at.fd, s.backlog);
-    if (s.connectTo !== undefined) this.callWithName(r, 'connect', SYS_connect, at.fd, s.connectTo);
     if (s.queue?.length) {
       // Datagrams sent to it: sent again, from a socket connected to it for the purpose.
       const tmp = r.check('restart:files socket', SYS_socket, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -148,6 +147,9 @@ export class UnixSockets {
         r.call(SYS.close, tmp);
       }
     }
+    // Connected only once its queue is back: a datagram socket connected to
+    // another (itself, say) refuses what anyone else sends it (EPERM).
+    if (s.connectTo !== undefined) this.callWithName(r, 'connect', SYS_connect, at.fd, s.connectTo);
     if (s.backlog !== undefined && s.name !== undefined) this.ctx.listeners.set(s.name, at);
     if (s.name !== undefined && isPath(s.name) && !s.fileThere) this.unlink(pid, s.name);
     return at;
