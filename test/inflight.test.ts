@@ -80,6 +80,17 @@ t.test('writeback into a pipe whose reader is a tracee that starts late', async 
   t.match(r.stdout, /done n=30 sum=right/, 'the written-back image restarts');
 });
 
+t.test('a release while the checkpoint is being written back waits for the write', async (t) => {
+  const img = path.join(dir, 'held.img');
+  const first = supervise(['sh', '-c', `${counter(30, 200)} & p=$!; sleep 0.5; c=$(${ckpt} checkpoint $p --defer); (${ckpt} writeback $c --keep | (sleep 3; cat > ${q(img)}); echo written) & sleep 0.5; ${ckpt} release $c && echo released; ${ckpt} list; wait`], { timeout: 60_000 });
+  t.equal(first.status, 0, first.stderr);
+  t.match(first.stdout, /released[^]*written/, 'the release succeeded at once, while the write went on');
+  t.notMatch(first.stdout, /^\s*1\s/m, 'the checkpoint is gone for every caller');
+  const r = supervise([...CKPT, 'restart', '-i', img]);
+  t.equal(r.status, 0, r.stderr);
+  t.match(r.stdout, /done n=30 sum=right/, 'the image written meanwhile is whole');
+});
+
 t.test('a process that forks without pause: 40 checkpoints to a file and 40 CKPT_DEFER, zombies around', async (t) => {
   const r = supervise([fixture('forkstorm'), path.join(dir, 'storm.img')], { timeout: 120_000 });
   t.match(r.stdout, /ok 40 checkpoints to a file/);
