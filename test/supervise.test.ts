@@ -24,8 +24,15 @@ t.test('signals reach the program as without a supervisor', async (t) => {
 });
 
 t.test('stop and continue (group-stop) work as without a supervisor', async (t) => {
-  const r = supervise(['sh', '-c', 'sh -c "kill -STOP \\$\\$; echo resumed" & sleep 0.3; kill -CONT $!; wait $!; echo status=$?']);
-  t.equal(r.stdout, 'resumed\nstatus=0\n');
+  // The child times its own stop; its parent looks at its state while it is stopped.
+  const child = 't0=$(date +%s%N); kill -STOP $$; t1=$(date +%s%N); echo "resumed after $(( (t1 - t0) / 1000000 )) ms"';
+  const r = supervise(['sh', '-c', `sh -c ${q(child)} & sleep 0.3; echo "state=$(sed 's/.*) //' /proc/$!/stat | cut -c1)"; sleep 0.3; kill -CONT $!; wait $!; echo status=$?`]);
+  // A traced task in group-stop shows as 't' (the kernel keeps it TASK_TRACED
+  // under PTRACE_LISTEN), an untraced one as 'T': either way it is stopped.
+  t.match(r.stdout, /^state=[Tt]\n/, 'the child is stopped until SIGCONT');
+  const ms = Number(/^resumed after (\d+) ms$/m.exec(r.stdout)?.[1]);
+  t.ok(ms >= 300, `the child did not run while stopped: its kill -STOP returned after ${ms} ms`);
+  t.match(r.stdout, /\nstatus=0\n$/, 'and it exits normally once continued');
 });
 
 t.test('a program that is not found', async (t) => {
