@@ -133,6 +133,25 @@ t.test('damaged and foreign images: EBADMSG / ENOEXEC, no process left behind', 
   t.match(ok.stdout, new RegExp(`ret=${pid} errno=0`), 'the intact image restores');
 });
 
+t.test('an image whose vDSO differs from this kernel\'s: ENOEXEC, one log line, no process left', async (t) => {
+  const { img, pid } = realImage();
+  const headerLen = 12 + img.readUInt32LE(8) + 4;
+  const header = JSON.parse(img.subarray(12, headerLen - 4).toString());
+  t.ok(header.vdso?.layout?.length > 0, 'the image records the vDSO layout');
+  const other = { ...header.vdso, hash: header.vdso.hash.replace(/^./, (c: string) => (c === '0' ? '1' : '0')) };
+  const bigger = { ...header.vdso, layout: header.vdso.layout.map((m: { name: string; size: number }) => (m.name === '[vdso]' ? { ...m, size: m.size + 4096 } : m)) };
+  const files = [other, bigger].map((vdso, i) => {
+    const f = path.join(dir, `vdso-${i}.img`);
+    fs.writeFileSync(f, Buffer.concat([encodeHeader({ ...header, vdso }), img.subarray(headerLen)]));
+    return f;
+  });
+  const r = supervise([callabi, 'restart-all', ...files]);
+  t.equal(r.stdout.match(/restart ret=-1 errno=ENOEXEC/g)?.length, 2, 'other contents, another size: ENOEXEC both');
+  t.equal(r.stderr.match(/^ckpt-supervise: task \d+: restart: ENOEXEC: vDSO layout differs: image .+, here .+$/gm)?.length, 2, 'one log line each, naming the vDSO and both layouts');
+  t.match(r.stdout, /leftover children: none\ncaller alive/);
+  t.notOk(pidAlive(pid), `no process holds the image's pid ${pid}`);
+});
+
 /** The image `from` again, sound (checksums and all), with its tree changed by `edit`. */
 function rewriteTree(from: string, to: string, edit: (tree: TreeState) => void): void {
   const r = new ImageReader(new FdSource(fs.openSync(from, 'r')));
