@@ -141,7 +141,10 @@ t.test('a socket name held by a live socket outside the tree at restart: EBUSY, 
   const img = path.join(dir, 'bound.img');
   const r = supervise(['sh', '-c', `${q(claims)} bound ${q(sock)} ${q(img)}; echo "first=$?"; ` +
     `${q(callabi)} dgram-server ${q(sock)} 1 & sleep 0.3; ${q(callabi)} restart-all ${q(img)}; kill $!; wait $!; ` +
-    `${ckpt} restart -i ${q(img)} & sleep 0.8; ${q(callabi)} dgram-client ${q(sock)} none; wait $!; echo "restored=$?"`], { timeout: 60_000 });
+    `${ckpt} restart -i ${q(img)} & ` +
+    // dgram-client reaches its (failing) checkpoint call only once it could connect and send: until the restored socket is bound
+    `i=0; until ${q(callabi)} dgram-client ${q(sock)} none 2>/dev/null | grep -q 'checkpoint ret='; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.2; done; ` +
+    `wait $!; echo "restored=$?"`], { timeout: 90_000 });
   t.match(r.stdout, /^first=137$/m, 'checkpointed with its socket bound, CKPT_KILL');
   t.match(r.stdout, /restart ret=-1 errno=EBUSY\nleftover children: none\n/, 'EBUSY while another socket holds the name, nothing left behind');
   t.match(r.stderr, new RegExp(`^ckpt-supervise: task \\d+: restart: EBUSY: restart:files: task \\d+: unix socket name ${re(sock)} is held by a live socket$`, 'm'), 'the log names the socket name');
@@ -150,16 +153,21 @@ t.test('a socket name held by a live socket outside the tree at restart: EBUSY, 
 });
 
 t.test('the ckpt tool: checkpoint --defer, list, writeback --keep, undo, checkpoint --keep, release', async (t) => {
+  // Long enough (15 s once continued) for the second checkpoint and the undo to come before it ends.
+  const N = 300;
   const wb = path.join(dir, 'tool-wb.img'), keep = path.join(dir, 'tool-keep.img');
   const j = (n: number) => path.join(dir, `tool-list${n}.json`);
-  const r = supervise(['sh', '-c', `${q(fixture('counter'))} 100 50 & c=$!; sleep 0.5; ` +
-    `crid=$(${ckpt} checkpoint $c --defer); echo "crid=$crid"; ` +
+  const r = supervise(['sh', '-c', `${q(fixture('counter'))} ${N} 50 & c=$!; sleep 0.5; ` +
+    // Stopped by job control while the tool lists and writes back (each
+    // command a Node process: slow on a loaded machine), so that it is still
+    // running when undone and checkpointed again.
+    `crid=$(${ckpt} checkpoint $c --defer); echo "crid=$crid"; kill -STOP $c; ` +
     `${ckpt} list; ${ckpt} list --json > ${q(j(1))}; ` +
     `${ckpt} writeback $crid -o ${q(wb)} --keep; ${ckpt} list --json > ${q(j(2))}; ` +
-    `sleep 0.3; echo undo; ${ckpt} undo $crid; ` +
-    `${ckpt} checkpoint $c --keep -o ${q(keep)}; ${ckpt} list --json > ${q(j(3))}; ` +
+    `kill -CONT $c; ${ckpt} checkpoint $c --keep -o ${q(keep)}; ${ckpt} list --json > ${q(j(3))}; ` +
+    `echo undo; ${ckpt} undo $crid; ` +
     `${ckpt} release $crid; echo "release=$?"; ${ckpt} list --json > ${q(j(4))}; ${ckpt} release $crid; echo "again=$?"; ` +
-    `wait $c; echo "counter=$?"`], { timeout: 60_000 });
+    `wait $c; echo "counter=$?"`], { timeout: 120_000 });
   const counter = Number(/^counter pid=(\d+)$/m.exec(r.stdout)?.[1]);
   const crid = Number(/^crid=(\d+)$/m.exec(r.stdout)?.[1]);
   t.ok(crid >= 1, `--defer printed the crid (${crid})`);
@@ -183,15 +191,15 @@ t.test('the ckpt tool: checkpoint --defer, list, writeback --keep, undo, checkpo
   t.equal(steps.filter((s, i) => i > 0 && s <= steps[i - 1]).length, 1, 'once');
   const resumed = steps[back];
   t.ok(resumed < steps[back - 1], `from step ${steps[back - 1]} back to step ${resumed}`);
-  t.same(steps.slice(back), Array.from({ length: 100 - resumed + 1 }, (_, i) => resumed + i), 'and on from there to the end, no step lost');
-  t.match(r.stdout, /done n=100 sum=right/);
+  t.same(steps.slice(back), Array.from({ length: N - resumed + 1 }, (_, i) => resumed + i), 'and on from there to the end, no step lost');
+  t.match(r.stdout, new RegExp(`done n=${N} sum=right`));
   t.match(r.stdout, /^counter=0$/m);
   // The written-back image is the checkpoint: restored, it goes on from the same step.
   const a = restart(wb);
   t.equal(a.status, 0);
   t.equal(Number(/^step (\d+)$/m.exec(a.stdout)?.[1]), resumed, 'the writeback image resumes at the step the undo went back to');
-  t.match(a.stdout, /done n=100 sum=right/);
+  t.match(a.stdout, new RegExp(`done n=${N} sum=right`));
   const b = restart(keep);
   t.equal(b.status, 0, 'the --keep image restores too');
-  t.match(b.stdout, /done n=100 sum=right/);
+  t.match(b.stdout, new RegExp(`done n=${N} sum=right`));
 });
