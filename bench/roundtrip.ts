@@ -30,29 +30,41 @@ function timeMs(cmd: string, args: string[]): number {
   return Number(process.hrtime.bigint() - t) / 1e6;
 }
 
+/** Median, min and max of a series; shown as "median (min..max)". */
+function stats(xs: number[]): { med: number; min: number; max: number } {
+  const s = [...xs].sort((a, b) => a - b);
+  return { med: s[Math.floor(s.length / 2)], min: s[0], max: s[s.length - 1] };
+}
+const f = (x: number) => x.toFixed(1);
+const spread = (xs: number[]) => {
+  const s = stats(xs);
+  return `${f(s.med)} (${f(s.min)}..${f(s.max)})`;
+};
+
+const RUNS = 3;
 const rows: string[][] = [['MiB', 'checkpoint ms', 'image MiB', 'restart ms', 'memcpy ms', 'dd write ms', 'dd read ms', 'ckpt/memcpy', 'ckpt/dd-w', 'rst/memcpy', 'rst/dd-r']];
 for (const mb of sizes.length ? sizes : [64, 1024]) {
   const img = path.join(dir, `m${mb}.img`);
   const raw = path.join(dir, `m${mb}.raw`);
-  const best = { ckpt: Infinity, memcpy: Infinity, restart: Infinity, ddw: Infinity, ddr: Infinity };
-  for (let i = 0; i < 3; i++) {
+  const runs = { ckpt: [] as number[], memcpy: [] as number[], restart: [] as number[], ddw: [] as number[], ddr: [] as number[] };
+  for (let i = 0; i < RUNS; i++) {
     const a = sh(process.execPath, [...SUP, bin('memhog'), String(mb), img]);
-    best.ckpt = Math.min(best.ckpt, num(a, 'checkpoint_ms'));
-    best.memcpy = Math.min(best.memcpy, num(a, 'memcpy_ms'));
+    runs.ckpt.push(num(a, 'checkpoint_ms'));
+    runs.memcpy.push(num(a, 'memcpy_ms'));
     const b = sh(process.execPath, [...SUP, bin('timerestart'), img]);
     if (!/status=0/.test(b)) throw new Error(`restored process failed: ${b}`);
-    best.restart = Math.min(best.restart, num(b, 'restart_ms'));
-    best.ddw = Math.min(best.ddw, timeMs('dd', ['if=/dev/zero', `of=${raw}`, 'bs=1M', `count=${mb}`, 'status=none']));
-    best.ddr = Math.min(best.ddr, timeMs('dd', [`if=${raw}`, 'of=/dev/null', 'bs=1M', 'status=none']));
+    runs.restart.push(num(b, 'restart_ms'));
+    runs.ddw.push(timeMs('dd', ['if=/dev/zero', `of=${raw}`, 'bs=1M', `count=${mb}`, 'status=none']));
+    runs.ddr.push(timeMs('dd', [`if=${raw}`, 'of=/dev/null', 'bs=1M', 'status=none']));
   }
   const size = fs.statSync(img).size / (1 << 20);
-  const f = (x: number) => x.toFixed(1);
-  rows.push([String(mb), f(best.ckpt), f(size), f(best.restart), f(best.memcpy), f(best.ddw), f(best.ddr),
-    f(best.ckpt / best.memcpy), f(best.ckpt / best.ddw), f(best.restart / best.memcpy), f(best.restart / best.ddr)]);
+  const m = (xs: number[]) => stats(xs).med;
+  rows.push([String(mb), spread(runs.ckpt), f(size), spread(runs.restart), spread(runs.memcpy), spread(runs.ddw), spread(runs.ddr),
+    f(m(runs.ckpt) / m(runs.memcpy)), f(m(runs.ckpt) / m(runs.ddw)), f(m(runs.restart) / m(runs.memcpy)), f(m(runs.restart) / m(runs.ddr))]);
   fs.rmSync(img);
   fs.rmSync(raw);
 }
 fs.rmSync(dir, { recursive: true });
-console.log('checkpoint -> file and restart <- file (best of 3; page cache warm; dd times include process start)');
+console.log(`checkpoint -> file and restart <- file (median (min..max) of ${RUNS} runs, ratios of medians; page cache warm; dd times include process start)`);
 const w = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
 for (const r of rows) console.log(r.map((c, i) => c.padStart(w[i])).join('  '));

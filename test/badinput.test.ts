@@ -1,6 +1,6 @@
 // Bad input never crashes the supervisor nor harms a tracee: the errno of
 // ABI.md, one log line naming the task, the resource and the reason.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { supervise, fixture, tmpdir, q, pidAlive } from './helpers.js';
@@ -12,45 +12,70 @@ const dir = tmpdir('badinput');
 const callabi = fixture('callabi');
 const W = `w:${path.join(dir, 'out.img')}`;
 
-/** Run several callabi invocations in one supervised shell; return their result lines. */
-function calls(lines: string[]): { results: string[]; stderr: string; status: number | null } {
-  const r = supervise(['sh', '-c', lines.map((l) => `${q(callabi)} ${l}`).join('; ')]);
-  return { results: r.stdout.split('\n').filter((l) => / ret=/.test(l)), stderr: r.stderr, status: r.status };
+/**
+ * Run several callabi invocations in one supervised shell; return their
+ * result lines, the pid of each caller (each says it before it becomes
+ * callabi) and the supervisor's log lines.
+ */
+function calls(lines: string[]): { results: string[]; callers: number[]; log: string[]; stderr: string; status: number | null } {
+  const r = supervise(['sh', '-c', lines.map((l) => `sh -c 'echo "caller $$"; exec "$0" "$@"' ${q(callabi)} ${l}`).join('; ')]);
+  return {
+    results: r.stdout.split('\n').filter((l) => / ret=/.test(l)),
+    callers: [...r.stdout.matchAll(/^caller (\d+)$/gm)].map((m) => Number(m[1])),
+    log: r.stderr.split('\n').filter((l) => l.startsWith('ckpt-supervise: ')),
+    stderr: r.stderr,
+    status: r.status,
+  };
+}
+
+/**
+ * ABI: every error leaves one line in the log naming the task, the resource
+ * and the reason: `task T: CALL: ERRNO: ...` with the caller's pid, and a
+ * reason that names what was wrong (`why`).
+ */
+function oneLogLineEach(t: Test, r: ReturnType<typeof calls>, call: string, cases: [string, string, RegExp][]): void {
+  t.equal(r.callers.length, cases.length, 'every caller said its pid');
+  t.equal(r.log.length, cases.length, 'one log line per error, no more');
+  cases.forEach(([c, e, why], i) => {
+    const line = r.log.find((l) => l.startsWith(`ckpt-supervise: task ${r.callers[i]}: `)) ?? '';
+    t.match(line, new RegExp(`^ckpt-supervise: task ${r.callers[i]}: ${call}: ${e}: `), `${c}: the log line names the calling task and the errno`);
+    t.match(line.slice(line.indexOf(`${e}: `) + e.length + 2), why, `${c}: and the resource and the reason (${why.source})`);
+  });
 }
 
 t.test('checkpoint: every bad argument gets its errno, the caller lives on', async (t) => {
-  const cases: [string, string][] = [
-    ['checkpoint 1 ' + W + ' 0', 'ESRCH'], // a pid outside the tree
-    ['checkpoint 999999 ' + W + ' 0', 'ESRCH'], // no such pid
-    ['checkpoint -5 ' + W + ' 0', 'ESRCH'],
-    ['checkpoint 0 r:/etc/hostname 0', 'EBADF'], // not open for writing
-    ['checkpoint 0 777 0', 'EBADF'], // not open at all
-    ['checkpoint 0 ' + W + ' 0x100', 'EINVAL'], // unknown flag
-    ['checkpoint 0 ' + W + ' 0x1', 'EINVAL'], // CKPT_DEFER with an fd
-    ['checkpoint 0 ' + W + ' 0x8', 'EINVAL'], // CKPT_HANDLE alone
+  const cases: [string, string, RegExp][] = [
+    ['checkpoint 1 ' + W + ' 0', 'ESRCH', /pid 1 is not a process of this supervised tree/], // a pid outside the tree
+    ['checkpoint 999999 ' + W + ' 0', 'ESRCH', /pid 999999 is not a process of this supervised tree/], // no such pid
+    ['checkpoint -5 ' + W + ' 0', 'ESRCH', /pid -5 is not a process of this supervised tree/],
+    ['checkpoint 0 r:/etc/hostname 0', 'EBADF', /fd \d+ is not open for writing/], // not open for writing
+    ['checkpoint 0 777 0', 'EBADF', /fd 777 is not open/], // not open at all
+    ['checkpoint 0 ' + W + ' 0x100', 'EINVAL', /unknown flag bits 0x100/], // unknown flag
+    ['checkpoint 0 ' + W + ' 0x1', 'EINVAL', /CKPT_DEFER with fd \d+ \(must be -1\)/], // CKPT_DEFER with an fd
+    ['checkpoint 0 ' + W + ' 0x8', 'EINVAL', /CKPT_HANDLE needs CKPT_DEFER or CKPT_KEEP/], // CKPT_HANDLE alone
   ];
   const r = calls(cases.map((c) => c[0]));
   t.equal(r.status, 0, 'the supervisor and the shell exit normally');
   t.equal(r.results.length, cases.length, 'every call returned');
   cases.forEach(([c, e], i) => t.match(r.results[i] ?? '', new RegExp(`ret=-1 errno=${e}$`), `${c} -> ${e}`));
-  const logLines = r.stderr.split('\n').filter((l) => /^ckpt-supervise: task \d+: checkpoint: E[A-Z]+: .+/.test(l));
-  t.equal(logLines.length, cases.length, 'one log line per error, naming the task');
+  oneLogLineEach(t, r, 'checkpoint', cases);
 });
 
 t.test('restart: every bad argument gets its errno', async (t) => {
-  const cases: [string, string][] = [
-    ['restart 0 none 0', 'EBADF'], // an image restart needs an fd
-    ['restart 0 ' + W + ' 0', 'EBADF'], // not open for reading
-    ['restart 0 r:/etc/hostname 0x1', 'EINVAL'], // flags other than CKPT_HANDLE
-    ['restart 0 r:/etc/hostname 0x10', 'EINVAL'],
-    ['restart 5 r:/etc/hostname 0', 'EINVAL'], // a crid with an fd
-    ['restart -3 none 0', 'EINVAL'],
-    ['restart 12345 none 0', 'ENOENT'], // no such in-memory checkpoint
-    ['restart 0 r:/etc/hostname 0', 'EBADMSG'], // not an image
+  const cases: [string, string, RegExp][] = [
+    ['restart 0 none 0', 'EBADF', /fd -1 is not a descriptor/], // an image restart needs an fd
+    ['restart 0 ' + W + ' 0', 'EBADF', /fd \d+ is not open for reading/], // not open for reading
+    ['restart 0 r:/etc/hostname 0x1', 'EINVAL', /flags 0x1: only CKPT_HANDLE/], // flags other than CKPT_HANDLE
+    ['restart 0 r:/etc/hostname 0x10', 'EINVAL', /flags 0x10: only CKPT_HANDLE/],
+    ['restart 5 r:/etc/hostname 0', 'EINVAL', /crid 5 with fd \d+/], // a crid with an fd
+    ['restart -3 none 0', 'EINVAL', /crid -3\b/],
+    ['restart 12345 none 0', 'ENOENT', /checkpoint: no in-memory checkpoint 12345$/], // no such in-memory checkpoint
+    ['restart 0 r:/etc/hostname 0', 'EBADMSG', /^image: /], // not an image
   ];
   const r = calls(cases.map((c) => c[0]));
   t.equal(r.status, 0);
   cases.forEach(([c, e], i) => t.match(r.results[i] ?? '', new RegExp(`ret=-1 errno=${e}$`), `${c} -> ${e}`));
+  oneLogLineEach(t, r, 'restart', cases);
 });
 
 t.test('a process whose pid is taken cannot be restarted: EBUSY', async (t) => {
@@ -106,6 +131,25 @@ t.test('damaged and foreign images: EBADMSG / ENOEXEC, no process left behind', 
   fs.writeFileSync(path.join(dir, 'good2.img'), img);
   const ok = supervise([callabi, 'restart-all', path.join(dir, 'good2.img')]);
   t.match(ok.stdout, new RegExp(`ret=${pid} errno=0`), 'the intact image restores');
+});
+
+t.test('an image whose vDSO differs from this kernel\'s: ENOEXEC, one log line, no process left', async (t) => {
+  const { img, pid } = realImage();
+  const headerLen = 12 + img.readUInt32LE(8) + 4;
+  const header = JSON.parse(img.subarray(12, headerLen - 4).toString());
+  t.ok(header.vdso?.layout?.length > 0, 'the image records the vDSO layout');
+  const other = { ...header.vdso, hash: header.vdso.hash.replace(/^./, (c: string) => (c === '0' ? '1' : '0')) };
+  const bigger = { ...header.vdso, layout: header.vdso.layout.map((m: { name: string; size: number }) => (m.name === '[vdso]' ? { ...m, size: m.size + 4096 } : m)) };
+  const files = [other, bigger].map((vdso, i) => {
+    const f = path.join(dir, `vdso-${i}.img`);
+    fs.writeFileSync(f, Buffer.concat([encodeHeader({ ...header, vdso }), img.subarray(headerLen)]));
+    return f;
+  });
+  const r = supervise([callabi, 'restart-all', ...files]);
+  t.equal(r.stdout.match(/restart ret=-1 errno=ENOEXEC/g)?.length, 2, 'other contents, another size: ENOEXEC both');
+  t.equal(r.stderr.match(/^ckpt-supervise: task \d+: restart: ENOEXEC: vDSO layout differs: image .+, here .+$/gm)?.length, 2, 'one log line each, naming the vDSO and both layouts');
+  t.match(r.stdout, /leftover children: none\ncaller alive/);
+  t.notOk(pidAlive(pid), `no process holds the image's pid ${pid}`);
 });
 
 /** The image `from` again, sound (checksums and all), with its tree changed by `edit`. */

@@ -80,13 +80,22 @@ t.test('foreign images are ENOEXEC', async (t) => {
 t.test('lengths are never trusted', async (t) => {
   const huge = Buffer.concat([MAGIC, Buffer.from([0xff, 0xff, 0xff, 0x7f])]);
   t.equal(errnoOf(() => decode(huge)), EBADMSG, 'header length');
-  const img = sample();
   const h = withHeader(header);
   const rec = Buffer.alloc(16);
   rec.writeUInt32LE(REC.TREE, 0);
   rec.writeBigUInt64LE(1n << 40n, 8);
   t.equal(errnoOf(() => decode(Buffer.concat([h, rec]))), EBADMSG, 'record length');
-  t.ok(img.length > 0);
+  // In a whole image: the first record (TREE, right after the header) made
+  // to claim more than is left, by one byte and by far; the records that
+  // follow would otherwise be read as its payload.
+  const img = sample();
+  t.equal(img.readUInt32LE(h.length), REC.TREE, 'the first record starts right after the header');
+  const tree = img.readBigUInt64LE(h.length + 8);
+  for (const len of [BigInt(img.length - h.length - 16) + 1n, tree + (1n << 32n), 1n << 62n]) {
+    const c = Buffer.from(img);
+    c.writeBigUInt64LE(len, h.length + 8);
+    t.equal(errnoOf(() => decode(c)), EBADMSG, `a TREE record of ${len} bytes in an image of ${img.length}`);
+  }
 });
 
 t.test('records after a missing one are caught by the trailer', async (t) => {

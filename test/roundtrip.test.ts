@@ -6,6 +6,14 @@ import { supervise, fixture, CKPT, tmpdir, q, pidAlive } from './helpers.js';
 
 const dir = tmpdir('roundtrip');
 
+/** A fresh image of selfckpt (crash mode) for one test: no test reads another's. */
+function selfImage(name: string): string {
+  const img = path.join(dir, name);
+  const r = supervise([fixture('selfckpt'), img, 'crash']);
+  if (r.status !== 137 || !/checkpointed crid=1 /.test(r.stdout)) throw new Error(`selfckpt did not checkpoint into ${img}: ${r.stdout}${r.stderr}`);
+  return img;
+}
+
 t.test('a program checkpoints itself, crashes, and carries on after restart', async (t) => {
   const img = path.join(dir, 'self.img');
   const first = supervise([fixture('selfckpt'), img, 'crash']);
@@ -18,7 +26,7 @@ t.test('a program checkpoints itself, crashes, and carries on after restart', as
   const second = supervise([...CKPT, 'restart', '-i', img]);
   t.equal(second.status, 0, 'the restored program exits 0 (all its checks passed)');
   t.match(second.stdout, new RegExp(`restored pid=${pid}\\n`), 'same pid, and checkpoint() returned 0');
-  for (const check of ['pid', 'stack frames', 'ymm7 register', 'heap', 'anonymous mmap', 'private file mapping (modified and clean pages)', 'file offset', 'read continues at the offset', 'signal mask', 'signal handler', 'pending signals', 'queued signal keeps its value and sender', 'malloc after restart']) {
+  for (const check of ['pid', 'stack frames', 'ymm7 register', 'heap', 'anonymous mmap', 'private file mapping (modified and clean pages)', 'file offset', 'read continues at the offset', 'signal mask', 'every handler with its flags and mask', 'signal handler', 'SA_SIGINFO, SA_NODEFER and sa_mask as the handler runs', 'SA_RESTART: a read interrupted by its signal goes on', 'no SA_RESTART: a read interrupted by its signal fails with EINTR', 'pending signals', 'queued signal keeps its value and sender', 'malloc after restart']) {
     t.match(second.stdout, new RegExp(`^ok ${check.replace(/[()]/g, '\\$&')}$`, 'm'), check);
   }
   t.notMatch(second.stdout, /FAIL/);
@@ -58,13 +66,13 @@ t.test('external checkpoint of a sibling with ckpt checkpoint --kill, through a 
 });
 
 t.test('ckpt inspect describes an image', async (t) => {
-  const img = path.join(dir, 'self.img');
+  const img = selfImage('inspect.img');
   const text = supervise([...CKPT, 'inspect', img]);
   t.equal(text.status, 0);
   t.match(text.stdout, /^ckpt image v1 x86_64, crid 1/);
   t.match(text.stdout, /process \d+ \(selfckpt\)/);
   t.match(text.stdout, /\[heap\]/);
-  t.match(text.stdout, /fd 3: .*self\.img\.data pos 100/);
+  t.match(text.stdout, /fd 3: .*inspect\.img\.data pos 100/);
   const json = JSON.parse(supervise([...CKPT, 'inspect', '--json', img]).stdout);
   t.equal(json.header.arch, 'x86_64');
   t.equal(json.processes[0].ids.comm, 'selfckpt');
@@ -75,7 +83,7 @@ t.test('ckpt inspect describes an image', async (t) => {
 });
 
 t.test('an image stays small: untouched pages are not written', async (t) => {
-  const img = path.join(dir, 'self.img');
+  const img = selfImage('small.img');
   const size = fs.statSync(img).size;
   // 8 MiB heap + 4 MiB mmap + some libc/stack pages; the 64 MiB never touched are absent.
   t.ok(size > (12 << 20) && size < (14 << 20), `image is ${size} bytes`);

@@ -24,8 +24,15 @@ t.test('signals reach the program as without a supervisor', async (t) => {
 });
 
 t.test('stop and continue (group-stop) work as without a supervisor', async (t) => {
-  const r = supervise(['sh', '-c', 'sh -c "kill -STOP \\$\\$; echo resumed" & sleep 0.3; kill -CONT $!; wait $!; echo status=$?']);
-  t.equal(r.stdout, 'resumed\nstatus=0\n');
+  // The child times its own stop; its parent looks at its state while it is stopped.
+  const child = 't0=$(date +%s%N); kill -STOP $$; t1=$(date +%s%N); echo "resumed after $(( (t1 - t0) / 1000000 )) ms"';
+  const r = supervise(['sh', '-c', `sh -c ${q(child)} & sleep 0.3; echo "state=$(sed 's/.*) //' /proc/$!/stat | cut -c1)"; sleep 0.3; kill -CONT $!; wait $!; echo status=$?`]);
+  // A traced task in group-stop shows as 't' (the kernel keeps it TASK_TRACED
+  // under PTRACE_LISTEN), an untraced one as 'T': either way it is stopped.
+  t.match(r.stdout, /^state=[Tt]\n/, 'the child is stopped until SIGCONT');
+  const ms = Number(/^resumed after (\d+) ms$/m.exec(r.stdout)?.[1]);
+  t.ok(ms >= 300, `the child did not run while stopped: its kill -STOP returned after ${ms} ms`);
+  t.match(r.stdout, /\nstatus=0\n$/, 'and it exits normally once continued');
 });
 
 t.test('a program that is not found', async (t) => {
@@ -54,7 +61,9 @@ t.test('a bad call never takes the supervisor down', async (t) => {
 
 t.test('the warm-up checkpoint of the launcher leaves the program nothing to see', async (t) => {
   // What the program inherits: descriptors, signal state, its own pid and parent.
-  const probe = 'for f in /proc/$$/fd/*; do echo "${f##*/} $(readlink $f | sed "s/\\[[0-9]*\\]//")"; done; grep -E "^(SigBlk|SigIgn|SigCgt)" /proc/$$/status; ps -o stat= -p $$ | cut -c1';
+  // The shell reads its own status (no fork: a child reading it could see
+  // the parent's mask while fork has every signal blocked).
+  const probe = 'for f in /proc/$$/fd/*; do echo "${f##*/} $(readlink $f | sed "s/\\[[0-9]*\\]//")"; done; while read -r l; do case $l in SigBlk*|SigIgn*|SigCgt*) echo "$l";; esac; done < /proc/$$/status; ps -o stat= -p $$ | cut -c1';
   const warm = run([...SUPERVISE, '--', 'sh', '-c', probe], { env: { ...process.env, DEBUG: 'ckpt:syscall' } });
   const cold = run([...SUPERVISE, '--no-warm-up', '--', 'sh', '-c', probe]);
   t.equal(warm.status, 0);

@@ -2,6 +2,7 @@
  * A thread's own state: general registers, the XSAVE area (FPU/SSE/AVX),
  * signal mask, rseq registration and robust futex list.
  */
+import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { getRegs, setRegs, getXState, setXState, getSigmask, setSigmask, Regs, REGS_SIZE } from '../../lib/ptrace.js';
 import { sys, SYS, addressOf } from '../../lib/libc.js';
@@ -75,6 +76,17 @@ export interface ThreadState {
   pending?: string[];
   /** sigaltstack: base, flags, size (SS_DISABLE = 2 when none). */
   altstack?: { sp: string; flags: number; size: string };
+  /** The thread's own name (PR_SET_NAME, pthread_setname_np): up to 15 bytes; the leader's is the process's. */
+  comm?: string;
+}
+
+/** A thread's name as /proc has it (undefined if it is gone). */
+function threadName(tid: number): string | undefined {
+  try {
+    return fs.readFileSync(`/proc/${tid}/comm`, 'latin1').replace(/\n$/, '');
+  } catch {
+    return undefined;
+  }
 }
 
 export function rseqConfig(tid: number): ThreadState['rseq'] {
@@ -118,6 +130,7 @@ export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: 
     rseq: rseqConfig(tid),
     robustList: robustList(tid),
     pending: peekPending(tid, false),
+    comm: threadName(tid),
   };
 }
 
