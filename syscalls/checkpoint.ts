@@ -26,7 +26,7 @@ import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstacks, AltstackQuery, findTidAddress, peekPending, type ThreadState } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles, OutsideHolders } from './resources/files.js';
-import { ShmCapture, type ShmData } from './resources/shm.js';
+import { ShmCapture, nonZeroRuns, type ShmData } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
@@ -165,6 +165,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
         p.memory = mem.vmas;
         memory.set(procs[i], mem);
       });
+      shm.copy();
     }
     const tree: TreeState = { root, processes, zombies, files: files.table, shm: shm.objects };
     const ns = toNamespace(tree);
@@ -203,6 +204,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
     threads: threads[i],
   }));
   const maps = husks ? procs.map((pid) => checkMappings(pid, shm)) : [];
+  if (husks) shm.copy(); // every shared mapping and descriptor checked: now the bytes
   return { statuses, files, processes, zombies: findZombies(tracer, procs), maps };
 }
 
@@ -423,7 +425,7 @@ export function writeImage(c: MemCheckpoint, out: number): void {
 }
 
 function writeShm(w: ImageWriter, data: ShmData): void {
-  for (const [key, runs] of data) for (const r of runs) w.shm(key, r.offset, r.data);
+  for (const [key, runs] of data) for (const r of nonZeroRuns(runs)) w.shm(key, r.offset, r.data);
 }
 
 /**

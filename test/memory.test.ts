@@ -1,0 +1,33 @@
+// Memory end to end: shared memory kept quickly and exactly, refusals made
+// before anything is copied, madvise advice and other mapping attributes
+// kept by restart and rollback.
+import t from 'tap';
+import path from 'node:path';
+import { supervise, fixture, tmpdir, CKPT } from './helpers.js';
+
+const dir = tmpdir('memory');
+
+/** Run a self-checking fixture to an image and restart it, or in memory and roll it back. */
+function bothWays(name: string, args: string[] = [], opts: { timeout?: number } = {}) {
+  return (mode: 'restart' | 'undo') => {
+    const img = path.join(dir, `${name}.img`);
+    const first = supervise([fixture(name), mode === 'undo' ? 'undo' : img, ...args], { timeout: opts.timeout ?? 60_000 });
+    if (mode === 'undo') return { first, r: first };
+    return { first, r: supervise([...CKPT, 'restart', '-i', img], { timeout: opts.timeout ?? 60_000 }) };
+  };
+}
+
+for (const mode of ['restart', 'undo'] as const) {
+  t.test(`shared memory: a quick stop, every byte back (${mode})`, async (t) => {
+    const { first, r } = bothWays('shmfast')(mode);
+    t.match(first.stdout, /^ok a CKPT_DEFER checkpoint with 32 MiB of shared memory is quick$/m, first.stdout.match(/stop_ms=\S+/)?.[0] ?? 'no stop time');
+    t.match(first.stdout, /^ok it holds the shared bytes once, not the sparse memfd's holes$/m);
+    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    else t.match(first.stdout, /spoiled, rolling back/);
+    for (const c of ['32 MiB of shared anonymous memory, the zeroed page too', 'a memfd of 5000 bytes, its last page partial', 'a sparse 1 GiB memfd: its pages and its holes']) {
+      t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+    }
+    t.match(r.stdout, /SHMFAST OK/);
+    t.equal(r.status, 0);
+  });
+}
