@@ -60,12 +60,24 @@ function protOf(perms: string): number {
 const unsupported = (pid: number, what: string) =>
   new CkptError(errno('EOPNOTSUPP'), 'checkpoint:memory', `task ${pid}: ${what}`);
 
+/**
+ * A SysV shared memory segment (shmat): the kernel names its mapping
+ * "/SYSV<key in hex>" on the internal shm mount, its inode number being the
+ * segment's id. Not a file of ours, so never taken for a deleted one.
+ */
+function sysvShm(m: MapEntry): { key: string; id: number } | null {
+  const k = /^\/SYSV([0-9a-f]{8})(?: \(deleted\))?$/.exec(m.path);
+  return k ? { key: '0x' + k[1], id: m.inode } : null;
+}
+
 /** Describe one mapping, or throw EOPNOTSUPP naming what we cannot keep. */
 function describe(pid: number, m: MapEntry, shm?: ShmCapture): VmaState | null {
   const base = { start: hex(m.start), end: hex(m.end), prot: protOf(m.perms), shared: m.perms[3] === 's', pages: 0 };
   const range = `${base.start}-${base.end}`;
   if (m.path === '[vsyscall]') return null; // fixed by the kernel, same everywhere
   if (SPECIAL.includes(m.path)) return { ...base, kind: 'special', name: m.path };
+  const sysv = sysvShm(m);
+  if (sysv) throw unsupported(pid, `mapping ${range} of SysV shm key ${sysv.key} id ${sysv.id} (SysV IPC is not kept)`);
   if (base.shared && isShm(m.path)) {
     const key = shm ? shm.addMapping(pid, m) : shmKeyOfMap(m);
     return { ...base, kind: 'shm', shmKey: key, name: m.path.replace(/ \(deleted\)$/, ''), offset: hex(m.offset) };
