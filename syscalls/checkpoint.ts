@@ -10,7 +10,7 @@ import { CkptError, errno } from '../lib/errors.js';
 import { sys } from '../lib/libc.js';
 import { ImageWriter, REC, FORMAT_VERSION, ARCH, PAGE_SIZE } from '../lib/image.js';
 import { FdSink } from '../lib/stream.js';
-import { readStatus, listTids, readStat } from '../lib/proc.js';
+import { readStatus, listTids, readStat, type MapEntry } from '../lib/proc.js';
 import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { hostPid, nsPids } from '../supervisor/pidns.js';
@@ -20,7 +20,7 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import type { SyscallCtx, Supervisor } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
-import { captureMemory, writePages, vdsoInfo, checkMappings, copyUnforked, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
+import { captureMemory, writePages, vdsoInfo, checkMappings, copyUnforked, lockedRanges, addLocks, refuseFutureLocks, type MemoryCapture, type VmaState, type HeldRun } from './resources/memory.js';
 import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstacks, AltstackQuery, findTidAddress, peekPending, type ThreadState } from './resources/thread.js';
@@ -98,7 +98,7 @@ export interface HuskOptions {
  * `husks`, memory is not read: each process gets a husk instead (returned),
  * and its memory is described from the husk once the subtree runs again.
  */
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], others: OutsideHolders, husks: HuskOptions | false, ph = new Phases()): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], others: OutsideHolders, husks: HuskOptions | false, ph = new Phases()): { tree: TreeState; memory: Map<number, MemoryCapture>; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number>; locks: Map<number, MapEntry[]> } {
   const shm = new ShmCapture();
   const memory = new Map<number, MemoryCapture>();
   const made = new Map<number, number>();
@@ -171,7 +171,8 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     const ns = toNamespace(tree);
     ph.mark('tree');
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
-    return { tree, memory: rekey(memory), husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds) };
+    const locks = rekey(new Map(procs.map((p, i) => [p, lockedRanges(maps[i] ?? [])])));
+    return { tree, memory: rekey(memory), husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds), locks };
   } catch (e) {
     destroyHusks(tracer, made);
     for (const fd of uffds.values()) fs.closeSync(fd);
@@ -203,7 +204,8 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
     stopSignal: tracer.groupStopOf(pid),
     threads: threads[i],
   }));
-  const maps = husks ? procs.map((pid) => checkMappings(pid, shm)) : [];
+  for (const pid of procs) refuseFutureLocks(pid, tracer.lockFuture.has(pid));
+  const maps = husks ? procs.map((pid, i) => checkMappings(pid, shm, statuses[i])) : [];
   if (husks) shm.copy(); // every shared mapping and descriptor checked: now the bytes
   return { statuses, files, processes, zombies: findZombies(tracer, procs), maps };
 }
@@ -370,6 +372,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         const mem = captureMemory(husk);
         const held = cap.held.get(p.ids.pid);
         p.memory = [...mem.vmas, ...(held?.vmas ?? [])].sort((a, b) => (BigInt(a.start) < BigInt(b.start) ? -1 : 1));
+        addLocks(p.ids.pid, p.memory, cap.locks.get(p.ids.pid)); // the husk has none: seen in the process during the stop
         c.memory.set(p.ids.pid, mem);
         if (held?.runs.length) c.held.set(p.ids.pid, held.runs);
       }

@@ -13,7 +13,7 @@
  */
 import { CkptError, errno } from '../lib/errors.js';
 import { sys, SYS } from '../lib/libc.js';
-import { readMaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
+import { readMaps, readSmaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
 import { normalize, union, intersect, subtract, asRanges, runBytes, type Runs } from '../lib/runs.js';
 import { frameDiff, huskOwn, withPagemap, type DirtyTracker } from './resources/dirty.js';
 import { log, Phases } from '../lib/log.js';
@@ -23,7 +23,7 @@ import { Remote, CallBatch } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
 import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
-import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
+import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, sameAdvice, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
@@ -195,6 +195,7 @@ const protOf = (perms: string) => (perms[0] === 'r' ? 1 : 0) | (perms[1] === 'w'
 /** Can current mapping `m` stand for (part of) checkpoint VMA `v` as it is? */
 function compatible(m: MapEntry, v: VmaState): boolean {
   if (v.kind === 'shm' || v.dontfork || protOf(m.perms) !== v.prot || (m.perms[3] === 's') !== v.shared) return false;
+  if (m.flags && !sameAdvice(m.flags, v)) return false; // advice changed since: mapped again with the checkpoint's
   const file = m.path.startsWith('/') && m.path !== '/dev/zero';
   if (v.kind === 'anon') return !file;
   // The same file, at the same offset for the same address.
@@ -259,7 +260,7 @@ function clip(runs: Run[], pieces: Piece[]): Run[] {
 function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, remapped: Set<number>, ph: Phases): number {
   const pid = sh.task.tid;
   const r = sh.remote;
-  const all = readMaps(pid);
+  const all = r.tracer.vmAdvice.has(sh.task.tgid) ? readSmaps(pid) : readMaps(pid); // VmFlags only where advice was given
   const current = all.filter((m) => !SPECIAL.includes(m.path) && m.path !== '[vsyscall]');
   sh.gadget = pickGadget(all, sh.state.memory);
   installGadget(r, sh.gadget);

@@ -43,3 +43,25 @@ t.test('a SysV shm segment is refused at once, named by key and id, the program 
   t.match(r.stdout, /^ok detached, the checkpoint succeeds$/m);
   t.equal(r.status, 0);
 });
+
+for (const mode of ['restart', 'undo'] as const) {
+  t.test(`madvise and mlock state (smaps VmFlags) is kept (${mode})`, async (t) => {
+    const { first, r } = bothWays('vmadvice')(mode);
+    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    else {
+      t.match(first.stdout, /spoiled, rolling back/);
+      t.notMatch(first.stdout, /unchanged by the spoiling/, 'every region was changed before the rollback');
+    }
+    for (const c of ['dd', 'hg', 'nh', 'rr', 'sr', 'mg', 'lo', 'lo lf', 'dd rr', '']) t.match(r.stdout, new RegExp(`^ok region "${c}": its flags and data$`, 'm'), c || 'no advice');
+    t.match(r.stdout, /VMADVICE OK/);
+    t.equal(r.status, 0);
+  });
+}
+
+t.test('mlockall(MCL_FUTURE) is refused, and accepted once undone', async (t) => {
+  const r = supervise([fixture('vmadvice'), 'future']);
+  t.match(r.stdout, /^ok mlockall\(MCL_FUTURE\) is refused$/m);
+  t.match(r.stderr, /EOPNOTSUPP: checkpoint:memory: task \d+: mlockall\(MCL_FUTURE\) is in force/);
+  t.match(r.stdout, /^ok after munlockall the checkpoint succeeds$/m);
+  t.equal(r.status, 0);
+});

@@ -43,6 +43,12 @@ export interface VmaState {
   dontfork?: boolean;
   /** MADV_WIPEONFORK: a husk has it empty, so its pages were copied during the stop. */
   wipeonfork?: boolean;
+  /**
+   * madvise and mlock state, as smaps VmFlags names it: dd (MADV_DONTDUMP),
+   * hg / nh (MADV_HUGEPAGE / NOHUGEPAGE), rr / sr (MADV_RANDOM / SEQUENTIAL),
+   * mg (MADV_MERGEABLE), lo (mlocked), lf (lo with MLOCK_ONFAULT).
+   */
+  advice?: string[];
   /** Identity of a mapped file, checked before it is mapped again. */
   file?: { size: number; mtimeMs: number };
   /** Pages of this VMA the image carries. */
@@ -59,6 +65,62 @@ function protOf(perms: string): number {
 
 const unsupported = (pid: number, what: string) =>
   new CkptError(errno('EOPNOTSUPP'), 'checkpoint:memory', `task ${pid}: ${what}`);
+
+/** The VmFlags a restore sets again with madvise, and the advice for each. */
+const ADVICE: Record<string, number> = { rr: 1, sr: 2, mg: 12, hg: 14, nh: 15, dd: 16 };
+const KEPT_FLAGS = [...Object.keys(ADVICE), 'lo', 'lf'];
+const MLOCK_ONFAULT = 1;
+
+/** The kept advice among a mapping's VmFlags (undefined: none). */
+export function adviceOf(flags: string[] | undefined): string[] | undefined {
+  const a = flags?.filter((f) => KEPT_FLAGS.includes(f));
+  return a?.length ? a : undefined;
+}
+
+/** Does a live mapping carry the checkpoint VMA's advice, no more, no less? */
+export function sameAdvice(flags: string[], v: VmaState): boolean {
+  const a = adviceOf(flags) ?? [], b = v.advice ?? [];
+  return a.length === b.length && a.every((x) => b.includes(x));
+}
+
+/** The calls that give a freshly mapped VMA its advice back (madvise, mlock2). */
+function adviceCalls(pid: number, v: VmaState): (number | bigint)[][] {
+  const len = vmaEnd(v) - vmaStart(v);
+  const calls: (number | bigint)[][] = [];
+  for (const f of v.advice ?? []) {
+    if (f === 'lf') continue;
+    if (f === 'lo') calls.push([SYS.mlock2, vmaStart(v), len, v.advice!.includes('lf') ? MLOCK_ONFAULT : 0]);
+    else if (ADVICE[f] !== undefined) calls.push([SYS.madvise, vmaStart(v), len, ADVICE[f]]);
+    else throw new CkptError(errno('EBADMSG'), 'restart:memory', `task ${pid}: unknown advice ${JSON.stringify(f)} for ${v.start}-${v.end}`);
+  }
+  return calls;
+}
+
+/** Is any memory of the process locked (VmLck of /proc/PID/status)? fork does not pass locks on. */
+const hasLocks = (status?: Map<string, string>) => !!status && parseInt(status.get('VmLck') ?? '0', 10) > 0;
+
+/** mlockall(MCL_FUTURE) locks mappings made later; /proc does not show it, so it is not kept. */
+export function refuseFutureLocks(pid: number, future: boolean): void {
+  if (future) throw unsupported(pid, 'mlockall(MCL_FUTURE) is in force (locks of mappings made later are not kept)');
+}
+
+/** The locked mappings among `maps` (read with flags when locks were seen). */
+export function lockedRanges(maps: MapEntry[]): MapEntry[] {
+  return maps.filter((m) => m.flags?.includes('lo'));
+}
+
+/**
+ * Put the locks the live process had during the stop on the VMAs described
+ * from its husk (same boundaries: fork copies VMAs one by one).
+ */
+export function addLocks(pid: number, vmas: VmaState[], locked: MapEntry[] | undefined): void {
+  for (const l of locked ?? []) {
+    const inside = vmas.filter((v) => vmaStart(v) >= l.start && vmaEnd(v) <= l.end);
+    const covered = inside.reduce((n, v) => n + (vmaEnd(v) - vmaStart(v)), 0n);
+    if (covered !== l.end - l.start) throw unsupported(pid, `locked mapping 0x${l.start.toString(16)}-0x${l.end.toString(16)} does not match the mappings seen after the stop`);
+    for (const v of inside) v.advice = [...(v.advice ?? []).filter((f) => f !== 'lo' && f !== 'lf'), ...l.flags!.filter((f) => f === 'lo' || f === 'lf')];
+  }
+}
 
 /**
  * A SysV shared memory segment (shmat): the kernel names its mapping
@@ -105,8 +167,9 @@ function describe(pid: number, m: MapEntry, shm?: ShmCapture): VmaState | null {
  * now) from /proc/PID/maps alone. Private mappings are described, and
  * refused if need be, from the husk once the subtree runs again.
  */
-export function checkMappings(pid: number, shm: ShmCapture): MapEntry[] {
-  const maps = readMaps(pid);
+export function checkMappings(pid: number, shm: ShmCapture, status?: Map<string, string>): MapEntry[] {
+  // smaps (slower) only where memory is locked: the husk will not show the locks.
+  const maps = hasLocks(status) ? readSmaps(pid) : readMaps(pid);
   for (const m of maps) if (m.perms[3] === 's') describe(pid, m, shm);
   return maps;
 }
@@ -175,6 +238,7 @@ export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
       const v = describe(pid, m, shm);
       if (!v) continue;
       if (m.flags?.includes('wf')) v.wipeonfork = true;
+      if (v.kind !== 'special') v.advice = adviceOf(m.flags);
       vmas.push(v);
       if (v.kind === 'special' || v.shared) continue;
       const entries = readPagemapFlags(pid, m.start, m.end, pm);
@@ -410,6 +474,10 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
     const advice = vmas.filter((v) => v.dontfork || v.wipeonfork).map((v) => [SYS.madvise, vmaStart(v), vmaEnd(v) - vmaStart(v), v.dontfork ? MADV_DONTFORK : MADV_WIPEONFORK]);
     // Injected, these calls are not seen the way the program's own are: say so here (see Tracer.forkAdvice).
     if (advice.length) r.tracer.forkAdvice.add(r.task.tgid);
+    // The other advice and the locks too, checked: a lock the caller's
+    // RLIMIT_MEMLOCK does not allow fails the restart (never more than it could get).
+    for (const v of vmas) for (const call of adviceCalls(pid, v)) calls.push({ call, what: `task ${pid}: ${call[0] === SYS.mlock2 ? 'mlock2' : `madvise(${call[3]})`} ${v.start}-${v.end}` });
+    if (vmas.some((v) => v.advice)) r.tracer.vmAdvice.add(r.task.tgid);
     const res = r.batch([...calls.map((c) => c.call), ...advice]);
     calls.forEach((c, i) => {
       if (res[i] < 0n && res[i] > -4096n) throw new CkptError(Number(-res[i]), 'restart:memory', c.what);
