@@ -24,7 +24,7 @@ const DATA_NR = 0, DATA_ARCH = 4, DATA_ARG2 = 32;
 type Insn = [code: number, jt: number, jf: number, k: number];
 
 /** madvise advice that leaves VMA state a rollback must compare (see Tracer.vmAdvice). */
-export const MADV_VM_STATE = [1 /* RANDOM */, 2 /* SEQUENTIAL */, 12 /* MERGEABLE */, 14 /* HUGEPAGE */, 15 /* NOHUGEPAGE */, 16 /* DONTDUMP */];
+export const MADV_VM_STATE = [1 /* RANDOM */, 2 /* SEQUENTIAL */, 12 /* MERGEABLE */, 14 /* HUGEPAGE */, 15 /* NOHUGEPAGE */, 16 /* DONTDUMP */, 102 /* GUARD_INSTALL */, 103 /* GUARD_REMOVE */];
 /** mlock, mlockall, munlockall, mlock2: always trapped (rare, and a fork does not pass the locks on). */
 export const SYS_LOCKS = [149, 151, 152, 325];
 

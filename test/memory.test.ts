@@ -65,3 +65,17 @@ t.test('mlockall(MCL_FUTURE) is refused, and accepted once undone', async (t) =>
   t.match(r.stdout, /^ok after munlockall the checkpoint succeeds$/m);
   t.equal(r.status, 0);
 });
+
+for (const mode of ['restart', 'undo'] as const) {
+  t.test(`guard pages and MAP_DROPPABLE memory are kept (${mode})`, async (t) => {
+    const { first, r } = bothWays('guards')(mode);
+    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    else t.match(first.stdout, /spoiled, rolling back/);
+    for (const c of ['the guard pages are where they were, and only there', 'touching a guard page faults', 'the other pages hold their data', 'the droppable region is droppable again', 'its data is kept, or dropped as the kernel may do']) {
+      t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+    }
+    if (mode === 'restart') t.match(r.stdout, /droppable data kept/, 'an image keeps what the droppable region held');
+    t.match(r.stdout, /GUARDS OK/);
+    t.equal(r.status, 0);
+  });
+}

@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { CkptError, errno } from '../../lib/errors.js';
-import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
+import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE, PM_GUARD } from '../../lib/proc.js';
 import { Pagemap, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
 import { PAGE_RUN_MAX, type ImageWriter, type ImageHeader } from '../../lib/image.js';
@@ -49,6 +49,10 @@ export interface VmaState {
    * mg (MADV_MERGEABLE), lo (mlocked), lf (lo with MLOCK_ONFAULT).
    */
   advice?: string[];
+  /** MAP_DROPPABLE (VmFlags dp): mapped so again; its pages are not kept in memory checkpoints (a husk has them dropped). */
+  droppable?: boolean;
+  /** Guard pages (MADV_GUARD_INSTALL, VmFlags gu; pagemap's guard bit, Linux 6.14), page runs [start, end) in hex. */
+  guards?: [string, string][];
   /** Identity of a mapped file, checked before it is mapped again. */
   file?: { size: number; mtimeMs: number };
   /** Pages of this VMA the image carries. */
@@ -87,6 +91,11 @@ export function sameAdvice(flags: string[], v: VmaState): boolean {
 function adviceCalls(pid: number, v: VmaState): (number | bigint)[][] {
   const len = vmaEnd(v) - vmaStart(v);
   const calls: (number | bigint)[][] = [];
+  for (const [gs, ge] of v.guards ?? []) {
+    // Clipped to the VMA: a rollback maps a VMA again in parts.
+    const s = BigInt(gs) > vmaStart(v) ? BigInt(gs) : vmaStart(v), e = BigInt(ge) < vmaEnd(v) ? BigInt(ge) : vmaEnd(v);
+    if (s < e) calls.push([SYS.madvise, s, e - s, MADV_GUARD_INSTALL]);
+  }
   for (const f of v.advice ?? []) {
     if (f === 'lf') continue;
     if (f === 'lo') calls.push([SYS.mlock2, vmaStart(v), len, v.advice!.includes('lf') ? MLOCK_ONFAULT : 0]);
@@ -94,6 +103,39 @@ function adviceCalls(pid: number, v: VmaState): (number | bigint)[][] {
     else throw new CkptError(errno('EBADMSG'), 'restart:memory', `task ${pid}: unknown advice ${JSON.stringify(f)} for ${v.start}-${v.end}`);
   }
   return calls;
+}
+
+const MADV_GUARD_INSTALL = 102, MAP_DROPPABLE = 0x08;
+
+/** The runs of guard pages among a VMA's pagemap flag bytes. */
+function guardRuns(start: bigint, entries: Uint8Array): [string, string][] | undefined {
+  const out: [string, string][] = [];
+  for (let i = 0; i < entries.length; i++) {
+    if (!(entries[i] & PM_GUARD)) continue;
+    let j = i;
+    while (j < entries.length && entries[j] & PM_GUARD) j++;
+    out.push([hex(start + BigInt(i) * PAGE), hex(start + BigInt(j) * PAGE)]);
+    i = j;
+  }
+  return out.length ? out : undefined;
+}
+
+/**
+ * Must a rollback read the live process's VmFlags (smaps, slower than maps)?
+ * Where advice may have been given since (`advised`), or the checkpoint has
+ * state only VmFlags tell apart (guard pages, MAP_DROPPABLE).
+ */
+export function needsVmFlags(advised: boolean, vmas: VmaState[]): boolean {
+  return advised || vmas.some((v) => v.guards || v.droppable);
+}
+
+/**
+ * Can a live mapping with VmFlags `flags` stand for checkpoint VMA `v` as it
+ * is, as far as its flags go? Guard pages are never compared page by page:
+ * such a part is mapped again, and its guards installed again.
+ */
+export function sameVmFlags(flags: string[], v: VmaState): boolean {
+  return sameAdvice(flags, v) && flags.includes('dp') === !!v.droppable && !flags.includes('gu') && !v.guards;
 }
 
 /** Is any memory of the process locked (VmLck of /proc/PID/status)? fork does not pass locks on. */
@@ -237,12 +279,16 @@ export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
     for (const m of readSmaps(pid)) {
       const v = describe(pid, m, shm);
       if (!v) continue;
-      if (m.flags?.includes('wf')) v.wipeonfork = true;
+      // MAP_DROPPABLE implies wipe-on-fork: a husk has its pages dropped, as the kernel may do at any time.
+      if (m.flags?.includes('dp')) v.droppable = true;
+      else if (m.flags?.includes('wf')) v.wipeonfork = true;
       if (v.kind !== 'special') v.advice = adviceOf(m.flags);
       vmas.push(v);
+      if (v.shared && m.flags?.includes('gu')) throw unsupported(pid, `guard pages (MADV_GUARD_INSTALL) in shared mapping ${v.start}-${v.end}`);
       if (v.kind === 'special' || v.shared) continue;
       const entries = readPagemapFlags(pid, m.start, m.end, pm);
       const anon = v.kind === 'anon';
+      if (m.flags?.includes('gu')) v.guards = guardRuns(m.start, entries);
       let runStart = -1;
       const flush = (i: number) => {
         if (runStart < 0) return;
@@ -252,7 +298,8 @@ export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
       };
       for (let i = 0; i < entries.length; i++) {
         const e = entries[i];
-        const keep = anon ? (e & (PM_PRESENT | PM_SWAP)) !== 0 : (e & (PM_PRESENT | PM_FILE)) === PM_PRESENT || (e & PM_SWAP) !== 0;
+        // A guard page reads as a swap entry with the guard bit: no data to read (it faults).
+        const keep = e & PM_GUARD ? false : anon ? (e & (PM_PRESENT | PM_SWAP)) !== 0 : (e & (PM_PRESENT | PM_FILE)) === PM_PRESENT || (e & PM_SWAP) !== 0;
         if (keep) {
           if (runStart < 0) runStart = i;
         } else flush(i);
@@ -455,7 +502,7 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
         // Mostly filled: let the kernel allocate the pages in one go rather
         // than one fault per page while the data is written in.
         const dense = BigInt(v.pages) * PAGE * 2n > len ? MAP_POPULATE : 0;
-        const flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (v.growsdown ? MAP_GROWSDOWN : 0) | dense;
+        const flags = (v.droppable ? MAP_DROPPABLE : MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED | (v.growsdown ? MAP_GROWSDOWN : 0) | dense;
         calls.push({ call: [SYS.mmap, vmaStart(v), len, v.prot, flags, -1, 0], what });
         continue;
       }
@@ -476,8 +523,8 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
     if (advice.length) r.tracer.forkAdvice.add(r.task.tgid);
     // The other advice and the locks too, checked: a lock the caller's
     // RLIMIT_MEMLOCK does not allow fails the restart (never more than it could get).
-    for (const v of vmas) for (const call of adviceCalls(pid, v)) calls.push({ call, what: `task ${pid}: ${call[0] === SYS.mlock2 ? 'mlock2' : `madvise(${call[3]})`} ${v.start}-${v.end}` });
-    if (vmas.some((v) => v.advice)) r.tracer.vmAdvice.add(r.task.tgid);
+    for (const v of vmas) for (const call of adviceCalls(pid, v)) calls.push({ call, what: `task ${pid}: ${call[0] === SYS.mlock2 ? 'mlock2' : `madvise(${call[3]})`} ${hex(BigInt(call[1]))}+${call[2]} in ${v.start}-${v.end}` });
+    if (vmas.some((v) => v.advice || v.guards)) r.tracer.vmAdvice.add(r.task.tgid);
     const res = r.batch([...calls.map((c) => c.call), ...advice]);
     calls.forEach((c, i) => {
       if (res[i] < 0n && res[i] > -4096n) throw new CkptError(Number(-res[i]), 'restart:memory', c.what);
