@@ -79,3 +79,17 @@ for (const mode of ['restart', 'undo'] as const) {
     t.equal(r.status, 0);
   });
 }
+
+for (const mode of ['restart', 'undo'] as const) {
+  for (const what of ['all', 'vdso'] as const) {
+    t.test(`a program that unmapped its vDSO (${what === 'all' ? 'and its data pages' : 'the code only'}) comes back without it (${mode})`, async (t) => {
+      const { first, r } = bothWays('novdso', what === 'vdso' ? ['vdso'] : [])(mode);
+      if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+      else t.match(first.stdout, /spoiled, rolling back/);
+      t.match(r.stdout, /^ok no vDSO after it either, the rest as it was$/m);
+      t.match(r.stdout, /^ok the clock works through the system call$/m);
+      t.match(r.stdout, /NOVDSO OK/);
+      t.equal(r.status, 0);
+    });
+  }
+}

@@ -354,9 +354,13 @@ export function vdsoInfo(pid: number): ImageHeader['vdso'] {
 }
 
 export function checkVdso(image: ImageHeader['vdso'], here: ImageHeader['vdso']): void {
-  const a = JSON.stringify(image.layout), b = JSON.stringify(here.layout);
-  if (a !== b || image.hash !== here.hash) {
-    throw new CkptError(errno('ENOEXEC'), 'restart', `vDSO layout differs: image ${a} ${image.hash}, here ${b} ${here.hash}`);
+  // A program that unmapped some of them (its vDSO, say) gets none of those
+  // back: only the ones it kept must be this kernel's, and the code hash
+  // only matters if it kept the vDSO itself.
+  const have = new Map(here.layout.map((l) => [l.name, l.size]));
+  const ok = image.layout.every((l) => have.get(l.name) === l.size) && (!image.layout.some((l) => l.name === '[vdso]') || image.hash === here.hash);
+  if (!ok) {
+    throw new CkptError(errno('ENOEXEC'), 'restart', `vDSO layout differs: image ${JSON.stringify(image.layout)} ${image.hash}, here ${JSON.stringify(here.layout)} ${here.hash}`);
   }
 }
 
@@ -447,8 +451,11 @@ export function useGadget(r: Remote, gadget: bigint): void {
  * distance. Their sizes must match this kernel's (else ENOEXEC).
  */
 export function placeSpecials(r: Remote, current: MapEntry[], vmas: VmaState[], pid: number): void {
-  const specials = current.filter((m) => SPECIAL.includes(m.path));
   const want = vmas.filter((v) => v.kind === 'special');
+  // Those the process had unmapped at the checkpoint go (it comes back without them).
+  const unwanted = current.filter((m) => SPECIAL.includes(m.path) && !want.some((v) => v.name === m.path));
+  for (const m of unwanted) r.check('restart:memory', SYS.munmap, m.start, m.end - m.start);
+  const specials = current.filter((m) => SPECIAL.includes(m.path) && !unwanted.includes(m));
   if (want.length !== specials.length || want.some((v, i) => v.name !== specials[i].path || vmaEnd(v) - vmaStart(v) !== specials[i].end - specials[i].start)) {
     throw new CkptError(errno('ENOEXEC'), 'restart:memory', `task ${pid}: vDSO layout of the image does not match this kernel`);
   }
