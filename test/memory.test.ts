@@ -3,7 +3,8 @@
 // kept by restart and rollback.
 import t from 'tap';
 import path from 'node:path';
-import { supervise, fixture, tmpdir, CKPT } from './helpers.js';
+import fs from 'node:fs';
+import { supervise, run, fixture, tmpdir, pidAlive, CKPT } from './helpers.js';
 
 const dir = tmpdir('memory');
 
@@ -93,3 +94,33 @@ for (const mode of ['restart', 'undo'] as const) {
     });
   }
 }
+
+t.test('a shared file mapping whose file may no longer be written is refused at restart, nothing left behind', async (t) => {
+  const d = fs.mkdtempSync(path.join(dir, 'fileprot-'));
+  const img = path.join(d, 'img');
+  const probe = path.join(d, 'probe');
+  fs.writeFileSync(probe, '');
+  if (run(['chattr', '+i', probe]).status !== 0) {
+    t.comment('no chattr +i here: skipped');
+    return;
+  }
+  run(['chattr', '-i', probe]);
+  const first = supervise([fixture('fileprot'), d, img]);
+  t.equal(first.status, 137, 'CKPT_KILL');
+  const pid = Number(/pid=(\d+)/.exec(first.stdout)?.[1]);
+  for (const name of ['rw', 'mw']) {
+    run(['chattr', '+i', path.join(d, name)]);
+    const r = supervise([...CKPT, 'restart', '-i', img]);
+    run(['chattr', '-i', path.join(d, name)]);
+    t.not(r.status, 0, `${name} immutable: the restart fails`);
+    t.match(r.stderr, new RegExp(`restart: EPERM: restart:memory: task \\d+: cannot open \\S+/${name} for writing \\(a shared mapping that may write\\): EPERM`), 'EPERM, the file named');
+    t.notOk(pidAlive(pid), 'no process left behind');
+    t.notMatch(r.stdout, /restored uid/, 'the program never ran');
+  }
+  const r = supervise([...CKPT, 'restart', '-i', img]);
+  for (const c of ["the mappings hold the file's data", 'the writable mapping is still shared with its file', 'the read-only mapping may still be made writable', 'and it writes through to its file']) {
+    t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  }
+  t.match(r.stdout, /FILEPROT OK/);
+  t.equal(r.status, 0);
+});

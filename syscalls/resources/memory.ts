@@ -8,7 +8,7 @@
  */
 import fs from 'node:fs';
 import crypto from 'node:crypto';
-import { CkptError, errno } from '../../lib/errors.js';
+import { CkptError, errno, errnoName } from '../../lib/errors.js';
 import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE, PM_GUARD } from '../../lib/proc.js';
 import { Pagemap, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
@@ -53,6 +53,8 @@ export interface VmaState {
   droppable?: boolean;
   /** Guard pages (MADV_GUARD_INSTALL, VmFlags gu; pagemap's guard bit, Linux 6.14), page runs [start, end) in hex. */
   guards?: [string, string][];
+  /** A shared file mapping without PROT_WRITE that may be made writable (VmFlags mw): the file is opened for writing again. */
+  mayWrite?: boolean;
   /** Identity of a mapped file, checked before it is mapped again. */
   file?: { size: number; mtimeMs: number };
   /** Pages of this VMA the image carries. */
@@ -283,6 +285,8 @@ export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
       if (m.flags?.includes('dp')) v.droppable = true;
       else if (m.flags?.includes('wf')) v.wipeonfork = true;
       if (v.kind !== 'special') v.advice = adviceOf(m.flags);
+      // A shared file mapping made through a descriptor open for writing may be mprotect()ed writable later.
+      if (v.kind === 'file' && v.shared && !(v.prot & PROT_WRITE) && m.flags?.includes('mw')) v.mayWrite = true;
       vmas.push(v);
       if (v.shared && m.flags?.includes('gu')) throw unsupported(pid, `guard pages (MADV_GUARD_INSTALL) in shared mapping ${v.start}-${v.end}`);
       if (v.kind === 'special' || v.shared) continue;
@@ -478,7 +482,7 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
   const fds = new Map<string, bigint>();
   try {
     // The files first, all opened in one batch (paths side by side in scratch).
-    const files = [...new Set(vmas.filter((v) => v.kind === 'file').map((v) => `${v.shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY}:${v.path}`))];
+    const files = [...new Set(vmas.filter((v) => v.kind === 'file').map((v) => `${v.shared && (v.prot & PROT_WRITE || v.mayWrite) ? O_RDWR : O_RDONLY}:${v.path}`))];
     let at = r.scratch();
     const opens: (number | bigint)[][] = [];
     for (const key of files) {
@@ -490,7 +494,9 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
       at += BigInt(p.length);
     }
     r.batch(opens).forEach((fd, i) => {
-      if (fd < 0n) throw new CkptError(Number(-fd) === errno('EACCES') ? errno('EPERM') : Number(-fd), 'restart:memory', `task ${pid}: cannot open ${files[i].slice(files[i].indexOf(':') + 1)}`);
+      const mode = Number(files[i].slice(0, files[i].indexOf(':')));
+      // Refused before anything is mapped: the caller may no longer open the file as the mapping needs.
+      if (fd < 0n) throw new CkptError(Number(-fd) === errno('EACCES') ? errno('EPERM') : Number(-fd), 'restart:memory', `task ${pid}: cannot open ${files[i].slice(files[i].indexOf(':') + 1)} ${mode === O_RDWR ? 'for writing (a shared mapping that may write)' : 'for reading'}: ${errnoName(Number(-fd))}`);
       fds.set(files[i], fd);
     });
     const calls: { call: (number | bigint)[]; what: string }[] = [];
@@ -515,7 +521,7 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
       }
       const path = v.path!;
       checkFileIdentity(pid, v);
-      const mode = v.shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY;
+      const mode = v.shared && (v.prot & PROT_WRITE || v.mayWrite) ? O_RDWR : O_RDONLY;
       const key = `${mode}:${path}`;
       let fd = fds.get(key);
       if (fd === undefined) {
@@ -534,7 +540,8 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
     if (vmas.some((v) => v.advice || v.guards)) r.tracer.vmAdvice.add(r.task.tgid);
     const res = r.batch([...calls.map((c) => c.call), ...advice]);
     calls.forEach((c, i) => {
-      if (res[i] < 0n && res[i] > -4096n) throw new CkptError(Number(-res[i]), 'restart:memory', c.what);
+      const e = Number(-res[i]);
+      if (res[i] < 0n && res[i] > -4096n) throw new CkptError(e === errno('EACCES') ? errno('EPERM') : e, 'restart:memory', `${c.what}: ${errnoName(e)}`);
     });
   } finally {
     r.batch([...fds.values()].map((fd) => [SYS.close, fd]));
