@@ -189,6 +189,6 @@ export const SYS = {
   clone: 56, fork: 57, wait4: 61, kill: 62, fcntl: 72, chdir: 80, fchdir: 81, umask: 95,
   getuid: 102, getppid: 110, prctl: 157, arch_prctl: 158, gettid: 186, tgkill: 234, openat: 257,
   mremap: 25, set_robust_list: 273, dup3: 292, rt_tgsigqueueinfo: 297,
-  pidfd_open: 434, clone3: 435, close_range: 436, pidfd_getfd: 438,
+  pidfd_open: 434, clone3: 435, close_range: 436, pidfd_getfd: 438, mlock2: 325, mlock: 149, mlockall: 151,
   setresuid: 117, setresgid: 119, setgroups: 116, sigaltstack: 131, exit: 60,
 } as const;

@@ -129,3 +129,5 @@ export function readPagemapRaw(fd: number, start: bigint, end: bigint): Buffer {
 export const PM_PRESENT = 0x80;
 export const PM_SWAP = 0x40;
 export const PM_FILE = 0x20;
+/** Bit 58: a guard page (MADV_GUARD_INSTALL), Linux 6.14. */
+export const PM_GUARD = 0x04;

@@ -5,7 +5,9 @@
  * trapped too, and only with the arguments that matter to us: madvise with
  * MADV_DONTFORK or MADV_WIPEONFORK (rare: set once on a region by the few
  * programs that use them), so that the stop of a checkpoint only looks for
- * memory fork does not copy in processes that ever asked for it.
+ * memory fork does not copy in processes that ever asked for it; madvise
+ * with advice that smaps shows as a VMA flag, and the lock calls, so that
+ * only the rollbacks of processes that ever used them read smaps.
  */
 const BPF_LD_W_ABS = 0x20;
 const BPF_JEQ_K = 0x15;
@@ -21,21 +23,34 @@ const DATA_NR = 0, DATA_ARCH = 4, DATA_ARG2 = 32;
 
 type Insn = [code: number, jt: number, jf: number, k: number];
 
-/** Trap [first, last] and the fork-advice madvise calls on x86-64; the result is a struct sock_filter array. */
+/** madvise advice that leaves VMA state a rollback must compare (see Tracer.vmAdvice). */
+export const MADV_VM_STATE = [1 /* RANDOM */, 2 /* SEQUENTIAL */, 12 /* MERGEABLE */, 14 /* HUGEPAGE */, 15 /* NOHUGEPAGE */, 16 /* DONTDUMP */, 102 /* GUARD_INSTALL */, 103 /* GUARD_REMOVE */];
+/** mlock, mlockall, munlockall, mlock2: always trapped (rare, and a fork does not pass the locks on). */
+export const SYS_LOCKS = [149, 151, 152, 325];
+
+/** Trap [first, last], the noted madvise calls and the lock calls on x86-64; the result is a struct sock_filter array. */
 export function buildTrapFilter(first: number, last: number): Buffer {
-  const prog: Insn[] = [
-    /* 0 */ [BPF_LD_W_ABS, 0, 0, DATA_ARCH],
-    /* 1 */ [BPF_JEQ_K, 0, 8, AUDIT_ARCH_X86_64], // other arch -> allow
-    /* 2 */ [BPF_LD_W_ABS, 0, 0, DATA_NR],
-    /* 3 */ [BPF_JEQ_K, 0, 3, SYS_madvise], // else -> 7
-    /* 4 */ [BPF_LD_W_ABS, 0, 0, DATA_ARG2], // the advice (an int: the low word)
-    /* 5 */ [BPF_JEQ_K, 3, 0, MADV_DONTFORK], // -> trace
-    /* 6 */ [BPF_JEQ_K, 2, 3, MADV_WIPEONFORK], // -> trace, else allow
-    /* 7 */ [BPF_JGE_K, 0, 2, first], // nr < first -> allow
-    /* 8 */ [BPF_JGE_K, 1, 0, last + 1], // nr > last -> allow
-    /* 9 */ [BPF_RET_K, 0, 0, SECCOMP_RET_TRACE],
-    /* 10 */ [BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW],
+  const advice = [MADV_DONTFORK, MADV_WIPEONFORK, ...MADV_VM_STATE];
+  // Jumps are relative: the program is laid out, then each jump is the
+  // distance to its label (TRACE at the end - 1, ALLOW at the end).
+  const body: (Insn | ['JEQ', number, 'TRACE' | 'next', 'ALLOW' | 'next' | 'RANGE'])[] = [
+    [BPF_LD_W_ABS, 0, 0, DATA_ARCH],
+    ['JEQ', AUDIT_ARCH_X86_64, 'next', 'ALLOW'], // other arch -> allow
+    [BPF_LD_W_ABS, 0, 0, DATA_NR],
+    ...SYS_LOCKS.map((nr) => ['JEQ', nr, 'TRACE', 'next'] as ['JEQ', number, 'TRACE', 'next']),
+    ['JEQ', SYS_madvise, 'next', 'RANGE'],
+    [BPF_LD_W_ABS, 0, 0, DATA_ARG2], // the advice (an int: the low word)
+    ...advice.map((a, i) => ['JEQ', a, 'TRACE', i === advice.length - 1 ? 'ALLOW' : 'next'] as ['JEQ', number, 'TRACE', 'ALLOW' | 'next']),
   ];
+  const range = body.length, trace = range + 2, allow = range + 3;
+  const at = (label: string, pc: number) => (label === 'next' ? 0 : (label === 'TRACE' ? trace : label === 'ALLOW' ? allow : range) - pc - 1);
+  const prog: Insn[] = body.map((x, pc) => (x[0] === 'JEQ' ? [BPF_JEQ_K, at(x[2], pc), at(x[3], pc), x[1]] : (x as Insn)));
+  prog.push(
+    [BPF_JGE_K, 0, 2, first], // nr < first -> allow
+    [BPF_JGE_K, 1, 0, last + 1], // nr > last -> allow
+    [BPF_RET_K, 0, 0, SECCOMP_RET_TRACE],
+    [BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW],
+  );
   const buf = Buffer.alloc(prog.length * 8);
   prog.forEach(([code, jt, jf, k], i) => {
     buf.writeUInt16LE(code, i * 8);

@@ -63,6 +63,15 @@ export class Tracer {
    * look for that memory during the stop. An exec clears the mark.
    */
   readonly forkAdvice = new Set<number>();
+  /**
+   * Processes that may hold madvise or mlock state a rollback must compare
+   * (MADV_DONTDUMP, HUGEPAGE, NOHUGEPAGE, RANDOM, SEQUENTIAL, MERGEABLE,
+   * mlock, mlock2, mlockall: trapped by the filter), inherited and cleared as
+   * forkAdvice is. Only their rollbacks read smaps.
+   */
+  readonly vmAdvice = new Set<number>();
+  /** Processes that called mlockall(MCL_FUTURE) (and not munlockall since): refused by a checkpoint. */
+  readonly lockFuture = new Set<number>();
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
@@ -137,6 +146,8 @@ export class Tracer {
     if (!t || t.tgid === ev.pid) {
       this.exited.add(ev.pid);
       this.forkAdvice.delete(ev.pid);
+      this.vmAdvice.delete(ev.pid);
+      this.lockFuture.delete(ev.pid);
     }
     if (ev.pid === this.rootPid) {
       this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };
@@ -169,6 +180,7 @@ export class Tracer {
     const pid = getEventMsg(task.tid);
     const child = this.add(pid, event === PTRACE_EVENT.CLONE ? undefined : pid);
     if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
+    if (child.tgid !== task.tgid && this.vmAdvice.has(task.tgid)) this.vmAdvice.add(child.tgid);
     task.forkNoted = true;
     return pid;
   }
@@ -323,6 +335,8 @@ export class Tracer {
         const former = getEventMsg(task.tid);
         this.execs.set(task.tgid, this.execGen(task.tgid) + 1);
         this.forkAdvice.delete(task.tgid); // a new address space
+        this.vmAdvice.delete(task.tgid);
+        this.lockFuture.delete(task.tgid);
         for (const t of this.threadsOf(task.tgid)) if (t.tid !== task.tid) this.tasks.delete(t.tid);
         if (former !== task.tid) this.tasks.delete(former);
         this.resume(task);

@@ -11,7 +11,7 @@ import { sys } from '../lib/libc.js';
 import { FORMAT_VERSION, ARCH, PAGE_SIZE } from '../lib/image.js';
 import type { ImagePlan } from '../lib/imagejob.js';
 import type { IoOutcome } from '../supervisor/io.js';
-import { readStatus, listTids, readStat } from '../lib/proc.js';
+import { readStatus, listTids, readStat, type MapEntry } from '../lib/proc.js';
 import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { hostPid, nsPids } from '../supervisor/pidns.js';
@@ -21,13 +21,13 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import { InFlight, runHere, unwrap, type HandlerResult, type SyscallCtx, type Supervisor } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
-import { captureMemory, vdsoInfo, checkMappings, copyUnforked, type VmaState, type HeldRun } from './resources/memory.js';
+import { captureMemory, vdsoInfo, checkMappings, copyUnforked, lockedRanges, addLocks, refuseFutureLocks, type VmaState, type HeldRun } from './resources/memory.js';
 import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, reapChild, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstacks, AltstackQuery, findTidAddress, peekPending, type ThreadState } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles, OutsideHolders } from './resources/files.js';
-import { ShmCapture, type ShmData } from './resources/shm.js';
+import { ShmCapture, nonZeroRuns } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
@@ -68,7 +68,7 @@ export interface HuskOptions {
  * Memory is not read: each process gets a husk instead (returned), and its
  * memory is described from the husk once the subtree runs again.
  */
-export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], others: OutsideHolders, husks: HuskOptions, ph = new Phases()): { tree: TreeState; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number> } {
+export function captureTree(tracer: Tracer, root: number, procs: number[], caller: Task, outside: number[], others: OutsideHolders, husks: HuskOptions, ph = new Phases()): { tree: TreeState; husks: Map<number, number>; held: Map<number, { vmas: VmaState[]; runs: HeldRun[] }>; shm: ShmCapture; hostOf: (pid: number) => number; uffds: Map<number, number>; locks: Map<number, MapEntry[]> } {
   const shm = new ShmCapture();
   const made = new Map<number, number>();
   const held = new Map<number, { vmas: VmaState[]; runs: HeldRun[] }>();
@@ -124,7 +124,8 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     const ns = toNamespace(tree);
     ph.mark('tree');
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
-    return { tree, husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds) };
+    const locks = rekey(new Map(procs.map((p, i) => [p, lockedRanges(maps[i] ?? [])])));
+    return { tree, husks: rekey(made), held: rekey(held), shm, hostOf: ns.toHost, uffds: rekey(uffds), locks };
   } catch (e) {
     destroyHusks(tracer, made);
     for (const fd of uffds.values()) fs.closeSync(fd);
@@ -156,7 +157,9 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
     stopSignal: tracer.groupStopOf(pid),
     threads: threads[i],
   }));
-  const maps = procs.map((pid) => checkMappings(pid, shm));
+  for (const pid of procs) refuseFutureLocks(pid, tracer.lockFuture.has(pid));
+  const maps = procs.map((pid, i) => checkMappings(pid, shm, statuses[i]));
+  shm.copy(); // every shared mapping and descriptor checked: now the bytes
   return { statuses, files, processes, zombies: findZombies(tracer, procs), maps };
 }
 
@@ -329,6 +332,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         const mem = captureMemory(husk);
         const held = cap.held.get(p.ids.pid);
         p.memory = [...mem.vmas, ...(held?.vmas ?? [])].sort((a, b) => (BigInt(a.start) < BigInt(b.start) ? -1 : 1));
+        addLocks(p.ids.pid, p.memory, cap.locks.get(p.ids.pid)); // the husk has none: seen in the process during the stop
         c.memory.set(p.ids.pid, mem);
         if (held?.runs.length) c.held.set(p.ids.pid, held.runs);
       }
@@ -416,7 +420,7 @@ export function imagePlan(c: MemCheckpoint): ImagePlan {
   return {
     header: { version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid: c.crid, kernel: os.release(), created: c.created, vdso: vdsoInfo(husk0) },
     tree: JSON.stringify(c.tree),
-    shm: [...c.shmData].flatMap(([key, runs]) => runs.map((r) => ({ key, offset: r.offset, data: r.data }))),
+    shm: [...c.shmData].flatMap(([key, runs]) => [...nonZeroRuns(runs)].map((r) => ({ key, offset: r.offset, data: r.data }))),
     procs: c.tree.processes.map((p) => ({ pid: p.ids.pid, memPid: c.husks.get(p.ids.pid)!, runs: c.memory.get(p.ids.pid)!.runs, held: c.held.get(p.ids.pid) ?? [] })),
   };
 }

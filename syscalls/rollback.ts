@@ -13,7 +13,7 @@
  */
 import { CkptError, errno } from '../lib/errors.js';
 import { sys, SYS } from '../lib/libc.js';
-import { readMaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
+import { readMaps, readSmaps, readStat, listTids, type MapEntry } from '../lib/proc.js';
 import { normalize, union, intersect, subtract, asRanges, runBytes, type Runs } from '../lib/runs.js';
 import { frameDiff, huskOwn, withPagemap, type DirtyTracker } from './resources/dirty.js';
 import { log, Phases } from '../lib/log.js';
@@ -23,8 +23,9 @@ import { Remote, CallBatch } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
 import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
-import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
+import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, needsVmFlags, sameVmFlags, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
+import { dropRseq } from './resources/thread.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
@@ -195,6 +196,7 @@ const protOf = (perms: string) => (perms[0] === 'r' ? 1 : 0) | (perms[1] === 'w'
 /** Can current mapping `m` stand for (part of) checkpoint VMA `v` as it is? */
 function compatible(m: MapEntry, v: VmaState): boolean {
   if (v.kind === 'shm' || v.dontfork || protOf(m.perms) !== v.prot || (m.perms[3] === 's') !== v.shared) return false;
+  if (m.flags && !sameVmFlags(m.flags, v)) return false; // advice changed since (or guards): mapped again with the checkpoint's
   const file = m.path.startsWith('/') && m.path !== '/dev/zero';
   if (v.kind === 'anon') return !file;
   // The same file, at the same offset for the same address.
@@ -259,13 +261,21 @@ function clip(runs: Run[], pieces: Piece[]): Run[] {
 function rollbackMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestore, c: MemCheckpoint, tracker: DirtyTracker | undefined, remapped: Set<number>, ph: Phases): number {
   const pid = sh.task.tid;
   const r = sh.remote;
-  const all = readMaps(pid);
+  const all = needsVmFlags(r.tracer.vmAdvice.has(sh.task.tgid), sh.state.memory) ? readSmaps(pid) : readMaps(pid); // VmFlags only where they may differ
   const current = all.filter((m) => !SPECIAL.includes(m.path) && m.path !== '[vsyscall]');
   sh.gadget = pickGadget(all, sh.state.memory);
   installGadget(r, sh.gadget);
   placeSpecials(r, all, sh.state.memory, pid);
   const { kept, fresh } = splitByCurrent(current, sh.state.memory.filter((v) => v.kind !== 'special'));
   log.restore('rollback %d: %d parts kept, %d mapped again', pid, kept.length, fresh.length);
+  // The kernel writes a thread's rseq area on every return to user space: if
+  // the leader's lies in a part about to be unmapped, it would get SIGSEGV
+  // between the munmap and the mmap. Unregistered now, registered at the end.
+  const rseq = sh.rseqKept.has(sh.state.ids.pid) ? BigInt(sh.state.threads.find((t) => t.tid === sh.state.ids.pid)?.rseq?.addr ?? 0) : 0n;
+  if (rseq && !kept.some((p) => p.start <= rseq && rseq < p.end)) {
+    dropRseq(r);
+    sh.rseqKept.delete(sh.state.ids.pid);
+  }
   // Unmap what lies outside the kept parts (munmap splits mappings as needed).
   const keepRanges = [...kept.map((p) => [p.start, p.end]), [sh.gadget, sh.gadget + GADGET_SIZE]].sort((x, y) => (x[0] < y[0] ? -1 : 1));
   const unmaps = new CallBatch(r);

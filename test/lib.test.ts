@@ -2,7 +2,7 @@
 import t from 'tap';
 import { decodeWaitStatus, Regs, REGS_SIZE } from '../lib/ptrace.js';
 import { parseMaps, parseSmaps, parseStat, parseFdinfo } from '../lib/proc.js';
-import { buildTrapFilter, evalFilter, SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE, MADV_DONTFORK, MADV_WIPEONFORK } from '../lib/seccomp.js';
+import { buildTrapFilter, evalFilter, SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE, MADV_DONTFORK, MADV_WIPEONFORK, MADV_VM_STATE, SYS_LOCKS } from '../lib/seccomp.js';
 import { normalize, union, intersect, subtract, runBytes, type Runs } from '../lib/runs.js';
 
 t.test('wait status decoding', async (t) => {
@@ -54,10 +54,12 @@ t.test('seccomp filter traps exactly the ckpt numbers on x86-64', async (t) => {
   for (let nr = 1000; nr <= 1004; nr++) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_TRACE, `x86-64 ${nr} traps`);
   t.equal(evalFilter(f, I386, 1000), SECCOMP_RET_ALLOW, 'other architectures are never trapped or killed');
   t.equal(evalFilter(f, AARCH64, 1002), SECCOMP_RET_ALLOW);
-  for (const advice of [MADV_DONTFORK, MADV_WIPEONFORK]) t.equal(evalFilter(f, X86_64, 28, [0x1000, 4096, advice]), SECCOMP_RET_TRACE, `madvise ${advice} traps`);
-  for (const advice of [4 /* DONTNEED */, 8 /* FREE */, 11 /* DOFORK */, 14 /* HUGEPAGE */, 0x10000 + 10]) t.equal(evalFilter(f, X86_64, 28, [0x1000, 4096, advice]), SECCOMP_RET_ALLOW, `madvise ${advice} runs untouched`);
+  for (const advice of [MADV_DONTFORK, MADV_WIPEONFORK, ...MADV_VM_STATE]) t.equal(evalFilter(f, X86_64, 28, [0x1000, 4096, advice]), SECCOMP_RET_TRACE, `madvise ${advice} traps`);
+  for (const advice of [0 /* NORMAL */, 4 /* DONTNEED */, 8 /* FREE */, 11 /* DOFORK */, 17 /* DODUMP */, 0x10000 + 10]) t.equal(evalFilter(f, X86_64, 28, [0x1000, 4096, advice]), SECCOMP_RET_ALLOW, `madvise ${advice} runs untouched`);
   t.equal(evalFilter(f, X86_64, 27, [0, 0, MADV_DONTFORK]), SECCOMP_RET_ALLOW, 'the advice value alone traps nothing');
   t.equal(evalFilter(f, I386, 28, [0, 0, MADV_DONTFORK]), SECCOMP_RET_ALLOW);
+  for (const nr of SYS_LOCKS) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_TRACE, `lock call ${nr} traps`);
+  for (const nr of [150 /* munlock */]) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_ALLOW, `${nr} runs untouched`);
 });
 
 t.test('register set', async (t) => {

@@ -8,8 +8,8 @@
  */
 import fs from 'node:fs';
 import crypto from 'node:crypto';
-import { CkptError, errno } from '../../lib/errors.js';
-import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE } from '../../lib/proc.js';
+import { CkptError, errno, errnoName } from '../../lib/errors.js';
+import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SWAP, PM_FILE, PM_GUARD } from '../../lib/proc.js';
 import { Pagemap, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
 import type { ImageHeader } from '../../lib/image.js';
@@ -43,6 +43,18 @@ export interface VmaState {
   dontfork?: boolean;
   /** MADV_WIPEONFORK: a husk has it empty, so its pages were copied during the stop. */
   wipeonfork?: boolean;
+  /**
+   * madvise and mlock state, as smaps VmFlags names it: dd (MADV_DONTDUMP),
+   * hg / nh (MADV_HUGEPAGE / NOHUGEPAGE), rr / sr (MADV_RANDOM / SEQUENTIAL),
+   * mg (MADV_MERGEABLE), lo (mlocked), lf (lo with MLOCK_ONFAULT).
+   */
+  advice?: string[];
+  /** MAP_DROPPABLE (VmFlags dp): mapped so again; its pages are not kept in memory checkpoints (a husk has them dropped). */
+  droppable?: boolean;
+  /** Guard pages (MADV_GUARD_INSTALL, VmFlags gu; pagemap's guard bit, Linux 6.14), page runs [start, end) in hex. */
+  guards?: [string, string][];
+  /** A shared file mapping without PROT_WRITE that may be made writable (VmFlags mw): the file is opened for writing again. */
+  mayWrite?: boolean;
   /** Identity of a mapped file, checked before it is mapped again. */
   file?: { size: number; mtimeMs: number };
   /** Pages of this VMA the image carries. */
@@ -60,12 +72,118 @@ function protOf(perms: string): number {
 const unsupported = (pid: number, what: string) =>
   new CkptError(errno('EOPNOTSUPP'), 'checkpoint:memory', `task ${pid}: ${what}`);
 
+/** The VmFlags a restore sets again with madvise, and the advice for each. */
+const ADVICE: Record<string, number> = { rr: 1, sr: 2, mg: 12, hg: 14, nh: 15, dd: 16 };
+const KEPT_FLAGS = [...Object.keys(ADVICE), 'lo', 'lf'];
+const MLOCK_ONFAULT = 1;
+
+/** The kept advice among a mapping's VmFlags (undefined: none). */
+export function adviceOf(flags: string[] | undefined): string[] | undefined {
+  const a = flags?.filter((f) => KEPT_FLAGS.includes(f));
+  return a?.length ? a : undefined;
+}
+
+/** Does a live mapping carry the checkpoint VMA's advice, no more, no less? */
+export function sameAdvice(flags: string[], v: VmaState): boolean {
+  const a = adviceOf(flags) ?? [], b = v.advice ?? [];
+  return a.length === b.length && a.every((x) => b.includes(x));
+}
+
+/** The calls that give a freshly mapped VMA its advice back (madvise, mlock2). */
+function adviceCalls(pid: number, v: VmaState): (number | bigint)[][] {
+  const len = vmaEnd(v) - vmaStart(v);
+  const calls: (number | bigint)[][] = [];
+  for (const [gs, ge] of v.guards ?? []) {
+    // Clipped to the VMA: a rollback maps a VMA again in parts.
+    const s = BigInt(gs) > vmaStart(v) ? BigInt(gs) : vmaStart(v), e = BigInt(ge) < vmaEnd(v) ? BigInt(ge) : vmaEnd(v);
+    if (s < e) calls.push([SYS.madvise, s, e - s, MADV_GUARD_INSTALL]);
+  }
+  for (const f of v.advice ?? []) {
+    if (f === 'lf') continue;
+    if (f === 'lo') calls.push([SYS.mlock2, vmaStart(v), len, v.advice!.includes('lf') ? MLOCK_ONFAULT : 0]);
+    else if (ADVICE[f] !== undefined) calls.push([SYS.madvise, vmaStart(v), len, ADVICE[f]]);
+    else throw new CkptError(errno('EBADMSG'), 'restart:memory', `task ${pid}: unknown advice ${JSON.stringify(f)} for ${v.start}-${v.end}`);
+  }
+  return calls;
+}
+
+const MADV_GUARD_INSTALL = 102, MAP_DROPPABLE = 0x08;
+
+/** The runs of guard pages among a VMA's pagemap flag bytes. */
+function guardRuns(start: bigint, entries: Uint8Array): [string, string][] | undefined {
+  const out: [string, string][] = [];
+  for (let i = 0; i < entries.length; i++) {
+    if (!(entries[i] & PM_GUARD)) continue;
+    let j = i;
+    while (j < entries.length && entries[j] & PM_GUARD) j++;
+    out.push([hex(start + BigInt(i) * PAGE), hex(start + BigInt(j) * PAGE)]);
+    i = j;
+  }
+  return out.length ? out : undefined;
+}
+
+/**
+ * Must a rollback read the live process's VmFlags (smaps, slower than maps)?
+ * Where advice may have been given since (`advised`), or the checkpoint has
+ * state only VmFlags tell apart (guard pages, MAP_DROPPABLE).
+ */
+export function needsVmFlags(advised: boolean, vmas: VmaState[]): boolean {
+  return advised || vmas.some((v) => v.guards || v.droppable);
+}
+
+/**
+ * Can a live mapping with VmFlags `flags` stand for checkpoint VMA `v` as it
+ * is, as far as its flags go? Guard pages are never compared page by page:
+ * such a part is mapped again, and its guards installed again.
+ */
+export function sameVmFlags(flags: string[], v: VmaState): boolean {
+  return sameAdvice(flags, v) && flags.includes('dp') === !!v.droppable && !flags.includes('gu') && !v.guards;
+}
+
+/** Is any memory of the process locked (VmLck of /proc/PID/status)? fork does not pass locks on. */
+const hasLocks = (status?: Map<string, string>) => !!status && parseInt(status.get('VmLck') ?? '0', 10) > 0;
+
+/** mlockall(MCL_FUTURE) locks mappings made later; /proc does not show it, so it is not kept. */
+export function refuseFutureLocks(pid: number, future: boolean): void {
+  if (future) throw unsupported(pid, 'mlockall(MCL_FUTURE) is in force (locks of mappings made later are not kept)');
+}
+
+/** The locked mappings among `maps` (read with flags when locks were seen). */
+export function lockedRanges(maps: MapEntry[]): MapEntry[] {
+  return maps.filter((m) => m.flags?.includes('lo'));
+}
+
+/**
+ * Put the locks the live process had during the stop on the VMAs described
+ * from its husk (same boundaries: fork copies VMAs one by one).
+ */
+export function addLocks(pid: number, vmas: VmaState[], locked: MapEntry[] | undefined): void {
+  for (const l of locked ?? []) {
+    const inside = vmas.filter((v) => vmaStart(v) >= l.start && vmaEnd(v) <= l.end);
+    const covered = inside.reduce((n, v) => n + (vmaEnd(v) - vmaStart(v)), 0n);
+    if (covered !== l.end - l.start) throw unsupported(pid, `locked mapping 0x${l.start.toString(16)}-0x${l.end.toString(16)} does not match the mappings seen after the stop`);
+    for (const v of inside) v.advice = [...(v.advice ?? []).filter((f) => f !== 'lo' && f !== 'lf'), ...l.flags!.filter((f) => f === 'lo' || f === 'lf')];
+  }
+}
+
+/**
+ * A SysV shared memory segment (shmat): the kernel names its mapping
+ * "/SYSV<key in hex>" on the internal shm mount, its inode number being the
+ * segment's id. Not a file of ours, so never taken for a deleted one.
+ */
+function sysvShm(m: MapEntry): { key: string; id: number } | null {
+  const k = /^\/SYSV([0-9a-f]{8})(?: \(deleted\))?$/.exec(m.path);
+  return k ? { key: '0x' + k[1], id: m.inode } : null;
+}
+
 /** Describe one mapping, or throw EOPNOTSUPP naming what we cannot keep. */
 function describe(pid: number, m: MapEntry, shm?: ShmCapture): VmaState | null {
   const base = { start: hex(m.start), end: hex(m.end), prot: protOf(m.perms), shared: m.perms[3] === 's', pages: 0 };
   const range = `${base.start}-${base.end}`;
   if (m.path === '[vsyscall]') return null; // fixed by the kernel, same everywhere
   if (SPECIAL.includes(m.path)) return { ...base, kind: 'special', name: m.path };
+  const sysv = sysvShm(m);
+  if (sysv) throw unsupported(pid, `mapping ${range} of SysV shm key ${sysv.key} id ${sysv.id} (SysV IPC is not kept)`);
   if (base.shared && isShm(m.path)) {
     const key = shm ? shm.addMapping(pid, m) : shmKeyOfMap(m);
     return { ...base, kind: 'shm', shmKey: key, name: m.path.replace(/ \(deleted\)$/, ''), offset: hex(m.offset) };
@@ -93,8 +211,9 @@ function describe(pid: number, m: MapEntry, shm?: ShmCapture): VmaState | null {
  * now) from /proc/PID/maps alone. Private mappings are described, and
  * refused if need be, from the husk once the subtree runs again.
  */
-export function checkMappings(pid: number, shm: ShmCapture): MapEntry[] {
-  const maps = readMaps(pid);
+export function checkMappings(pid: number, shm: ShmCapture, status?: Map<string, string>): MapEntry[] {
+  // smaps (slower) only where memory is locked: the husk will not show the locks.
+  const maps = hasLocks(status) ? readSmaps(pid) : readMaps(pid);
   for (const m of maps) if (m.perms[3] === 's') describe(pid, m, shm);
   return maps;
 }
@@ -162,11 +281,18 @@ export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
     for (const m of readSmaps(pid)) {
       const v = describe(pid, m, shm);
       if (!v) continue;
-      if (m.flags?.includes('wf')) v.wipeonfork = true;
+      // MAP_DROPPABLE implies wipe-on-fork: a husk has its pages dropped, as the kernel may do at any time.
+      if (m.flags?.includes('dp')) v.droppable = true;
+      else if (m.flags?.includes('wf')) v.wipeonfork = true;
+      if (v.kind !== 'special') v.advice = adviceOf(m.flags);
+      // A shared file mapping made through a descriptor open for writing may be mprotect()ed writable later.
+      if (v.kind === 'file' && v.shared && !(v.prot & PROT_WRITE) && m.flags?.includes('mw')) v.mayWrite = true;
       vmas.push(v);
+      if (v.shared && m.flags?.includes('gu')) throw unsupported(pid, `guard pages (MADV_GUARD_INSTALL) in shared mapping ${v.start}-${v.end}`);
       if (v.kind === 'special' || v.shared) continue;
       const entries = readPagemapFlags(pid, m.start, m.end, pm);
       const anon = v.kind === 'anon';
+      if (m.flags?.includes('gu')) v.guards = guardRuns(m.start, entries);
       let runStart = -1;
       const flush = (i: number) => {
         if (runStart < 0) return;
@@ -176,7 +302,8 @@ export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
       };
       for (let i = 0; i < entries.length; i++) {
         const e = entries[i];
-        const keep = anon ? (e & (PM_PRESENT | PM_SWAP)) !== 0 : (e & (PM_PRESENT | PM_FILE)) === PM_PRESENT || (e & PM_SWAP) !== 0;
+        // A guard page reads as a swap entry with the guard bit: no data to read (it faults).
+        const keep = e & PM_GUARD ? false : anon ? (e & (PM_PRESENT | PM_SWAP)) !== 0 : (e & (PM_PRESENT | PM_FILE)) === PM_PRESENT || (e & PM_SWAP) !== 0;
         if (keep) {
           if (runStart < 0) runStart = i;
         } else flush(i);
@@ -207,9 +334,13 @@ export function vdsoInfo(pid: number): ImageHeader['vdso'] {
 }
 
 export function checkVdso(image: ImageHeader['vdso'], here: ImageHeader['vdso']): void {
-  const a = JSON.stringify(image.layout), b = JSON.stringify(here.layout);
-  if (a !== b || image.hash !== here.hash) {
-    throw new CkptError(errno('ENOEXEC'), 'restart', `vDSO layout differs: image ${a} ${image.hash}, here ${b} ${here.hash}`);
+  // A program that unmapped some of them (its vDSO, say) gets none of those
+  // back: only the ones it kept must be this kernel's, and the code hash
+  // only matters if it kept the vDSO itself.
+  const have = new Map(here.layout.map((l) => [l.name, l.size]));
+  const ok = image.layout.every((l) => have.get(l.name) === l.size) && (!image.layout.some((l) => l.name === '[vdso]') || image.hash === here.hash);
+  if (!ok) {
+    throw new CkptError(errno('ENOEXEC'), 'restart', `vDSO layout differs: image ${JSON.stringify(image.layout)} ${image.hash}, here ${JSON.stringify(here.layout)} ${here.hash}`);
   }
 }
 
@@ -300,8 +431,11 @@ export function useGadget(r: Remote, gadget: bigint): void {
  * distance. Their sizes must match this kernel's (else ENOEXEC).
  */
 export function placeSpecials(r: Remote, current: MapEntry[], vmas: VmaState[], pid: number): void {
-  const specials = current.filter((m) => SPECIAL.includes(m.path));
   const want = vmas.filter((v) => v.kind === 'special');
+  // Those the process had unmapped at the checkpoint go (it comes back without them).
+  const unwanted = current.filter((m) => SPECIAL.includes(m.path) && !want.some((v) => v.name === m.path));
+  for (const m of unwanted) r.check('restart:memory', SYS.munmap, m.start, m.end - m.start);
+  const specials = current.filter((m) => SPECIAL.includes(m.path) && !unwanted.includes(m));
   if (want.length !== specials.length || want.some((v, i) => v.name !== specials[i].path || vmaEnd(v) - vmaStart(v) !== specials[i].end - specials[i].start)) {
     throw new CkptError(errno('ENOEXEC'), 'restart:memory', `task ${pid}: vDSO layout of the image does not match this kernel`);
   }
@@ -324,7 +458,7 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
   const fds = new Map<string, bigint>();
   try {
     // The files first, all opened in one batch (paths side by side in scratch).
-    const files = [...new Set(vmas.filter((v) => v.kind === 'file').map((v) => `${v.shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY}:${v.path}`))];
+    const files = [...new Set(vmas.filter((v) => v.kind === 'file').map((v) => `${v.shared && (v.prot & PROT_WRITE || v.mayWrite) ? O_RDWR : O_RDONLY}:${v.path}`))];
     let at = r.scratch();
     const opens: (number | bigint)[][] = [];
     for (const key of files) {
@@ -336,7 +470,9 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
       at += BigInt(p.length);
     }
     r.batch(opens).forEach((fd, i) => {
-      if (fd < 0n) throw new CkptError(Number(-fd) === errno('EACCES') ? errno('EPERM') : Number(-fd), 'restart:memory', `task ${pid}: cannot open ${files[i].slice(files[i].indexOf(':') + 1)}`);
+      const mode = Number(files[i].slice(0, files[i].indexOf(':')));
+      // Refused before anything is mapped: the caller may no longer open the file as the mapping needs.
+      if (fd < 0n) throw new CkptError(Number(-fd) === errno('EACCES') ? errno('EPERM') : Number(-fd), 'restart:memory', `task ${pid}: cannot open ${files[i].slice(files[i].indexOf(':') + 1)} ${mode === O_RDWR ? 'for writing (a shared mapping that may write)' : 'for reading'}: ${errnoName(Number(-fd))}`);
       fds.set(files[i], fd);
     });
     const calls: { call: (number | bigint)[]; what: string }[] = [];
@@ -355,13 +491,13 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
         // Mostly filled: let the kernel allocate the pages in one go rather
         // than one fault per page while the data is written in.
         const dense = BigInt(v.pages) * PAGE * 2n > len ? MAP_POPULATE : 0;
-        const flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (v.growsdown ? MAP_GROWSDOWN : 0) | dense;
+        const flags = (v.droppable ? MAP_DROPPABLE : MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED | (v.growsdown ? MAP_GROWSDOWN : 0) | dense;
         calls.push({ call: [SYS.mmap, vmaStart(v), len, v.prot, flags, -1, 0], what });
         continue;
       }
       const path = v.path!;
       checkFileIdentity(pid, v);
-      const mode = v.shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY;
+      const mode = v.shared && (v.prot & PROT_WRITE || v.mayWrite) ? O_RDWR : O_RDONLY;
       const key = `${mode}:${path}`;
       let fd = fds.get(key);
       if (fd === undefined) {
@@ -374,9 +510,14 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
     const advice = vmas.filter((v) => v.dontfork || v.wipeonfork).map((v) => [SYS.madvise, vmaStart(v), vmaEnd(v) - vmaStart(v), v.dontfork ? MADV_DONTFORK : MADV_WIPEONFORK]);
     // Injected, these calls are not seen the way the program's own are: say so here (see Tracer.forkAdvice).
     if (advice.length) r.tracer.forkAdvice.add(r.task.tgid);
+    // The other advice and the locks too, checked: a lock the caller's
+    // RLIMIT_MEMLOCK does not allow fails the restart (never more than it could get).
+    for (const v of vmas) for (const call of adviceCalls(pid, v)) calls.push({ call, what: `task ${pid}: ${call[0] === SYS.mlock2 ? 'mlock2' : `madvise(${call[3]})`} ${hex(BigInt(call[1]))}+${call[2]} in ${v.start}-${v.end}` });
+    if (vmas.some((v) => v.advice || v.guards)) r.tracer.vmAdvice.add(r.task.tgid);
     const res = r.batch([...calls.map((c) => c.call), ...advice]);
     calls.forEach((c, i) => {
-      if (res[i] < 0n && res[i] > -4096n) throw new CkptError(Number(-res[i]), 'restart:memory', c.what);
+      const e = Number(-res[i]);
+      if (res[i] < 0n && res[i] > -4096n) throw new CkptError(e === errno('EACCES') ? errno('EPERM') : e, 'restart:memory', `${c.what}: ${errnoName(e)}`);
     });
   } finally {
     r.batch([...fds.values()].map((fd) => [SYS.close, fd]));

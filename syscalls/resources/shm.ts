@@ -8,7 +8,7 @@
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
-import { sys } from '../../lib/libc.js';
+import { sys, SYS, errnoNow } from '../../lib/libc.js';
 import type { MapEntry } from '../../lib/proc.js';
 import type { Remote } from '../../supervisor/remote.js';
 import { viewPid } from '../../supervisor/pidns.js';
@@ -39,22 +39,56 @@ export const shmKeyOfMap = (m: MapEntry) => {
   return `${(maj << 8) | min}:${m.inode}`;
 };
 
-/** Read an object's non-zero pages from any path that opens it. */
+const SEEK_DATA = 3, SEEK_HOLE = 4;
+/** Read at most this much in one buffer: runs are views into these buffers. */
+const CHUNK = 8 << 20;
+const ZERO_PAGE = Buffer.alloc(4096);
+
+/**
+ * The parts of an open object that hold data (tmpfs and most file systems
+ * tell with SEEK_DATA/SEEK_HOLE), so that a large object with few pages
+ * written costs only those pages. Our own descriptor: its offset is ours.
+ */
+function dataExtents(fd: number, size: number): [number, number][] {
+  const out: [number, number][] = [];
+  for (let at = 0; at < size; ) {
+    const s = sys.syscall(SYS.lseek, fd, at, SEEK_DATA);
+    if (s < 0) {
+      if (errnoNow() === errno('ENXIO')) break; // no data after `at`
+      return [[0, size]]; // cannot tell: all of it
+    }
+    const e = sys.syscall(SYS.lseek, fd, s, SEEK_HOLE);
+    const end = e < 0 ? size : Math.min(e, size);
+    if (end > s) out.push([s, end]);
+    at = end;
+  }
+  return out;
+}
+
+/**
+ * Read an object's data from any path that opens it. This runs while the
+ * subtree is stopped, so each byte is copied once, straight into buffers
+ * that are kept (a run that grew by concatenation copied the whole run
+ * again for every page: quadratic). Zero pages among the data are left out
+ * only when an image is written (nonZeroRuns), after the thaw.
+ */
 function readObject(path: string): { size: number; runs: { offset: number; data: Buffer }[] } {
   const fd = fs.openSync(path, 'r');
   try {
     const size = fs.fstatSync(fd).size;
     const runs: { offset: number; data: Buffer }[] = [];
-    const buf = Buffer.alloc(1 << 20);
-    const zero = Buffer.alloc(4096);
-    for (let off = 0; off < size; off += buf.length) {
-      const n = fs.readSync(fd, buf, 0, Math.min(buf.length, size - off), off);
-      for (let p = 0; p < n; p += 4096) {
-        const page = buf.subarray(p, Math.min(p + 4096, n));
-        if (page.equals(zero.subarray(0, page.length))) continue;
-        const last = runs[runs.length - 1];
-        if (last && last.offset + last.data.length === off + p) last.data = Buffer.concat([last.data, page]);
-        else runs.push({ offset: off + p, data: Buffer.from(page) });
+    for (const [s, e] of dataExtents(fd, size)) {
+      for (let off = s; off < e; off += CHUNK) {
+        const want = Math.min(CHUNK, e - off);
+        const buf = Buffer.allocUnsafe(want);
+        let n = 0;
+        while (n < want) {
+          const k = fs.readSync(fd, buf, n, want - n, off + n);
+          if (k <= 0) break; // shrunk meanwhile (only a descriptor's holder could): no more data
+          n += k;
+        }
+        if (n) runs.push({ offset: off, data: buf.subarray(0, n) });
+        if (n < want) break;
       }
     }
     return { size, runs };
@@ -63,22 +97,55 @@ function readObject(path: string): { size: number; runs: { offset: number; data:
   }
 }
 
+/** The runs without their zero pages (views, nothing copied): what an image carries. */
+export function* nonZeroRuns(runs: { offset: number; data: Buffer }[]): Generator<{ offset: number; data: Buffer }> {
+  for (const r of runs) {
+    let start = -1;
+    for (let p = 0; p < r.data.length; p += 4096) {
+      const q = Math.min(p + 4096, r.data.length);
+      // A data page is told from a zero page at its first non-zero byte.
+      const zero = r.data.subarray(p, q).equals(ZERO_PAGE.subarray(0, q - p));
+      if (!zero && start < 0) start = p;
+      if (zero && start >= 0) {
+        yield { offset: r.offset + start, data: r.data.subarray(start, p) };
+        start = -1;
+      }
+    }
+    if (start >= 0) yield { offset: r.offset + start, data: r.data.subarray(start) };
+  }
+}
+
+/**
+ * The shared objects of a capture. Objects are noted as they are met
+ * (mappings, descriptors) and read only by copy(), once every mapping and
+ * descriptor of the subtree has been checked: a refusal comes before any
+ * byte is copied.
+ */
 export class ShmCapture {
   readonly objects: ShmObject[] = [];
   readonly data: ShmData = new Map();
+  private pending = new Map<string, { name: string; path: string }>();
 
   /** Note an object met through `path` (/proc/PID/map_files/... or /proc/PID/fd/N). */
   add(key: string, name: string, path: string): void {
-    if (this.data.has(key)) return;
-    const { size, runs } = readObject(path);
-    this.objects.push({ key, name, size });
-    this.data.set(key, runs);
+    if (this.data.has(key) || this.pending.has(key)) return;
+    this.pending.set(key, { name, path });
   }
 
   addMapping(pid: number, m: MapEntry): string {
     const key = shmKeyOfMap(m);
     this.add(key, m.path.replace(/ \(deleted\)$/, ''), `/proc/${pid}/map_files/${m.start.toString(16)}-${m.end.toString(16)}`);
     return key;
+  }
+
+  /** Read every object noted (the subtree is still stopped). */
+  copy(): void {
+    for (const [key, { name, path }] of this.pending) {
+      const { size, runs } = readObject(path);
+      this.objects.push({ key, name, size });
+      this.data.set(key, runs);
+    }
+    this.pending.clear();
   }
 
   bytes(): number {
