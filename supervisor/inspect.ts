@@ -71,7 +71,7 @@ function describeDesc(files: TreeState['files'], id: number): string {
   const d = files.descs[id];
   if (!d) return '?';
   if (d.kind === 'path') return `${d.path} pos ${d.pos} flags 0${d.flags.toString(8)}`;
-  if (d.kind === 'fifo') return `fifo ${d.path} (${Buffer.from(d.data, 'base64').length} bytes unread)`;
+  if (d.kind === 'fifo') return `fifo ${d.path}${d.deleted ? ' (deleted)' : ''} (${Buffer.from(d.data, 'base64').length} bytes unread)`;
   const type = (t: number) => ['', 'stream', 'dgram', '', '', 'seqpacket'][t] ?? String(t);
   const shown = (n: string) => (n.startsWith('\0') ? '@' + n.slice(1) : n.replace(/\0$/, ''));
   const named = (n?: string) => (n === undefined ? '' : ` named ${shown(n)}`);
@@ -94,6 +94,8 @@ function describeDesc(files: TreeState['files'], id: number): string {
   }
   if (d.kind === 'ghost') return `deleted file ${d.path} (contents kept) pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
+  if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;
+  if (d.kind === 'deldir') return `deleted directory ${d.path} (made again empty) mode 0${d.mode.toString(8)}`;
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;
 }
