@@ -44,6 +44,11 @@ bothWays('pidfd', 'pidfds of a running child (non-blocking), of a zombie child (
   'pidfd of itself: names it, PIDFD_THREAD',
 ], 'PIDFD OK', false);
 
+bothWays('shutdown', 'unix socket pairs with one end shut down (SHUT_WR on a stream, SHUT_RD on a seqpacket)', [
+  'SHUT_WR: what was sent before is read', 'SHUT_WR: then the peer reads EOF', 'SHUT_WR: the end shut down cannot send (EPIPE)',
+  'SHUT_WR: the other way still works', 'SHUT_RD: the peer cannot send to it (EPIPE)', 'SHUT_RD: it reads EOF', 'SHUT_RD: what it sent is still read',
+], 'SHUTDOWN OK', false);
+
 const refusals: [string, RegExp][] = [
   ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
   ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],

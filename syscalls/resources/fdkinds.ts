@@ -77,11 +77,24 @@ export interface PidfdState { pid: number }
 export function capturePidfd(pid: number, fd: number, info: FdInfo, inTree: (hostPid: number) => boolean, level: number): PidfdState {
   const target = Number(info.extra.get('Pid') ?? -1);
   if (target <= 0) throw unsupported(pid, fd, `a pidfd of a process that has exited and been reaped`);
-  if (!inTree(target)) throw unsupported(pid, fd, `a pidfd of process ${target}, outside the subtree: it could name another process after a restart`);
+  if (!inTree(target)) {
+    // A thread other than a leader: made after the descriptors, too late for pidfd_open.
+    const tgid = /^Tgid:\s*(\d+)/m.exec(readOr(`/proc/${target}/status`))?.[1];
+    if (tgid && tgid !== String(target) && inTree(Number(tgid))) throw unsupported(pid, fd, `a pidfd of thread ${target} of process ${tgid}: only pidfds of processes are kept`);
+    throw unsupported(pid, fd, `a pidfd of process ${target}, outside the subtree: it could name another process after a restart`);
+  }
   const ns = (info.extra.get('NSpid') ?? String(target)).trim().split(/\s+/).map(Number);
   const seen = ns[level];
   if (!seen) throw unsupported(pid, fd, `a pidfd of process ${target}, not visible in the tree's pid namespace`);
   return { pid: seen };
+}
+
+function readOr(path: string): string {
+  try {
+    return fs.readFileSync(path, 'utf8');
+  } catch {
+    return '';
+  }
 }
 
 /** The pidfd made again in `r` (every process and zombie of the tree exists by then). */

@@ -159,6 +159,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
           }
           const end = ino === lo ? 0 : 1;
           table.socks[pair].names![end] = name;
+          if (info.shutdown) (table.socks[pair].shutdown ??= [0, 0])[end] = info.shutdown;
           table.descs.push({ id, kind: 'unix', pair, end, flags });
           if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
         } else if (info.state === 10) {
@@ -172,7 +173,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
           if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one`);
           const queue = info.type === SOCK_DGRAM && info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
           if (queue?.length && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket`);
-          table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...name });
+          table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
         } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} whose peer is gone`);
       } else if (isShm(target)) {
         shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
