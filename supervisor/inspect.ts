@@ -91,7 +91,7 @@ function describeDesc(files: TreeState['files'], id: number): string {
     if (e.kind === 'eventfd') return `eventfd, count ${e.count}${e.semaphore ? ', semaphore' : ''}`;
     if (e.kind === 'signalfd') return `signalfd, mask ${e.mask}`;
     if (e.kind === 'timerfd') return `timerfd on clock ${e.clock}, ${e.left[0]}.${e.left[1].padStart(9, '0')} s left, every ${e.interval[0]}.${e.interval[1].padStart(9, '0')} s, ${e.ticks} expirations unread`;
-    return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)})`).join(', ') || 'nothing'}`;
+    return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)}${w.desc !== undefined ? `; its file no longer there: ${describeDesc(files, w.desc)}` : ''})`).join(', ') || 'nothing'}`;
   }
   if (d.kind === 'ghost') return `deleted file ${d.path} (contents kept) pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;

@@ -76,6 +76,7 @@ export function validateTree(t: TreeState): TreeState {
     if (d.kind === 'pidfd' && !(Number.isInteger(d.pid) && d.pid > 0)) throw bad(`pidfd ${i}: pid`);
     if (d.kind === 'deldir' && (typeof d.path !== 'string' || typeof d.mode !== 'number')) throw bad(`deleted directory ${i}: path or mode`);
     if (d.kind === 'event' && (!d.ev || !EVENTS.has(d.ev.kind) || (d.ev.kind === 'epoll' && !Array.isArray(d.ev.watches)))) throw bad(`event file ${i}: no such kind`);
+    if (d.kind === 'event' && d.ev.kind === 'epoll' && !d.ev.watches.every((w) => w.desc === undefined || (Number.isInteger(w.desc) && w.desc >= 0 && w.desc < t.files.descs.length && w.desc !== i))) throw bad(`epoll ${i}: a watch of no description`);
   }
   return t;
 }

@@ -49,12 +49,18 @@ bothWays('shutdown', 'unix socket pairs with one end shut down (SHUT_WR on a str
   'SHUT_WR: the other way still works', 'SHUT_RD: the peer cannot send to it (EPIPE)', 'SHUT_RD: it reads EOF', 'SHUT_RD: what it sent is still read',
 ], 'SHUTDOWN OK', false);
 
+bothWays('epolldup', 'epoll watches whose files left their numbers (dup\'ed, then replaced or closed there)', [
+  'epoll: the watch still under the old number', 'epoll: the other watch too', 'epoll: nothing ready yet',
+  'epoll: the watched pipe (now only at another number) fires', 'epoll: the second one fires',
+  'epoll: the watch is not under the new number', 'epoll: the numbers hold what they held',
+], 'EPOLLDUP OK', false);
+
 const refusals: [string, RegExp][] = [
   ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
   ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
   ['sharedfiles', /shares its descriptor table with process \d+ \(clone CLONE_FILES without CLONE_THREAD\)/],
   ['pidfd-outside', /a pidfd of process \d+, outside the subtree/],
-  ['epoll-outside', /epoll watching a file that is no longer at its descriptor \d+/],
+  ['epoll-outside', /fd \d+ \(epoll watching a file that no process of the subtree holds \(added as descriptor \d+\)\)/],
 ];
 for (const [what, log] of refusals) {
   t.test(`refused with EOPNOTSUPP, the program unharmed: ${what}`, async (t) => {

@@ -25,7 +25,7 @@ import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
-import { captureEvent, makeEvent, addWatches, type EventState } from './events.js';
+import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
 import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 
@@ -211,6 +211,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     });
   }
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
+  findMovedWatches(table, seen);
   for (const [lo, pair] of pairIds) {
     const peer = diag!.get(lo)!.peer;
     for (const [end, ino] of [[0, lo], [1, peer]] as const) {
@@ -223,6 +224,26 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     }
   }
   return { table, perProc };
+}
+
+/**
+ * The description each epoll watch whose file left its number watches:
+ * among the descriptions of the tree with that inode, the one kcmp says it
+ * is. None (the file is held only outside the subtree): refused.
+ */
+function findMovedWatches(table: FilesTable, seen: { key: string; pid: number; fd: number; desc: number }[]): void {
+  for (const d of table.descs) {
+    if (d.kind !== 'event' || d.ev.kind !== 'epoll' || !d.ev.watches.some((w) => w.moved)) continue;
+    const ep = seen.find((s) => s.desc === d.id)!;
+    for (const w of d.ev.watches) {
+      if (!w.moved) continue;
+      const { ino, toff } = w.moved;
+      const holder = seen.find((s) => s.key.endsWith(`:${ino}`) && watchesFile(s.pid, s.fd, ep.pid, ep.fd, w.fd, toff));
+      if (!holder) throw unsupported(ep.pid, ep.fd, `epoll watching a file that no process of the subtree holds (added as descriptor ${w.fd})`);
+      w.desc = holder.desc;
+      delete w.moved;
+    }
+  }
 }
 
 /**
@@ -471,7 +492,21 @@ export function restoreFiles(ctx: FilesRestore): void {
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
-  for (const e of epolls) addWatches(remote(e.pid), e.fd, e.ev);
+  for (const e of epolls) {
+    const r = remote(e.pid);
+    addWatches(r, e.fd, e.ev);
+    const table = new Map(perProc.get(e.pid)!.fds.map((f) => [f.fd, f]));
+    for (const w of e.ev.watches) {
+      if (w.desc === undefined) continue;
+      // The file from wherever it is: this process's own descriptor of it, else a copy taken from its holder.
+      const own = holders.get(w.desc)?.find((h) => h.pid === e.pid);
+      const at = placed.get(w.desc);
+      if (!own && !at) throw new CkptError(errno('EBADMSG'), 'image', `an epoll watch of fd ${w.fd} names description ${w.desc}, held by no process`);
+      const src = own ? BigInt(own.fd) : r.takeFd(at!.pid, at!.fd, tempBase);
+      addMovedWatch(r, e.fd, w, src, table.get(w.fd), nextTemp++);
+      if (!own && src !== BigInt(w.fd)) r.call(SYS.close, src);
+    }
+  }
 
 }
 
