@@ -33,14 +33,30 @@ const unsupported = (pid: number, fd: number | string, what: string) =>
   new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: ${typeof fd === 'number' ? `fd ${fd}` : fd} (${what})`);
 
 /** What kind of descriptor a /proc fd link names, for a refusal: "anon_inode:inotify" -> "inotify". */
-export function kindOf(target: string): string {
+export function kindOf(target: string, st?: fs.Stats): string {
+  if (target.startsWith('/') && st) {
+    const type = st.isBlockDevice() ? 'block device' : st.isCharacterDevice() ? 'character device' : st.isSymbolicLink() ? 'symbolic link (O_PATH)' : st.isSocket() ? 'socket file (O_PATH)' : st.isDirectory() ? 'directory' : st.isFIFO() ? 'FIFO' : 'file';
+    return `${type}${st.isBlockDevice() || st.isCharacterDevice() ? ` ${st.rdev >> 8}:${st.rdev & 0xff}` : ''}`;
+  }
   const m = /^anon_inode:\[?([^\]]+)\]?$/.exec(target) ?? /^([a-z_]+):\[/.exec(target);
-  return m ? m[1] : target;
+  return m ? (/^anon_inode:/.test(target) ? m[1] : `namespace or ${m[1]} file`) : target;
 }
 
 /** The refusal of a kind of descriptor nothing keeps yet. */
-export const unknownKind = (pid: number, fd: number, target: string) =>
-  unsupported(pid, fd, `${target}: a descriptor of kind ${kindOf(target)}, not supported yet`);
+export const unknownKind = (pid: number, fd: number, target: string, st?: fs.Stats) =>
+  unsupported(pid, fd, `${target}: a descriptor of kind ${kindOf(target, st)}, not supported yet`);
+
+/**
+ * Character devices whose open files hold no state a new open would not
+ * have: the memory devices (null, zero, full, random, urandom, kmsg...),
+ * terminals and the slave ends of ptys, and /dev/tty. Any other (a pty
+ * master, tun, fuse, kvm, userfaultfd, sound, input...) would come back as
+ * a fresh open of something else: refused.
+ */
+export function statelessDevice(st: fs.Stats): boolean {
+  const major = st.rdev >> 8, minor = st.rdev & 0xff;
+  return major === 1 || major === 4 || (major === 5 && minor !== 2) || (major >= 136 && major <= 143);
+}
 
 /**
  * Refuse processes of the tree that share one descriptor table (threads of

@@ -27,7 +27,7 @@ import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
 import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
-import { refuseSharedTables, refuseInFlight, unknownKind, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
+import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 
 export type { SockPairState } from './unixsock.js';
 
@@ -194,11 +194,11 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
       } else if (target === 'anon_inode:[pidfd]') {
         table.descs.push({ id, kind: 'pidfd', flags, ...capturePidfd(pid, fd, info, inTree, level) });
-      } else if ((st.isFile() || st.isDirectory() || st.isCharacterDevice()) && target.startsWith('/') && !target.endsWith(' (deleted)')) {
+      } else if ((st.isFile() || st.isDirectory() || (st.isCharacterDevice() && statelessDevice(st))) && target.startsWith('/') && !target.endsWith(' (deleted)') && !target.startsWith('/secretmem')) {
         table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
       } else {
         const ev = captureEvent(pid, fd, target, info);
-        if (!ev) throw unknownKind(pid, fd, target);
+        if (!ev) throw unknownKind(pid, fd, target, st);
         table.descs.push({ id, kind: 'event', flags, ev });
       }
       seen.push({ key, pid, fd, desc: id });
@@ -523,7 +523,7 @@ function captureCwd(pid: number): { cwd: string; cwdDeleted?: { mode: number } }
 /** Deleted files larger than this are refused (their contents go into the image). */
 const GHOST_MAX = 64 << 20;
 const O_TMPFILE = 0o20200000;
-const SYS_fchown = 93, SYS_mknodat = 259, SYS_chmod = 90, SYS_unlink = 87, AT_FDCWD = -100, S_IFIFO = 0o10000;
+const F_DUPFD_CLOEXEC = 1030, SYS_fchown = 93, SYS_mknodat = 259, SYS_chmod = 90, SYS_unlink = 87, AT_FDCWD = -100, S_IFIFO = 0o10000;
 
 /**
  * A deleted file opened as it was: every description of one deleted file
@@ -531,10 +531,18 @@ const SYS_fchown = 93, SYS_mknodat = 259, SYS_chmod = 90, SYS_unlink = 87, AT_FD
  */
 function openGhost(r: Remote, pid: number, ctx: FilesRestore, d: Extract<FileDesc, { kind: 'ghost' }>, tempBase: number, ghosts: Map<string, Place>, park: (pid: number, fd: bigint) => Place): bigint {
   let at = ghosts.get(d.shmKey);
-  if (!at) ghosts.set(d.shmKey, (at = park(pid, makeGhost(r, ctx, d, tempBase))));
+  if (!at) {
+    const fd = makeGhost(r, ctx, d, tempBase);
+    // Read-write, the new file itself is the description (with O_TMPFILE's flags if it was one); a copy stays for the others.
+    if ((d.flags & O_ACCMODE) === O_RDWR) {
+      ghosts.set(d.shmKey, park(pid, r.check('restart:files', SYS.fcntl, fd, F_DUPFD_CLOEXEC, tempBase)));
+      return fd;
+    }
+    ghosts.set(d.shmKey, (at = park(pid, fd)));
+  }
   const local = at.pid === pid ? BigInt(at.fd) : r.takeFd(at.pid, at.fd, tempBase);
   // Through its /proc entry: a description of its own, with its own access mode.
-  const again = openIn(r, `/proc/self/fd/${local}`, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC, 'restart:files');
+  const again = openIn(r, `/proc/self/fd/${local}`, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_TMPFILE)) | O_CLOEXEC, 'restart:files');
   if (at.pid !== pid) r.call(SYS.close, local);
   return again;
 }
