@@ -10,7 +10,7 @@ import { CkptError } from './errors.js';
 const AF_NETLINK = 16, SOCK_RAW = 3, SOCK_CLOEXEC = 0o2000000, NETLINK_SOCK_DIAG = 4;
 const SOCK_DIAG_BY_FAMILY = 20, NLM_F_REQUEST = 1, NLM_F_DUMP = 0x300, NLMSG_DONE = 3, NLMSG_ERROR = 2;
 const AF_UNIX = 1, UDIAG_SHOW_NAME = 1, UDIAG_SHOW_VFS = 2, UDIAG_SHOW_PEER = 4, UDIAG_SHOW_RQLEN = 0x10;
-const UNIX_DIAG_NAME = 0, UNIX_DIAG_VFS = 1, UNIX_DIAG_PEER = 2, UNIX_DIAG_RQLEN = 4;
+const UNIX_DIAG_NAME = 0, UNIX_DIAG_VFS = 1, UNIX_DIAG_PEER = 2, UNIX_DIAG_RQLEN = 4, UNIX_DIAG_SHUTDOWN = 6;
 
 export interface UnixSockInfo {
   ino: number;
@@ -25,6 +25,8 @@ export interface UnixSockInfo {
   wqueue: number;
   /** Bound to a path: the inode of its socket file. */
   fileIno?: number;
+  /** sk_shutdown: 1 receive side shut down, 2 send side (by shutdown() on it, or on its peer). */
+  shutdown?: number;
 }
 
 /** Every unix socket of the system, by inode. */
@@ -62,6 +64,7 @@ export function unixSockets(): Map<number, UnixSockInfo> {
           }
           else if (atype === UNIX_DIAG_NAME) info.name = buf.subarray(a + 4, a + alen).toString('latin1');
           else if (atype === UNIX_DIAG_VFS) info.fileIno = buf.readUInt32LE(a + 4);
+          else if (atype === UNIX_DIAG_SHUTDOWN) info.shutdown = buf.readUInt8(a + 4);
           a += (alen + 3) & ~3;
         }
         out.set(info.ino, info);

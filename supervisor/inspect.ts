@@ -71,29 +71,32 @@ function describeDesc(files: TreeState['files'], id: number): string {
   const d = files.descs[id];
   if (!d) return '?';
   if (d.kind === 'path') return `${d.path} pos ${d.pos} flags 0${d.flags.toString(8)}`;
-  if (d.kind === 'fifo') return `fifo ${d.path} (${Buffer.from(d.data, 'base64').length} bytes unread)`;
+  if (d.kind === 'fifo') return `fifo ${d.path}${d.deleted ? ' (deleted)' : ''} (${Buffer.from(d.data, 'base64').length} bytes unread)`;
   const type = (t: number) => ['', 'stream', 'dgram', '', '', 'seqpacket'][t] ?? String(t);
   const shown = (n: string) => (n.startsWith('\0') ? '@' + n.slice(1) : n.replace(/\0$/, ''));
   const named = (n?: string) => (n === undefined ? '' : ` named ${shown(n)}`);
+  const shut = (how?: number) => (how ? `; shut down for ${['', 'reading', 'writing', 'reading and writing'][how & 3]}` : '');
   if (d.kind === 'unix') {
     const p = files.socks[d.pair];
     const q = p.queues[d.end].map((m) => Buffer.from(m, 'base64').length);
-    return `unix socket pair #${d.pair} end ${d.end}${named(p.names?.[d.end].name)} (${type(p.type)}; ${q.length} queued, ${q.reduce((a, b) => a + b, 0)} bytes)`;
+    return `unix socket pair #${d.pair} end ${d.end}${named(p.names?.[d.end].name)} (${type(p.type)}; ${q.length} queued, ${q.reduce((a, b) => a + b, 0)} bytes${shut(p.shutdown?.[d.end])})`;
   }
   if (d.kind === 'usock') {
     const q = (d.queue ?? []).map((m) => Buffer.from(m, 'base64').length);
     const state = d.backlog !== undefined ? `listening, backlog ${d.backlog}` : d.connectTo !== undefined ? `connected to ${shown(d.connectTo)}` : 'not connected';
-    return `unix socket${named(d.name)} (${type(d.type)}; ${state}${q.length ? `, ${q.length} queued` : ''})`;
+    return `unix socket${named(d.name)} (${type(d.type)}; ${state}${q.length ? `, ${q.length} queued` : ''}${shut(d.shutdown)})`;
   }
   if (d.kind === 'event') {
     const e = d.ev;
     if (e.kind === 'eventfd') return `eventfd, count ${e.count}${e.semaphore ? ', semaphore' : ''}`;
     if (e.kind === 'signalfd') return `signalfd, mask ${e.mask}`;
     if (e.kind === 'timerfd') return `timerfd on clock ${e.clock}, ${e.left[0]}.${e.left[1].padStart(9, '0')} s left, every ${e.interval[0]}.${e.interval[1].padStart(9, '0')} s, ${e.ticks} expirations unread`;
-    return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)})`).join(', ') || 'nothing'}`;
+    return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)}${w.desc !== undefined ? `; its file no longer there: ${describeDesc(files, w.desc)}` : ''})`).join(', ') || 'nothing'}`;
   }
   if (d.kind === 'ghost') return `deleted file ${d.path} (contents kept) pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
+  if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;
+  if (d.kind === 'deldir') return `deleted directory ${d.path} (made again empty) mode 0${d.mode.toString(8)}`;
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;
 }

@@ -66,14 +66,17 @@ export function validateTree(t: TreeState): TreeState {
   for (const z of t.zombies) {
     if (!isPid(z.pid) || !seen.has(z.ppid)) throw bad(`zombie ${z.pid} has no parent in the tree`);
   }
-  const KINDS = new Set(['path', 'fifo', 'pipe', 'memfd', 'ghost', 'unix', 'usock', 'event']);
+  const KINDS = new Set(['path', 'fifo', 'pipe', 'memfd', 'ghost', 'unix', 'usock', 'event', 'pidfd', 'deldir']);
   const EVENTS = new Set(['eventfd', 'signalfd', 'timerfd', 'epoll']);
   for (const [i, d] of t.files.descs.entries()) {
     if (!d || d.id !== i || !KINDS.has(d.kind) || typeof d.flags !== 'number') throw bad(`description ${i}: no such kind or flags`);
     if (d.kind === 'pipe' && !(d.pipe >= 0 && d.pipe < t.files.pipes.length)) throw bad('pipe end of no pipe');
     if (d.kind === 'unix' && !(d.pair >= 0 && d.pair < t.files.socks.length && (d.end === 0 || d.end === 1))) throw bad('socket end of no pair');
     if (d.kind === 'usock' && (typeof d.type !== 'number' || (d.name !== undefined && typeof d.name !== 'string'))) throw bad(`unix socket ${i}: type or name`);
+    if (d.kind === 'pidfd' && !(Number.isInteger(d.pid) && d.pid > 0)) throw bad(`pidfd ${i}: pid`);
+    if (d.kind === 'deldir' && (typeof d.path !== 'string' || typeof d.mode !== 'number')) throw bad(`deleted directory ${i}: path or mode`);
     if (d.kind === 'event' && (!d.ev || !EVENTS.has(d.ev.kind) || (d.ev.kind === 'epoll' && !Array.isArray(d.ev.watches)))) throw bad(`event file ${i}: no such kind`);
+    if (d.kind === 'event' && d.ev.kind === 'epoll' && !d.ev.watches.every((w) => w.desc === undefined || (Number.isInteger(w.desc) && w.desc >= 0 && w.desc < t.files.descs.length && w.desc !== i))) throw bad(`epoll ${i}: a watch of no description`);
   }
   return t;
 }

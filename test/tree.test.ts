@@ -211,13 +211,6 @@ for (const mode of ['restart', 'undo']) {
   });
 }
 
-t.test('an epoll watching a file no longer at its number is refused, the program unharmed', async (t) => {
-  const r = supervise([fixture('callabi'), 'epoll-stale']);
-  t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
-  t.match(r.stderr, /epoll watching a file that is no longer at its descriptor \d+/);
-  t.match(r.stdout, /epoll still works after the refusal: yes/);
-});
-
 t.test('a listener with a connection not yet accepted is refused, the program unharmed', async (t) => {
   const r = supervise([fixture('callabi'), 'pending-accept', path.join(dir, 'pending.sock')]);
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);

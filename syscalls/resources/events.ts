@@ -9,12 +9,16 @@
  *   (TFD_IOC_SET_TICKS). An absolute timer on a wall clock is set again at
  *   the same wall-clock time; any other runs on for the time it had left.
  * - epoll: every watch (descriptor number, events, data), added again once
- *   every other descriptor is back. A watch whose file is no longer at its
- *   number cannot be named again: EOPNOTSUPP.
+ *   every other descriptor is back. A watch is its file and the number it
+ *   was added under: a watch whose file left that number (dup'ed, then
+ *   closed or replaced there) is found among the tree's descriptions with
+ *   kcmp(KCMP_EPOLL_TFD) and added again under its old number, the file
+ *   put there just for the epoll_ctl (what the number holds now is put
+ *   back). One whose file no process of the subtree holds is refused.
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
-import { sys } from '../../lib/libc.js';
+import { sys, addressOf } from '../../lib/libc.js';
 import type { FdInfo } from '../../lib/proc.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
@@ -22,6 +26,7 @@ import { withTraceeFd } from '../../supervisor/callerfd.js';
 const SYS_timerfd_settime = 286, SYS_signalfd4 = 289, SYS_eventfd2 = 290, SYS_epoll_create1 = 291, SYS_timerfd_create = 283, SYS_epoll_ctl = 233;
 const O_CLOEXEC = 0o2000000, EFD_SEMAPHORE = 1, TFD_TIMER_ABSTIME = 1, TFD_TIMER_CANCEL_ON_SET = 2, EPOLL_CTL_ADD = 1;
 const TFD_IOC_SET_TICKS = 0x40085400n;
+const SYS_kcmp = 312, KCMP_EPOLL_TFD = 7, SYS_dup3 = 292, SYS_close = 3;
 /** Clocks whose absolute times mean the same on any machine and boot. */
 const WALL_CLOCKS = new Set([0 /* REALTIME */, 8 /* REALTIME_ALARM */, 11 /* TAI */]);
 
@@ -29,7 +34,27 @@ export type EventState =
   | { kind: 'eventfd'; count: string; semaphore: boolean }
   | { kind: 'signalfd'; mask: string }
   | { kind: 'timerfd'; clock: number; settime: number; left: [string, string]; interval: [string, string]; ticks: string; takenAtMs: number }
-  | { kind: 'epoll'; watches: { fd: number; events: number; data: string }[] };
+  | { kind: 'epoll'; watches: EpollWatch[] };
+
+/**
+ * One watch: the number it was added under, its events and data; `desc`:
+ * the description it watches when that is no longer at `fd` (a capture
+ * first notes `moved`: its inode and rank among the watches of that number,
+ * and the files pass finds the description).
+ */
+export interface EpollWatch { fd: number; events: number; data: string; desc?: number; moved?: { ino: number; toff: number } }
+
+/**
+ * Is the file of the `toff`-th watch under number `tfd` of the epoll at
+ * `epfd` of `epPid` the open file at `fd` of `pid`? (kcmp KCMP_EPOLL_TFD)
+ */
+export function watchesFile(pid: number, fd: number, epPid: number, epfd: number, tfd: number, toff: number): boolean {
+  const slot = Buffer.alloc(12);
+  slot.writeUInt32LE(epfd, 0);
+  slot.writeUInt32LE(tfd, 4);
+  slot.writeUInt32LE(toff, 8);
+  return sys.syscall(SYS_kcmp, pid, epPid, KCMP_EPOLL_TFD, fd, addressOf(slot)) === 0;
+}
 
 const unsupported = (pid: number, fd: number, what: string) => new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
 
@@ -53,15 +78,15 @@ export function captureEvent(pid: number, fd: number, target: string, info: FdIn
         left: timespec(kv.get('it_value')), interval: timespec(kv.get('it_interval')), ticks: kv.get('ticks') ?? '0', takenAtMs: Date.now(),
       };
     case 'anon_inode:[eventpoll]': {
-      const watches: { fd: number; events: number; data: string }[] = [];
+      const watches: EpollWatch[] = [];
+      const rank = new Map<number, number>(); // watches under each number so far: kcmp's toff (fdinfo lists them in the kernel's order)
       for (const m of info.text.matchAll(/^tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+).*?ino:([0-9a-f]+)/gm)) {
         const tfd = Number(m[1]);
-        let ino = -1;
-        try {
-          ino = fs.statSync(`/proc/${pid}/fd/${tfd}`).ino;
-        } catch { /* closed since it was added */ }
-        if (ino !== parseInt(m[4], 16)) throw unsupported(pid, fd, `epoll watching a file that is no longer at its descriptor ${tfd}`);
-        watches.push({ fd: tfd, events: parseInt(m[2], 16), data: m[3] });
+        const toff = rank.get(tfd) ?? 0;
+        rank.set(tfd, toff + 1);
+        const w: EpollWatch = { fd: tfd, events: parseInt(m[2], 16), data: m[3] };
+        if (!watchesFile(pid, tfd, pid, fd, tfd, toff)) w.moved = { ino: parseInt(m[4], 16), toff };
+        watches.push(w);
       }
       return { kind: 'epoll', watches };
     }
@@ -122,7 +147,7 @@ export function addWatches(r: Remote, epfd: number, e: Extract<EventState, { kin
   const PER = 200; // 16 bytes of scratch each
   for (let i = 0; i < e.watches.length; i += PER) {
     const b = new CallBatch(r);
-    for (const w of e.watches.slice(i, i + PER)) {
+    for (const w of e.watches.slice(i, i + PER).filter((x) => x.desc === undefined)) {
       const ev = Buffer.alloc(12); // struct epoll_event is packed on x86-64
       ev.writeUInt32LE(w.events >>> 0, 0);
       ev.writeBigUInt64LE(BigInt('0x' + w.data), 4);
@@ -130,4 +155,27 @@ export function addWatches(r: Remote, epfd: number, e: Extract<EventState, { kin
     }
     b.run();
   }
+}
+
+/**
+ * A watch whose file left its number, added again under that number: the
+ * file (`src`, a descriptor of the same process holding it) is put at the
+ * number for the epoll_ctl, then the number gets back what it holds in the
+ * restored table (`now`: its close-on-exec, or nothing). `save`: a free
+ * temporary number.
+ */
+export function addMovedWatch(r: Remote, epfd: number, w: EpollWatch, src: bigint, now: { cloexec: boolean } | undefined, save: number): void {
+  const b = new CallBatch(r);
+  const ev = Buffer.alloc(12);
+  ev.writeUInt32LE(w.events >>> 0, 0);
+  ev.writeBigUInt64LE(BigInt('0x' + w.data), 4);
+  const what = `restart:files epoll watch of fd ${w.fd} (its file held elsewhere)`;
+  if (now) b.add(what, SYS_dup3, w.fd, save, O_CLOEXEC);
+  if (src !== BigInt(w.fd)) b.add(what, SYS_dup3, src, w.fd, O_CLOEXEC);
+  b.add(what, SYS_epoll_ctl, epfd, EPOLL_CTL_ADD, w.fd, b.put(ev));
+  if (now) {
+    b.add(what, SYS_dup3, save, w.fd, now.cloexec ? O_CLOEXEC : 0);
+    b.add(undefined, SYS_close, save);
+  } else b.add(undefined, SYS_close, w.fd);
+  b.run();
 }

@@ -25,8 +25,9 @@ import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
-import { captureEvent, makeEvent, addWatches, type EventState } from './events.js';
+import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
 import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 
 export type { SockPairState } from './unixsock.js';
 
@@ -41,10 +42,12 @@ const SETFL_MASK = 0o2000 | O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000; // APPEN
 
 export type FileDesc =
   | { id: number; kind: 'path'; path: string; flags: number; pos: string }
-  | { id: number; kind: 'fifo'; path: string; flags: number; data: string }
+  | { id: number; kind: 'fifo'; path: string; flags: number; data: string; ino?: number; deleted?: { mode: number } }
   | { id: number; kind: 'pipe'; pipe: number; end: 'r' | 'w'; flags: number }
   | { id: number; kind: 'memfd'; shmKey: string; flags: number; pos: string }
-  | { id: number; kind: 'ghost'; path: string; mode: number; shmKey: string; flags: number; pos: string }
+  | { id: number; kind: 'ghost'; path: string; mode: number; shmKey: string; flags: number; pos: string; uid?: number; gid?: number }
+  | ({ id: number; kind: 'pidfd'; flags: number } & PidfdState)
+  | { id: number; kind: 'deldir'; path: string; mode: number; flags: number }
   | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
   | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
   | { id: number; kind: 'event'; flags: number; ev: EventState };
@@ -67,6 +70,8 @@ export interface FilesTable {
 export interface FilesState {
   fds: FdRef[];
   cwd: string;
+  /** The cwd had been removed: made again empty, with this mode (cwd is its path). */
+  cwdDeleted?: { mode: number };
   umask: number;
 }
 
@@ -96,6 +101,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const seen: { key: string; pid: number; fd: number; desc: number }[] = [];
   const pipeIds = new Map<string, number>();
   const pipeHolders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[] = [];
+  refuseSharedTables(procs);
+  const inTree = treeMember(new Set(procs));
+  const level = procs.length ? nsLevel(procs[0]) : 0;
   for (const pid of procs) {
     const fds: FdRef[] = [];
     for (const fd of listFds(pid)) {
@@ -138,6 +146,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         diag ??= unixSockets();
         const info = diag.get(ino);
         if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
+        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
         const name = sockName(pid, info.name);
         const peer = info.peer ? diag.get(info.peer) : undefined;
         // A pair (its other end may be outside: refused below); a datagram
@@ -152,6 +161,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
           }
           const end = ino === lo ? 0 : 1;
           table.socks[pair].names![end] = name;
+          if (info.shutdown) (table.socks[pair].shutdown ??= [0, 0])[end] = info.shutdown;
           table.descs.push({ id, kind: 'unix', pair, end, flags });
           if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
         } else if (info.state === 10) {
@@ -165,13 +175,15 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
           if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one`);
           const queue = info.type === SOCK_DGRAM && info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
           if (queue?.length && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket`);
-          table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...name });
+          table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
         } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} whose peer is gone`);
       } else if (isShm(target)) {
         shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
         table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
       } else if (st.isFIFO() && target.startsWith('/')) {
-        table.descs.push({ id, kind: 'fifo', path: target, flags, data: '' });
+        // A FIFO removed while open is still one pipe between its holders: made again under a temporary name.
+        const gone = target.endsWith(' (deleted)') && st.nlink === 0;
+        table.descs.push({ id, kind: 'fifo', path: gone ? target.slice(0, -10) : target, flags, data: '', ino: st.ino, ...(gone ? { deleted: { mode: st.mode & 0o7777 } } : {}) });
         pipeHolders.push({ ino: String(st.ino), pid, fd, end: (flags & O_ACCMODE) === O_WRONLY ? 'w' : 'r' });
       } else if (st.isFile() && target.startsWith('/') && target.endsWith(' (deleted)')) {
         // Unlinked while open, it cannot be opened again by its path: its
@@ -179,16 +191,16 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         if (st.size > GHOST_MAX) throw unsupported(pid, fd, `${target}: a deleted file of ${st.size} bytes (up to ${GHOST_MAX} are kept)`);
         const path = target.replace(/ \(deleted\)$/, '');
         shm.add(`ghost:${key}`, path, link);
-        table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString() });
-      } else if (st.isCharacterDevice() && (st.rdev >> 8 === PTMX_MAJOR && (st.rdev & 0xff) === PTMX_MINOR || /^\/dev\/pts\/ptmx$/.test(target))) {
-        // Reopening /dev/ptmx would make another pair: the program's
-        // terminal, its index, queues and settings would be lost.
-        throw unsupported(pid, fd, `${target}: the master of a pty pair made in the tree (ptys are not kept yet)`);
-      } else if ((st.isFile() || st.isDirectory() || st.isCharacterDevice()) && target.startsWith('/') && !target.endsWith(' (deleted)')) {
+        table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString(), uid: st.uid, gid: st.gid });
+      } else if (st.isDirectory() && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
+        table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
+      } else if (target === 'anon_inode:[pidfd]') {
+        table.descs.push({ id, kind: 'pidfd', flags, ...capturePidfd(pid, fd, info, inTree, level) });
+      } else if ((st.isFile() || st.isDirectory() || (st.isCharacterDevice() && statelessDevice(st))) && target.startsWith('/') && !target.endsWith(' (deleted)') && !target.startsWith('/secretmem')) {
         table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
       } else {
         const ev = captureEvent(pid, fd, target, info);
-        if (!ev) throw unsupported(pid, fd, `${target}: a kind of descriptor not supported yet`);
+        if (!ev) throw unknownKind(pid, fd, target, st);
         table.descs.push({ id, kind: 'event', flags, ev });
       }
       seen.push({ key, pid, fd, desc: id });
@@ -196,11 +208,12 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     }
     perProc.set(pid, {
       fds,
-      cwd: fs.readlinkSync(`/proc/${pid}/cwd`),
+      ...captureCwd(pid),
       umask: parseInt(statusOf(pid).get('Umask') ?? '022', 8),
     });
   }
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
+  findMovedWatches(table, seen);
   for (const [lo, pair] of pairIds) {
     const peer = diag!.get(lo)!.peer;
     for (const [end, ino] of [[0, lo], [1, peer]] as const) {
@@ -213,6 +226,26 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     }
   }
   return { table, perProc };
+}
+
+/**
+ * The description each epoll watch whose file left its number watches:
+ * among the descriptions of the tree with that inode, the one kcmp says it
+ * is. None (the file is held only outside the subtree): refused.
+ */
+function findMovedWatches(table: FilesTable, seen: { key: string; pid: number; fd: number; desc: number }[]): void {
+  for (const d of table.descs) {
+    if (d.kind !== 'event' || d.ev.kind !== 'epoll' || !d.ev.watches.some((w) => w.moved)) continue;
+    const ep = seen.find((s) => s.desc === d.id)!;
+    for (const w of d.ev.watches) {
+      if (!w.moved) continue;
+      const { ino, toff } = w.moved;
+      const holder = seen.find((s) => s.key.endsWith(`:${ino}`) && watchesFile(s.pid, s.fd, ep.pid, ep.fd, w.fd, toff));
+      if (!holder) throw unsupported(ep.pid, ep.fd, `epoll watching a file that no process of the subtree holds (added as descriptor ${w.fd})`);
+      w.desc = holder.desc;
+      delete w.moved;
+    }
+  }
 }
 
 /**
@@ -233,7 +266,7 @@ function capturePipeData(table: FilesTable, pipeIds: Map<string, number>, holder
     if (pid !== undefined) Object.assign(table.pipes[pid], { data: data.toString('base64'), size });
     else {
       // a FIFO: its data lives with every descriptor of that FIFO's path
-      for (const d of table.descs) if (d.kind === 'fifo' && fs.statSync(d.path).ino === Number(h.ino)) d.data = data.toString('base64');
+      for (const d of table.descs) if (d.kind === 'fifo' && d.ino === Number(h.ino)) d.data = data.toString('base64');
     }
   }
 }
@@ -359,6 +392,8 @@ export function restoreFiles(ctx: FilesRestore): void {
   const pipeEnds = new Map<number, { r?: Place; w?: Place }>();
   const sockEnds = new Map<number, [Place, Place]>();
   const filledFifos = new Set<string>();
+  const deletedFifos = new Map<number, { pid: number; path: string }>(); // by inode: made under a temporary name
+  const ghosts = new Map<string, Place>(); // deleted files made again, by shmKey: one inode each
   const park = (pid: number, fd: bigint): Place => {
     const t = nextTemp++;
     moveFd(remote(pid), fd, t, true);
@@ -408,20 +443,26 @@ export function restoreFiles(ctx: FilesRestore): void {
           b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
           if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
         });
+      } else if (d.kind === 'pidfd') {
+        moveFd(r, makePidfd(r, d, d.flags), owner.fd, owner.cloexec);
+      } else if (d.kind === 'deldir') {
+        moveFd(r, makeDeletedDir(r, d, { open: d.flags }), owner.fd, owner.cloexec);
       } else if (d.kind === 'ghost') {
         const pos = BigInt(d.pos);
-        moveFd(r, makeGhost(r, ctx, d, tempBase), owner.fd, owner.cloexec, (b) => {
+        moveFd(r, openGhost(r, owner.pid, ctx, d, tempBase, ghosts, park), owner.fd, owner.cloexec, (b) => {
           b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
           if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
         });
       } else if (d.kind === 'fifo') {
+        const path = d.deleted ? deletedFifo(r, owner.pid, d, deletedFifos) : d.path;
         // O_RDWR first: opening one end alone would block until the other opens.
-        const keep = r.raise(openIn(r, d.path, O_RDWR | O_NONBLOCK, 'restart:files'), tempBase); // never on a target number
-        const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NONBLOCK, 'restart:files');
+        const keep = r.raise(openIn(r, path, O_RDWR | O_NONBLOCK, 'restart:files'), tempBase); // never on a target number
+        const tmp = openIn(r, path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NONBLOCK, 'restart:files');
         r.check('restart:files', SYS.fcntl, tmp, F_SETFL, d.flags & SETFL_MASK);
         // The unread bytes belong to the FIFO, not to a descriptor: once.
-        if (!filledFifos.has(d.path)) writeInto(ctx.host(owner.pid), Number(keep), Buffer.from(d.data, 'base64'));
-        filledFifos.add(d.path);
+        const fifoKey = d.ino !== undefined ? `ino:${d.ino}` : d.path;
+        if (!filledFifos.has(fifoKey)) writeInto(ctx.host(owner.pid), Number(keep), Buffer.from(d.data, 'base64'));
+        filledFifos.add(fifoKey);
         moveFd(r, tmp, owner.fd, owner.cloexec);
         r.call(SYS.close, keep);
       } else {
@@ -450,16 +491,28 @@ export function restoreFiles(ctx: FilesRestore): void {
     }
     for (const h of hs.slice(1)) transfer(owner, h);
   }
+  for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
-  for (const e of epolls) addWatches(remote(e.pid), e.fd, e.ev);
+  for (const e of epolls) {
+    const r = remote(e.pid);
+    addWatches(r, e.fd, e.ev);
+    const table = new Map(perProc.get(e.pid)!.fds.map((f) => [f.fd, f]));
+    for (const w of e.ev.watches) {
+      if (w.desc === undefined) continue;
+      // The file from wherever it is: this process's own descriptor of it, else a copy taken from its holder.
+      const own = holders.get(w.desc)?.find((h) => h.pid === e.pid);
+      const at = placed.get(w.desc);
+      if (!own && !at) throw new CkptError(errno('EBADMSG'), 'image', `an epoll watch of fd ${w.fd} names description ${w.desc}, held by no process`);
+      const src = own ? BigInt(own.fd) : r.takeFd(at!.pid, at!.fd, tempBase);
+      addMovedWatch(r, e.fd, w, src, table.get(w.fd), nextTemp++);
+      if (!own && src !== BigInt(w.fd)) r.call(SYS.close, src);
+    }
+  }
 
 }
 
 type PathDesc = Extract<FileDesc, { kind: 'path' }>;
-
-/** /dev/ptmx: 5:2. */
-const PTMX_MAJOR = 5, PTMX_MINOR = 2;
 
 function isCharDevice(pid: number, fd: number): boolean {
   try {
@@ -469,14 +522,46 @@ function isCharDevice(pid: number, fd: number): boolean {
   }
 }
 
+/** A process's cwd; one that was removed is made again (empty, as it must have been). */
+function captureCwd(pid: number): { cwd: string; cwdDeleted?: { mode: number } } {
+  const cwd = fs.readlinkSync(`/proc/${pid}/cwd`);
+  if (!cwd.endsWith(' (deleted)')) return { cwd };
+  const st = fs.statSync(`/proc/${pid}/cwd`);
+  return st.nlink === 0 ? { cwd: cwd.slice(0, -10), cwdDeleted: { mode: st.mode & 0o7777 } } : { cwd };
+}
+
 /** Deleted files larger than this are refused (their contents go into the image). */
 const GHOST_MAX = 64 << 20;
 const O_TMPFILE = 0o20200000;
+const F_DUPFD_CLOEXEC = 1030, SYS_fchown = 93, SYS_mknodat = 259, SYS_chmod = 90, SYS_unlink = 87, AT_FDCWD = -100, S_IFIFO = 0o10000;
+
+/**
+ * A deleted file opened as it was: every description of one deleted file
+ * (in one process or several) opens the same inode again, made once.
+ */
+function openGhost(r: Remote, pid: number, ctx: FilesRestore, d: Extract<FileDesc, { kind: 'ghost' }>, tempBase: number, ghosts: Map<string, Place>, park: (pid: number, fd: bigint) => Place): bigint {
+  let at = ghosts.get(d.shmKey);
+  if (!at) {
+    const fd = makeGhost(r, ctx, d, tempBase);
+    // Read-write, the new file itself is the description (with O_TMPFILE's flags if it was one); a copy stays for the others.
+    if ((d.flags & O_ACCMODE) === O_RDWR) {
+      ghosts.set(d.shmKey, park(pid, r.check('restart:files', SYS.fcntl, fd, F_DUPFD_CLOEXEC, tempBase)));
+      return fd;
+    }
+    ghosts.set(d.shmKey, (at = park(pid, fd)));
+  }
+  const local = at.pid === pid ? BigInt(at.fd) : r.takeFd(at.pid, at.fd, tempBase);
+  // Through its /proc entry: a description of its own, with its own access mode.
+  const again = openIn(r, `/proc/self/fd/${local}`, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_TMPFILE)) | O_CLOEXEC, 'restart:files');
+  if (at.pid !== pid) r.call(SYS.close, local);
+  return again;
+}
 
 /**
  * A deleted file made again: an unnamed file (O_TMPFILE) in the directory
- * it was in (else in /tmp), with its mode and contents, opened as it was.
- * Made by the process itself, with its own permissions.
+ * it was in (else in /tmp), with its mode, owner and contents (holes kept).
+ * Made by the process itself, with its own permissions: an owner it could
+ * not give the file itself is EPERM.
  */
 function makeGhost(r: Remote, ctx: FilesRestore, d: Extract<FileDesc, { kind: 'ghost' }>, tempBase: number): bigint {
   let fd: bigint | undefined;
@@ -491,11 +576,39 @@ function makeGhost(r: Remote, ctx: FilesRestore, d: Extract<FileDesc, { kind: 'g
   }
   if (fd === undefined) throw why;
   ctx.shm.copyTo(d.shmKey, r.task.tgid, fd);
-  if ((d.flags & O_ACCMODE) === O_RDWR) return fd;
-  // Opened read-only or write-only: open it again so, through its /proc entry.
-  const again = openIn(r, `/proc/self/fd/${fd}`, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC, 'restart:files');
-  r.call(SYS.close, fd);
-  return again;
+  if (d.uid !== undefined && d.gid !== undefined) {
+    const res = r.call(SYS_fchown, fd, d.uid, d.gid); // a no-op when the process made it so already
+    if (res < 0n) throw new CkptError(errno('EPERM'), 'restart:files', `task ${r.task.tid}: the deleted file ${d.path} was owned by ${d.uid}:${d.gid}, which this process cannot give it (errno ${-res})`);
+  }
+  return fd;
+}
+
+/** A temporary name for a deleted FIFO, made (once per FIFO) next to where it was, else in /tmp. */
+function deletedFifo(r: Remote, pid: number, d: Extract<FileDesc, { kind: 'fifo' }>, made: Map<number, { pid: number; path: string }>): string {
+  const key = d.ino ?? -1;
+  const had = made.get(key);
+  if (had) return had.path;
+  const parent = d.path.slice(0, d.path.lastIndexOf('/')) || '/';
+  let last = 0n;
+  for (const dir of [parent, '/tmp']) {
+    const path = `${dir === '/' ? '' : dir}/.ckpt-fifo-${r.task.tid}-${Math.random().toString(36).slice(2, 10)}`;
+    const b = new CallBatch(r);
+    const p = b.put(Buffer.from(path + '\0'));
+    b.add(undefined, SYS_mknodat, AT_FDCWD, p, S_IFIFO | 0o600, 0);
+    b.add(undefined, SYS_chmod, p, d.deleted!.mode);
+    [last] = b.run();
+    if (last >= 0n) {
+      made.set(key, { pid, path });
+      return path;
+    }
+  }
+  throw new CkptError(Number(-last), 'restart:files', `task ${r.task.tid}: cannot make the deleted FIFO ${d.path} again`);
+}
+
+function unlinkIn(r: Remote, path: string): void {
+  const b = new CallBatch(r);
+  b.add(`restart:files unlink ${path}`, SYS_unlink, b.put(Buffer.from(path + '\0')));
+  b.run();
 }
 
 /**
@@ -544,9 +657,10 @@ function settle(r: Remote, st: FilesState, live: boolean, kept: Map<number, Path
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFL, d.flags & SETFL_MASK);
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
   }
-  b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
+  if (!st.cwdDeleted) b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
   b.add(undefined, SYS.umask, st.umask);
   b.run();
+  if (st.cwdDeleted) makeDeletedDir(r, { path: st.cwd, mode: st.cwdDeleted.mode }, 'cwd');
   if (live) {
     for (const f of outside) if (!keep.has(f.fd)) transferFd(() => r, Math.max(...st.fds.map((x) => x.fd)) + 1, { pid: process.pid, fd: f.sfd }, { pid, fd: f.fd, cloexec: f.cloexec });
     return;

@@ -27,7 +27,7 @@ export interface ShmObject {
 /** Contents: the non-zero pages, by offset. */
 export type ShmData = Map<string, { offset: number; data: Buffer }[]>;
 
-const SYS_memfd_create = 319, MFD_CLOEXEC = 1;
+const SYS_memfd_create = 319, MFD_CLOEXEC = 1, SYS_lseek = 8, SEEK_DATA = 3, SEEK_HOLE = 4;
 
 /** Is this mapping (or fd target) a shmem object we keep (anonymous shared, memfd)? */
 export function isShm(path: string): boolean {
@@ -183,11 +183,18 @@ export class ShmRestore {
     withTraceeFd(host, fd, 'restart:files', (mine) => {
       const size = fs.fstatSync(src).size;
       const buf = Buffer.allocUnsafe(1 << 20);
-      for (let off = 0; off < size; ) {
-        const n = fs.readSync(src, buf, 0, Math.min(buf.length, size - off), off);
-        if (n <= 0) break;
-        for (let done = 0; done < n; ) done += fs.writeSync(mine, buf, done, n - done, off + done);
-        off += n;
+      // Only the data: what was never written (a sparse file's holes) stays a hole.
+      for (let at = 0; at < size; ) {
+        const data = sys.syscall(SYS_lseek, src, at, SEEK_DATA);
+        if (data < 0) break; // ENXIO: nothing but a hole is left
+        const hole = Math.min(size, Math.max(data + 1, sys.syscall(SYS_lseek, src, data, SEEK_HOLE)));
+        for (let off = data; off < hole; ) {
+          const n = fs.readSync(src, buf, 0, Math.min(buf.length, hole - off), off);
+          if (n <= 0) break;
+          for (let done = 0; done < n; ) done += fs.writeSync(mine, buf, done, n - done, off + done);
+          off += n;
+        }
+        at = hole;
       }
       fs.ftruncateSync(mine, size); // holes at the end stay holes
     });

@@ -30,7 +30,7 @@ import { withTraceeFd } from '../../supervisor/callerfd.js';
 
 const AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, EADDRINUSE = 98;
 const SOL_SOCKET = 1, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
-const SYS_socket = 41, SYS_connect = 42, SYS_bind = 49, SYS_listen = 50, SYS_socketpair = 53, SYS_unlink = 87, SYS_accept4 = 288;
+const SYS_shutdown = 48, SYS_socket = 41, SYS_connect = 42, SYS_bind = 49, SYS_listen = 50, SYS_socketpair = 53, SYS_unlink = 87, SYS_accept4 = 288;
 
 /**
  * A socket's name as the kernel keeps it, and, for a path, whether the
@@ -46,6 +46,8 @@ export interface SockPairState {
   queues: [string[], string[]];
   /** Per end, its name if it has one. */
   names?: [SockName, SockName];
+  /** Per end, what is shut down (1 receiving, 2 sending, 3 both), if anything. */
+  shutdown?: [number, number];
 }
 
 /**
@@ -58,6 +60,8 @@ export interface SoloSockState extends SockName {
   backlog?: number;
   queue?: string[];
   connectTo?: string;
+  /** What is shut down (1 receiving, 2 sending), if anything. */
+  shutdown?: number;
 }
 
 /** A name as sock_diag gives it, for the log. */
@@ -111,6 +115,16 @@ function sendInto(pid: number, fd: number | bigint, msgs: string[]): void {
   }, 'socket fd');
 }
 
+/**
+ * Shut a socket down as it was: sk_shutdown's bits (1 receive, 2 send) are
+ * shutdown()'s `how` plus one. On a connected stream or seqpacket socket the
+ * kernel marks the peer too (its opposite side), which the peer's own bits
+ * already say: doing both ends gives back both ends' bits.
+ */
+function shutDown(r: Remote, fd: number, how: number): void {
+  r.check(`restart:files shutdown(${how - 1}) of a unix socket`, SYS_shutdown, fd, (how & 3) - 1);
+}
+
 /** Where a restored socket lives (a process, a descriptor number in it). */
 export interface Place { pid: number; fd: number }
 
@@ -150,6 +164,7 @@ export class UnixSockets {
     // Connected only once its queue is back: a datagram socket connected to
     // another (itself, say) refuses what anyone else sends it (EPERM).
     if (s.connectTo !== undefined) this.callWithName(r, 'connect', SYS_connect, at.fd, s.connectTo);
+    if (s.shutdown) shutDown(r, at.fd, s.shutdown);
     if (s.backlog !== undefined && s.name !== undefined) this.ctx.listeners.set(s.name, at);
     if (s.name !== undefined && isPath(s.name) && !s.fileThere) this.unlink(pid, s.name);
     return at;
@@ -194,6 +209,8 @@ export class UnixSockets {
     }
     // Each end's queue is refilled by sending from the other end.
     p.queues.forEach((q, e) => sendInto(this.ctx.host(ends[1 - e].pid), ends[1 - e].fd, q));
+    // Once the queues are refilled (an end shut for sending could not refill its peer's).
+    p.shutdown?.forEach((how, e) => how && shutDown(this.ctx.remote(ends[e].pid), ends[e].fd, how));
     return ends;
   }
 
