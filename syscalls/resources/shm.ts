@@ -22,12 +22,16 @@ export interface ShmObject {
   key: string;
   name: string;
   size: number;
+  /** A memfd's permission bits (0..0o7777) and seals (F_GET_SEALS: 0..0x3f), set again once it is filled and handed out. */
+  mode?: number;
+  seals?: number;
 }
 
 /** Contents: the non-zero pages, by offset. */
 export type ShmData = Map<string, { offset: number; data: Buffer }[]>;
 
-const SYS_memfd_create = 319, MFD_CLOEXEC = 1;
+const SYS_memfd_create = 319, MFD_CLOEXEC = 1, MFD_ALLOW_SEALING = 2, MFD_EXEC = 0x10;
+const F_ADD_SEALS = 1033, F_GET_SEALS = 1034;
 
 /** Is this mapping (or fd target) a shmem object we keep (anonymous shared, memfd)? */
 export function isShm(path: string): boolean {
@@ -39,11 +43,13 @@ export const shmKeyOfMap = (m: MapEntry) => {
   return `${(maj << 8) | min}:${m.inode}`;
 };
 
-/** Read an object's non-zero pages from any path that opens it. */
-function readObject(path: string): { size: number; runs: { offset: number; data: Buffer }[] } {
+/** Read an object's non-zero pages (and a memfd's mode and seals) from any path that opens it. */
+function readObject(path: string, memfd: boolean): { size: number; runs: { offset: number; data: Buffer }[]; mode?: number; seals?: number } {
   const fd = fs.openSync(path, 'r');
   try {
-    const size = fs.fstatSync(fd).size;
+    const st = fs.fstatSync(fd);
+    const size = st.size;
+    const seals = memfd ? sys.fcntl(fd, F_GET_SEALS) : -1;
     const runs: { offset: number; data: Buffer }[] = [];
     const buf = Buffer.alloc(1 << 20);
     const zero = Buffer.alloc(4096);
@@ -57,7 +63,7 @@ function readObject(path: string): { size: number; runs: { offset: number; data:
         else runs.push({ offset: off + p, data: Buffer.from(page) });
       }
     }
-    return { size, runs };
+    return memfd ? { size, runs, mode: st.mode & 0o7777, seals: seals >= 0 ? seals : undefined } : { size, runs };
   } finally {
     fs.closeSync(fd);
   }
@@ -70,8 +76,8 @@ export class ShmCapture {
   /** Note an object met through `path` (/proc/PID/map_files/... or /proc/PID/fd/N). */
   add(key: string, name: string, path: string): void {
     if (this.data.has(key)) return;
-    const { size, runs } = readObject(path);
-    this.objects.push({ key, name, size });
+    const { size, runs, mode, seals } = readObject(path, isMemfd(name));
+    this.objects.push({ key, name, size, mode, seals });
     this.data.set(key, runs);
   }
 
@@ -88,13 +94,18 @@ export class ShmCapture {
   }
 }
 
+const isMemfd = (name: string) => name.startsWith('/memfd:');
+
 /** The objects made again, as memfds of the supervisor. */
 export class ShmRestore {
   private fds = new Map<string, number>();
-  constructor(objects: ShmObject[]) {
+  constructor(private readonly objects: ShmObject[]) {
     for (const o of objects) {
       const name = Buffer.from(o.name.replace(/^\/memfd:/, '').slice(0, 200) + '\0');
-      const fd = sys.syscall(SYS_memfd_create, sysAddr(name), MFD_CLOEXEC);
+      // A memfd that had seals gets them once filled (seal()), so it must allow them now.
+      const flags = MFD_CLOEXEC | (o.seals !== undefined ? MFD_ALLOW_SEALING : 0) | ((o.mode ?? 0) & 0o111 ? MFD_EXEC : 0);
+      let fd = sys.syscall(SYS_memfd_create, sysAddr(name), flags);
+      if (fd < 0 && flags & MFD_EXEC) fd = sys.syscall(SYS_memfd_create, sysAddr(name), flags & ~MFD_EXEC); // before Linux 6.3
       if (fd < 0) throw new CkptError(errno('ENOMEM'), 'restart:shm', `cannot create a memfd for ${o.name}`);
       fs.ftruncateSync(fd, o.size);
       this.fds.set(o.key, fd);
@@ -134,6 +145,19 @@ export class ShmRestore {
     // In a pid namespace that cannot name the supervisor: open the same
     // object again through its /proc entry (procfs as mounted here is ours).
     return r.raise(openIn(r, `/proc/${process.pid}/fd/${mine}`, O_RDWR | O_CLOEXEC, 'restart:shm'), minFd);
+  }
+  /**
+   * Modes and seals of the memfds, once their contents are written, their
+   * mappings made and their descriptors opened (a write seal forbids the
+   * first, a mode may forbid the last to the process itself).
+   */
+  seal(): void {
+    for (const o of this.objects) {
+      const fd = this.fds.get(o.key);
+      if (fd === undefined) continue;
+      if (o.mode !== undefined) fs.fchmodSync(fd, o.mode);
+      if (o.seals && sys.fcntl(fd, F_ADD_SEALS, o.seals) < 0) throw new CkptError(errno('EBUSY'), 'restart:shm', `cannot seal ${o.name} again (seals 0x${o.seals.toString(16)})`);
+    }
   }
   close(): void {
     for (const fd of this.fds.values()) fs.closeSync(fd);
