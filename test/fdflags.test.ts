@@ -25,3 +25,12 @@ for (const mode of ['restart', 'undo']) {
     t.equal(r.status, 0);
   });
 }
+
+t.test('a descriptor whose owner is a process outside the subtree: the checkpoint is refused and the program runs on', async (t) => {
+  const d = fs.mkdtempSync(path.join(dir, 'owner-'));
+  const r = supervise([fixture('fdflags'), d, 'owner-outside']);
+  t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
+  t.match(r.stderr, /checkpoint:files: task \d+: fd 3 \(its owner, process \d+, is outside the subtree\)/, 'the log names the task, the fd and why');
+  t.match(r.stdout, /^ok the child still runs, the owner unchanged$/m);
+  t.equal(r.status, 0);
+});
