@@ -18,7 +18,7 @@ for (const mode of ['restart', 'undo']) {
     const checks = r.stdout.match(/^(ok|FAIL) .*$/gm) ?? [];
     t.ok(checks.length >= 30, `${checks.length} checks ran`);
     for (const c of checks) t.ok(c.startsWith('ok '), c);
-    for (const c of ['pipe: owner self and F_SETSIG kept', 'FIFO: owner process group kept', 'socket: owner thread and F_SETSIG kept', 'pipe: owner the child kept', 'file: owner kept without O_ASYNC', 'pipe O_ASYNC: SIGUSR2 with si_fd', 'FIFO O_ASYNC: SIGIO to the group', 'socket O_ASYNC: SIGRTMIN+1 to the thread', 'memfd: mode and size', 'memfd: seals kept', 'memfd: seals enforced', 'memfd: the read-only description has its own offset', 'deleted file O_RDWR|O_APPEND|O_DSYNC: flags kept']) {
+    for (const c of ['pipe: owner self and F_SETSIG kept', 'FIFO: owner process group kept', 'socket: owner thread and F_SETSIG kept', 'pipe: owner the child kept', 'file: owner kept without O_ASYNC', 'pipe O_ASYNC: SIGUSR2 with si_fd', 'FIFO O_ASYNC: SIGIO to the group', 'socket O_ASYNC: SIGRTMIN+1 to the thread', 'memfd: mode and size', 'memfd: seals kept', 'memfd: seals enforced', 'memfd: the read-only description has its own offset', 'deleted file O_RDWR|O_APPEND|O_DSYNC: flags kept', 'memfd MFD_NOEXEC_SEAL: not executable, and cannot be made so', 'memfd write-sealed and mapped shared: contents and seals']) {
       t.match(r.stdout, new RegExp(`^ok ${c.replace(/[|()+]/g, '\\$&')}$`, 'm'), c);
     }
     t.match(r.stdout, /FDFLAGS OK/);

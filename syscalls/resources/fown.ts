@@ -125,6 +125,9 @@ export function restoreOwners(table: FilesTable, perProc: Map<number, FilesState
       const o = want.get(f.desc);
       if (!o) continue;
       want.delete(f.desc);
+      if (![F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP].includes(o.type) || !Number.isInteger(o.pid) || o.pid < 0 || !Number.isInteger(o.sig) || o.sig < 0 || o.sig > 64) {
+        throw new CkptError(errno('EBADMSG'), 'image', `description ${o.desc}: owner type ${o.type} pid ${o.pid} signal ${o.sig}`);
+      }
       if (n++ % 200 === 0) b?.run(); // 16 bytes of scratch each
       if (n % 200 === 1) b = new CallBatch(remote(pid));
       b = b!;

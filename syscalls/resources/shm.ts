@@ -8,7 +8,7 @@
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
-import { sys } from '../../lib/libc.js';
+import { sys, errnoNow } from '../../lib/libc.js';
 import type { MapEntry } from '../../lib/proc.js';
 import type { Remote } from '../../supervisor/remote.js';
 import { viewPid } from '../../supervisor/pidns.js';
@@ -31,7 +31,7 @@ export interface ShmObject {
 export type ShmData = Map<string, { offset: number; data: Buffer }[]>;
 
 const SYS_memfd_create = 319, MFD_CLOEXEC = 1, MFD_ALLOW_SEALING = 2, MFD_EXEC = 0x10;
-const F_ADD_SEALS = 1033, F_GET_SEALS = 1034;
+const F_ADD_SEALS = 1033, F_GET_SEALS = 1034, F_SEAL_EXEC = 0x20;
 
 /** Is this mapping (or fd target) a shmem object we keep (anonymous shared, memfd)? */
 export function isShm(path: string): boolean {
@@ -141,22 +141,42 @@ export class ShmRestore {
   fdIn(r: Remote, key: string, minFd = 0): bigint {
     const mine = this.fds.get(key);
     if (mine === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
+    this.sealOnce(key);
     if (viewPid(r.task.tgid, process.pid)) return r.takeFd(process.pid, mine, minFd);
     // In a pid namespace that cannot name the supervisor: open the same
     // object again through its /proc entry (procfs as mounted here is ours).
     return r.raise(openIn(r, `/proc/${process.pid}/fd/${mine}`, O_RDWR | O_CLOEXEC, 'restart:shm'), minFd);
   }
   /**
-   * Modes and seals of the memfds, once their contents are written, their
-   * mappings made and their descriptors opened (a write seal forbids the
-   * first, a mode may forbid the last to the process itself).
+   * A memfd's seals, once its contents are written and before it is first
+   * handed out: a write seal forbids writing it, and any shared mapping
+   * made before (even a read-only one) would forbid the seal.
+   */
+  private sealOnce(key: string): void {
+    if (this.sealed.has(key)) return;
+    this.sealed.add(key);
+    const o = this.objects.find((x) => x.key === key);
+    if (!o?.seals) return;
+    if (!Number.isInteger(o.seals) || o.seals < 0 || o.seals > 0xffff) throw new CkptError(errno('EBADMSG'), 'image', `shared object ${o.name}: seals ${o.seals}`);
+    const fd = this.fds.get(key)!;
+    // F_SEAL_EXEC freezes the execute bits: those are set before it (the rest of the mode comes in seal()).
+    if (o.seals & F_SEAL_EXEC && o.mode !== undefined) fs.fchmodSync(fd, 0o666 | (o.mode & 0o111));
+    if (sys.fcntl(fd, F_ADD_SEALS, o.seals) < 0) throw new CkptError(errnoNow(), 'restart:shm', `cannot seal ${o.name} again (seals 0x${o.seals.toString(16)})`);
+  }
+  private readonly sealed = new Set<string>();
+
+  /**
+   * Memfds' modes, once every descriptor of them is opened (a mode may
+   * forbid that to the process itself); seals of any not handed out yet.
    */
   seal(): void {
     for (const o of this.objects) {
       const fd = this.fds.get(o.key);
       if (fd === undefined) continue;
-      if (o.mode !== undefined) fs.fchmodSync(fd, o.mode);
-      if (o.seals && sys.fcntl(fd, F_ADD_SEALS, o.seals) < 0) throw new CkptError(errno('EBUSY'), 'restart:shm', `cannot seal ${o.name} again (seals 0x${o.seals.toString(16)})`);
+      this.sealOnce(o.key);
+      if (o.mode === undefined) continue;
+      if (!Number.isInteger(o.mode) || o.mode < 0 || o.mode > 0o7777) throw new CkptError(errno('EBADMSG'), 'image', `shared object ${o.name}: mode ${o.mode}`);
+      fs.fchmodSync(fd, o.mode);
     }
   }
   close(): void {
