@@ -13,7 +13,12 @@ for (const mode of ['restart', 'undo']) {
     const img = path.join(d, 'fdflags.img');
     const first = supervise([fixture('fdflags'), d, mode === 'undo' ? 'undo' : img]);
     const r = mode === 'undo' ? first : restart(img);
-    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    if (mode === 'restart') {
+      t.equal(first.status, 137, 'CKPT_KILL');
+      const inspect = supervise([...CKPT, 'inspect', img]).stdout;
+      t.match(inspect, /pipe #0 read end .*, owner process \d+, signal 12/, 'inspect shows an owner and its signal');
+      t.match(inspect, /fifo .*, owner process group \d+/, 'and a process group owner');
+    }
     else t.match(first.stdout, /spoiled, rolling back/, 'flags cleared, close-on-exec flipped, owners dropped before the rollback');
     const checks = r.stdout.match(/^(ok|FAIL) .*$/gm) ?? [];
     t.ok(checks.length >= 30, `${checks.length} checks ran`);

@@ -22,7 +22,11 @@ for (const mode of ['restart', 'undo']) {
     const img = path.join(d, 'locks.img');
     const first = supervise([fixture('locks'), d, mode === 'undo' ? 'undo' : img], { timeout: 60_000 });
     const r = mode === 'undo' ? first : restart(img);
-    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL (every lock released with the processes)');
+    if (mode === 'restart') {
+      t.equal(first.status, 137, 'CKPT_KILL (every lock released with the processes)');
+      const inspect = supervise([...CKPT, 'inspect', img]).stdout;
+      for (const l of ['\\/a pos 0 flags \\d+, flock write lock by \\d+', '\\/b pos .*, POSIX write lock 10-29 by \\d+, POSIX read lock 100-EOF by \\d+', '\\/c pos .*, OFD write lock 0-4', '\\/d pos .*, read lease by \\d+', '\\/e pos .*, flock read lock by \\d+, POSIX read lock 0-9 by \\d+']) t.match(inspect, new RegExp(l), `inspect shows ${l}`);
+    }
     else t.match(first.stdout, /spoiled, rolling back/, 'every lock released, the waiter served, a new lock taken, the child killed before the rollback');
     for (const c of CHECKS) t.match(r.stdout, new RegExp(`^ok ${c.replace(/[()+]/g, '\\$&')}$`, 'm'), c);
     t.notMatch(r.stdout, /^FAIL/m, 'no check failed');

@@ -141,4 +141,9 @@ export function restoreOwners(table: FilesTable, perProc: Map<number, FilesState
   }
 }
 
-export { F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP };
+/** For `ckpt inspect`: ", owner process 42, signal 10" (or nothing). */
+export function describeOwner(table: FilesTable, desc: number): string {
+  const o = table.owners?.find((x) => x.desc === desc);
+  if (!o) return '';
+  return `${o.pid ? `, owner ${TYPES[o.type] ?? o.type} ${o.pid}` : ''}${o.sig ? `, signal ${o.sig}` : ''}`;
+}

@@ -171,3 +171,12 @@ export function restoreLocks(ctx: LocksRestore): void {
     }
   }
 }
+
+/** For `ckpt inspect`: ", flock write lock, POSIX read lock 100-EOF by 42" (or nothing). */
+export function describeLocks(table: FilesTable, desc: number): string {
+  return (table.locks ?? []).filter((l) => l.desc === desc).map((l) => {
+    const name = l.kind === 'posix' ? 'POSIX' : l.kind === 'ofd' ? 'OFD' : l.kind;
+    const range = l.kind === 'flock' || l.kind === 'lease' ? '' : ` ${l.start}-${l.end}`;
+    return `, ${l.kind === 'lease' ? '' : name + ' '}${l.write ? 'write' : 'read'} ${l.kind === 'lease' ? 'lease' : 'lock'}${range}${l.pid ? ` by ${l.pid}` : ''}`;
+  }).join('');
+}
