@@ -25,6 +25,7 @@ import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
 import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
+import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
@@ -80,6 +81,12 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
   }
   const callerInside = procs.includes(caller.tgid);
+  try {
+    checkLocksFree(tree.files, new Set(procs));
+  } catch (e) {
+    freeze.thaw();
+    throw e;
+  }
   ph.mark('freeze');
 
   const shells = new Map<number, Shell>();

@@ -43,3 +43,13 @@ t.test('a flock on a description shared with a process outside the subtree: the 
   t.match(r.stdout, /^ok the child still runs and can unlock$/m);
   t.equal(r.status, 0);
 });
+
+t.test('a rollback whose lock a process outside the subtree holds now is refused (EBUSY) before anything changes, and works once it is free', async (t) => {
+  const d = fs.mkdtempSync(path.join(dir, 'busy-'));
+  const r = supervise([fixture('locks'), d, 'busy'], { timeout: 60_000 });
+  for (const c of ['a rollback whose lock another process holds now: EBUSY', "and nothing changed: the lock is still the other's", 'once free, the rollback takes the lock again for the child', 'the child ends well']) {
+    t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  }
+  t.match(r.stderr, /restart: EBUSY: restart:locks: the checkpoint's flock write lock on \S+\/k is held by process \d+ outside the subtree now/, 'the log says which lock and who holds it');
+  t.equal(r.status, 0);
+});

@@ -25,6 +25,7 @@
  * meanwhile) fails the restart with EBUSY. At a rollback, descriptions left
  * in place may hold locks taken since: those are released first.
  */
+import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { SYS } from '../../lib/libc.js';
 import { readFdinfo } from '../../lib/proc.js';
@@ -179,4 +180,49 @@ export function describeLocks(table: FilesTable, desc: number): string {
     const range = l.kind === 'flock' || l.kind === 'lease' ? '' : ` ${l.start}-${l.end}`;
     return `, ${l.kind === 'lease' ? '' : name + ' '}${l.write ? 'write' : 'read'} ${l.kind === 'lease' ? 'lease' : 'lock'}${range}${l.pid ? ` by ${l.pid}` : ''}`;
   }).join('');
+}
+
+/**
+ * Before a rollback changes anything: is every lock of the checkpoint free
+ * to be taken again, as far as /proc/locks tells? A flock or POSIX lock
+ * that a process outside the subtree (`inside`: host pids) holds now on
+ * the same file and that conflicts means EBUSY, with nothing changed. (OFD
+ * locks show no owner and leases conflict with opens, not locks: those are
+ * found only when taken.)
+ */
+export function checkLocksFree(table: FilesTable, inside: Set<number>): void {
+  const locks = (table.locks ?? []).filter((l) => l.kind === 'flock' || l.kind === 'posix' || l.kind === 'ofd');
+  if (!locks.length) return;
+  const idOf = new Map<number, string>(); // desc -> "maj:min:ino" as /proc/locks writes it
+  for (const l of locks) {
+    const d = table.descs[l.desc];
+    if (idOf.has(l.desc) || !d || (d.kind !== 'path' && d.kind !== 'fifo')) continue;
+    try {
+      const st = fs.statSync(d.path);
+      const dev = st.dev, maj = Math.floor(dev / 256) & 0xfff, min = (dev & 0xff) | (Math.floor(dev / 4096) & 0xfff00);
+      idOf.set(l.desc, `${maj.toString(16).padStart(2, '0')}:${min.toString(16).padStart(2, '0')}:${st.ino}`);
+    } catch { /* gone: reopening it will say so */ }
+  }
+  if (!idOf.size) return;
+  let text: string;
+  try {
+    text = fs.readFileSync('/proc/locks', 'utf8');
+  } catch {
+    return;
+  }
+  for (const m of text.matchAll(/^\d+:\s+(POSIX|FLOCK|OFDLCK)\s+\S+\s+(READ|WRITE)\s+(-?\d+)\s+(\S+)\s+(\d+)\s+(\d+|EOF)\s*$/gm)) {
+    const [cls, type, pid, id, s, e] = [m[1], m[2], Number(m[3]), m[4], BigInt(m[5]), m[6] === 'EOF' ? -1n : BigInt(m[6])];
+    if (pid < 0 || inside.has(pid)) continue; // an OFD lock (no owner shown), or the subtree's own
+    for (const l of locks) {
+      if (idOf.get(l.desc) !== id || (!l.write && type === 'READ')) continue;
+      const flock = l.kind === 'flock';
+      if (flock !== (cls === 'FLOCK')) continue; // flock and POSIX/OFD locks do not meet
+      if (!flock) {
+        const ls = BigInt(l.start), le = l.end === 'EOF' ? -1n : BigInt(l.end);
+        const before = (a: bigint, b: bigint) => a !== -1n && a < b; // range [.., a] ends before b
+        if (before(le, s) || before(e, ls)) continue;
+      }
+      throw new CkptError(errno('EBUSY'), 'restart:locks', `the checkpoint's ${l.kind === 'posix' ? 'POSIX' : l.kind === 'ofd' ? 'OFD' : 'flock'} ${l.write ? 'write' : 'read'} lock on ${(table.descs[l.desc] as { path: string }).path} is held by process ${pid} outside the subtree now`);
+    }
+  }
 }
