@@ -11,7 +11,7 @@ const CHECKS = [
   'flock write lock held', 'flock write lock excludes readers', 'POSIX write lock 10-29 held by the root', 'POSIX read lock 100-EOF held by the root',
   'POSIX: a read lock beside it and a write lock between them are free', 'OFD write lock 0-4 held', 'OFD lock seen as such', 'OFD: the rest of the file is free',
   "the child's shared flock held", "the child's POSIX read lock held by the child", 'flock on the description shared with the child held',
-  'no lock where there was none at the checkpoint', 'the read lease held', "the waiter still waits for the root's POSIX lock", 'the root unlocks',
+  'no lock where there was none at the checkpoint', 'the read lease held', 'the write lease held, and given up', "the waiter still waits for the root's POSIX lock", 'the root unlocks',
   'then the waiter gets its lock', "after the root's LOCK_UN the flock is free", "after the root's F_UNLCK the POSIX range is free",
   "after the root's OFD F_UNLCK the range is free", 'a writer opening the leased file is told to wait', 'the lease holder gets SIGIO and gives the lease up',
 ];
@@ -25,7 +25,7 @@ for (const mode of ['restart', 'undo']) {
     if (mode === 'restart') {
       t.equal(first.status, 137, 'CKPT_KILL (every lock released with the processes)');
       const inspect = supervise([...CKPT, 'inspect', img]).stdout;
-      for (const l of ['\\/a pos 0 flags \\d+, flock write lock by \\d+', '\\/b pos .*, POSIX write lock 10-29 by \\d+, POSIX read lock 100-EOF by \\d+', '\\/c pos .*, OFD write lock 0-4', '\\/d pos .*, read lease by \\d+', '\\/e pos .*, flock read lock by \\d+, POSIX read lock 0-9 by \\d+']) t.match(inspect, new RegExp(l), `inspect shows ${l}`);
+      for (const l of ['\\/a pos 0 flags \\d+, flock write lock by \\d+', '\\/b pos .*, POSIX write lock 10-29 by \\d+, POSIX read lock 100-EOF by \\d+', '\\/c pos .*, OFD write lock 0-4', '\\/d pos .*, read lease by \\d+', '\\/h pos .*, write lease by \\d+', '\\/e pos .*, flock read lock by \\d+, POSIX read lock 0-9 by \\d+']) t.match(inspect, new RegExp(l), `inspect shows ${l}`);
     }
     else t.match(first.stdout, /spoiled, rolling back/, 'every lock released, the waiter served, a new lock taken, the child killed before the rollback');
     for (const c of CHECKS) t.match(r.stdout, new RegExp(`^ok ${c.replace(/[()+]/g, '\\$&')}$`, 'm'), c);
