@@ -57,8 +57,13 @@ const unsupported = (pid: number, fd: number, what: string) => new CkptError(err
 /** The locks shown in fdinfo text (host pids). */
 function parse(text: string): { cls: string; mode: string; type: string; pid: number; start: string; end: string }[] {
   if (!text.includes('lock:')) return [];
-  return [...text.matchAll(LINE)].map((m) => ({ cls: m[1], mode: m[2], type: m[3], pid: Number(m[4]), start: m[5], end: m[6] }));
+  const all = text.match(/^lock:.*$/gm) ?? [];
+  const known = [...text.matchAll(LINE)].map((m) => ({ cls: m[1], mode: m[2], type: m[3], pid: Number(m[4]), start: m[5], end: m[6] }));
+  // A line of a form not known here stands for a lock all the same: never dropped, refused.
+  if (known.length !== all.length) return [...known, { cls: `unrecognised (${all.find((l) => !LINE_ONE.test(l))})`, mode: '', type: '', pid: 0, start: '0', end: '0' }];
+  return known;
 }
+const LINE_ONE = new RegExp(LINE.source); // one line at a time
 
 /**
  * The locks of a frozen subtree (host pids `procs`, root first), from what
