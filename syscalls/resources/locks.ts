@@ -149,6 +149,9 @@ export function restoreLocks(ctx: LocksRestore): void {
   // Per process, one batch of lock calls.
   const calls = new Map<number, { fd: number; l: LockState; call: (b: CallBatch) => void }[]>();
   for (const l of locks) {
+    if (!l || !['posix', 'flock', 'ofd', 'lease'].includes(l.kind) || typeof l.write !== 'boolean' || !/^\d{1,19}$/.test(String(l.start)) || !/^(\d{1,19}|EOF)$/.test(String(l.end))) {
+      throw new CkptError(errno('EBADMSG'), 'image', `a lock of no known kind or range: ${JSON.stringify(l).slice(0, 200)}`);
+    }
     const hs = holders.get(l.desc);
     const h = l.kind === 'posix' ? hs?.find((x) => x.pid === l.pid && x.fd === l.fd) : hs?.find((x) => x.pid === l.pid) ?? hs?.[0];
     if (!h) throw new CkptError(errno('EBADMSG'), 'image', `a ${l.kind} lock on description ${l.desc} that ${l.kind === 'posix' ? `process ${l.pid} does not hold at fd ${l.fd}` : 'nobody holds'}`);
