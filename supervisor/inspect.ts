@@ -2,6 +2,8 @@
 import { ImageReader, REC, parseJson, splitPages, splitShm, type ImageHeader } from '../lib/image.js';
 import { FdSource } from '../lib/stream.js';
 import type { ProcessState, TreeState } from '../syscalls/state.js';
+import { describeOwner } from '../syscalls/resources/fown.js';
+import { describeLocks } from '../syscalls/resources/locks.js';
 
 export interface ImageDescription {
   header: ImageHeader;
@@ -61,13 +63,17 @@ export function formatDescription(d: ImageDescription): string {
     const sigs = Object.keys(p.signals);
     if (sigs.length) out.push(`  signal handlers: ${sigs.join(', ')}`);
   }
-  for (const o of d.shm) out.push(o.key.startsWith('ghost:') ? `deleted file contents ${o.name}, ${size(o.size)}` : `shared memory object ${o.key} (${o.name}), ${size(o.size)}`);
+  for (const o of d.shm) out.push(o.key.startsWith('ghost:') ? `deleted file contents ${o.name}, ${size(o.size)}` : `shared memory object ${o.key} (${o.name}), ${size(o.size)}${o.mode !== undefined ? `, mode 0${o.mode.toString(8)}` : ''}${o.seals ? `, seals 0x${o.seals.toString(16)}` : ''}`);
   if (d.shm.length) out.push(`  ${size(d.shmBytes)} of shared memory and deleted file data`);
   for (const z of d.zombies) out.push(`zombie ${z.pid} (child of ${z.ppid}), wait status ${z.status}`);
   return out.join('\n') + '\n';
 }
 
 function describeDesc(files: TreeState['files'], id: number): string {
+  return describeKind(files, id) + describeOwner(files, id) + describeLocks(files, id);
+}
+
+function describeKind(files: TreeState['files'], id: number): string {
   const d = files.descs[id];
   if (!d) return '?';
   if (d.kind === 'path') return `${d.path} pos ${d.pos} flags 0${d.flags.toString(8)}`;

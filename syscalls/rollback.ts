@@ -26,6 +26,7 @@ import type { ProcessState } from './state.js';
 import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, needsVmFlags, sameVmFlags, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
 import { dropRseq } from './resources/thread.js';
+import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
@@ -81,6 +82,12 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
   }
   const callerInside = procs.includes(caller.tgid);
+  try {
+    checkLocksFree(tree.files, new Set(procs));
+  } catch (e) {
+    freeze.thaw();
+    throw e;
+  }
   ph.mark('freeze');
 
   const shells = new Map<number, Shell>();
@@ -185,7 +192,7 @@ function freshMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestor
   const r = sh.remote;
   installGadget(r, sh.gadget);
   const keep = [sh.gadget, ...current.filter((m) => SPECIAL.includes(m.path)).map((m) => m.start)];
-  for (const m of current) if (!keep.includes(m.start)) r.check('restart:memory', SYS.munmap, m.start, m.end - m.start);
+  for (const m of current) if (!keep.includes(m.start) && m.path !== '[vsyscall]') r.check('restart:memory', SYS.munmap, m.start, m.end - m.start); // [vsyscall] cannot be unmapped
   placeSpecials(r, current, sh.state.memory, sh.task.tid);
   mapVmas(r, sh.state.memory.filter((v) => v.kind !== 'special'), shm);
   return copyFromHusk(sh, husk, mem);

@@ -26,6 +26,8 @@ import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
+import { captureOwners, restoreOwners, type OwnerState } from './fown.js';
+import { captureLocks, restoreLocks, type LockState } from './locks.js';
 import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 
@@ -39,6 +41,14 @@ const SOCK_DGRAM = 2;
 const SYS_pipe2 = 293;
 /** Status flags F_SETFL can change. */
 const SETFL_MASK = 0o2000 | O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000; // APPEND NONBLOCK ASYNC DIRECT NOATIME
+/**
+ * O_ASYNC given to open() shows in the flags but arms nothing (the kernel
+ * calls a file's fasync only when F_SETFL changes the flag): it is left out
+ * of every open and set with F_SETFL afterwards.
+ */
+const O_ASYNC = 0o20000;
+/** What open() must not be given again: it creates, truncates, or only arms half of O_ASYNC. */
+const reopenFlags = (flags: number) => flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_ASYNC);
 
 export type FileDesc =
   | { id: number; kind: 'path'; path: string; flags: number; pos: string }
@@ -65,7 +75,14 @@ export interface FilesTable {
   descs: FileDesc[];
   pipes: PipeState[];
   socks: SockPairState[];
+  /** Descriptions with an owner or signal (F_SETOWN_EX, F_SETSIG): fown.ts. */
+  owners?: OwnerState[];
+  /** Locks and leases held by the subtree: locks.ts. */
+  locks?: LockState[];
 }
+
+/** A descriptor as captureFiles met it (not part of the image): for what fown.ts and locks.ts read. */
+export interface FdProbe { pid: number; fd: number; desc: number | 'outside'; first: boolean; text: string }
 
 export interface FilesState {
   fds: FdRef[];
@@ -104,6 +121,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   refuseSharedTables(procs);
   const inTree = treeMember(new Set(procs));
   const level = procs.length ? nsLevel(procs[0]) : 0;
+  const probes: FdProbe[] = [];
   for (const pid of procs) {
     const fds: FdRef[] = [];
     for (const fd of listFds(pid)) {
@@ -122,11 +140,13 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       const twin = seen.find((s) => s.key === key && kcmpFile(s.pid, s.fd, pid, fd));
       if (twin) {
         fds.push({ fd, cloexec, desc: twin.desc });
+        probes.push({ pid, fd, desc: twin.desc, first: false, text: info.text });
         continue;
       }
       const sfd = outside.find((s) => kcmpFile(process.pid, s, pid, fd));
       if (sfd !== undefined) {
         fds.push({ fd, cloexec, outside: true, sfd });
+        probes.push({ pid, fd, desc: 'outside', first: false, text: info.text });
         continue;
       }
       const id = table.descs.length;
@@ -205,6 +225,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       }
       seen.push({ key, pid, fd, desc: id });
       fds.push({ fd, cloexec, desc: id });
+      probes.push({ pid, fd, desc: id, first: true, text: info.text });
     }
     perProc.set(pid, {
       fds,
@@ -225,6 +246,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       table.socks[pair].queues[end] = peekQueue(h.pid, h.fd).map((b) => b.toString('base64'));
     }
   }
+  captureOwners(table, probes, procs);
+  captureLocks(table, probes, procs, others);
   return { table, perProc };
 }
 
@@ -322,6 +345,11 @@ export class OutsideHolders {
     }
   }
 
+  /** A process outside `inside` holding the very description fd `fd` of `pid` is (by path), if any. */
+  sharing(pid: number, fd: number, inside: Set<number>): number | undefined {
+    return this.paths.find((p) => !inside.has(p.pid) && kcmpFile(p.pid, Number(p.fd), pid, fd))?.pid;
+  }
+
   /** A process outside `inside` holding one of these pipe or FIFO inodes, if any. */
   find(inodes: Set<string>, inside: Set<number>): { pid: number; ino: string } | null {
     for (const ino of inodes) {
@@ -388,6 +416,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     settle(remote(pid), perProc.get(pid)!, live, kept);
     for (const [fd, d] of kept) placed.set(d.id, { pid, fd });
   }
+  const reused = new Set(placed.keys());
 
   const pipeEnds = new Map<number, { r?: Place; w?: Place }>();
   const sockEnds = new Map<number, [Place, Place]>();
@@ -420,9 +449,12 @@ export function restoreFiles(ctx: FilesRestore): void {
     const r = remote(owner.pid);
     if (!placed.has(d.id)) {
       if (d.kind === 'path') {
-        const tmp = openIn(r, d.path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NOCTTY, 'restart:files');
+        const tmp = openIn(r, d.path, reopenFlags(d.flags) | O_NOCTTY, 'restart:files');
         const pos = BigInt(d.pos);
-        moveFd(r, tmp, owner.fd, owner.cloexec, (b) => pos && b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET));
+        moveFd(r, tmp, owner.fd, owner.cloexec, (b) => {
+          if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
+          if (d.flags & O_ASYNC) b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+        });
       } else if (d.kind === 'unix') {
         let ends = sockEnds.get(d.pair);
         if (!ends) {
@@ -439,7 +471,13 @@ export function restoreFiles(ctx: FilesRestore): void {
         if (d.ev.kind === 'epoll') epolls.push({ pid: owner.pid, fd: owner.fd, ev: d.ev });
       } else if (d.kind === 'memfd') {
         const pos = BigInt(d.pos);
-        moveFd(r, ctx.shm.fdIn(r, d.shmKey, tempBase), owner.fd, owner.cloexec, (b) => {
+        // Opened again through its own /proc entry: a description of its
+        // own, with its own access mode and offset (the supervisor's, which
+        // fdIn hands out, is shared by every process it is handed to).
+        const shared = ctx.shm.fdIn(r, d.shmKey, tempBase);
+        const own = openIn(r, `/proc/self/fd/${shared}`, reopenFlags(d.flags) | O_CLOEXEC, 'restart:files');
+        r.call(SYS.close, shared);
+        moveFd(r, own, owner.fd, owner.cloexec, (b) => {
           b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
           if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
         });
@@ -457,7 +495,7 @@ export function restoreFiles(ctx: FilesRestore): void {
         const path = d.deleted ? deletedFifo(r, owner.pid, d, deletedFifos) : d.path;
         // O_RDWR first: opening one end alone would block until the other opens.
         const keep = r.raise(openIn(r, path, O_RDWR | O_NONBLOCK, 'restart:files'), tempBase); // never on a target number
-        const tmp = openIn(r, path, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_NONBLOCK, 'restart:files');
+        const tmp = openIn(r, path, reopenFlags(d.flags) | O_NONBLOCK, 'restart:files');
         r.check('restart:files', SYS.fcntl, tmp, F_SETFL, d.flags & SETFL_MASK);
         // The unread bytes belong to the FIFO, not to a descriptor: once.
         const fifoKey = d.ino !== undefined ? `ino:${d.ino}` : d.path;
@@ -510,6 +548,11 @@ export function restoreFiles(ctx: FilesRestore): void {
     }
   }
 
+  // Locks once every holder has its descriptors; owners after them (a lease makes its taker the owner).
+  restoreLocks({ ...ctx, reused });
+  restoreOwners(table, perProc, order, remote, reused);
+  // Memfds' modes and seals last: no description could be opened or written after them.
+  ctx.shm.seal();
 }
 
 type PathDesc = Extract<FileDesc, { kind: 'path' }>;
@@ -532,7 +575,7 @@ function captureCwd(pid: number): { cwd: string; cwdDeleted?: { mode: number } }
 
 /** Deleted files larger than this are refused (their contents go into the image). */
 const GHOST_MAX = 64 << 20;
-const O_TMPFILE = 0o20200000;
+const O_TMPFILE = 0o20200000, O_SYNC = 0o4010000; // O_SYNC includes O_DSYNC
 const F_DUPFD_CLOEXEC = 1030, SYS_fchown = 93, SYS_mknodat = 259, SYS_chmod = 90, SYS_unlink = 87, AT_FDCWD = -100, S_IFIFO = 0o10000;
 
 /**
@@ -544,7 +587,7 @@ function openGhost(r: Remote, pid: number, ctx: FilesRestore, d: Extract<FileDes
   if (!at) {
     const fd = makeGhost(r, ctx, d, tempBase);
     // Read-write, the new file itself is the description (with O_TMPFILE's flags if it was one); a copy stays for the others.
-    if ((d.flags & O_ACCMODE) === O_RDWR) {
+    if ((d.flags & O_ACCMODE) === O_RDWR && ((d.flags & O_TMPFILE) === O_TMPFILE || !(d.flags & O_SYNC))) {
       ghosts.set(d.shmKey, park(pid, r.check('restart:files', SYS.fcntl, fd, F_DUPFD_CLOEXEC, tempBase)));
       return fd;
     }
@@ -552,7 +595,7 @@ function openGhost(r: Remote, pid: number, ctx: FilesRestore, d: Extract<FileDes
   }
   const local = at.pid === pid ? BigInt(at.fd) : r.takeFd(at.pid, at.fd, tempBase);
   // Through its /proc entry: a description of its own, with its own access mode.
-  const again = openIn(r, `/proc/self/fd/${local}`, (d.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_TMPFILE)) | O_CLOEXEC, 'restart:files');
+  const again = openIn(r, `/proc/self/fd/${local}`, (reopenFlags(d.flags) & ~O_TMPFILE) | O_CLOEXEC, 'restart:files');
   if (at.pid !== pid) r.call(SYS.close, local);
   return again;
 }
@@ -566,9 +609,13 @@ function openGhost(r: Remote, pid: number, ctx: FilesRestore, d: Extract<FileDes
 function makeGhost(r: Remote, ctx: FilesRestore, d: Extract<FileDesc, { kind: 'ghost' }>, tempBase: number): bigint {
   let fd: bigint | undefined;
   let why: unknown;
+  // Opened with O_TMPFILE: that very description again, with the flags only
+  // open() sets (O_SYNC, O_DSYNC; the rest by F_SETFL once it is filled).
+  const tmpfile = (d.flags & O_TMPFILE) === O_TMPFILE;
+  const flags = tmpfile ? O_TMPFILE | (d.flags & (O_ACCMODE | O_SYNC)) : O_TMPFILE | O_RDWR;
   for (const dir of [d.path.slice(0, d.path.lastIndexOf('/')) || '/', '/tmp']) {
     try {
-      fd = r.raise(openIn(r, dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 'restart:files', d.mode), tempBase);
+      fd = r.raise(openIn(r, dir, flags | O_CLOEXEC, 'restart:files', d.mode), tempBase);
       break;
     } catch (e) {
       why ??= e;

@@ -22,12 +22,16 @@ export interface ShmObject {
   key: string;
   name: string;
   size: number;
+  /** A memfd's permission bits (0..0o7777) and seals (F_GET_SEALS: 0..0x3f), set again once it is filled and handed out. */
+  mode?: number;
+  seals?: number;
 }
 
 /** Contents: the non-zero pages, by offset. */
 export type ShmData = Map<string, { offset: number; data: Buffer }[]>;
 
-const SYS_memfd_create = 319, MFD_CLOEXEC = 1, SYS_lseek = 8, SEEK_DATA = 3, SEEK_HOLE = 4;
+const SYS_memfd_create = 319, MFD_CLOEXEC = 1, MFD_ALLOW_SEALING = 2, MFD_EXEC = 0x10;
+const F_ADD_SEALS = 1033, F_GET_SEALS = 1034, F_SEAL_EXEC = 0x20;
 
 /** Is this mapping (or fd target) a shmem object we keep (anonymous shared, memfd)? */
 export function isShm(path: string): boolean {
@@ -72,10 +76,12 @@ function dataExtents(fd: number, size: number): [number, number][] {
  * again for every page: quadratic). Zero pages among the data are left out
  * only when an image is written (nonZeroRuns), after the thaw.
  */
-function readObject(path: string): { size: number; runs: { offset: number; data: Buffer }[] } {
+function readObject(path: string, memfd: boolean): { size: number; runs: { offset: number; data: Buffer }[]; mode?: number; seals?: number } {
   const fd = fs.openSync(path, 'r');
   try {
-    const size = fs.fstatSync(fd).size;
+    const st = fs.fstatSync(fd);
+    const size = st.size;
+    const seals = memfd ? sys.fcntl(fd, F_GET_SEALS) : -1;
     const runs: { offset: number; data: Buffer }[] = [];
     for (const [s, e] of dataExtents(fd, size)) {
       for (let off = s; off < e; off += CHUNK) {
@@ -91,7 +97,7 @@ function readObject(path: string): { size: number; runs: { offset: number; data:
         if (n < want) break;
       }
     }
-    return { size, runs };
+    return memfd ? { size, runs, mode: st.mode & 0o7777, seals: seals >= 0 ? seals : undefined } : { size, runs };
   } finally {
     fs.closeSync(fd);
   }
@@ -141,8 +147,8 @@ export class ShmCapture {
   /** Read every object noted (the subtree is still stopped). */
   copy(): void {
     for (const [key, { name, path }] of this.pending) {
-      const { size, runs } = readObject(path);
-      this.objects.push({ key, name, size });
+      const { size, runs, mode, seals } = readObject(path, isMemfd(name));
+      this.objects.push({ key, name, size, mode, seals });
       this.data.set(key, runs);
     }
     this.pending.clear();
@@ -155,13 +161,18 @@ export class ShmCapture {
   }
 }
 
+const isMemfd = (name: string) => name.startsWith('/memfd:');
+
 /** The objects made again, as memfds of the supervisor. */
 export class ShmRestore {
   private fds = new Map<string, number>();
-  constructor(objects: ShmObject[]) {
+  constructor(private readonly objects: ShmObject[]) {
     for (const o of objects) {
       const name = Buffer.from(o.name.replace(/^\/memfd:/, '').slice(0, 200) + '\0');
-      const fd = sys.syscall(SYS_memfd_create, sysAddr(name), MFD_CLOEXEC);
+      // A memfd that had seals gets them once filled (seal()), so it must allow them now.
+      const flags = MFD_CLOEXEC | (o.seals !== undefined ? MFD_ALLOW_SEALING : 0) | ((o.mode ?? 0) & 0o111 ? MFD_EXEC : 0);
+      let fd = sys.syscall(SYS_memfd_create, sysAddr(name), flags);
+      if (fd < 0 && flags & MFD_EXEC) fd = sys.syscall(SYS_memfd_create, sysAddr(name), flags & ~MFD_EXEC); // before Linux 6.3
       if (fd < 0) throw new CkptError(errno('ENOMEM'), 'restart:shm', `cannot create a memfd for ${o.name}`);
       fs.ftruncateSync(fd, o.size);
       this.fds.set(o.key, fd);
@@ -185,9 +196,9 @@ export class ShmRestore {
       const buf = Buffer.allocUnsafe(1 << 20);
       // Only the data: what was never written (a sparse file's holes) stays a hole.
       for (let at = 0; at < size; ) {
-        const data = sys.syscall(SYS_lseek, src, at, SEEK_DATA);
+        const data = sys.syscall(SYS.lseek, src, at, SEEK_DATA);
         if (data < 0) break; // ENXIO: nothing but a hole is left
-        const hole = Math.min(size, Math.max(data + 1, sys.syscall(SYS_lseek, src, data, SEEK_HOLE)));
+        const hole = Math.min(size, Math.max(data + 1, sys.syscall(SYS.lseek, src, data, SEEK_HOLE)));
         for (let off = data; off < hole; ) {
           const n = fs.readSync(src, buf, 0, Math.min(buf.length, hole - off), off);
           if (n <= 0) break;
@@ -204,10 +215,43 @@ export class ShmRestore {
   fdIn(r: Remote, key: string, minFd = 0): bigint {
     const mine = this.fds.get(key);
     if (mine === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
+    this.sealOnce(key);
     if (viewPid(r.task.tgid, process.pid)) return r.takeFd(process.pid, mine, minFd);
     // In a pid namespace that cannot name the supervisor: open the same
     // object again through its /proc entry (procfs as mounted here is ours).
     return r.raise(openIn(r, `/proc/${process.pid}/fd/${mine}`, O_RDWR | O_CLOEXEC, 'restart:shm'), minFd);
+  }
+  /**
+   * A memfd's seals, once its contents are written and before it is first
+   * handed out: a write seal forbids writing it, and any shared mapping
+   * made before (even a read-only one) would forbid the seal.
+   */
+  private sealOnce(key: string): void {
+    if (this.sealed.has(key)) return;
+    this.sealed.add(key);
+    const o = this.objects.find((x) => x.key === key);
+    if (!o?.seals) return;
+    if (!Number.isInteger(o.seals) || o.seals < 0 || o.seals > 0xffff) throw new CkptError(errno('EBADMSG'), 'image', `shared object ${o.name}: seals ${o.seals}`);
+    const fd = this.fds.get(key)!;
+    // F_SEAL_EXEC freezes the execute bits: those are set before it (the rest of the mode comes in seal()).
+    if (o.seals & F_SEAL_EXEC && o.mode !== undefined) fs.fchmodSync(fd, 0o666 | (o.mode & 0o111));
+    if (sys.fcntl(fd, F_ADD_SEALS, o.seals) < 0) throw new CkptError(errnoNow(), 'restart:shm', `cannot seal ${o.name} again (seals 0x${o.seals.toString(16)})`);
+  }
+  private readonly sealed = new Set<string>();
+
+  /**
+   * Memfds' modes, once every descriptor of them is opened (a mode may
+   * forbid that to the process itself); seals of any not handed out yet.
+   */
+  seal(): void {
+    for (const o of this.objects) {
+      const fd = this.fds.get(o.key);
+      if (fd === undefined) continue;
+      this.sealOnce(o.key);
+      if (o.mode === undefined) continue;
+      if (!Number.isInteger(o.mode) || o.mode < 0 || o.mode > 0o7777) throw new CkptError(errno('EBADMSG'), 'image', `shared object ${o.name}: mode ${o.mode}`);
+      fs.fchmodSync(fd, o.mode);
+    }
   }
   close(): void {
     for (const fd of this.fds.values()) fs.closeSync(fd);
