@@ -27,6 +27,7 @@ import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, type EventState } from './events.js';
 import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { inTaskRoot } from './attrs.js';
 
 export type { SockPairState } from './unixsock.js';
 
@@ -526,7 +527,7 @@ function settle(r: Remote, st: FilesState, live: boolean, kept: Map<number, Path
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFL, d.flags & SETFL_MASK);
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
   }
-  b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
+  b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(inTaskRoot(pid, st.cwd) + '\0'))); // a chrooted live process: from inside its root
   b.add(undefined, SYS.umask, st.umask);
   b.run();
   if (live) {
