@@ -231,7 +231,9 @@ function describe(pid: number): Who {
 }
 
 const has = (caps: CapSets, cap: bigint) => (hexBig(caps.eff) & (1n << cap)) !== 0n;
-const capNames = (x: bigint) => [...Array(64).keys()].filter((i) => x & (1n << BigInt(i))).join(',');
+const CAP_NAMES = ('chown dac_override dac_read_search fowner fsetid kill setgid setuid setpcap linux_immutable net_bind_service net_broadcast net_admin net_raw ipc_lock ipc_owner sys_module sys_rawio ' +
+  'sys_chroot sys_ptrace sys_pacct sys_admin sys_boot sys_nice sys_resource sys_time sys_tty_config mknod lease audit_write audit_control setfcap mac_override mac_admin syslog wake_alarm block_suspend audit_read perfmon bpf checkpoint_restore').split(' ');
+const capNames = (x: bigint) => [...Array(64).keys()].filter((i) => x & (1n << BigInt(i))).map((i) => (CAP_NAMES[i] ? `CAP_${CAP_NAMES[i].toUpperCase()}` : `cap ${i}`)).join(',');
 
 /** Where `want` is below `root` (both as the supervisor sees them): the path to chroot to from there, else undefined. */
 function under(root: string, want: string): string | undefined {
@@ -251,6 +253,7 @@ export function checkAttrs(p: { ids: { pid: number }; attrs?: ProcAttrs; threads
   const by = describe(byPid);
   const task = `task ${p.ids.pid}`;
   const who = rollback ? 'the process has now' : `the caller (${byPid}) has`;
+  const lacks = rollback ? 'the process no longer has' : `the caller (${byPid}) lacks`;
   if (!has(by.caps, CAP_SYS_RESOURCE)) {
     a.rlimits.forEach((l, i) => {
       const mine = by.limits[i];
@@ -266,7 +269,7 @@ export function checkAttrs(p: { ids: { pid: number }; attrs?: ProcAttrs; threads
     const more = (hexBig(c.prm) | hexBig(c.eff) | hexBig(c.amb)) & ~prm;
     const inh = hexBig(c.inh) & ~(prm | hexBig(by.caps.inh));
     const bnd = hexBig(c.bnd) & ~hexBig(by.caps.bnd);
-    if (more || inh || bnd) throw new CkptError(errno('EPERM'), 'restart:capabilities', `${task}: thread ${t.tid} had capabilities ${capNames(more | inh | bnd)} that ${who} not`);
+    if (more || inh || bnd) throw new CkptError(errno('EPERM'), 'restart:capabilities', `${task}: thread ${t.tid} had capabilities ${capNames(more | inh | bnd)} that ${lacks}`);
     if (hexBig(c.bnd) !== hexBig(by.caps.bnd) && !(prm & (1n << CAP_SETPCAP))) throw new CkptError(errno('EPERM'), 'restart:capabilities', `${task}: its bounding set is smaller than the one ${who}, and dropping needs CAP_SETPCAP`);
     if (!rollback && t.attrs?.creds) checkCreds(t.attrs.creds, parseCreds(readStatus(byPid)), t.tid);
     if (t.attrs!.noNewPrivs === false && by.noNewPrivs) throw new CkptError(errno('EPERM'), 'restart:no_new_privs', `${task}: thread ${t.tid} had no_new_privs unset; ${who} it set, and it cannot be cleared`);
