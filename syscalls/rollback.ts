@@ -81,7 +81,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
   }
   const callerInside = procs.includes(caller.tgid);
-  checkRollbackAttrs(kept, host, caller.tgid, () => freeze.thaw());
+  checkRollbackAttrs(tracer, kept, host, caller.tgid, () => freeze.thaw());
   ph.mark('freeze');
 
   const shells = new Map<number, Shell>();

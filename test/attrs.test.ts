@@ -39,9 +39,15 @@ function expectAll(t: Test, out: string): void {
 }
 
 const img = path.join(dir, 'attrs.img');
+const cgroups = new Map<string, string>();
+const rmCgroup = (cg: string | undefined) => {
+  if (cg && cg !== '-') try { fs.rmdirSync(cg); } catch { /* already gone */ }
+};
+t.teardown(() => cgroups.forEach(rmCgroup));
 for (const mode of ['restart', 'husk', 'undo'] as const) {
   t.test(`attributes, credentials and capabilities come back (${mode === 'undo' ? 'rollback in memory' : mode === 'husk' ? 'image written from husks, restart' : 'CKPT_KILL image, restart'})`, async (t) => {
     const cg = cgroupDir(mode);
+    cgroups.set(mode, cg);
     if (cg === '-') t.comment('no cgroup v2 directory can be made here: membership is checked unchanged only');
     const jail = path.join(dir, `jail-${mode}`);
     const image = mode === 'husk' ? `${img}.husk` : img;
@@ -58,7 +64,7 @@ for (const mode of ['restart', 'husk', 'undo'] as const) {
         t.equal(r.status, 0, 'the restored program passed its own checks');
       }
     } finally {
-      if (cg !== '-') try { fs.rmdirSync(cg); } catch { /* already gone */ }
+      if (mode !== 'restart') rmCgroup(cg); // the refusals below restart that image again
     }
   });
 }
@@ -91,3 +97,13 @@ for (const [mode, log] of [
     t.equal(r.status, 0);
   });
 }
+
+t.test('a restart into a cgroup that no longer exists is refused with EOPNOTSUPP naming it', async (t) => {
+  const cg = cgroups.get('restart');
+  if (!cg || cg === '-') return t.plan(0, 'no cgroup v2 directory could be made here');
+  rmCgroup(cg);
+  const r = supervise([...CKPT, 'restart', '-i', img], { timeout: 60_000 });
+  t.not(r.status, 0);
+  t.match(r.stderr, new RegExp(`restart:cgroup: task \\d+: cgroup 0::\\S+: ${cg.replace(/[.]/g, '\\.')}/cgroup.procs does not exist`));
+  t.notMatch(r.stdout, /back pid=/, 'nothing of the image ran');
+});

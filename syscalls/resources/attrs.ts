@@ -274,6 +274,11 @@ export function checkAttrs(p: { ids: { pid: number }; attrs?: ProcAttrs; threads
     if (!rollback && t.attrs?.creds) checkCreds(t.attrs.creds, parseCreds(readStatus(byPid)), t.tid);
     if (t.attrs!.noNewPrivs === false && by.noNewPrivs) throw new CkptError(errno('EPERM'), 'restart:no_new_privs', `${task}: thread ${t.tid} had no_new_privs unset; ${who} it set, and it cannot be cleared`);
   }
+  // oom_score_adj and cgroups are written through /proc and the cgroup file system, before any chroot.
+  const cur = { oom: Number(fs.readFileSync(`/proc/${byPid}/oom_score_adj`, 'utf8')), cgroups: new Set(fs.readFileSync(`/proc/${byPid}/cgroup`, 'utf8').split('\n').filter(Boolean)) };
+  const moves = a.cgroups.filter((l) => !cur.cgroups.has(l));
+  if (by.root !== '/' && (moves.length || cur.oom !== a.oomScoreAdj)) throw new CkptError(errno('EOPNOTSUPP'), 'restart:root', `${task}: its cgroups or oom_score_adj must be set, and ${who} root ${by.root}, where /proc and /sys may not be`);
+  if (moves.length) cgroupFiles(p.ids.pid, moves);
   if (a.root !== by.root) {
     if (under(by.root, a.root) === undefined) throw new CkptError(errno('EOPNOTSUPP'), 'restart:root', `${task}: root directory ${a.root} is outside the root ${by.root} ${who}`);
     if (!has(by.caps, CAP_SYS_CHROOT)) throw new CkptError(errno('EPERM'), 'restart:root', `${task}: chrooted to ${a.root}; ${who} root ${by.root} and no CAP_SYS_CHROOT`);
@@ -290,8 +295,19 @@ const sameCreds = (a: Creds, b: Creds) => sameIds(a.uid, b.uid) && sameIds(a.gid
  * back with its own permissions, and credentials changed since the
  * checkpoint must be ones the caller could have and the process can set.
  */
-export function checkRollbackAttrs(kept: { ids: { pid: number }; creds: Creds; attrs?: ProcAttrs; threads: ThreadState[] }[], host: (pid: number) => number, callerPid: number, undo: () => void): void {
+export function checkRollbackAttrs(tracer: Tracer, kept: { ids: { pid: number }; creds: Creds; attrs?: ProcAttrs; threads: ThreadState[] }[], host: (pid: number) => number, callerPid: number, undo: () => void): void {
   try {
+    // A membarrier registration cannot be undone: one made since the checkpoint refuses the rollback.
+    const withAttrs = kept.filter((p) => p.attrs);
+    const rs = withAttrs.map((p) => new Remote(tracer, tracer.tasks.get(host(p.ids.pid))!));
+    try {
+      callEach(rs, () => [SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]).forEach((regs, i) => {
+        const extra = Number(regs) & ~withAttrs[i].attrs!.membarrier;
+        if (regs >= 0n && extra) throw new CkptError(errno('EOPNOTSUPP'), 'restart:membarrier', `task ${withAttrs[i].ids.pid}: registered for membarrier commands 0x${extra.toString(16)} since the checkpoint, and a registration cannot be undone`);
+      });
+    } finally {
+      for (const r of rs) r.finish();
+    }
     for (const p of kept) {
       const pid = host(p.ids.pid);
       checkAttrs(p, pid, true);
@@ -500,13 +516,18 @@ function restoreCgroups(r: Remote, pid: number, host: number, want: string[]): v
   const now = new Set(fs.readFileSync(`/proc/${host}/cgroup`, 'utf8').split('\n').filter(Boolean));
   const moves = want.filter((l) => !now.has(l));
   if (!moves.length) return;
+  for (const procs of cgroupFiles(pid, moves)) writeAs(r, `restart:cgroup ${procs}`, procs, '0');
+}
+
+/** The cgroup.procs file of each cgroup line, as the supervisor sees it; EOPNOTSUPP for one that is not there. */
+function cgroupFiles(pid: number, lines: string[]): string[] {
   const mounts = cgroupMounts();
-  for (const l of moves) {
+  return lines.map((l) => {
     const [, ctrls, path] = l.match(/^\d+:([^:]*):(.*)$/) ?? [];
     const mnt = ctrls === undefined ? undefined : mounts.get(ctrls);
     if (!mnt) throw new CkptError(errno('EOPNOTSUPP'), 'restart:cgroup', `task ${pid}: cgroup ${l}: no such hierarchy mounted here`);
     const procs = `${mnt}${path === '/' ? '' : path}/cgroup.procs`;
     if (!fs.existsSync(procs)) throw new CkptError(errno('EOPNOTSUPP'), 'restart:cgroup', `task ${pid}: cgroup ${l}: ${procs} does not exist`);
-    writeAs(r, `restart:cgroup ${procs}`, procs, '0');
-  }
+    return procs;
+  });
 }
