@@ -45,6 +45,13 @@ export class Tracer {
    * look for that memory during the stop. An exec clears the mark.
    */
   readonly forkAdvice = new Set<number>();
+  /**
+   * Processes that ever set pdeathsig, timer slack or the child-subreaper
+   * flag (prctl, trapped by the filter), were forked from one that did (the
+   * slack is inherited), or were restored with such values: only their
+   * checkpoints ask each thread for them during the stop (attrs.ts).
+   */
+  readonly prctlNoted = new Set<number>();
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
@@ -117,6 +124,7 @@ export class Tracer {
     if (!t || t.tgid === ev.pid) {
       this.exited.add(ev.pid);
       this.forkAdvice.delete(ev.pid);
+      this.prctlNoted.delete(ev.pid);
     }
     if (ev.pid === this.rootPid) {
       this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };
@@ -257,6 +265,7 @@ export class Tracer {
         const pid = getEventMsg(task.tid);
         const child = this.add(pid, ev.event === PTRACE_EVENT.CLONE ? undefined : pid);
         if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
+        if (child.tgid !== task.tgid && this.prctlNoted.has(task.tgid)) this.prctlNoted.add(child.tgid);
         this.resume(task);
         return;
       }

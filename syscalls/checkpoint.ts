@@ -142,9 +142,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     ph.mark('husks+proc');
     if (husks) adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
     const { processes, files, zombies, maps } = read!;
-    const lr = husks ? leaders : procs.map((pid) => new Remote(tracer, task(pid)));
-    if (!husks) rs.push(...lr);
-    queryUninherited(lr, rs.slice(leaders.length, leaders.length + others1.length), processes, others1); // what a husk does not inherit
+    queryUninherited(tracer, leaders, rs.slice(leaders.length, leaders.length + others1.length), processes, others1); // what a husk does not inherit
     if (husks) {
       for (const r of leaders) {
         if (!husks.track(r.task.tgid)) continue;
@@ -206,7 +204,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
     stopSignal: tracer.groupStopOf(pid),
     threads: threads[i],
   }));
-  threads.forEach((ts, i) => ts.forEach((t) => (t.attrs = captureThreadAttrs(t.tid, t.tid === procs[i] ? statuses[i] : undefined))));
+  threads.forEach((ts, i) => ts.forEach((t) => (t.attrs = captureThreadAttrs(t.tid, tracer.prctlNoted.has(procs[i]), t.tid === procs[i] ? statuses[i] : undefined))));
   const maps = husks ? procs.map((pid) => checkMappings(pid, shm)) : [];
   return { statuses, files, processes, zombies: findZombies(tracer, procs), maps };
 }
@@ -219,7 +217,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
 export function captureProcessWide(r: Remote, state: ProcessState, status: Map<string, string>, selfTid: (tid: number) => number): void {
   state.mm = captureMm(r, r.task.tgid);
   state.signals = captureSignals(r, status);
-  state.attrs = captureProcAttrs(r, status, state.ids.pid, state.attrs);
+  state.attrs = captureProcAttrs(r, state, status);
   for (const t of state.threads) {
     const fsBase = BigInt(Buffer.from(t.regs, 'base64').readBigUInt64LE(21 * 8));
     t.tidAddress = findTidAddress(r.mem, selfTid(t.tid), fsBase);

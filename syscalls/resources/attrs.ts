@@ -10,10 +10,13 @@
  * Who holds what decides when it is read:
  * - a clone does not inherit pdeathsig nor the child-subreaper flag, and a
  *   husk is a clone of the leader: those are asked of the frozen tasks
- *   (one round of injected prctl gets, see queryUninherited);
- * - per-thread values of every thread (sched_getattr, sched_getaffinity,
- *   comm, timer slack, /proc/TID/status for capabilities and NNP) are read
- *   by the supervisor itself during the stop, while the husk clones run;
+ *   (injected prctl gets, see queryUninherited), with every thread's timer
+ *   slack, but only in processes that ever set one of the three (the
+ *   seccomp filter traps those prctl calls: Tracer.prctlNoted); in the
+ *   others they are 0, false and the leader's slack (read from the husk);
+ * - per-thread values of every thread (sched_getattr; /proc/TID/status for
+ *   name, affinity, capabilities, credentials and NNP) are read by the
+ *   supervisor itself during the stop, while the husk clones run;
  * - what the husk inherits from the leader (rlimits, oom_score_adj,
  *   personality, mm flags: dumpable, THP, membarrier; creds: securebits;
  *   root; cgroups) is read from the husk after the thaw.
@@ -32,7 +35,7 @@ import { restoreCreds, parseCreds, checkCreds, type Creds } from './process.js';
 import { useGadget } from './memory.js';
 import type { ThreadState } from './thread.js';
 
-const PR_SET_PDEATHSIG = 1, PR_GET_PDEATHSIG = 2, PR_GET_DUMPABLE = 3, PR_SET_DUMPABLE = 4, PR_SET_KEEPCAPS = 8, PR_SET_NAME = 15;
+const PR_GET_TIMERSLACK = 30, PR_SET_PDEATHSIG = 1, PR_GET_PDEATHSIG = 2, PR_GET_DUMPABLE = 3, PR_SET_DUMPABLE = 4, PR_SET_KEEPCAPS = 8, PR_SET_NAME = 15;
 const PR_CAPBSET_DROP = 24, PR_GET_SECUREBITS = 27, PR_SET_SECUREBITS = 28, PR_SET_TIMERSLACK = 29;
 const PR_SET_CHILD_SUBREAPER = 36, PR_GET_CHILD_SUBREAPER = 37, PR_SET_NO_NEW_PRIVS = 38, PR_SET_THP_DISABLE = 41;
 const PR_CAP_AMBIENT = 47, PR_CAP_AMBIENT_RAISE = 2, PR_CAP_AMBIENT_CLEAR_ALL = 4;
@@ -57,7 +60,7 @@ export interface ThreadAttrs {
   sched: { policy: number; flags: string; nice: number; priority: number; runtime: string; deadline: string; period: string };
   /** sched_getaffinity's mask (hex of its bytes, as the kernel lays them out). */
   affinity: string;
-  /** Timer slack in ns (decimal). */
+  /** Timer slack in ns (decimal); '' until captureProcAttrs gives it the leader's. */
   timerSlack: string;
   /** Parent-death signal (0: none): not inherited, asked of the frozen thread. */
   pdeathsig: number;
@@ -132,19 +135,30 @@ function affinityOf(tid: number): string {
   return b.subarray(0, n).toString('hex');
 }
 
-const readComm = (tid: number) => fs.readFileSync(`/proc/${tid}/comm`, 'utf8').replace(/\n$/, '');
+/** The Name line of /proc/PID/status, unescaped (the kernel writes \\ and \\n for a backslash and a newline). */
+const statusName = (v: string) => v.replace(/\\(\\|n)/g, (_, c: string) => (c === 'n' ? '\n' : '\\'));
+
+/** Cpus_allowed ("ff,ffffffff": 32-bit words, highest first) as sched_getaffinity lays the mask out. */
+function affinityFromStatus(v: string): string {
+  const words = v.split(',').reverse();
+  const b = Buffer.alloc(Math.ceil(words.length / 2) * 8); // whole longs, as the kernel copies them
+  words.forEach((w, i) => b.writeUInt32LE(parseInt(w, 16) >>> 0, 4 * i));
+  return b.toString('hex');
+}
+const sameMask = (a: string, b: string) => a.replace(/(00)+$/, '') === b.replace(/(00)+$/, '');
 
 /**
  * A frozen thread's own attributes, read by the supervisor (no injected
- * call): `status` is its /proc status if already read. pdeathsig comes
- * from queryUninherited.
+ * call): `status` is its /proc status if already read; `noted`: its
+ * process ever set a timer slack (see queryUninherited), so each
+ * thread's is read here.
  */
-export function captureThreadAttrs(tid: number, status = readStatus(tid)): ThreadAttrs {
+export function captureThreadAttrs(tid: number, noted: boolean, status = readStatus(tid)): ThreadAttrs {
   return {
-    comm: readComm(tid),
+    comm: statusName(status.get('Name') ?? ''),
     sched: schedOf(tid),
-    affinity: affinityOf(tid),
-    timerSlack: fs.readFileSync(`/proc/${tid}/timerslack_ns`, 'utf8').trim(),
+    affinity: affinityFromStatus(status.get('Cpus_allowed') ?? '0'),
+    timerSlack: noted ? fs.readFileSync(`/proc/${tid}/timerslack_ns`, 'utf8').trim() : '',
     pdeathsig: 0,
     caps: capsOf(status),
     noNewPrivs: status.get('NoNewPrivs') === '1',
@@ -152,38 +166,54 @@ export function captureThreadAttrs(tid: number, status = readStatus(tid)): Threa
   };
 }
 
+/** prctl PR_SET_PDEATHSIG, PR_SET_TIMERSLACK or PR_SET_CHILD_SUBREAPER seen on its way in (then run as asked). */
+export function notePrctl(ctx: { tracer: Tracer; caller: { tgid: number } }): void {
+  ctx.tracer.prctlNoted.add(ctx.caller.tgid);
+}
+
 /**
- * What a clone does not inherit, asked of the frozen tasks in injected
- * rounds whose round trips overlap: in the first, each leader says whether
- * it is a child subreaper and every other thread its pdeathsig; in the
- * second, the leaders their pdeathsig. Answers land in a few bytes of each
- * thread's own stack (put back after). `leaders[i]` is `procs[i]`'s.
+ * What a clone does not inherit, asked of the frozen tasks of the
+ * processes that ever set it (Tracer.prctlNoted), in injected rounds whose
+ * round trips overlap: in the first, each leader says whether it is a
+ * child subreaper and every other thread its pdeathsig; in the second,
+ * the leaders their pdeathsig. Answers land in a few bytes of each
+ * thread's own stack (put back after). `leaders[i]` is `procs[i]`'s, if
+ * given (the husk round's); else one is made here.
  */
-export function queryUninherited(leaders: Remote[], others: Remote[], procs: { attrs?: ProcAttrs; threads: ThreadState[] }[], otherThreads: ThreadState[]): void {
-  // Partial until captureProcAttrs completes it from the husk.
-  const subreaper = (i: number, v: boolean) => (procs[i].attrs = { subreaper: v } as ProcAttrs);
-  const setDeath = (t: ThreadState | undefined, v: number) => {
-    if (t?.attrs) t.attrs.pdeathsig = v;
-  };
-  const all = [...leaders, ...others];
+export function queryUninherited(tracer: Tracer, leaders: Remote[], others: Remote[], procs: { ids: { pid: number }; attrs?: ProcAttrs; threads: ThreadState[] }[], otherThreads: ThreadState[]): void {
+  const noted = procs.map((p) => tracer.prctlNoted.has(p.ids.pid));
+  if (!noted.some(Boolean)) return;
+  const made: Remote[] = [];
+  const ls: { r: Remote; p: (typeof procs)[number] }[] = [];
+  procs.forEach((p, i) => {
+    if (!noted[i]) return;
+    let r = leaders[i];
+    if (!r) made.push((r = new Remote(tracer, tracer.tasks.get(p.ids.pid)!)));
+    ls.push({ r, p });
+  });
+  const os = others.map((r, i) => ({ r, t: otherThreads[i] })).filter(({ r }) => tracer.prctlNoted.has(r.task.tgid));
+  const all = [...ls.map((x) => x.r), ...os.map((x) => x.r)];
   const slots = all.map((r) => r.stackScratch(8));
   const at = (i: number) => slots[i]?.addr ?? all[i].scratch();
   const read = (i: number) => all[i].mem.read(at(i), 4).readInt32LE(0);
+  const fail = (res: bigint, i: number, what: string) => {
+    if (res < 0n) throw new CkptError(Number(-res), 'checkpoint:prctl', `task ${all[i].task.tid}: ${what} failed`);
+  };
   try {
-    const first = callEach(all, (_, i) => [SYS.prctl, i < leaders.length ? PR_GET_CHILD_SUBREAPER : PR_GET_PDEATHSIG, at(i)]);
-    first.forEach((res, i) => {
-      if (res < 0n) throw new CkptError(Number(-res), 'checkpoint:prctl', `task ${all[i].task.tid}: ${i < leaders.length ? 'PR_GET_CHILD_SUBREAPER' : 'PR_GET_PDEATHSIG'} failed`);
-      if (i < leaders.length) subreaper(i, read(i) !== 0);
-      else setDeath(otherThreads[i - leaders.length], read(i));
+    callEach(all, (_, i) => [SYS.prctl, i < ls.length ? PR_GET_CHILD_SUBREAPER : PR_GET_PDEATHSIG, at(i)]).forEach((res, i) => {
+      fail(res, i, i < ls.length ? 'PR_GET_CHILD_SUBREAPER' : 'PR_GET_PDEATHSIG');
+      if (i < ls.length) ls[i].p.attrs = { subreaper: read(i) !== 0 } as ProcAttrs; // completed by captureProcAttrs
+      else if (os[i - ls.length].t.attrs) os[i - ls.length].t.attrs!.pdeathsig = read(i);
     });
-    if (!leaders.length) return;
-    const second = callEach(leaders, (_, i) => [SYS.prctl, PR_GET_PDEATHSIG, at(i)]);
-    second.forEach((res, i) => {
-      if (res < 0n) throw new CkptError(Number(-res), 'checkpoint:prctl', `task ${leaders[i].task.tid}: PR_GET_PDEATHSIG failed`);
-      setDeath(procs[i].threads.find((t) => t.tid === leaders[i].task.tid), read(i));
+    const rs = ls.map((x) => x.r);
+    callEach(rs, (_, i) => [SYS.prctl, PR_GET_PDEATHSIG, at(i)]).forEach((res, i) => {
+      fail(res, i, 'PR_GET_PDEATHSIG');
+      const t = ls[i].p.threads.find((t) => t.tid === ls[i].p.ids.pid);
+      if (t?.attrs) t.attrs.pdeathsig = read(i);
     });
   } finally {
     for (const s of slots) s?.putBack();
+    for (const r of made) r.finish();
   }
 }
 
@@ -192,13 +222,18 @@ export function queryUninherited(leaders: Remote[], others: Remote[], procs: { a
  * thaw) or, for a direct checkpoint, the frozen leader itself; `status` is
  * r's task's; `prev` holds what queryUninherited asked of the leader.
  */
-export function captureProcAttrs(r: Remote, status: Map<string, string>, pid: number, prev?: Partial<ProcAttrs>): ProcAttrs {
+export function captureProcAttrs(r: Remote, state: { ids: { pid: number }; attrs?: ProcAttrs; threads: ThreadState[] }, status: Map<string, string>): ProcAttrs {
   const t = r.task.tid;
+  const pid = state.ids.pid;
+  const prev = state.attrs;
   const b = new CallBatch(r);
   b.add('checkpoint:prctl PR_GET_DUMPABLE', SYS.prctl, PR_GET_DUMPABLE);
   b.add('checkpoint:prctl PR_GET_SECUREBITS', SYS.prctl, PR_GET_SECUREBITS);
   b.add(undefined, SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0);
-  const [dumpable, securebits, membarrier] = b.run().map(Number);
+  b.add('checkpoint:prctl PR_GET_TIMERSLACK', SYS.prctl, PR_GET_TIMERSLACK);
+  const [dumpable, securebits, membarrier, slack] = b.run().map(Number);
+  // Not asked of each thread (the process never set one): all have the leader's, which the husk inherited.
+  for (const th of state.threads) if (th.attrs && !th.attrs.timerSlack) th.attrs.timerSlack = String(slack);
   if (membarrier < 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:membarrier', `task ${pid}: this kernel cannot say which membarrier commands the process registered (errno ${-membarrier})`);
   if (dumpable !== 0 && dumpable !== 1) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:dumpable', `task ${pid}: dumpable is ${dumpable} (root-only core dumps), which prctl cannot set again`);
   return {
@@ -435,7 +470,7 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
       const tb = new CallBatch(rt);
       const tid = host(t.tid);
       if (!sameSched(schedOf(tid), ta.sched)) tb.add(`restart:sched policy ${ta.sched.policy} nice ${ta.sched.nice} priority ${ta.sched.priority}`, SYS_sched_setattr, 0, tb.put(schedBuf(ta.sched)), 0);
-      if (affinityOf(tid) !== ta.affinity) {
+      if (!sameMask(affinityOf(tid), ta.affinity)) {
         const m = Buffer.from(ta.affinity, 'hex');
         tb.add('restart:affinity', SYS_sched_setaffinity, 0, m.length, tb.put(m));
       }
@@ -492,6 +527,8 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
       b.run();
     });
   }
+  // Set by injected calls the filter does not see: its next checkpoint must ask for them.
+  if (a.subreaper || p.threads.some((t) => t.attrs?.pdeathsig) || new Set(p.threads.map((t) => t.attrs?.timerSlack)).size > 1) tracer.prctlNoted.add(sh.task.tgid);
 }
 
 /** Run `f` with a Remote of thread `tid` of the shell (the leader's own Remote for the leader). */
