@@ -423,25 +423,106 @@ export interface AttrShell {
 /**
  * Every attribute back in a rebuilt process (fresh shell or live process),
  * its threads already made, memory and files in place. Order: what needs
- * the permissions the task starts with (scheduling, limits, oom, cgroup,
- * chroot), then credentials (`setCreds`, or a live process whose uids
- * changed) in every thread, then what a change of credentials resets or
- * what they include (capabilities, securebits, dumpable, pdeathsig).
+ * the permissions the task starts with (limits, oom, cgroup, chroot, then
+ * per thread scheduling, affinity, name, slack, personality, NNP), then
+ * each thread's credentials where they differ from its checkpoint's (the
+ * permission was checked before anything was built), then what they
+ * include or what changing them resets (capabilities, securebits,
+ * pdeathsig, dumpable). Per thread: two batches, and a few calls more
+ * when its credentials change.
  */
 export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
   const p = sh.state;
   const a = p.attrs;
   const host = (tid: number) => sh.threads.get(tid)!.tid;
-  // Each thread's own (the permission to set them was checked before anything was built).
   const credsOf = (t: ThreadState) => t.attrs?.creds ?? p.creds;
-  const credsDiffer = (t: ThreadState) => !sameCreds(parseCreds(readStatus(host(t.tid))), credsOf(t));
-  if (!a) {
-    for (const t of p.threads) if (credsDiffer(t)) withThread(tracer, sh, t.tid, (r) => restoreCreds(r, credsOf(t)));
-    return;
+  const status = new Map(p.threads.map((t) => [t.tid, readStatus(host(t.tid))])); // /proc/TID: that thread's own
+  const credsDiffer = (t: ThreadState) => !sameCreds(parseCreds(status.get(t.tid)!), credsOf(t));
+  const remotes = new Map<number, Remote>();
+  const remote = (tid: number): Remote => {
+    if (tid === p.ids.pid) return sh.remote;
+    let r = remotes.get(tid);
+    if (!r) {
+      r = new Remote(tracer, tracer.tasks.get(host(tid))!, sh.gadget);
+      if (sh.gadget) useGadget(r, sh.gadget);
+      remotes.set(tid, r);
+    }
+    return r;
+  };
+  try {
+    if (!a) {
+      for (const t of p.threads) if (credsDiffer(t)) restoreCreds(remote(t.tid), credsOf(t));
+      return;
+    }
+    restoreProcessWide(sh, a);
+    for (const t of p.threads) {
+      const ta = t.attrs;
+      const rt = remote(t.tid);
+      const tid = host(t.tid);
+      const st = status.get(t.tid)!;
+      // ---- before credentials (they may drop what sched needs)
+      const tb = new CallBatch(rt);
+      if (ta) {
+        if (!sameSched(schedOf(tid), ta.sched)) tb.add(`restart:sched policy ${ta.sched.policy} nice ${ta.sched.nice} priority ${ta.sched.priority}`, SYS_sched_setattr, 0, tb.put(schedBuf(ta.sched)), 0);
+        if (!sameMask(affinityOf(tid), ta.affinity)) {
+          const m = Buffer.from(ta.affinity, 'hex');
+          tb.add('restart:affinity', SYS_sched_setaffinity, 0, m.length, tb.put(m));
+        }
+        if (ta.timerSlack) tb.add('restart:timerslack', SYS.prctl, PR_SET_TIMERSLACK, BigInt(ta.timerSlack));
+        tb.add('restart:comm', SYS.prctl, PR_SET_NAME, tb.put(Buffer.concat([Buffer.from(ta.comm).subarray(0, 15), Buffer.from([0])])));
+        if (ta.noNewPrivs && st.get('NoNewPrivs') !== '1') tb.add('restart:no_new_privs', SYS.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+      }
+      tb.add('restart:personality', SYS_personality, a.personality);
+      tb.add('restart:securebits', SYS.prctl, PR_GET_SECUREBITS);
+      const res = tb.run();
+      const sec = Number(res[res.length - 1]);
+      // ---- credentials
+      const want = ta?.caps;
+      const now = capsOf(st);
+      const setCreds = credsDiffer(t);
+      const capsDiffer = !!want && (Object.keys(want) as (keyof CapSets)[]).some((k) => hexBig(want[k]) !== hexBig(now[k]));
+      // Keep the permitted set through a change of uid: it is cut to the checkpoint's below.
+      if (setCreds && want) rt.check('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, 1);
+      if (setCreds) restoreCreds(rt, credsOf(t));
+      // ---- what they include, what changing them resets
+      const b = new CallBatch(rt);
+      const caps = want && (capsDiffer || setCreds);
+      if (caps) {
+        const prm = hexBig(now.prm);
+        // Everything the task may have in effect, the inheritable set as wanted (ambient needs it).
+        const at = b.put(capsetBuf(prm, prm, hexBig(want.inh)));
+        b.add('restart:capabilities capset', SYS_capset, at, at + 8n);
+        const drop = hexBig(now.bnd) & ~hexBig(want.bnd);
+        for (let c = 0n; c < 64n; c++) if (drop & (1n << c)) b.add(`restart:capabilities drop ${capNames(1n << c)} from the bounding set`, SYS.prctl, PR_CAPBSET_DROP, c);
+        b.add('restart:capabilities ambient', SYS.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        const amb = hexBig(want.amb);
+        for (let c = 0n; c < 64n; c++) if (amb & (1n << c)) b.add(`restart:capabilities ambient ${capNames(1n << c)}`, SYS.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0);
+      }
+      const nowSec = setCreds && want ? sec | SECBIT_KEEP_CAPS : sec;
+      if (nowSec !== a.securebits) {
+        if ((nowSec ^ a.securebits) === SECBIT_KEEP_CAPS) b.add('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, a.securebits & SECBIT_KEEP_CAPS ? 1 : 0);
+        else b.add(`restart:securebits 0x${a.securebits.toString(16)}`, SYS.prctl, PR_SET_SECUREBITS, a.securebits);
+      }
+      if (caps) {
+        const at = b.put(capsetBuf(hexBig(want.eff), hexBig(want.prm), hexBig(want.inh)));
+        b.add('restart:capabilities capset', SYS_capset, at, at + 8n);
+      }
+      b.add('restart:pdeathsig', SYS.prctl, PR_SET_PDEATHSIG, ta?.pdeathsig ?? 0);
+      if (t.tid === p.ids.pid) b.add('restart:dumpable', SYS.prctl, PR_SET_DUMPABLE, a.dumpable);
+      b.run();
+    }
+    // Set by injected calls the filter does not see: its next checkpoint must ask for them.
+    if (a.subreaper || p.threads.some((t) => t.attrs?.pdeathsig) || new Set(p.threads.map((t) => t.attrs?.timerSlack)).size > 1) tracer.prctlNoted.add(sh.task.tgid);
+  } finally {
+    for (const r of remotes.values()) r.mem.close(); // registers are set last, by finishProcess
   }
+}
+
+/** Limits, mm flags, membarrier, oom_score_adj, cgroups, then the root directory (CAP_SYS_CHROOT: before credentials). */
+function restoreProcessWide(sh: AttrShell, a: ProcAttrs): void {
+  const p = sh.state;
   const pid = sh.task.tid;
   const r = sh.remote;
-  // ---- process-wide, with the permissions the task starts with
   const pb = new CallBatch(r);
   const cur = readLimits(pid);
   a.rlimits.forEach((l, i) => {
@@ -462,85 +543,12 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
   mb.run();
   if (Number(fs.readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8')) !== a.oomScoreAdj) writeAs(r, `restart:oom_score_adj ${a.oomScoreAdj}`, '/proc/self/oom_score_adj', String(a.oomScoreAdj));
   restoreCgroups(r, p.ids.pid, pid, a.cgroups);
-  // ---- per thread, before credentials (they may drop what sched needs)
-  for (const t of p.threads) {
-    const ta = t.attrs;
-    if (!ta) continue;
-    withThread(tracer, sh, t.tid, (rt) => {
-      const tb = new CallBatch(rt);
-      const tid = host(t.tid);
-      if (!sameSched(schedOf(tid), ta.sched)) tb.add(`restart:sched policy ${ta.sched.policy} nice ${ta.sched.nice} priority ${ta.sched.priority}`, SYS_sched_setattr, 0, tb.put(schedBuf(ta.sched)), 0);
-      if (!sameMask(affinityOf(tid), ta.affinity)) {
-        const m = Buffer.from(ta.affinity, 'hex');
-        tb.add('restart:affinity', SYS_sched_setaffinity, 0, m.length, tb.put(m));
-      }
-      tb.add('restart:timerslack', SYS.prctl, PR_SET_TIMERSLACK, BigInt(ta.timerSlack));
-      tb.add('restart:comm', SYS.prctl, PR_SET_NAME, tb.put(Buffer.concat([Buffer.from(ta.comm).subarray(0, 15), Buffer.from([0])])));
-      tb.add('restart:personality', SYS_personality, a.personality);
-      if (ta.noNewPrivs && readStatus(tid).get('NoNewPrivs') !== '1') tb.add('restart:no_new_privs', SYS.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-      tb.run();
-    });
-  }
-  // ---- the root directory: needs CAP_SYS_CHROOT, which credentials may drop
   const root = fs.readlinkSync(`/proc/${pid}/root`);
   if (root !== a.root) {
     const to = under(root, a.root);
     if (to === undefined) throw new CkptError(errno('EOPNOTSUPP'), 'restart:root', `task ${p.ids.pid}: root directory ${a.root} is outside ${root}`);
     r.mem.write(r.scratch(), Buffer.from(to + '\0'));
     r.check(`restart:root chroot ${a.root}`, SYS_chroot, r.scratch());
-  }
-  // ---- credentials, then what they include and what changing them resets
-  for (const t of p.threads) {
-    const setCreds = credsDiffer(t);
-    withThread(tracer, sh, t.tid, (rt) => {
-      const tid = host(t.tid);
-      const want = t.attrs?.caps;
-      const now = capsOf(readStatus(tid)); // /proc/TID: that thread's own
-      const capsDiffer = !!want && (Object.keys(want) as (keyof CapSets)[]).some((k) => hexBig(want[k]) !== hexBig(now[k]));
-      const sec = Number(rt.check('restart:securebits', SYS.prctl, PR_GET_SECUREBITS));
-      // Keep the permitted set through a change of uid: it is cut to the checkpoint's below.
-      if (setCreds && want) rt.check('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, 1);
-      if (setCreds) restoreCreds(rt, credsOf(t));
-      const b = new CallBatch(rt);
-      if (want && (capsDiffer || setCreds)) {
-        const prm = hexBig(now.prm);
-        // Everything the task may have in effect, the inheritable set as wanted (ambient needs it).
-        const at = b.put(capsetBuf(prm, prm, hexBig(want.inh)));
-        b.add('restart:capabilities capset', SYS_capset, at, at + 8n);
-        const drop = hexBig(now.bnd) & ~hexBig(want.bnd);
-        for (let c = 0n; c < 64n; c++) if (drop & (1n << c)) b.add(`restart:capabilities drop ${c} from the bounding set`, SYS.prctl, PR_CAPBSET_DROP, c);
-        b.add('restart:capabilities ambient', SYS.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-        const amb = hexBig(want.amb);
-        for (let c = 0n; c < 64n; c++) if (amb & (1n << c)) b.add(`restart:capabilities ambient ${c}`, SYS.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0);
-      }
-      const nowSec = setCreds && want ? sec | SECBIT_KEEP_CAPS : sec;
-      if (nowSec !== a.securebits) {
-        if ((nowSec ^ a.securebits) === SECBIT_KEEP_CAPS) b.add('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, a.securebits & SECBIT_KEEP_CAPS ? 1 : 0);
-        else b.add(`restart:securebits 0x${a.securebits.toString(16)}`, SYS.prctl, PR_SET_SECUREBITS, a.securebits);
-      }
-      if (want && (capsDiffer || setCreds)) {
-        const at = b.put(capsetBuf(hexBig(want.eff), hexBig(want.prm), hexBig(want.inh)));
-        b.add('restart:capabilities capset', SYS_capset, at, at + 8n);
-      }
-      b.add('restart:pdeathsig', SYS.prctl, PR_SET_PDEATHSIG, t.attrs?.pdeathsig ?? 0);
-      if (t.tid === p.ids.pid) b.add('restart:dumpable', SYS.prctl, PR_SET_DUMPABLE, a.dumpable);
-      b.run();
-    });
-  }
-  // Set by injected calls the filter does not see: its next checkpoint must ask for them.
-  if (a.subreaper || p.threads.some((t) => t.attrs?.pdeathsig) || new Set(p.threads.map((t) => t.attrs?.timerSlack)).size > 1) tracer.prctlNoted.add(sh.task.tgid);
-}
-
-/** Run `f` with a Remote of thread `tid` of the shell (the leader's own Remote for the leader). */
-function withThread(tracer: Tracer, sh: AttrShell, tid: number, f: (r: Remote) => void): void {
-  if (tid === sh.state.ids.pid) return f(sh.remote);
-  const task = tracer.tasks.get(sh.threads.get(tid)!.tid)!;
-  const rt = new Remote(tracer, task, sh.gadget);
-  if (sh.gadget) useGadget(rt, sh.gadget);
-  try {
-    f(rt);
-  } finally {
-    rt.mem.close();
   }
 }
 
