@@ -147,6 +147,9 @@ export function copyFromHusk(sh: Shell, husk: number, mem: MemoryCapture, runs =
  * Per-process state, threads and registers, once memory and files are in
  * place. Threads the process lacks are created; for a live process, threads
  * it has beyond the checkpoint's were ended before (endExtraThreads).
+ * `setCreds` is no longer needed (kept for the callers): each thread's
+ * credentials are compared and set where they differ (restoreAttrs), the
+ * permission having been checked before anything was built.
  */
 export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): void {
   const r = sh.remote;
