@@ -27,7 +27,7 @@
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
-import { sys, SYS, addressOf } from '../../lib/libc.js';
+import { sys, SYS, addressOf, errnoNow } from '../../lib/libc.js';
 import { readStatus } from '../../lib/proc.js';
 import { Remote, CallBatch, callEach } from '../../supervisor/remote.js';
 import type { Tracer } from '../../supervisor/tracer.js';
@@ -43,7 +43,7 @@ const SECBIT_KEEP_CAPS = 1 << 4;
 const SYS_personality = 135, SYS_capset = 126, SYS_chroot = 161;
 const SYS_sched_setaffinity = 203, SYS_sched_getaffinity = 204, SYS_sched_setattr = 314, SYS_sched_getattr = 315, SYS_prlimit64 = 302, SYS_membarrier = 324;
 const MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9;
-const CAP_V3 = 0x20080522, SCHED_ATTR_SIZE = 56, AFFINITY_BYTES = 128;
+const CAP_V3 = 0x20080522, SCHED_ATTR_SIZE = 56, AFFINITY_BYTES = 128, UCLAMP_MAX = 1024, SCHED_FLAG_UTIL_CLAMP = 0x60n;
 const CAP_SETPCAP = 8n, CAP_SYS_CHROOT = 18n, CAP_SYS_RESOURCE = 24n;
 const O_WRONLY = 1, O_CLOEXEC = 0o2000000, AT_FDCWD = -100;
 const INFINITY = (1n << 64n) - 1n;
@@ -57,7 +57,7 @@ export interface CapSets { eff: string; prm: string; inh: string; bnd: string; a
 export interface ThreadAttrs {
   comm: string;
   /** sched_getattr: policy, flags (reset-on-fork...), nice, rt priority; deadline parameters in ns (decimal). */
-  sched: { policy: number; flags: string; nice: number; priority: number; runtime: string; deadline: string; period: string };
+  sched: { policy: number; flags: string; nice: number; priority: number; runtime: string; deadline: string; period: string; utilMin?: number; utilMax?: number };
   /** sched_getaffinity's mask (hex of its bytes, as the kernel lays them out). */
   affinity: string;
   /** Timer slack in ns (decimal); '' until captureProcAttrs gives it the leader's. */
@@ -108,15 +108,25 @@ function capsOf(status: Map<string, string>): CapSets {
 
 function schedOf(tid: number): ThreadAttrs['sched'] {
   const b = Buffer.alloc(SCHED_ATTR_SIZE);
-  if (sys.syscall(SYS_sched_getattr, tid, addressOf(b), SCHED_ATTR_SIZE, 0) !== 0) throw new CkptError(errno('ESRCH'), 'checkpoint:sched', `task ${tid}: sched_getattr failed`);
-  return { policy: b.readUInt32LE(4), flags: b.readBigUInt64LE(8).toString(), nice: b.readInt32LE(16), priority: b.readUInt32LE(20), runtime: b.readBigUInt64LE(24).toString(), deadline: b.readBigUInt64LE(32).toString(), period: b.readBigUInt64LE(40).toString() };
+  if (sys.syscall(SYS_sched_getattr, tid, addressOf(b), SCHED_ATTR_SIZE, 0) !== 0) throw new CkptError(errnoNow(), 'checkpoint:sched', `task ${tid}: sched_getattr failed`);
+  const s: ThreadAttrs['sched'] = { policy: b.readUInt32LE(4), flags: b.readBigUInt64LE(8).toString(), nice: b.readInt32LE(16), priority: b.readUInt32LE(20), runtime: b.readBigUInt64LE(24).toString(), deadline: b.readBigUInt64LE(32).toString(), period: b.readBigUInt64LE(40).toString() };
+  // Utilization clamps only when asked for (0/1024 is none; a kernel without them says 0/0).
+  const min = b.readUInt32LE(48), max = b.readUInt32LE(52);
+  if (min !== 0 || (max !== UCLAMP_MAX && max !== 0)) Object.assign(s, { utilMin: min, utilMax: max });
+  return s;
 }
 
 function schedBuf(s: ThreadAttrs['sched']): Buffer {
-  const b = Buffer.alloc(48); // SCHED_ATTR_SIZE_VER0: no utilization clamps asked for
-  b.writeUInt32LE(48, 0);
+  const clamps = s.utilMin !== undefined;
+  const b = Buffer.alloc(clamps ? SCHED_ATTR_SIZE : 48); // SCHED_ATTR_SIZE_VER0 when no clamps are asked for
+  b.writeUInt32LE(b.length, 0);
   b.writeUInt32LE(s.policy, 4);
-  b.writeBigUInt64LE(BigInt(s.flags) & ~0x78n, 8); // no KEEP_POLICY/KEEP_PARAMS (set both), no clamps (not in this size)
+  // No KEEP_POLICY/KEEP_PARAMS (both are set); the clamp flags only with clamps.
+  b.writeBigUInt64LE((BigInt(s.flags) & ~0x78n) | (clamps ? SCHED_FLAG_UTIL_CLAMP : 0n), 8);
+  if (clamps) {
+    b.writeUInt32LE(s.utilMin!, 48);
+    b.writeUInt32LE(s.utilMax!, 52);
+  }
   b.writeInt32LE(s.nice, 16);
   b.writeUInt32LE(s.priority, 20);
   b.writeBigUInt64LE(BigInt(s.runtime), 24);
@@ -126,12 +136,12 @@ function schedBuf(s: ThreadAttrs['sched']): Buffer {
 }
 
 const sameSched = (a: ThreadAttrs['sched'], b: ThreadAttrs['sched']) =>
-  a.policy === b.policy && a.nice === b.nice && a.priority === b.priority && a.flags === b.flags && a.runtime === b.runtime && a.deadline === b.deadline && a.period === b.period;
+  a.policy === b.policy && a.nice === b.nice && a.priority === b.priority && a.flags === b.flags && a.runtime === b.runtime && a.deadline === b.deadline && a.period === b.period && a.utilMin === b.utilMin && a.utilMax === b.utilMax;
 
 function affinityOf(tid: number): string {
   const b = Buffer.alloc(AFFINITY_BYTES);
   const n = sys.syscall(SYS_sched_getaffinity, tid, AFFINITY_BYTES, addressOf(b));
-  if (n < 0) throw new CkptError(errno('ESRCH'), 'checkpoint:affinity', `task ${tid}: sched_getaffinity failed`);
+  if (n < 0) throw new CkptError(errnoNow(), 'restart:affinity', `task ${tid}: sched_getaffinity failed`);
   return b.subarray(0, n).toString('hex');
 }
 
