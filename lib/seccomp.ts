@@ -7,7 +7,10 @@
  * programs that use them), so that the stop of a checkpoint only looks for
  * memory fork does not copy in processes that ever asked for it; madvise
  * with advice that smaps shows as a VMA flag, and the lock calls, so that
- * only the rollbacks of processes that ever used them read smaps.
+ * only the rollbacks of processes that ever used them read smaps. Likewise
+ * prctl PR_SET_PDEATHSIG, PR_SET_TIMERSLACK and PR_SET_CHILD_SUBREAPER
+ * (per-thread or uninherited values that only an injected call can read):
+ * the stop asks for them only in processes that ever set one.
  */
 const BPF_LD_W_ABS = 0x20;
 const BPF_JEQ_K = 0x15;
@@ -16,10 +19,11 @@ const BPF_RET_K = 0x06;
 const AUDIT_ARCH_X86_64 = 0xc000003e;
 export const SECCOMP_RET_ALLOW = 0x7fff0000;
 export const SECCOMP_RET_TRACE = 0x7ff00000;
-const SYS_madvise = 28;
+const SYS_madvise = 28, SYS_prctl = 157;
 export const MADV_DONTFORK = 10, MADV_WIPEONFORK = 18;
+export const PR_SET_PDEATHSIG = 1, PR_SET_TIMERSLACK = 29, PR_SET_CHILD_SUBREAPER = 36;
 /** struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low word first). */
-const DATA_NR = 0, DATA_ARCH = 4, DATA_ARG2 = 32;
+const DATA_NR = 0, DATA_ARCH = 4, DATA_ARG0 = 16, DATA_ARG2 = 32;
 
 type Insn = [code: number, jt: number, jf: number, k: number];
 
@@ -28,29 +32,42 @@ export const MADV_VM_STATE = [1 /* RANDOM */, 2 /* SEQUENTIAL */, 12 /* MERGEABL
 /** mlock, mlockall, munlockall, mlock2: always trapped (rare, and a fork does not pass the locks on). */
 export const SYS_LOCKS = [149, 151, 152, 325];
 
-/** Trap [first, last], the noted madvise calls and the lock calls on x86-64; the result is a struct sock_filter array. */
+/** A jump to a label (TRACE, ALLOW, RANGE: the ckpt numbers' check, next, or one of the program's), or a label. */
+type Step = Insn | ['JEQ', number, string, string] | ['LABEL', string];
+
+/** Trap [first, last], the noted madvise and prctl calls and the lock calls on x86-64; the result is a struct sock_filter array. */
 export function buildTrapFilter(first: number, last: number): Buffer {
   const advice = [MADV_DONTFORK, MADV_WIPEONFORK, ...MADV_VM_STATE];
-  // Jumps are relative: the program is laid out, then each jump is the
-  // distance to its label (TRACE at the end - 1, ALLOW at the end).
-  const body: (Insn | ['JEQ', number, 'TRACE' | 'next', 'ALLOW' | 'next' | 'RANGE'])[] = [
+  const options = [PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER];
+  // Each value tested in turn: equal -> `yes`, else the next test; the last one's else -> `no`.
+  const anyOf = (ks: number[], yes: string, no: string): Step[] => ks.map((k, i) => ['JEQ', k, yes, i === ks.length - 1 ? no : 'next']);
+  const steps: Step[] = [
     [BPF_LD_W_ABS, 0, 0, DATA_ARCH],
     ['JEQ', AUDIT_ARCH_X86_64, 'next', 'ALLOW'], // other arch -> allow
     [BPF_LD_W_ABS, 0, 0, DATA_NR],
-    ...SYS_LOCKS.map((nr) => ['JEQ', nr, 'TRACE', 'next'] as ['JEQ', number, 'TRACE', 'next']),
+    ...anyOf(SYS_LOCKS, 'TRACE', 'next'),
+    ['JEQ', SYS_prctl, 'next', 'MADVISE'],
+    [BPF_LD_W_ABS, 0, 0, DATA_ARG0], // the option (an int: the low word)
+    ...anyOf(options, 'TRACE', 'ALLOW'),
+    ['LABEL', 'MADVISE'],
     ['JEQ', SYS_madvise, 'next', 'RANGE'],
     [BPF_LD_W_ABS, 0, 0, DATA_ARG2], // the advice (an int: the low word)
-    ...advice.map((a, i) => ['JEQ', a, 'TRACE', i === advice.length - 1 ? 'ALLOW' : 'next'] as ['JEQ', number, 'TRACE', 'ALLOW' | 'next']),
-  ];
-  const range = body.length, trace = range + 2, allow = range + 3;
-  const at = (label: string, pc: number) => (label === 'next' ? 0 : (label === 'TRACE' ? trace : label === 'ALLOW' ? allow : range) - pc - 1);
-  const prog: Insn[] = body.map((x, pc) => (x[0] === 'JEQ' ? [BPF_JEQ_K, at(x[2], pc), at(x[3], pc), x[1]] : (x as Insn)));
-  prog.push(
+    ...anyOf(advice, 'TRACE', 'ALLOW'),
+    ['LABEL', 'RANGE'],
     [BPF_JGE_K, 0, 2, first], // nr < first -> allow
     [BPF_JGE_K, 1, 0, last + 1], // nr > last -> allow
+    ['LABEL', 'TRACE'],
     [BPF_RET_K, 0, 0, SECCOMP_RET_TRACE],
+    ['LABEL', 'ALLOW'],
     [BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW],
-  );
+  ];
+  // Jumps are relative: lay the program out, then each jump is the distance to its label.
+  const labels = new Map<string, number>();
+  let pc = 0;
+  for (const x of steps) x[0] === 'LABEL' ? labels.set(x[1], pc) : pc++;
+  const code = steps.filter((x): x is Exclude<Step, ['LABEL', string]> => x[0] !== 'LABEL');
+  const at = (label: string, pc: number) => (label === 'next' ? 0 : labels.get(label)! - pc - 1);
+  const prog: Insn[] = code.map((x, pc) => (x[0] === 'JEQ' ? [BPF_JEQ_K, at(x[2], pc), at(x[3], pc), x[1]] : (x as Insn)));
   const buf = Buffer.alloc(prog.length * 8);
   prog.forEach(([code, jt, jf, k], i) => {
     buf.writeUInt16LE(code, i * 8);

@@ -72,6 +72,13 @@ export class Tracer {
   readonly vmAdvice = new Set<number>();
   /** Processes that called mlockall(MCL_FUTURE) (and not munlockall since): refused by a checkpoint. */
   readonly lockFuture = new Set<number>();
+  /**
+   * Processes that ever set pdeathsig, timer slack or the child-subreaper
+   * flag (prctl, trapped by the filter), were forked from one that did (the
+   * slack is inherited), or were restored with such values: only their
+   * checkpoints ask each thread for them during the stop (attrs.ts).
+   */
+  readonly prctlNoted = new Set<number>();
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
@@ -148,6 +155,7 @@ export class Tracer {
       this.forkAdvice.delete(ev.pid);
       this.vmAdvice.delete(ev.pid);
       this.lockFuture.delete(ev.pid);
+      this.prctlNoted.delete(ev.pid);
     }
     if (ev.pid === this.rootPid) {
       this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };
@@ -181,6 +189,7 @@ export class Tracer {
     const child = this.add(pid, event === PTRACE_EVENT.CLONE ? undefined : pid);
     if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
     if (child.tgid !== task.tgid && this.vmAdvice.has(task.tgid)) this.vmAdvice.add(child.tgid);
+    if (child.tgid !== task.tgid && this.prctlNoted.has(task.tgid)) this.prctlNoted.add(child.tgid);
     task.forkNoted = true;
     return pid;
   }

@@ -29,6 +29,7 @@ import { captureSignals } from './resources/signals.js';
 import { captureFiles, OutsideHolders } from './resources/files.js';
 import { ShmCapture, nonZeroRuns } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
+import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resources/attrs.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -110,6 +111,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     ph.mark('husks+proc');
     adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
     const { processes, files, zombies, maps } = read!;
+    queryUninherited(tracer, leaders, rs.slice(leaders.length, leaders.length + others1.length), processes, others1); // what a husk does not inherit
     for (const r of leaders) {
       if (!husks.track(r.task.tgid)) continue;
       const fd = openUffd(r);
@@ -157,6 +159,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
     stopSignal: tracer.groupStopOf(pid),
     threads: threads[i],
   }));
+  threads.forEach((ts, i) => ts.forEach((t) => (t.attrs = captureThreadAttrs(t.tid, tracer.prctlNoted.has(procs[i]), t.tid === procs[i] ? statuses[i] : undefined))));
   for (const pid of procs) refuseFutureLocks(pid, tracer.lockFuture.has(pid));
   const maps = procs.map((pid, i) => checkMappings(pid, shm, statuses[i]));
   shm.copy(); // every shared mapping and descriptor checked: now the bytes
@@ -171,6 +174,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
 export function captureProcessWide(r: Remote, state: ProcessState, status: Map<string, string>, selfTid: (tid: number) => number): void {
   state.mm = captureMm(r, r.task.tgid);
   state.signals = captureSignals(r, status);
+  state.attrs = captureProcAttrs(r, state, status);
   for (const t of state.threads) {
     const fsBase = BigInt(Buffer.from(t.regs, 'base64').readBigUInt64LE(21 * 8));
     t.tidAddress = findTidAddress(r.mem, selfTid(t.tid), fsBase);

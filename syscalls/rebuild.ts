@@ -19,7 +19,8 @@ import { viewPid } from '../supervisor/pidns.js';
 import { dropRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending, drainPending } from './resources/thread.js';
 import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
-import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
+import { restoreMm, restoreName } from './resources/process.js';
+import { restoreAttrs } from './resources/attrs.js';
 
 const SYS_process_vm_readv = 310, SYS_process_vm_writev = 311, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, SIGSTOP = 19, CLONE_NEWPID = 0x20000000;
 
@@ -150,6 +151,9 @@ export function copyFromHusk(sh: Shell, husk: number, mem: MemoryCapture, runs =
  * Per-process state, threads and registers, once memory and files are in
  * place. Threads the process lacks are created; for a live process, threads
  * it has beyond the checkpoint's were ended before (endExtraThreads).
+ * `setCreds` is no longer needed (kept for the callers): each thread's
+ * credentials are compared and set where they differ (restoreAttrs), the
+ * permission having been checked before anything was built.
  */
 export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): void {
   const r = sh.remote;
@@ -182,7 +186,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
       rt.mem.close();
     }
   }
-  if (setCreds) restoreCreds(r, p.creds);
+  restoreAttrs(tracer, sh); // credentials (every thread's) among them, last: they may drop privileges
   // A SIGCHLD an injected call took since the freeze (on whichever thread)
   // is about children the program no longer ever had, or saw die before the
   // checkpoint: extras killed in a rollback, zombies made again. Any injected call after their deaths may

@@ -30,6 +30,7 @@ import { checkVdso, vdsoInfo, pickGadget, restoreLayout, fillPages } from './res
 import { restoreFiles } from './resources/files.js';
 import { ShmRestore } from './resources/shm.js';
 import { checkCreds, parseCreds } from './resources/process.js';
+import { checkAttrs } from './resources/attrs.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, allIds, type Shell } from './rebuild.js';
 import { usableCheckpoint, type MemCheckpoint } from './memckpt.js';
 import { rollback, treeAlive } from './rollback.js';
@@ -68,6 +69,7 @@ export function restart(ctx: SyscallCtx): HandlerResult {
 export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill: (shells: Map<number, Shell>, shm: ShmRestore) => void): number {
   const callerCreds = parseCreds(readStatus(caller.tgid));
   const setCreds = new Map(tree.processes.map((p) => [p.ids.pid, checkCreds(p.creds, callerCreds, p.ids.pid)]));
+  for (const p of tree.processes) checkAttrs(p, caller.tgid, false);
   // In a new pid namespace every pid is free; elsewhere each must be, in the caller's.
   const inUse = pidsInUse(tracer, caller.tgid);
   for (const id of tree.pidns ? [] : allIds(tree)) {

@@ -30,6 +30,7 @@ import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
+import { checkRollbackAttrs } from './resources/attrs.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
@@ -88,6 +89,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     freeze.thaw();
     throw e;
   }
+  checkRollbackAttrs(tracer, kept, host, caller.tgid, () => freeze.thaw());
   ph.mark('freeze');
 
   const shells = new Map<number, Shell>();

@@ -15,6 +15,7 @@ import { writeback } from './writeback.js';
 import { release } from './release.js';
 import { query } from './query.js';
 import { NOTED_MEMORY } from './madvise.js';
+import { notePrctl } from './resources/attrs.js';
 import { SYS } from '../lib/libc.js';
 import { collectYoung } from '../lib/gc.js';
 
@@ -29,6 +30,7 @@ export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
 /** Ordinary calls the filter traps only to take note of: they then run untouched. */
 export const NOTED: Record<number, (ctx: SyscallCtx) => void> = {
   ...NOTED_MEMORY,
+  [SYS.prctl]: notePrctl,
 };
 
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;

@@ -2,7 +2,7 @@
 import t from 'tap';
 import { decodeWaitStatus, Regs, REGS_SIZE } from '../lib/ptrace.js';
 import { parseMaps, parseSmaps, parseStat, parseFdinfo } from '../lib/proc.js';
-import { buildTrapFilter, evalFilter, SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE, MADV_DONTFORK, MADV_WIPEONFORK, MADV_VM_STATE, SYS_LOCKS } from '../lib/seccomp.js';
+import { buildTrapFilter, evalFilter, SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE, MADV_DONTFORK, MADV_WIPEONFORK, MADV_VM_STATE, SYS_LOCKS, PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER } from '../lib/seccomp.js';
 import { normalize, union, intersect, subtract, runBytes, type Runs } from '../lib/runs.js';
 
 t.test('wait status decoding', async (t) => {
@@ -60,6 +60,9 @@ t.test('seccomp filter traps exactly the ckpt numbers on x86-64', async (t) => {
   t.equal(evalFilter(f, I386, 28, [0, 0, MADV_DONTFORK]), SECCOMP_RET_ALLOW);
   for (const nr of SYS_LOCKS) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_TRACE, `lock call ${nr} traps`);
   for (const nr of [150 /* munlock */]) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_ALLOW, `${nr} runs untouched`);
+  for (const opt of [PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER]) t.equal(evalFilter(f, X86_64, 157, [opt, 1]), SECCOMP_RET_TRACE, `prctl ${opt} traps`);
+  for (const opt of [2 /* GET_PDEATHSIG */, 15 /* SET_NAME */, 30 /* GET_TIMERSLACK */, 37 /* GET_CHILD_SUBREAPER */, 38 /* SET_NO_NEW_PRIVS */]) t.equal(evalFilter(f, X86_64, 157, [opt, 1]), SECCOMP_RET_ALLOW, `prctl ${opt} runs untouched`);
+  t.equal(evalFilter(f, X86_64, 158, [PR_SET_PDEATHSIG]), SECCOMP_RET_ALLOW, 'the option value alone traps nothing');
 });
 
 t.test('register set', async (t) => {

@@ -30,6 +30,7 @@ import { captureOwners, restoreOwners, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, type LockState } from './locks.js';
 import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
+import { inTaskRoot } from './attrs.js';
 
 export type { SockPairState } from './unixsock.js';
 
@@ -704,7 +705,7 @@ function settle(r: Remote, st: FilesState, live: boolean, kept: Map<number, Path
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFL, d.flags & SETFL_MASK);
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
   }
-  if (!st.cwdDeleted) b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(st.cwd + '\0')));
+  if (!st.cwdDeleted) b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(inTaskRoot(pid, st.cwd) + '\0'))); // a chrooted live process: from inside its root
   b.add(undefined, SYS.umask, st.umask);
   b.run();
   if (st.cwdDeleted) makeDeletedDir(r, { path: st.cwd, mode: st.cwdDeleted.mode }, 'cwd');

@@ -128,5 +128,10 @@ export function restoreCreds(r: Remote, c: Creds): void {
   r.mem.write(scratch, g);
   r.check('restart:creds', SYS.setgroups, c.groups.length, scratch);
   r.check('restart:creds', SYS.setresgid, c.gid[0], c.gid[1], c.gid[2]);
+  r.call(SYS_setfsgid, c.gid[3]); // returns the old one, never an error: asked again below
   r.check('restart:creds', SYS.setresuid, c.uid[0], c.uid[1], c.uid[2]);
+  r.call(SYS_setfsuid, c.uid[3]);
+  const fsgid = Number(r.call(SYS_setfsgid, -1)), fsuid = Number(r.call(SYS_setfsuid, -1));
+  if (fsuid !== c.uid[3] || fsgid !== c.gid[3]) throw new CkptError(errno('EPERM'), 'restart:creds', `task ${r.task.tid}: fsuid/fsgid ${c.uid[3]}/${c.gid[3]} could not be set (got ${fsuid}/${fsgid})`);
 }
+const SYS_setfsuid = 122, SYS_setfsgid = 123;
