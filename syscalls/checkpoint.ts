@@ -28,6 +28,7 @@ import { captureSignals } from './resources/signals.js';
 import { captureFiles, OutsideHolders } from './resources/files.js';
 import { ShmCapture, type ShmData } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
+import { captureSeccomp, SeccompSuspension } from './resources/seccomp.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -110,11 +111,13 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     return t;
   };
   const rs: Remote[] = [];
+  const seccomp = new SeccompSuspension();
   try {
     // Registers and pending signals first, before any injected syscall
     // touches them (a task resumed for one may take a signal on its way back).
     const threads = procs.map((pid) => listTids(pid).map((tid) => captureThread(tid, tid === caller.tid)));
     const sharedPending = procs.map((pid) => peekPending(pid, true));
+    for (const t of threads.flat()) t.seccomp = captureSeccomp(t.tid, seccomp); // their filters suspended until the end of the capture
     ph.mark('threads');
     // Then one round of injected calls: a husk clone in each leader and, in
     // every other thread, sigaltstack (a husk inherits only the leader's).
@@ -177,6 +180,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     throw e;
   } finally {
     for (const r of rs) r.finish();
+    seccomp.end(); // the program's filters in force again before the thaw
   }
 }
 

@@ -20,6 +20,7 @@ import { dropRseq, restoreThreadSyscalls, restoreThreadRegs, requeuePending, dra
 import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
+import { restoreSeccomp } from './resources/seccomp.js';
 
 const SYS_process_vm_readv = 310, SYS_process_vm_writev = 311, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, SIGSTOP = 19, CLONE_NEWPID = 0x20000000;
 
@@ -192,6 +193,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   // The gadget goes last; the step trap stops the task at that syscall's
   // exit, so it never runs another instruction there.
   r.check('restart:memory', SYS.munmap, sh.gadget!, GADGET_SIZE);
+  restoreSeccomp(tracer, p, sh.threads); // the last injected calls: a filter may forbid any other
   for (const t of p.threads) restoreThreadRegs(host(t), t);
 }
 
