@@ -45,6 +45,12 @@ export class Tracer {
    * look for that memory during the stop. An exec clears the mark.
    */
   readonly forkAdvice = new Set<number>();
+  /**
+   * Processes that may have an interval timer armed (setitimer, alarm: the
+   * filter traps both), or were restored with one: only theirs are read in
+   * a stop. Kept across exec (so are the timers), not inherited by fork.
+   */
+  readonly itimers = new Set<number>();
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
@@ -117,6 +123,7 @@ export class Tracer {
     if (!t || t.tgid === ev.pid) {
       this.exited.add(ev.pid);
       this.forkAdvice.delete(ev.pid);
+      this.itimers.delete(ev.pid);
     }
     if (ev.pid === this.rootPid) {
       this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };

@@ -29,6 +29,7 @@ import { captureFiles, OutsideHolders } from './resources/files.js';
 import { ShmCapture, type ShmData } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
 import { captureSeccomp, SeccompSuspension } from './resources/seccomp.js';
+import { captureTimers, listTimers } from './resources/timers.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -142,6 +143,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
       alt.putBack(); // after the answers are read: they are in those bytes
     }
     ph.mark('husks+proc');
+    read!.processes.forEach((p, i) => (p.timers = captureTimers(tracer, procs[i], leaders[i], read!.timers[i], threads[i]))); // fork does not copy them: now
     if (husks) adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
     const { processes, files, zombies, maps } = read!;
     if (husks) {
@@ -207,7 +209,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
     threads: threads[i],
   }));
   const maps = husks ? procs.map((pid) => checkMappings(pid, shm)) : [];
-  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps };
+  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps, timers: procs.map(listTimers) };
 }
 
 /**

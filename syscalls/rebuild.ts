@@ -21,6 +21,7 @@ import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName, restoreCreds } from './resources/process.js';
 import { restoreSeccomp } from './resources/seccomp.js';
+import { restoreTimers } from './resources/timers.js';
 
 const SYS_process_vm_readv = 310, SYS_process_vm_writev = 311, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, SIGSTOP = 19, CLONE_NEWPID = 0x20000000;
 
@@ -178,6 +179,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
       rt.mem.close();
     }
   }
+  restoreTimers(tracer, r, p, sh.task.tgid, sh.live); // once every thread a timer may signal is there
   if (setCreds) restoreCreds(r, p.creds);
   // A SIGCHLD an injected call took since the freeze (on whichever thread)
   // is about children the program no longer ever had, or saw die before the

@@ -5,6 +5,7 @@ import type { FilesState, FilesTable } from './resources/files.js';
 import type { SignalState } from './resources/signals.js';
 import type { ThreadState } from './resources/thread.js';
 import type { ShmObject } from './resources/shm.js';
+import type { TimersState } from './resources/timers.js';
 import { CkptError, errno } from '../lib/errors.js';
 
 export interface ProcessState {
@@ -19,6 +20,8 @@ export interface ProcessState {
   /** Stopped by job control at the checkpoint: the stop signal (it comes back stopped). */
   stopSignal?: number;
   threads: ThreadState[];
+  /** Interval and POSIX timers (see timers.ts); absent: none. */
+  timers?: TimersState;
 }
 
 /** A child that exited and was not reaped: it comes back as a zombie with the same status. */

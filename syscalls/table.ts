@@ -15,6 +15,7 @@ import { writeback } from './writeback.js';
 import { release } from './release.js';
 import { query } from './query.js';
 import { noteForkAdvice } from './madvise.js';
+import { noteItimer, SYS_alarm, SYS_setitimer } from './resources/timers.js';
 import { SYS } from '../lib/libc.js';
 import { collectYoung } from '../lib/gc.js';
 
@@ -29,6 +30,8 @@ export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
 /** Ordinary calls the filter traps only to take note of: they then run untouched. */
 export const NOTED: Record<number, (ctx: SyscallCtx) => void> = {
   [SYS.madvise]: noteForkAdvice,
+  [SYS_alarm]: noteItimer,
+  [SYS_setitimer]: noteItimer,
 };
 
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;

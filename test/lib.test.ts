@@ -58,6 +58,9 @@ t.test('seccomp filter traps exactly the ckpt numbers on x86-64', async (t) => {
   for (const advice of [4 /* DONTNEED */, 8 /* FREE */, 11 /* DOFORK */, 14 /* HUGEPAGE */, 0x10000 + 10]) t.equal(evalFilter(f, X86_64, 28, [0x1000, 4096, advice]), SECCOMP_RET_ALLOW, `madvise ${advice} runs untouched`);
   t.equal(evalFilter(f, X86_64, 27, [0, 0, MADV_DONTFORK]), SECCOMP_RET_ALLOW, 'the advice value alone traps nothing');
   t.equal(evalFilter(f, I386, 28, [0, 0, MADV_DONTFORK]), SECCOMP_RET_ALLOW);
+  for (const nr of [37 /* alarm */, 38 /* setitimer */]) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_TRACE, `${nr} (an interval timer armed) traps`);
+  for (const nr of [36 /* getitimer */, 222 /* timer_create */, 223 /* timer_settime */]) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_ALLOW, `${nr} runs untouched`);
+  t.equal(evalFilter(f, I386, 38), SECCOMP_RET_ALLOW);
 });
 
 t.test('register set', async (t) => {
