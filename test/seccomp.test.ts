@@ -26,7 +26,10 @@ for (const mode of ['restart', 'undo']) {
     // Strict mode cannot be entered from filter mode (every supervised task is in it): nothing to keep.
     t.match(first.stdout, /^ok strict mode is refused under the supervisor \(EINVAL\)$/m, 'strict mode is refused (EINVAL)');
     const r = mode === 'undo' ? first : supervise([...CKPT, 'restart', '-i', img]);
-    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    if (mode === 'restart') {
+      t.equal(first.status, 137, 'CKPT_KILL');
+      t.match(supervise([...CKPT, 'inspect', img]).stdout, /threads: \d+ rip \S+ rsp \S+ \(1 seccomp filter of its own\); \d+ rip \S+ rsp \S+; \d+ rip \S+ rsp \S+ \(2 seccomp filters of its own\)/, 'inspect shows each thread\'s own filters');
+    }
     else t.match(first.stdout, /spoiled, rolling back/);
     t.match(r.stdout, /^back pid=\d+$/m, 'it came back');
     for (const c of CHECKS) t.match(r.stdout, new RegExp(`^ok ${esc(c)}$`, 'm'), c);

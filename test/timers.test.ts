@@ -25,8 +25,13 @@ for (const mode of ['restart', 'undo']) {
     const first = supervise([fixture('timers'), mode === 'undo' ? 'undo' : img]);
     t.notMatch(first.stdout, /checkpoint failed/, 'the checkpoint was taken');
     const r = mode === 'undo' ? first : supervise([...CKPT, 'restart', '-i', img]);
-    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
-    else t.match(first.stdout, /made timer \d+\nspoiled, rolling back/, 'every timer changed, one deleted and one made before the rollback');
+    if (mode === 'restart') {
+      t.equal(first.status, 137, 'CKPT_KILL');
+      const inspect = supervise([...CKPT, 'inspect', img]).stdout;
+      t.match(inspect, /ITIMER_REAL: (29|30)\.\d+ s left, every 7\.000000 s/, 'inspect shows the interval timers');
+      t.match(inspect, /timer \d+: clock 0, signal 14, .*0\.000000000 s left/, 'and a POSIX timer never armed');
+      t.match(inspect, /timer \d+: clock 1, signal 35 to thread \d+, value 0x5eed, 1\.\d+ s left/, 'and one aimed at a thread');
+    } else t.match(first.stdout, /made timer \d+\nspoiled, rolling back/, 'every timer changed, one deleted and one made before the rollback');
     t.match(r.stdout, /^back pid=\d+$/m, 'it came back');
     for (const c of CHECKS) t.match(r.stdout, new RegExp(`^ok ${c.replace(/[()]/g, '\\$&')}$`, 'm'), c);
     t.notMatch(r.stdout, /^FAIL/m, 'no check failed');
