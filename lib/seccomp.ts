@@ -1,7 +1,7 @@
 /**
  * The seccomp filter of a supervised tree: trap the ckpt syscall numbers to
  * the tracer (SECCOMP_RET_TRACE) and allow everything else, including other
- * architectures' syscalls, which must never be killed. One ordinary call is
+ * architectures' syscalls, which must never be killed. A few ordinary calls are
  * trapped too, and only with the arguments that matter to us: madvise with
  * MADV_DONTFORK or MADV_WIPEONFORK (rare: set once on a region by the few
  * programs that use them), so that the stop of a checkpoint only looks for
@@ -10,7 +10,10 @@
  * only the rollbacks of processes that ever used them read smaps. Likewise
  * prctl PR_SET_PDEATHSIG, PR_SET_TIMERSLACK and PR_SET_CHILD_SUBREAPER
  * (per-thread or uninherited values that only an injected call can read):
- * the stop asks for them only in processes that ever set one.
+ * the stop asks for them only in processes that ever set one. And alarm
+ * and setitimer (set once, or now and then, by the programs that use
+ * interval timers), so that only the processes that ever armed one have
+ * them read during a stop.
  */
 const BPF_LD_W_ABS = 0x20;
 const BPF_JEQ_K = 0x15;
@@ -19,7 +22,7 @@ const BPF_RET_K = 0x06;
 const AUDIT_ARCH_X86_64 = 0xc000003e;
 export const SECCOMP_RET_ALLOW = 0x7fff0000;
 export const SECCOMP_RET_TRACE = 0x7ff00000;
-const SYS_madvise = 28, SYS_prctl = 157;
+const SYS_madvise = 28, SYS_prctl = 157, SYS_alarm = 37, SYS_setitimer = 38;
 export const MADV_DONTFORK = 10, MADV_WIPEONFORK = 18;
 export const PR_SET_PDEATHSIG = 1, PR_SET_TIMERSLACK = 29, PR_SET_CHILD_SUBREAPER = 36;
 /** struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low word first). */
@@ -35,7 +38,7 @@ export const SYS_LOCKS = [149, 151, 152, 325];
 /** A jump to a label (TRACE, ALLOW, RANGE: the ckpt numbers' check, next, or one of the program's), or a label. */
 type Step = Insn | ['JEQ', number, string, string] | ['LABEL', string];
 
-/** Trap [first, last], the noted madvise and prctl calls and the lock calls on x86-64; the result is a struct sock_filter array. */
+/** Trap [first, last], the noted madvise and prctl calls, the lock calls, alarm and setitimer on x86-64; the result is a struct sock_filter array. */
 export function buildTrapFilter(first: number, last: number): Buffer {
   const advice = [MADV_DONTFORK, MADV_WIPEONFORK, ...MADV_VM_STATE];
   const options = [PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER];
@@ -45,7 +48,7 @@ export function buildTrapFilter(first: number, last: number): Buffer {
     [BPF_LD_W_ABS, 0, 0, DATA_ARCH],
     ['JEQ', AUDIT_ARCH_X86_64, 'next', 'ALLOW'], // other arch -> allow
     [BPF_LD_W_ABS, 0, 0, DATA_NR],
-    ...anyOf(SYS_LOCKS, 'TRACE', 'next'),
+    ...anyOf([...SYS_LOCKS, SYS_alarm, SYS_setitimer], 'TRACE', 'next'),
     ['JEQ', SYS_prctl, 'next', 'MADVISE'],
     [BPF_LD_W_ABS, 0, 0, DATA_ARG0], // the option (an int: the low word)
     ...anyOf(options, 'TRACE', 'ALLOW'),

@@ -7,7 +7,7 @@ import { describeLocks } from '../syscalls/resources/locks.js';
 
 export interface ImageDescription {
   header: ImageHeader;
-  processes: (Omit<ProcessState, 'threads'> & { threads: { tid: number; rip: string; rsp: string }[]; pageBytes: number })[];
+  processes: (Omit<ProcessState, 'threads'> & { threads: { tid: number; rip: string; rsp: string; filters: number }[]; pageBytes: number })[];
   zombies: TreeState['zombies'];
   files: TreeState['files'];
   shm: TreeState['shm'];
@@ -24,7 +24,7 @@ export function describeImage(fd: number): ImageDescription {
     ...p,
     threads: p.threads.map((t) => {
       const regs = Buffer.from(t.regs, 'base64');
-      return { tid: t.tid, rip: '0x' + regs.readBigUInt64LE(16 * 8).toString(16), rsp: '0x' + regs.readBigUInt64LE(19 * 8).toString(16) };
+      return { tid: t.tid, rip: '0x' + regs.readBigUInt64LE(16 * 8).toString(16), rsp: '0x' + regs.readBigUInt64LE(19 * 8).toString(16), filters: t.seccomp?.length ?? 0 };
     }),
     pageBytes: 0,
   }));
@@ -50,7 +50,10 @@ export function formatDescription(d: ImageDescription): string {
   ];
   for (const p of d.processes) {
     out.push(`process ${p.ids.pid} (${p.ids.comm}) ppid ${p.ids.ppid} pgid ${p.ids.pgid} sid ${p.ids.sid} uid ${p.creds.uid[0]} exe ${p.mm.exe}`);
-    out.push(`  threads: ${p.threads.map((t) => `${t.tid} rip ${t.rip} rsp ${t.rsp}`).join('; ')}`);
+    out.push(`  threads: ${p.threads.map((t) => `${t.tid} rip ${t.rip} rsp ${t.rsp}${t.filters ? ` (${t.filters} seccomp filter${t.filters > 1 ? 's' : ''} of its own)` : ''}`).join('; ')}`);
+    const ITIMER = ['ITIMER_REAL', 'ITIMER_VIRTUAL', 'ITIMER_PROF'];
+    for (const it of p.timers?.itimers ?? []) out.push(`  ${ITIMER[it.which]}: ${it.left[0]}.${it.left[1].padStart(6, '0')} s left, every ${it.interval[0]}.${it.interval[1].padStart(6, '0')} s`);
+    for (const x of p.timers?.posix ?? []) out.push(`  timer ${x.id}: clock ${x.clock}, ${x.notify === 'none' ? 'no signal' : `signal ${x.signo}${x.notify === 'thread' ? ` to thread ${p.threads[x.thread ?? 0]?.tid}` : ''}`}, value 0x${x.value.replace(/^0+(?=.)/, '')}, ${x.left[0]}.${x.left[1].padStart(9, '0')} s left, every ${x.interval[0]}.${x.interval[1].padStart(9, '0')} s`);
     out.push(`  memory: ${p.memory.length} mappings, ${size(p.pageBytes)} of page data`);
     for (const v of p.memory) {
       const len = Number(BigInt(v.end) - BigInt(v.start));

@@ -79,6 +79,12 @@ export class Tracer {
    * checkpoints ask each thread for them during the stop (attrs.ts).
    */
   readonly prctlNoted = new Set<number>();
+  /**
+   * Processes that may have an interval timer armed (setitimer, alarm: the
+   * filter traps both), or were restored with one: only theirs are read in
+   * a stop. Kept across exec (so are the timers), not inherited by fork.
+   */
+  readonly itimers = new Set<number>();
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
@@ -156,6 +162,7 @@ export class Tracer {
       this.vmAdvice.delete(ev.pid);
       this.lockFuture.delete(ev.pid);
       this.prctlNoted.delete(ev.pid);
+      this.itimers.delete(ev.pid);
     }
     if (ev.pid === this.rootPid) {
       this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };

@@ -30,6 +30,8 @@ import { captureFiles, OutsideHolders } from './resources/files.js';
 import { ShmCapture, nonZeroRuns } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
 import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resources/attrs.js';
+import { captureSeccomp, SeccompSuspension } from './resources/seccomp.js';
+import { captureTimers, listTimers } from './resources/timers.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -80,11 +82,13 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     return t;
   };
   const rs: Remote[] = [];
+  const seccomp = new SeccompSuspension();
   try {
     // Registers and pending signals first, before any injected syscall
     // touches them (a task resumed for one may take a signal on its way back).
     const threads = procs.map((pid) => listTids(pid).map((tid) => captureThread(tid, tid === caller.tid, undefined, tid !== caller.tid && tracer.tasks.get(tid)?.inFlight !== undefined)));
     const sharedPending = procs.map((pid) => peekPending(pid, true));
+    for (const t of threads.flat()) t.seccomp = captureSeccomp(t.tid, seccomp); // their filters suspended until the end of the capture
     ph.mark('threads');
     // Then one round of injected calls: a husk clone in each leader and, in
     // every other thread, sigaltstack (a husk inherits only the leader's).
@@ -109,6 +113,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
       alt.putBack(); // after the answers are read: they are in those bytes
     }
     ph.mark('husks+proc');
+    read!.processes.forEach((p, i) => (p.timers = captureTimers(tracer, procs[i], leaders[i], read!.timers[i], threads[i]))); // fork does not copy them: now
     adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
     const { processes, files, zombies, maps } = read!;
     queryUninherited(tracer, leaders, rs.slice(leaders.length, leaders.length + others1.length), processes, others1); // what a husk does not inherit
@@ -134,6 +139,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     throw e;
   } finally {
     for (const r of rs) r.finish();
+    seccomp.end(); // the program's filters in force again before the thaw
   }
 }
 
@@ -163,7 +169,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
   for (const pid of procs) refuseFutureLocks(pid, tracer.lockFuture.has(pid));
   const maps = procs.map((pid, i) => checkMappings(pid, shm, statuses[i]));
   shm.copy(); // every shared mapping and descriptor checked: now the bytes
-  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps };
+  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps, timers: procs.map(listTimers) };
 }
 
 /**

@@ -21,6 +21,8 @@ import { setSigmask } from '../lib/ptrace.js';
 import { restoreSignals } from './resources/signals.js';
 import { restoreMm, restoreName } from './resources/process.js';
 import { restoreAttrs } from './resources/attrs.js';
+import { restoreSeccomp } from './resources/seccomp.js';
+import { restoreTimers } from './resources/timers.js';
 
 const SYS_process_vm_readv = 310, SYS_process_vm_writev = 311, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, SIGSTOP = 19, CLONE_NEWPID = 0x20000000;
 
@@ -186,6 +188,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
       rt.mem.close();
     }
   }
+  restoreTimers(tracer, r, p, sh.task.tgid, sh.live); // once every thread a timer may signal is there
   restoreAttrs(tracer, sh); // credentials (every thread's) among them, last: they may drop privileges
   // A SIGCHLD an injected call took since the freeze (on whichever thread)
   // is about children the program no longer ever had, or saw die before the
@@ -201,6 +204,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
   // The gadget goes last; the step trap stops the task at that syscall's
   // exit, so it never runs another instruction there.
   r.check('restart:memory', SYS.munmap, sh.gadget!, GADGET_SIZE);
+  restoreSeccomp(tracer, p, sh.threads); // the last injected calls: a filter may forbid any other
   for (const t of p.threads) {
     sh.threads.get(t.tid)!.inFlight = undefined; // a call it had in flight is over: it is at the checkpoint now
     restoreThreadRegs(host(t), t);

@@ -31,6 +31,7 @@ import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
 import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
+import { checkSeccompRollback } from './resources/seccomp.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
@@ -83,8 +84,10 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
   }
   const callerInside = procs.includes(caller.tgid);
+  let seccomp;
   try {
     checkLocksFree(tree.files, new Set(procs));
+    seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();
     throw e;
@@ -154,6 +157,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     shm.close();
   }
   freeze.tasks.length = 0; // resumed below with their checkpointed registers
+  seccomp.end([...shells.values()].flatMap((sh) => [...sh.threads.values()].map((t) => t.tid))); // filters in force again, in clones of suspended tasks too
   runShells(tracer, shells.values());
   return callerInside ? NO_RETURN : viewPid(caller.tgid, root);
 }

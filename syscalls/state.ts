@@ -6,6 +6,7 @@ import type { SignalState } from './resources/signals.js';
 import type { ThreadState } from './resources/thread.js';
 import type { ShmObject } from './resources/shm.js';
 import type { ProcAttrs } from './resources/attrs.js';
+import type { TimersState } from './resources/timers.js';
 import { CkptError, errno } from '../lib/errors.js';
 
 export interface ProcessState {
@@ -22,6 +23,8 @@ export interface ProcessState {
   threads: ThreadState[];
   /** rlimits, oom_score_adj, personality, prctl flags, securebits, membarrier, root, cgroups (attrs.ts). */
   attrs?: ProcAttrs;
+  /** Interval and POSIX timers (see timers.ts); absent: none. */
+  timers?: TimersState;
 }
 
 /** A child that exited and was not reaped: it comes back as a zombie with the same status. */

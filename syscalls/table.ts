@@ -16,6 +16,7 @@ import { release } from './release.js';
 import { query } from './query.js';
 import { NOTED_MEMORY } from './madvise.js';
 import { notePrctl } from './resources/attrs.js';
+import { noteItimer, SYS_alarm, SYS_setitimer } from './resources/timers.js';
 import { SYS } from '../lib/libc.js';
 import { collectYoung } from '../lib/gc.js';
 
@@ -31,6 +32,8 @@ export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
 export const NOTED: Record<number, (ctx: SyscallCtx) => void> = {
   ...NOTED_MEMORY,
   [SYS.prctl]: notePrctl,
+  [SYS_alarm]: noteItimer,
+  [SYS_setitimer]: noteItimer,
 };
 
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;

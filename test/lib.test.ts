@@ -63,6 +63,9 @@ t.test('seccomp filter traps exactly the ckpt numbers on x86-64', async (t) => {
   for (const opt of [PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER]) t.equal(evalFilter(f, X86_64, 157, [opt, 1]), SECCOMP_RET_TRACE, `prctl ${opt} traps`);
   for (const opt of [2 /* GET_PDEATHSIG */, 15 /* SET_NAME */, 30 /* GET_TIMERSLACK */, 37 /* GET_CHILD_SUBREAPER */, 38 /* SET_NO_NEW_PRIVS */]) t.equal(evalFilter(f, X86_64, 157, [opt, 1]), SECCOMP_RET_ALLOW, `prctl ${opt} runs untouched`);
   t.equal(evalFilter(f, X86_64, 158, [PR_SET_PDEATHSIG]), SECCOMP_RET_ALLOW, 'the option value alone traps nothing');
+  for (const nr of [37 /* alarm */, 38 /* setitimer */]) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_TRACE, `${nr} (an interval timer armed) traps`);
+  for (const nr of [36 /* getitimer */, 222 /* timer_create */, 223 /* timer_settime */]) t.equal(evalFilter(f, X86_64, nr), SECCOMP_RET_ALLOW, `${nr} runs untouched`);
+  t.equal(evalFilter(f, I386, 38), SECCOMP_RET_ALLOW);
 });
 
 t.test('register set', async (t) => {

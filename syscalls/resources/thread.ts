@@ -9,6 +9,7 @@ import { sys, SYS, addressOf } from '../../lib/libc.js';
 import { callEach, type Remote, type CallBatch } from '../../supervisor/remote.js';
 import type { RemoteMem } from '../../lib/mem.js';
 import type { ThreadAttrs } from './attrs.js';
+import type { SeccompFilter } from './seccomp.js';
 
 const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f, PTRACE_PEEKSIGINFO = 0x4209, PTRACE_PEEKSIGINFO_SHARED = 1;
 const SIGINFO = 128, SYS_rt_tgsigqueueinfo = 297, SYS_rt_sigqueueinfo = 129;
@@ -77,6 +78,8 @@ export interface ThreadState {
   pending?: string[];
   /** sigaltstack: base, flags, size (SS_DISABLE = 2 when none). */
   altstack?: { sp: string; flags: number; size: string };
+  /** The program's own seccomp filters, oldest first (the supervisor's left out): see seccomp.ts. */
+  seccomp?: SeccompFilter[];
   /** Scheduling, affinity, name, timer slack, pdeathsig, capabilities (attrs.ts). */
   attrs?: ThreadAttrs;
   /** The thread's own name (PR_SET_NAME, pthread_setname_np): up to 15 bytes; the leader's is the process's. */
