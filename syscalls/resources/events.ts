@@ -26,6 +26,7 @@ const TFD_IOC_SET_TICKS = 0x40085400n;
 const WALL_CLOCKS = new Set([0 /* REALTIME */, 8 /* REALTIME_ALARM */, 11 /* TAI */]);
 
 export type EventState =
+  /** count: hex, as fdinfo shows it ("eventfd-count: 5a" is 90). */
   | { kind: 'eventfd'; count: string; semaphore: boolean }
   | { kind: 'signalfd'; mask: string }
   | { kind: 'timerfd'; clock: number; settime: number; left: [string, string]; interval: [string, string]; ticks: string; takenAtMs: number }
@@ -44,7 +45,7 @@ export function captureEvent(pid: number, fd: number, target: string, info: FdIn
   const kv = info.extra;
   switch (target) {
     case 'anon_inode:[eventfd]':
-      return { kind: 'eventfd', count: kv.get('eventfd-count') ?? '0', semaphore: kv.get('eventfd-semaphore') === '1' };
+      return { kind: 'eventfd', count: (kv.get('eventfd-count') ?? '0').trim(), semaphore: kv.get('eventfd-semaphore') === '1' };
     case 'anon_inode:[signalfd]':
       return { kind: 'signalfd', mask: kv.get('sigmask') ?? '0' };
     case 'anon_inode:[timerfd]':
@@ -75,7 +76,7 @@ export function makeEvent(r: Remote, host: number, e: EventState): bigint {
   const what = `restart:files ${e.kind}`;
   if (e.kind === 'eventfd') {
     const fd = r.check(what, SYS_eventfd2, 0, O_CLOEXEC | (e.semaphore ? EFD_SEMAPHORE : 0));
-    const count = BigInt(e.count);
+    const count = BigInt('0x' + e.count);
     if (count) withTraceeFd(host, fd, what, (mine) => {
       const b = Buffer.alloc(8);
       b.writeBigUInt64LE(count);
