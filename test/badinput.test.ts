@@ -3,7 +3,7 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { supervise, fixture, tmpdir, q, pidAlive } from './helpers.js';
+import { supervise, fixture, tmpdir, q, pidAlive, CKPT } from './helpers.js';
 import { encodeHeader, ImageReader, ImageWriter, REC, parseJson, splitPages } from '../lib/image.js';
 import { FdSource, FdSink } from '../lib/stream.js';
 import type { TreeState } from '../syscalls/state.js';
@@ -161,4 +161,15 @@ t.test('a failed checkpoint leaves the subtree running as it was', async (t) => 
   const steps = r.stdout.match(/^step \d+$/gm) ?? [];
   t.same(steps, Array.from({ length: 8 }, (_, i) => `step ${i + 1}`), 'no step lost or repeated');
   t.equal(r.status, 0);
+});
+
+t.test('ckpt checkpoint -o FILE leaves no file behind when it fails, and a whole image when it succeeds', async (t) => {
+  const ckpt = CKPT.map(q).join(' ');
+  const failed = path.join(dir, 'failed.img'), good = path.join(dir, 'good-out.img');
+  const r = supervise(['sh', '-c', `${ckpt} checkpoint 999999 -o ${q(failed)}; echo "status=$?"; sleep 5 & ${ckpt} checkpoint $! -o ${q(good)}; echo "status=$?"; kill $!`]);
+  t.match(r.stdout, /^status=1\nstatus=0$/m, 'the first checkpoint failed, the second succeeded');
+  t.match(r.stderr, /ckpt: checkpoint: ESRCH/);
+  t.notOk(fs.existsSync(failed) || fs.existsSync(failed + '.tmp'), 'the failed checkpoint left no file');
+  t.ok(fs.existsSync(good) && !fs.existsSync(good + '.tmp'), 'the image is at its name, no temporary file left');
+  t.ok(fs.statSync(good).size > 4096, 'and it is a whole image');
 });
