@@ -87,7 +87,7 @@ t.test('damaged and foreign images: EBADMSG / ENOEXEC, no process left behind', 
   }
   // Foreign: a sound header from another architecture / format version.
   const header = JSON.parse(img.subarray(12, headerLen - 4).toString());
-  for (const [what, h] of [['arch', { ...header, arch: 'aarch64' }], ['version', { ...header, version: 2 }]] as const) {
+  for (const [what, h] of [['arch', { ...header, arch: 'aarch64' }], ['version', { ...header, version: header.version + 1 }]] as const) {
     variants.push([`foreign ${what}`, Buffer.concat([encodeHeader(h), img.subarray(headerLen)]), 'ENOEXEC']);
   }
   const files = variants.map(([, data], i) => {
