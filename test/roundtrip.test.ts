@@ -61,7 +61,7 @@ t.test('ckpt inspect describes an image', async (t) => {
   const img = path.join(dir, 'self.img');
   const text = supervise([...CKPT, 'inspect', img]);
   t.equal(text.status, 0);
-  t.match(text.stdout, /^ckpt image v1 x86_64, crid 1/);
+  t.match(text.stdout, /^ckpt image v2 x86_64, crid 1/);
   t.match(text.stdout, /process \d+ \(selfckpt\)/);
   t.match(text.stdout, /\[heap\]/);
   t.match(text.stdout, /fd 3: .*self\.img\.data pos 100/);

@@ -18,6 +18,7 @@ import { sys } from '../../lib/libc.js';
 import type { FdInfo } from '../../lib/proc.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
+import { z, int, fd, u32, hex64, dec63, dec64, MANY, type Same } from '../../lib/schema.js';
 
 const SYS_timerfd_settime = 286, SYS_signalfd4 = 289, SYS_eventfd2 = 290, SYS_epoll_create1 = 291, SYS_timerfd_create = 283, SYS_epoll_ctl = 233;
 const O_CLOEXEC = 0o2000000, EFD_SEMAPHORE = 1, TFD_TIMER_ABSTIME = 1, TFD_TIMER_CANCEL_ON_SET = 2, EPOLL_CTL_ADD = 1;
@@ -31,6 +32,25 @@ export type EventState =
   | { kind: 'signalfd'; mask: string }
   | { kind: 'timerfd'; clock: number; settime: number; left: [string, string]; interval: [string, string]; ticks: string; takenAtMs: number }
   | { kind: 'epoll'; watches: { fd: number; events: number; data: string }[] };
+
+/** "(seconds, nanoseconds)" as the code keeps it. */
+const timespecSchema = z.tuple([dec63, z.string().regex(/^[0-9]{1,9}$/, 'not nanoseconds')]);
+export const eventSchema = z.discriminatedUnion('kind', [
+  z.strictObject({ kind: z.literal('eventfd'), count: hex64.refine((c) => c !== 'ffffffffffffffff', 'an eventfd counts at most 2^64-2'), semaphore: z.boolean() }),
+  z.strictObject({ kind: z.literal('signalfd'), mask: hex64 }),
+  z.strictObject({
+    kind: z.literal('timerfd'),
+    clock: z.union([0, 1, 7, 8, 9].map((c) => z.literal(c)) as [z.ZodLiteral<number>, ...z.ZodLiteral<number>[]]),
+    settime: int(0, TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET),
+    left: timespecSchema,
+    interval: timespecSchema,
+    ticks: dec64,
+    takenAtMs: z.number().min(0).max(1e16),
+  }),
+  z.strictObject({ kind: z.literal('epoll'), watches: z.array(z.strictObject({ fd, events: u32, data: hex64 })).max(MANY) }),
+]);
+const sameEvent: Same<z.infer<typeof eventSchema>, EventState> = true;
+void sameEvent;
 
 const unsupported = (pid: number, fd: number, what: string) => new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
 

@@ -7,6 +7,7 @@ import { getRegs, setRegs, getXState, setXState, getSigmask, setSigmask, Regs, R
 import { sys, SYS, addressOf } from '../../lib/libc.js';
 import { callEach, type Remote, type CallBatch } from '../../supervisor/remote.js';
 import type { RemoteMem } from '../../lib/mem.js';
+import { z, int, u32, pid, addr, hex64, base64, siginfo, hexBelow, MANY, type Same } from '../../lib/schema.js';
 
 const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f, PTRACE_PEEKSIGINFO = 0x4209, PTRACE_PEEKSIGINFO_SHARED = 1;
 const SIGINFO = 128, SYS_rt_tgsigqueueinfo = 297, SYS_rt_sigqueueinfo = 129;
@@ -76,6 +77,25 @@ export interface ThreadState {
   /** sigaltstack: base, flags, size (SS_DISABLE = 2 when none). */
   altstack?: { sp: string; flags: number; size: string };
 }
+
+const SS_ONSTACK = 1, SS_DISABLE = 2, SS_AUTODISARM = 1 << 31;
+export const threadSchema = z.strictObject({
+  tid: pid,
+  regs: base64(REGS_SIZE, REGS_SIZE),
+  xstate: base64(1 << 16),
+  sigmask: hex64,
+  rseq: z.strictObject({ addr, size: int(0, 4096), sig: u32 }).optional(),
+  robustList: z.strictObject({ head: addr, len: int(0, 4096) }).optional(),
+  tidAddress: addr.optional(),
+  pending: z.array(siginfo).max(MANY).optional(),
+  altstack: z.strictObject({
+    sp: addr,
+    flags: int(-(2 ** 31), 2 ** 31 - 1).refine((f) => (f & ~(SS_ONSTACK | SS_DISABLE | SS_AUTODISARM)) === 0, 'unknown sigaltstack flags'),
+    size: hexBelow(1n << 47n),
+  }).optional(),
+});
+const sameThread: Same<z.infer<typeof threadSchema>, ThreadState> = true;
+void sameThread;
 
 export function rseqConfig(tid: number): ThreadState['rseq'] {
   const b = Buffer.alloc(32);
