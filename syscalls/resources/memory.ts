@@ -342,7 +342,9 @@ export function installGadget(r: Remote, gadget: bigint): void {
 /** Make `r` (any thread of the process) inject through the installed gadget. */
 export function useGadget(r: Remote, gadget: bigint): void {
   r.useSyscallAt(gadget);
-  r.useBatchAt(gadget + 16n, gadget + 4096n, 128);
+  // Batches run with their stack at the top of the code page (nothing there
+  // is pushed: the loop uses none), off any stack of the program's own.
+  r.useBatchAt(gadget + 16n, gadget + 4096n, 128, gadget + 4096n - 64n);
   r.setScratch(gadget + 12288n);
 }
 
