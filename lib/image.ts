@@ -5,7 +5,11 @@
  *   records: u32 type | u32 reserved(0) | u64 length | payload | u32 crc32(frame+payload)
  *   TREE (JSON: every process, file and pipe of the subtree), then for each
  *   process MEMORY (JSON { pid }) followed by its PAGES (u64 address + data),
- *   last TRAILER, JSON { records, pageBytes } counting what came before.
+ *   last TRAILER, JSON { records, pageBytes, chain } counting what came
+ *   before; chain binds the records' order: starting from the header's CRC,
+ *   each record's CRC is folded in (chain = crc32(record crc, chain)), so a
+ *   record swapped, repeated, dropped or taken from another image (each
+ *   sound by its own CRC) no longer gives the trailer's chain.
  *   All metadata comes before any page, so a restart can create every
  *   process before it fills the first one.
  *
@@ -19,7 +23,8 @@ import { CkptError, errno } from './errors.js';
 import type { Sink, Source } from './stream.js';
 
 export const MAGIC = Buffer.from('CKPTIMG\0', 'latin1');
-export const FORMAT_VERSION = 1;
+/** 2: the trailer's chain over every record's CRC. */
+export const FORMAT_VERSION = 2;
 export const ARCH = 'x86_64';
 export const PAGE_SIZE = 4096;
 const MAX_HEADER = 1 << 20;
@@ -63,13 +68,23 @@ export function encodeHeader(h: object): Buffer {
   return Buffer.concat([body, crc]);
 }
 
+/** The order binding: the chain so far with one more record's CRC folded in. */
+function fold(chain: number, crc: number): number {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(crc);
+  return zlib.crc32(b, chain);
+}
+
 export class ImageWriter {
   private records = 0;
   private pageBytes = 0;
+  private chain = 0;
   constructor(readonly sink: Sink) {}
 
   header(h: ImageHeader): void {
-    this.sink.write(encodeHeader(h));
+    const head = encodeHeader(h);
+    this.chain = head.readUInt32LE(head.length - 4);
+    this.sink.write(head);
   }
 
   /** One record; the payload may be given in parts (no copy of page data). */
@@ -87,6 +102,7 @@ export class ImageWriter {
     tail.writeUInt32LE(crc);
     this.sink.write(tail);
     this.records++;
+    this.chain = fold(this.chain, crc);
   }
 
   json(type: number, value: unknown): void {
@@ -116,7 +132,7 @@ export class ImageWriter {
   }
 
   trailer(): void {
-    this.json(REC.TRAILER, { records: this.records, pageBytes: this.pageBytes });
+    this.json(REC.TRAILER, { records: this.records, pageBytes: this.pageBytes, chain: this.chain });
     this.sink.flush();
   }
 }
@@ -129,6 +145,7 @@ export interface ImageRecord {
 export class ImageReader {
   private records = 0;
   private pageBytes = 0;
+  private chain = 0;
   done = false;
   constructor(readonly source: Source) {}
 
@@ -140,6 +157,7 @@ export class ImageReader {
     const json = this.source.read(len);
     const crc = this.source.read(4).readUInt32LE(0);
     if (zlib.crc32(json, zlib.crc32(start)) !== crc) throw bad('header checksum mismatch');
+    this.chain = crc;
     let h: ImageHeader;
     try {
       h = JSON.parse(json.toString('utf8'));
@@ -167,10 +185,11 @@ export class ImageReader {
     const crc = this.source.read(4).readUInt32LE(0);
     if (zlib.crc32(payload, zlib.crc32(frame)) !== crc) throw bad(`checksum mismatch in ${REC_NAMES[type]} record #${this.records}`);
     if (type === REC.TRAILER) {
-      const t = parseJson<{ records: number; pageBytes: number }>(payload, 'trailer');
+      const t = parseJson<{ records: number; pageBytes: number; chain: number }>(payload, 'trailer');
       if (t.records !== this.records || t.pageBytes !== this.pageBytes) {
         throw bad(`trailer counts ${t.records} records / ${t.pageBytes} page bytes, stream had ${this.records} / ${this.pageBytes}`);
       }
+      if (t.chain !== this.chain) throw bad(`records out of order, repeated, missing or from another image (trailer chain ${t.chain}, stream ${this.chain})`);
       this.done = true;
       return null;
     }
@@ -179,6 +198,7 @@ export class ImageReader {
       this.pageBytes += Number(len) - 8;
     }
     this.records++;
+    this.chain = fold(this.chain, crc);
     return { type, payload };
   }
 

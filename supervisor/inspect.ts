@@ -97,7 +97,7 @@ function describeKind(files: TreeState['files'], id: number): string {
   }
   if (d.kind === 'event') {
     const e = d.ev;
-    if (e.kind === 'eventfd') return `eventfd, count ${e.count}${e.semaphore ? ', semaphore' : ''}`;
+    if (e.kind === 'eventfd') return `eventfd, count ${BigInt('0x' + e.count)}${e.semaphore ? ', semaphore' : ''}`;
     if (e.kind === 'signalfd') return `signalfd, mask ${e.mask}`;
     if (e.kind === 'timerfd') return `timerfd on clock ${e.clock}, ${e.left[0]}.${e.left[1].padStart(9, '0')} s left, every ${e.interval[0]}.${e.interval[1].padStart(9, '0')} s, ${e.ticks} expirations unread`;
     return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)}${w.desc !== undefined ? `; its file no longer there: ${describeDesc(files, w.desc)}` : ''})`).join(', ') || 'nothing'}`;

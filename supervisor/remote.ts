@@ -57,12 +57,19 @@ export class Remote {
   private batchCode = 0n;
   private batchTable = 0n;
   private batchMax = 0;
+  private batchStack = 0n;
 
-  /** The restore gadget's batch loop and table (see memory.ts installGadget). */
-  useBatchAt(code: bigint, table: bigint, max: number): void {
+  /**
+   * The restore gadget's batch loop and table (see memory.ts installGadget);
+   * `stack`: the stack pointer its batches run with, where the task's own
+   * may not do (sigaltstack refuses to change while the sp is on the
+   * alternate stack: a thread rolled back inside a handler).
+   */
+  useBatchAt(code: bigint, table: bigint, max: number, stack = 0n): void {
     this.batchCode = code;
     this.batchTable = table;
     this.batchMax = max;
+    this.batchStack = stack;
   }
 
   /**
@@ -102,6 +109,7 @@ export class Remote {
     regs.set('rbx', this.batchTable);
     regs.set('r12', calls.length);
     regs.set('orig_rax', -1n);
+    if (this.batchStack) regs.set('rsp', this.batchStack);
     this.startedBatch = { regs, n: calls.length };
     this.start(regs, PT.CONT);
   }

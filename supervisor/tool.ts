@@ -50,6 +50,19 @@ function exitLike(pid: number): never {
   }
 }
 
+/** Is this process in the subtree of `pid` (or unsure: in a pid namespace /proc may not show)? */
+function inSubtree(pid: number): boolean {
+  if (pid === 0) return true;
+  const status = (p: number | string) => fs.readFileSync(`/proc/${p}/status`, 'utf8');
+  try {
+    if ((/^NSpid:(.*)$/m.exec(status('self'))?.[1].trim().split(/\s+/).length ?? 1) > 1) return true;
+    for (let p = process.pid; p > 1; p = Number(/^PPid:\s*(\d+)/m.exec(status(p))?.[1] ?? 0)) if (p === pid) return true;
+  } catch {
+    return true;
+  }
+  return false;
+}
+
 const OUTPUT = { alias: 'output', type: 'string', describe: 'image file (default: stdout)' } as const;
 
 await yargs(hideBin(process.argv))
@@ -66,14 +79,21 @@ await yargs(hideBin(process.argv))
     (a) => {
       if (a.defer && (a.keep || a.o)) fail('--defer keeps the checkpoint in memory only: no --keep, no -o');
       const flags = (a.kill ? CKPT.KILL : 0) | (a.defer ? CKPT.DEFER : 0) | (a.keep ? CKPT.KEEP : 0);
-      const fd = a.defer ? -1 : a.o ? fs.openSync(a.o, 'w') : 1;
+      // The image goes to FILE.tmp and is renamed when whole. When this
+      // process is in the checkpointed subtree it goes to FILE itself: with
+      // --kill it would never get to rename it, and a restart reopens the
+      // descriptor by its path. Either is removed if the checkpoint fails.
+      const written = a.o ? (a.kill || inSubtree(a.pid) ? a.o : `${a.o}.tmp`) : undefined;
+      const fd = a.defer ? -1 : written ? fs.openSync(written, 'w') : 1;
       // Become ckpt-call to make the call: this Node process could not be
       // kept by a checkpoint of a subtree it belongs to ("ckpt checkpoint $$").
       for (const f of [0, 1, 2, fd]) if (f >= 0) sys.fcntl(f, 2 /* F_SETFD */, 0);
       const helper = fileURLToPath(new URL('./ckpt-call', import.meta.url));
       const what = `${a.pid}${a.o ? ` written to ${a.o}` : ''}${a.defer || a.keep ? ' (kept in memory)' : ''}`;
-      sys.execvp(helper, [helper, String(a.pid), String(fd), String(flags), a.defer ? '1' : '0', what]);
-      fail(`cannot run ${helper}: ${errnoName(errnoNow())}`);
+      sys.execvp(helper, [helper, String(a.pid), String(fd), String(flags), a.defer ? '1' : '0', what, ...(written ? [written, a.o!] : [])]);
+      const e = errnoNow();
+      if (written) fs.rmSync(written, { force: true });
+      fail(`cannot run ${helper}: ${errnoName(e)}`);
     },
   )
   .command(

@@ -53,6 +53,8 @@ export class Tracer {
   private readonly pending: WaitEvent[] = [];
   /** Processes that exited while traced: candidates for zombies of the tree. */
   readonly exited = new Set<number>();
+  /** When `exited` is this large, the ones reaped since are dropped (checkpoints drop them too, but a tree may never take one). */
+  private exitedPruneAt = 1024;
   /** execve count by process: an mm-bound resource (a userfaultfd) is stale once it changes. */
   private readonly execs = new Map<number, number>();
   /**
@@ -163,6 +165,11 @@ export class Tracer {
       this.lockFuture.delete(ev.pid);
       this.prctlNoted.delete(ev.pid);
       this.itimers.delete(ev.pid);
+      this.execs.delete(ev.pid); // a later process with this pid starts again at 0
+      if (this.exited.size >= this.exitedPruneAt) {
+        for (const pid of this.exited) if (!fs.existsSync(`/proc/${pid}`)) this.exited.delete(pid);
+        this.exitedPruneAt = Math.max(1024, 2 * this.exited.size);
+      }
     }
     if (ev.pid === this.rootPid) {
       this.rootStatus = ev.kind === 'exited' ? { code: ev.code } : { signal: ev.signal };

@@ -24,7 +24,7 @@ import { viewPid, pidsInUse } from '../supervisor/pidns.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import { InFlight, unwrap, type HandlerResult, type SyscallCtx } from './context.js';
-import { validateTree, type TreeState } from './state.js';
+import { validateTree, parseMemoryRecord, type TreeState } from './state.js';
 import { int32 } from './checkpoint.js';
 import { checkVdso, vdsoInfo, pickGadget, restoreLayout, fillPages } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
@@ -115,7 +115,7 @@ function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: Reco
   const filled = new Set<number>();
   for (let rec = reader.next(); rec; rec = reader.next()) {
     if (rec.type === REC.MEMORY) {
-      const { pid } = parseJson<{ pid: number }>(rec.payload, 'MEMORY');
+      const { pid } = parseMemoryRecord(parseJson(rec.payload, 'MEMORY'));
       cur = shells.get(pid);
       if (!cur || filled.has(pid)) throw new CkptError(errno('EBADMSG'), 'image', `memory of unknown or repeated process ${pid}`);
       filled.add(pid);

@@ -197,8 +197,9 @@ function freshMemory(sh: Shell, husk: number, mem: MemoryCapture, shm: ShmRestor
   sh.gadget = pickGadget(current, sh.state.memory);
   const r = sh.remote;
   installGadget(r, sh.gadget);
-  const keep = [sh.gadget, ...current.filter((m) => SPECIAL.includes(m.path)).map((m) => m.start)];
-  for (const m of current) if (!keep.includes(m.start) && m.path !== '[vsyscall]') r.check('restart:memory', SYS.munmap, m.start, m.end - m.start); // [vsyscall] cannot be unmapped
+  // [vsyscall] cannot be unmapped (EINVAL) and is the same in every process.
+  const keep = [sh.gadget, ...current.filter((m) => SPECIAL.includes(m.path) || m.path === '[vsyscall]').map((m) => m.start)];
+  for (const m of current) if (!keep.includes(m.start)) r.check('restart:memory', SYS.munmap, m.start, m.end - m.start);
   placeSpecials(r, current, sh.state.memory, sh.task.tid);
   mapVmas(r, sh.state.memory.filter((v) => v.kind !== 'special'), shm);
   return copyFromHusk(sh, husk, mem);

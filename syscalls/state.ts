@@ -5,9 +5,16 @@ import type { FilesState, FilesTable } from './resources/files.js';
 import type { SignalState } from './resources/signals.js';
 import type { ThreadState } from './resources/thread.js';
 import type { ShmObject } from './resources/shm.js';
-import type { ProcAttrs } from './resources/attrs.js';
-import type { TimersState } from './resources/timers.js';
+import { procAttrsSchema, type ProcAttrs } from './resources/attrs.js';
+import { timersSchema, type TimersState } from './resources/timers.js';
 import { CkptError, errno } from '../lib/errors.js';
+import { z, int, pid, pid0, siginfo, PID_MAX, MANY, type Same } from '../lib/schema.js';
+import { idsSchema, credsSchema, mmSchema } from './resources/process.js';
+import { vmaSchema } from './resources/memory.js';
+import { filesStateSchema, filesTableSchema } from './resources/files.js';
+import { signalStateSchema } from './resources/signals.js';
+import { threadSchema } from './resources/thread.js';
+import { shmObjectSchema } from './resources/shm.js';
 
 export interface ProcessState {
   ids: ProcessIds;
@@ -52,37 +59,118 @@ export interface TreeState {
 }
 
 const bad = (why: string) => new CkptError(errno('EBADMSG'), 'image', `TREE record: ${why}`);
-const isPid = (v: unknown) => Number.isInteger(v) && (v as number) > 0 && (v as number) < 1 << 22;
 
-/** Shape and consistency check: the checksum says it is what was written, not that the writer was sane. */
-export function validateTree(t: TreeState): TreeState {
-  if (!t || typeof t !== 'object' || !Array.isArray(t.shm) || !Array.isArray(t.processes) || !Array.isArray(t.zombies) || !t.files || !Array.isArray(t.files.descs) || !Array.isArray(t.files.pipes) || !Array.isArray(t.files.socks)) throw bad('missing fields');
-  if (!t.processes.length || t.processes[0]?.ids?.pid !== t.root) throw bad('the root is not the first process');
-  const seen = new Set<number>();
-  for (const p of t.processes) {
-    const ok = p && p.ids && isPid(p.ids.pid) && Array.isArray(p.memory) && Array.isArray(p.threads) && p.threads.length >= 1 &&
-      p.threads.every((th) => isPid(th.tid) && typeof th.regs === 'string') && p.files && Array.isArray(p.files.fds) &&
-      p.mm && typeof p.mm.exe === 'string' && p.creds && Array.isArray(p.creds.uid) && p.signals && typeof p.signals === 'object';
-    if (!ok) throw bad('a process lacks required fields');
-    if (p.ids.pid !== t.root && !seen.has(p.ids.ppid)) throw bad(`process ${p.ids.pid} comes before its parent ${p.ids.ppid}`);
-    if (!p.threads.some((th) => th.tid === p.ids.pid)) throw bad(`process ${p.ids.pid} has no leader thread`);
-    for (const f of p.files.fds) if ('desc' in f && !(f.desc >= 0 && f.desc < t.files.descs.length)) throw bad(`fd ${f.fd} of ${p.ids.pid} names no description`);
-    seen.add(p.ids.pid);
-  }
-  for (const z of t.zombies) {
-    if (!isPid(z.pid) || !seen.has(z.ppid)) throw bad(`zombie ${z.pid} has no parent in the tree`);
-  }
-  const KINDS = new Set(['path', 'fifo', 'pipe', 'memfd', 'ghost', 'unix', 'usock', 'event', 'pidfd', 'deldir']);
-  const EVENTS = new Set(['eventfd', 'signalfd', 'timerfd', 'epoll']);
-  for (const [i, d] of t.files.descs.entries()) {
-    if (!d || d.id !== i || !KINDS.has(d.kind) || typeof d.flags !== 'number') throw bad(`description ${i}: no such kind or flags`);
-    if (d.kind === 'pipe' && !(d.pipe >= 0 && d.pipe < t.files.pipes.length)) throw bad('pipe end of no pipe');
-    if (d.kind === 'unix' && !(d.pair >= 0 && d.pair < t.files.socks.length && (d.end === 0 || d.end === 1))) throw bad('socket end of no pair');
-    if (d.kind === 'usock' && (typeof d.type !== 'number' || (d.name !== undefined && typeof d.name !== 'string'))) throw bad(`unix socket ${i}: type or name`);
-    if (d.kind === 'pidfd' && !(Number.isInteger(d.pid) && d.pid > 0)) throw bad(`pidfd ${i}: pid`);
-    if (d.kind === 'deldir' && (typeof d.path !== 'string' || typeof d.mode !== 'number')) throw bad(`deleted directory ${i}: path or mode`);
-    if (d.kind === 'event' && (!d.ev || !EVENTS.has(d.ev.kind) || (d.ev.kind === 'epoll' && !Array.isArray(d.ev.watches)))) throw bad(`event file ${i}: no such kind`);
-    if (d.kind === 'event' && d.ev.kind === 'epoll' && !d.ev.watches.every((w) => w.desc === undefined || (Number.isInteger(w.desc) && w.desc >= 0 && w.desc < t.files.descs.length && w.desc !== i))) throw bad(`epoll ${i}: a watch of no description`);
-  }
-  return t;
+/** Threads of one process: far more than any real program, few enough to walk. */
+const MAX_THREADS = 1 << 16;
+/** vm.max_map_count's ceiling is far above its default of 65530; this is still a bound. */
+const MAX_VMAS = 1 << 18;
+
+const processSchema = z.strictObject({
+  ids: idsSchema,
+  creds: credsSchema,
+  mm: mmSchema,
+  memory: z.array(vmaSchema).max(MAX_VMAS),
+  files: filesStateSchema,
+  signals: signalStateSchema,
+  sharedPending: z.array(siginfo).max(MANY).optional(),
+  stopSignal: int(1, 64).optional(),
+  threads: z.array(threadSchema).min(1).max(MAX_THREADS),
+  attrs: procAttrsSchema.optional(),
+  timers: timersSchema.optional(),
+});
+const zombieSchema = z.strictObject({ pid, ppid: pid, pgid: pid0, sid: pid0, status: int(0, 0xffff) });
+
+type Ctx = z.RefinementCtx;
+const issue = (ctx: Ctx, path: (string | number)[], message: string) => ctx.addIssue({ code: 'custom', path, message });
+
+/** What the shape alone cannot say: uniqueness, order, and every reference pointing at something there. */
+function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
+  if (t.processes.length && t.processes[0].ids.pid !== t.root) issue(ctx, ['root'], `the root ${t.root} is not the first process`);
+  const shmKeys = new Set<string>();
+  t.shm.forEach((o, i) => {
+    if (shmKeys.has(o.key)) issue(ctx, ['shm', i, 'key'], `shared object ${o.key} twice`);
+    shmKeys.add(o.key);
+  });
+  const { descs, pipes, socks } = t.files;
+  descs.forEach((d, i) => {
+    const at = ['files', 'descs', i];
+    if (d.id !== i) issue(ctx, [...at, 'id'], `description ${i} says it is ${d.id}`);
+    if (d.kind === 'pipe' && d.pipe >= pipes.length) issue(ctx, [...at, 'pipe'], `pipe end of no pipe (${d.pipe})`);
+    if (d.kind === 'unix' && d.pair >= socks.length) issue(ctx, [...at, 'pair'], `socket end of no pair (${d.pair})`);
+    if ((d.kind === 'memfd' || d.kind === 'ghost') && !shmKeys.has(d.shmKey)) issue(ctx, [...at, 'shmKey'], `contents of no shared object (${d.shmKey})`);
+  });
+  pipes.forEach((p, i) => {
+    if (p.id !== i) issue(ctx, ['files', 'pipes', i, 'id'], `pipe ${i} says it is ${p.id}`);
+    if (Buffer.byteLength(p.data, 'base64') > p.size) issue(ctx, ['files', 'pipes', i, 'data'], `more data than the pipe holds (${p.size})`);
+  });
+  socks.forEach((p, i) => void (p.id !== i && issue(ctx, ['files', 'socks', i, 'id'], `socket pair ${i} says it is ${p.id}`)));
+  const pids = new Set<number>(), tids = new Set<number>();
+  t.processes.forEach((p, i) => {
+    const at = ['processes', i];
+    const me = p.ids.pid;
+    if (pids.has(me)) issue(ctx, [...at, 'ids', 'pid'], `process ${me} twice`);
+    if (i > 0 && !pids.has(p.ids.ppid)) issue(ctx, [...at, 'ids', 'ppid'], `process ${me} comes before its parent ${p.ids.ppid}`);
+    pids.add(me);
+    p.threads.forEach((th, j) => {
+      if (tids.has(th.tid)) issue(ctx, [...at, 'threads', j, 'tid'], `thread ${th.tid} twice`);
+      tids.add(th.tid);
+    });
+    if (!p.threads.some((th) => th.tid === me)) issue(ctx, [...at, 'threads'], `process ${me} has no leader thread`);
+    const fds = new Set<number>();
+    p.files.fds.forEach((f, j) => {
+      if (fds.has(f.fd)) issue(ctx, [...at, 'files', 'fds', j, 'fd'], `fd ${f.fd} of ${me} twice`);
+      fds.add(f.fd);
+      if ('desc' in f && f.desc >= descs.length) issue(ctx, [...at, 'files', 'fds', j, 'desc'], `fd ${f.fd} of ${me} names no description (${f.desc})`);
+    });
+    let end = 0n;
+    p.memory.forEach((v, j) => {
+      if (BigInt(v.start) < end) issue(ctx, [...at, 'memory', j, 'start'], `mapping at ${v.start} overlaps or precedes the one before it`);
+      end = BigInt(v.end);
+      if (v.kind === 'shm' && !shmKeys.has(v.shmKey!)) issue(ctx, [...at, 'memory', j, 'shmKey'], `mapping of no shared object (${v.shmKey})`);
+    });
+  });
+  t.zombies.forEach((z, i) => {
+    if (pids.has(z.pid) || tids.has(z.pid)) issue(ctx, ['zombies', i, 'pid'], `zombie ${z.pid} is also a live task or another zombie`);
+    if (!pids.has(z.ppid)) issue(ctx, ['zombies', i, 'ppid'], `zombie ${z.pid} has no parent in the tree (${z.ppid})`);
+    pids.add(z.pid);
+  });
+}
+
+const treeShape = z.strictObject({
+  root: pid,
+  processes: z.array(processSchema).min(1).max(PID_MAX),
+  zombies: z.array(zombieSchema).max(PID_MAX),
+  files: filesTableSchema,
+  shm: z.array(shmObjectSchema).max(MANY),
+  pidns: z.boolean().optional(),
+  nsView: z.boolean().optional(),
+});
+export const treeSchema = treeShape.superRefine(crossCheck);
+const sameTree: [Same<z.infer<typeof processSchema>, ProcessState>, Same<z.infer<typeof zombieSchema>, ZombieState>, Same<z.infer<typeof treeShape>, TreeState>] = [true, true, true];
+void sameTree;
+
+const memoryRecord = z.strictObject({ pid });
+/** The payload of a MEMORY record: whose pages follow. */
+export function parseMemoryRecord(v: unknown): { pid: number } {
+  const r = memoryRecord.safeParse(v);
+  if (!r.success) throw new CkptError(errno('EBADMSG'), 'image', `MEMORY record: ${where(r.error.issues[0].path)}: ${r.error.issues[0].message}`);
+  return r.data;
+}
+
+/** "processes[0].memory[3].start" */
+function where(path: PropertyKey[]): string {
+  return path.map((k, i) => (typeof k === 'number' ? `[${k}]` : `${i ? '.' : ''}${String(k)}`)).join('') || '(the record)';
+}
+
+/**
+ * Shape, bounds and consistency of a TREE record from an image: the checksum
+ * says it is what was written, not that the writer was sane. The first
+ * problem, named by its field, is EBADMSG.
+ */
+export function validateTree(t: unknown): TreeState {
+  const r = treeSchema.safeParse(t);
+  if (r.success) return r.data as TreeState;
+  const first = r.error.issues[0];
+  const more = r.error.issues.length > 1 ? ` (and ${r.error.issues.length - 1} more)` : '';
+  throw bad(`${where(first.path)}: ${first.message}${more}`);
 }

@@ -3,7 +3,7 @@
 import t, { type Test } from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { supervise, fixture, tmpdir, q, pidAlive } from './helpers.js';
+import { supervise, fixture, tmpdir, q, pidAlive, CKPT } from './helpers.js';
 import { encodeHeader, ImageReader, ImageWriter, REC, parseJson, splitPages } from '../lib/image.js';
 import { FdSource, FdSink } from '../lib/stream.js';
 import type { TreeState } from '../syscalls/state.js';
@@ -112,7 +112,7 @@ t.test('damaged and foreign images: EBADMSG / ENOEXEC, no process left behind', 
   }
   // Foreign: a sound header from another architecture / format version.
   const header = JSON.parse(img.subarray(12, headerLen - 4).toString());
-  for (const [what, h] of [['arch', { ...header, arch: 'aarch64' }], ['version', { ...header, version: 2 }]] as const) {
+  for (const [what, h] of [['arch', { ...header, arch: 'aarch64' }], ['version', { ...header, version: header.version + 1 }]] as const) {
     variants.push([`foreign ${what}`, Buffer.concat([encodeHeader(h), img.subarray(headerLen)]), 'ENOEXEC']);
   }
   const files = variants.map(([, data], i) => {
@@ -153,7 +153,7 @@ t.test('an image whose vDSO differs from this kernel\'s: ENOEXEC, one log line, 
 });
 
 /** The image `from` again, sound (checksums and all), with its tree changed by `edit`. */
-function rewriteTree(from: string, to: string, edit: (tree: TreeState) => void): void {
+function rewriteTree(from: string, to: string, edit: (tree: TreeState) => void, editRecord?: (type: number, payload: Buffer) => Buffer): void {
   const r = new ImageReader(new FdSource(fs.openSync(from, 'r')));
   const out = fs.openSync(to, 'w');
   const w = new ImageWriter(new FdSink(out));
@@ -165,7 +165,7 @@ function rewriteTree(from: string, to: string, edit: (tree: TreeState) => void):
     if (rec.type === REC.PAGES) {
       const p = splitPages(rec.payload);
       w.pages(p.addr, p.data);
-    } else w.record(rec.type, rec.payload);
+    } else w.record(rec.type, editRecord?.(rec.type, rec.payload) ?? rec.payload);
   }
   w.trailer();
   fs.closeSync(out);
@@ -205,4 +205,90 @@ t.test('a failed checkpoint leaves the subtree running as it was', async (t) => 
   const steps = r.stdout.match(/^step \d+$/gm) ?? [];
   t.same(steps, Array.from({ length: 8 }, (_, i) => `step ${i + 1}`), 'no step lost or repeated');
   t.equal(r.status, 0);
+});
+
+t.test('ckpt checkpoint -o FILE leaves no file behind when it fails, and a whole image when it succeeds', async (t) => {
+  const ckpt = CKPT.map(q).join(' ');
+  const failed = path.join(dir, 'failed.img'), good = path.join(dir, 'good-out.img');
+  const r = supervise(['sh', '-c', `${ckpt} checkpoint 999999 -o ${q(failed)}; echo "status=$?"; sleep 100 & ${ckpt} checkpoint $! -o ${q(good)}; echo "status=$?"; kill $!`]);
+  if (!/^status=1\nstatus=0$/m.test(r.stdout)) t.comment(r.stderr);
+  t.match(r.stdout, /^status=1\nstatus=0$/m, 'the first checkpoint failed, the second succeeded');
+  t.match(r.stderr, /ckpt: checkpoint: ESRCH/);
+  t.notOk(fs.existsSync(failed) || fs.existsSync(failed + '.tmp'), 'the failed checkpoint left no file');
+  t.ok(fs.existsSync(good) && !fs.existsSync(good + '.tmp'), 'the image is at its name, no temporary file left');
+  t.ok(fs.statSync(good).size > 4096, 'and it is a whole image');
+});
+
+t.test('a sound image with absurd values (each checksum right): EBADMSG naming the field, one log line each, no process left', async (t) => {
+  const good = path.join(dir, 'pool-absurd.img');
+  const first = supervise([fixture('pool'), good]);
+  const pid = Number(/checkpointed crid=\d+ pid=(\d+)/.exec(first.stdout)?.[1]);
+  t.ok(pid > 0, 'the pool checkpointed itself');
+  type P = TreeState['processes'][number];
+  const p0 = (f: (p: P, tree: TreeState) => void) => (tree: TreeState) => f(tree.processes[0], tree);
+  const clone = <T>(v: T): T => JSON.parse(JSON.stringify(v));
+  const cases: [string, (tree: TreeState) => void, RegExp][] = [
+    ['a mapping starting at 1e308', p0((p) => void ((p.memory[0] as unknown as { start: number }).start = 1e308)), /processes\[0\]\.memory\[0\]\.start: /],
+    ['a mapping above user space', p0((p) => void (p.memory[0].start = '0xffffffffff600000')), /processes\[0\]\.memory\[0\]\.start: not below/],
+    ['a mapping ending before it starts', p0((p) => void (p.memory[0].end = p.memory[0].start)), /processes\[0\]\.memory\[0\]\.end: mapping ends/],
+    ['more pages than a mapping holds', p0((p) => void (p.memory[0].pages = 1 << 30)), /processes\[0\]\.memory\[0\]\.pages/],
+    ['overlapping mappings', p0((p) => void p.memory.splice(1, 0, clone(p.memory[0]))), /processes\[0\]\.memory\[1\]\.start: mapping at .* overlaps/],
+    ['uid -1', p0((p) => void (p.creds.uid[0] = -1)), /processes\[0\]\.creds\.uid\[0\]: Too small/],
+    ['uid 2^32', p0((p) => void (p.creds.uid[1] = 2 ** 32)), /processes\[0\]\.creds\.uid\[1\]: Too big/],
+    ['gid as a string', p0((p) => void ((p.creds.gid as unknown[])[0] = '0')), /processes\[0\]\.creds\.gid\[0\]: Invalid input: expected number/],
+    ['a pid of 2^22 + 1', p0((p, tree) => void (tree.root = p.ids.pid = p.threads[0].tid = 2 ** 22 + 1)), /root: Too big/],
+    ['a process twice', (tree) => void tree.processes.push(clone(tree.processes[0])), /processes\[1\]\.ids\.pid: process \d+ twice/],
+    ['a child before its parent', (tree) => {
+      const c = clone(tree.processes[0]);
+      c.ids.pid = c.threads[0].tid = 4_000_000;
+      c.ids.ppid = 4_000_001;
+      c.threads = [c.threads[0]];
+      tree.processes.push(c);
+    }, /processes\[1\]\.ids\.ppid: process 4000000 comes before its parent 4000001/],
+    ['a thread twice', p0((p) => void p.threads.push(clone(p.threads[1]))), /processes\[0\]\.threads\[\d+\]\.tid: thread \d+ twice/],
+    ['no leader thread', p0((p) => void p.threads.shift()), /processes\[0\]\.threads: process \d+ has no leader thread/],
+    ['a descriptor twice', p0((p) => void p.files.fds.push(clone(p.files.fds[0]))), /processes\[0\]\.files\.fds\[\d+\]\.fd: fd \d+ of \d+ twice/],
+    ['a descriptor of no description', p0((p) => void p.files.fds.push({ fd: 900, cloexec: false, desc: 777 })), /processes\[0\]\.files\.fds\[\d+\]\.desc: fd 900 of \d+ names no description/],
+    ['fd 2^21', p0((p) => void (p.files.fds[0].fd = 2 ** 21)), /processes\[0\]\.files\.fds\[0\]/],
+    ['a zombie twice', (tree) => {
+      const z = { pid: 4_000_002, ppid: tree.root, pgid: tree.processes[0].ids.pgid, sid: tree.processes[0].ids.sid, status: 0 };
+      tree.zombies.push(z, { ...z });
+    }, /zombies\[1\]\.pid: zombie 4000002 is also a live task or another zombie/],
+    ['a zombie with a 1e308 status', (tree) => void tree.zombies.push({ pid: 4_000_003, ppid: tree.root, pgid: 0, sid: 0, status: 1e308 }), /zombies\[0\]\.status: Too big/],
+    ['an action for SIGKILL', p0((p) => void (p.signals['9'] = { handler: '1', flags: '0', restorer: '0', mask: '0' })), /processes\[0\]\.signals\.9: Invalid key/],
+    ['a signal handler above user space', p0((p) => void (p.signals['10'] = { handler: 'ffffffffffffffff', flags: '0', restorer: '0', mask: '0' })), /processes\[0\]\.signals\.10\.handler: not a user address/],
+    ['registers of the wrong size', p0((p) => void (p.threads[0].regs = 'AAAA')), /processes\[0\]\.threads\[0\]\.regs: not 216 bytes/],
+    ['an unknown field', p0((p) => void ((p as unknown as Record<string, unknown>).personality = 1)), /processes\[0\]: Unrecognized key: "personality"/],
+    ['a description that is not where it says', (tree) => void tree.files.descs.push({ id: 99, kind: 'path', path: '/x', flags: 0, pos: '0' }), /files\.descs\[\d+\]\.id: description \d+ says it is 99/],
+    ['an eventfd counting 0x1g', (tree) => void tree.files.descs.push({ id: tree.files.descs.length, kind: 'event', flags: 2, ev: { kind: 'eventfd', count: '1g', semaphore: false } }), /files\.descs\[\d+\]\.ev\.count: not a hex number/],
+    ['a file offset of 2^64', (tree) => void tree.files.descs.push({ id: tree.files.descs.length, kind: 'path', path: '/x', flags: 0, pos: '18446744073709551616' }), /files\.descs\[\d+\]\.pos/],
+  ];
+  const files = cases.map(([, edit], i) => {
+    const f = path.join(dir, `absurd-${i}.img`);
+    rewriteTree(good, f, edit);
+    return f;
+  });
+  // A MEMORY record for a pid of 1e308.
+  const memFile = path.join(dir, 'absurd-memory.img');
+  rewriteTree(good, memFile, () => {}, (type, payload) => (type === REC.MEMORY ? Buffer.from('{"pid":1e308}') : payload));
+  const r = supervise([callabi, 'restart-all', ...files, memFile], { timeout: 60_000 });
+  t.equal(r.status, 0, 'the supervisor survived them all');
+  const lines = r.stdout.split('\n').filter((l) => l.includes(' ret='));
+  const logs = r.stderr.split('\n').filter((l) => /restart: E[A-Z]+:/.test(l));
+  t.equal(logs.length, cases.length + 1, 'one log line per refused image');
+  cases.forEach(([what, , why], i) => {
+    t.match(lines[i] ?? '', /ret=-1 errno=EBADMSG$/, `${what}: EBADMSG`);
+    t.match(logs[i] ?? '', /task \d+: restart: EBADMSG: image: TREE record: /, `${what}: the log line says it is the TREE record`);
+    t.match((logs[i] ?? '').replace(/^.*TREE record: /, ''), why, `${what}: and names the field`);
+  });
+  t.match(lines[cases.length] ?? '', /ret=-1 errno=EBADMSG$/, 'a MEMORY record for pid 1e308: EBADMSG');
+  t.match(logs[cases.length] ?? '', /MEMORY record: pid: Too big/, 'and its log line names the field');
+  t.notMatch(r.stderr, /EIO/, 'never EIO');
+  t.match(r.stdout, /leftover children: none/);
+  t.notOk(pidAlive(pid), `no process holds the image's pid ${pid}`);
+  // The image rewritten unchanged still restores: the schema takes what the supervisor writes.
+  const same = path.join(dir, 'absurd-none.img');
+  rewriteTree(good, same, () => {});
+  const ok = supervise([callabi, 'restart-all', same], { timeout: 30_000 });
+  t.match(ok.stdout, new RegExp(`ret=${pid} errno=0`), 'the unchanged image restores');
 });

@@ -1,11 +1,11 @@
 // The image codec: round trip, and every kind of damage is refused with the right errno.
 import t from 'tap';
-import { ImageWriter, ImageReader, REC, MAGIC, splitPages, encodeHeader, type ImageHeader } from '../lib/image.js';
+import { ImageWriter, ImageReader, REC, MAGIC, FORMAT_VERSION, splitPages, encodeHeader, type ImageHeader } from '../lib/image.js';
 import { BufferSink, BufferSource } from '../lib/stream.js';
 import { CkptError } from '../lib/errors.js';
 
 const header: ImageHeader = {
-  version: 1, arch: 'x86_64', pageSize: 4096, crid: 7, kernel: 'test', created: 'now',
+  version: FORMAT_VERSION, arch: 'x86_64', pageSize: 4096, crid: 7, kernel: 'test', created: 'now',
   vdso: { layout: [{ name: '[vdso]', size: 8192 }], hash: 'abc' },
 };
 
@@ -109,4 +109,61 @@ t.test('records after a missing one are caught by the trailer', async (t) => {
   // splice a trailer that counts 0 records after a PROCESS record
   const trailerOnly = (w2.sink as BufferSink).result().subarray(withHeader(header).length);
   t.equal(errnoOf(() => decode(Buffer.concat([withTwo, trailerOnly]))), EBADMSG);
+});
+
+/** An image's header and its records as raw bytes (frame, payload, CRC), trailer last. */
+function frames(img: Buffer): { head: Buffer; recs: Buffer[] } {
+  const headLen = 12 + img.readUInt32LE(8) + 4;
+  const recs: Buffer[] = [];
+  for (let at = headLen; at < img.length;) {
+    const len = 16 + Number(img.readBigUInt64LE(at + 8)) + 4;
+    recs.push(img.subarray(at, at + len));
+    at += len;
+  }
+  return { head: img.subarray(0, headLen), recs };
+}
+
+/** Records (each sound) put together again, with a trailer whose counts fit them but whose chain is `chain`. */
+function spliced(head: Buffer, recs: Buffer[], chain: number): Buffer {
+  const pageBytes = recs.filter((r) => r.readUInt32LE(0) === REC.PAGES).reduce((n, r) => n + r.length - 16 - 8 - 4, 0);
+  const w = new ImageWriter(new BufferSink());
+  w.record(REC.TRAILER, Buffer.from(JSON.stringify({ records: recs.length, pageBytes, chain })));
+  return Buffer.concat([head, ...recs, (w.sink as BufferSink).result()]);
+}
+
+t.test('whole records swapped, repeated, dropped or taken from another image: EBADMSG, even with the counts fixed', async (t) => {
+  const w = new ImageWriter(new BufferSink());
+  w.header(header);
+  w.json(REC.TREE, { pid: 42 });
+  w.record(REC.MEMORY, Buffer.from('{"pid":42}'));
+  for (let i = 0; i < 3; i++) w.pages(BigInt(0x10000 + i * 4096), Buffer.alloc(4096, i + 1));
+  w.trailer();
+  const img = (w.sink as BufferSink).result();
+  t.equal(errnoOf(() => decode(img)), 'ok', 'the image itself decodes');
+  const { head, recs } = frames(img);
+  const trailer = recs.pop()!;
+  const chain = JSON.parse(trailer.subarray(16, trailer.length - 4).toString()).chain;
+  t.equal(errnoOf(() => decode(spliced(head, recs, chain))), 'ok', 'spliced again unchanged, it decodes');
+  const [tree, mem, p0, p1, p2] = recs;
+  const message = (f: () => unknown) => {
+    try {
+      f();
+    } catch (e) {
+      return (e as CkptError).detail;
+    }
+  };
+  const cases: [string, Buffer[]][] = [
+    ['two PAGES records swapped', [tree, mem, p1, p0, p2]],
+    ['a PAGES record repeated', [tree, mem, p0, p1, p1, p2]],
+    ['a PAGES record dropped', [tree, mem, p0, p2]],
+    ['the last PAGES record dropped', [tree, mem, p0, p1]],
+  ];
+  for (const [what, list] of cases) {
+    const bad = spliced(head, list, chain);
+    t.equal(errnoOf(() => decode(bad)), EBADMSG, what);
+    t.match(message(() => decode(bad)), /out of order, repeated, missing/, `${what}: the reason`);
+  }
+  // The same records after the header of another image (another crid).
+  const other = encodeHeader({ ...header, crid: 8 });
+  t.equal(errnoOf(() => decode(Buffer.concat([other, ...recs, trailer]))), EBADMSG, 'records under another image\'s header');
 });

@@ -184,3 +184,13 @@ for (const advice of ['dontfork', 'wipeonfork']) {
     t.match(again.stdout, new RegExp(`back at the checkpoint: ${advice} data intact, advice kept`), 'the written-back image holds them too');
   });
 }
+
+t.test('undo after a checkpointed child exited and was reaped: the child is back with its memory, and can be waited for again', async (t) => {
+  const r = supervise([fixture('reaped')], { timeout: 60_000 });
+  t.match(r.stdout, /child (\d+) reaped: \1 status 7\nspoiled, rolling back/, 'the child exited and its parent reaped it before the rollback');
+  for (const c of ['the reaped child is there again', "the child's memory is as at the checkpoint", 'the parent waits for it again']) {
+    t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  }
+  t.match(r.stdout, /REAPED OK/);
+  t.equal(r.status, 0);
+});

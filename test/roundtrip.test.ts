@@ -69,7 +69,7 @@ t.test('ckpt inspect describes an image', async (t) => {
   const img = selfImage('inspect.img');
   const text = supervise([...CKPT, 'inspect', img]);
   t.equal(text.status, 0);
-  t.match(text.stdout, /^ckpt image v1 x86_64, crid 1/);
+  t.match(text.stdout, /^ckpt image v2 x86_64, crid 1/);
   t.match(text.stdout, /process \d+ \(selfckpt\)/);
   t.match(text.stdout, /\[heap\]/);
   t.match(text.stdout, /fd 3: .*inspect\.img\.data pos 100/);

@@ -25,6 +25,8 @@
  * caller's (or, in a rollback, the live process's) permissions; the checks
  * before anything is built say EPERM with the attribute named.
  */
+import { z, int, u32, path, type Same } from '../../lib/schema.js';
+import { credsSchema } from './process.js';
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, SYS, addressOf, errnoNow } from '../../lib/libc.js';
@@ -407,6 +409,34 @@ function cgroupMounts(): Map<string, string> {
   }
   return out;
 }
+
+/** In the TREE record: every attribute typed and bounded (the kernel still checks what it is given). */
+const decimal = z.string().regex(/^[0-9]{1,20}$/, 'not a decimal number');
+const capHex = z.string().regex(/^[0-9a-f]{1,16}$/, 'not a capability set');
+export const threadAttrsSchema = z.strictObject({
+  comm: z.string().max(64),
+  sched: z.strictObject({ policy: int(0, 7), flags: decimal, nice: int(-20, 19), priority: int(0, 99), runtime: decimal, deadline: decimal, period: decimal, utilMin: int(0, 1024).optional(), utilMax: int(0, 1024).optional() }),
+  affinity: z.string().regex(/^[0-9a-f]{0,2048}$/, 'not an affinity mask'),
+  timerSlack: z.union([decimal, z.literal('')]),
+  pdeathsig: int(0, 64),
+  caps: z.strictObject({ eff: capHex, prm: capHex, inh: capHex, bnd: capHex, amb: capHex }),
+  noNewPrivs: z.boolean(),
+  creds: credsSchema,
+});
+export const procAttrsSchema = z.strictObject({
+  rlimits: z.array(z.strictObject({ soft: z.union([decimal, z.literal('unlimited')]), hard: z.union([decimal, z.literal('unlimited')]) })).max(64),
+  oomScoreAdj: int(-1000, 1000),
+  personality: u32,
+  thpDisable: z.boolean(),
+  subreaper: z.boolean(),
+  dumpable: int(0, 2),
+  securebits: int(0, 0xffff),
+  membarrier: int(0, 0xffffffff),
+  root: path,
+  cgroups: z.array(z.string().max(4096)).max(64),
+});
+const sameAttrs: [Same<z.infer<typeof threadAttrsSchema>, ThreadAttrs>, Same<z.infer<typeof procAttrsSchema>, ProcAttrs>] = [true, true];
+void sameAttrs;
 
 /** Open `path` in the task, write `text`, close: with the task's own permissions. */
 function writeAs(r: Remote, what: string, path: string, text: string): void {

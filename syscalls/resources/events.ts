@@ -22,6 +22,7 @@ import { sys, addressOf } from '../../lib/libc.js';
 import type { FdInfo } from '../../lib/proc.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
+import { z, int, fd, u32, hex64, dec63, dec64, MANY, type Same } from '../../lib/schema.js';
 
 const SYS_timerfd_settime = 286, SYS_signalfd4 = 289, SYS_eventfd2 = 290, SYS_epoll_create1 = 291, SYS_timerfd_create = 283, SYS_epoll_ctl = 233;
 const O_CLOEXEC = 0o2000000, EFD_SEMAPHORE = 1, TFD_TIMER_ABSTIME = 1, TFD_TIMER_CANCEL_ON_SET = 2, EPOLL_CTL_ADD = 1;
@@ -31,6 +32,7 @@ const SYS_kcmp = 312, KCMP_EPOLL_TFD = 7, SYS_dup3 = 292, SYS_close = 3;
 const WALL_CLOCKS = new Set([0 /* REALTIME */, 8 /* REALTIME_ALARM */, 11 /* TAI */]);
 
 export type EventState =
+  /** count: hex, as fdinfo shows it ("eventfd-count: 5a" is 90). */
   | { kind: 'eventfd'; count: string; semaphore: boolean }
   | { kind: 'signalfd'; mask: string }
   | { kind: 'timerfd'; clock: number; settime: number; left: [string, string]; interval: [string, string]; ticks: string; takenAtMs: number }
@@ -56,6 +58,25 @@ export function watchesFile(pid: number, fd: number, epPid: number, epfd: number
   return sys.syscall(SYS_kcmp, pid, epPid, KCMP_EPOLL_TFD, fd, addressOf(slot)) === 0;
 }
 
+/** "(seconds, nanoseconds)" as the code keeps it. */
+const timespecSchema = z.tuple([dec63, z.string().regex(/^[0-9]{1,9}$/, 'not nanoseconds')]);
+export const eventSchema = z.discriminatedUnion('kind', [
+  z.strictObject({ kind: z.literal('eventfd'), count: hex64.refine((c) => c !== 'ffffffffffffffff', 'an eventfd counts at most 2^64-2'), semaphore: z.boolean() }),
+  z.strictObject({ kind: z.literal('signalfd'), mask: hex64 }),
+  z.strictObject({
+    kind: z.literal('timerfd'),
+    clock: z.union([0, 1, 7, 8, 9].map((c) => z.literal(c)) as [z.ZodLiteral<number>, ...z.ZodLiteral<number>[]]),
+    settime: int(0, TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET),
+    left: timespecSchema,
+    interval: timespecSchema,
+    ticks: dec64,
+    takenAtMs: z.number().min(0).max(1e16),
+  }),
+  z.strictObject({ kind: z.literal('epoll'), watches: z.array(z.strictObject({ fd, events: u32, data: hex64 })).max(MANY) }),
+]);
+const sameEvent: Same<z.infer<typeof eventSchema>, EventState> = true;
+void sameEvent;
+
 const unsupported = (pid: number, fd: number, what: string) => new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
 
 /** "(2, 990651604)" -> ["2", "990651604"] */
@@ -69,7 +90,7 @@ export function captureEvent(pid: number, fd: number, target: string, info: FdIn
   const kv = info.extra;
   switch (target) {
     case 'anon_inode:[eventfd]':
-      return { kind: 'eventfd', count: kv.get('eventfd-count') ?? '0', semaphore: kv.get('eventfd-semaphore') === '1' };
+      return { kind: 'eventfd', count: (kv.get('eventfd-count') ?? '0').trim(), semaphore: kv.get('eventfd-semaphore') === '1' };
     case 'anon_inode:[signalfd]':
       return { kind: 'signalfd', mask: kv.get('sigmask') ?? '0' };
     case 'anon_inode:[timerfd]':
@@ -100,7 +121,7 @@ export function makeEvent(r: Remote, host: number, e: EventState): bigint {
   const what = `restart:files ${e.kind}`;
   if (e.kind === 'eventfd') {
     const fd = r.check(what, SYS_eventfd2, 0, O_CLOEXEC | (e.semaphore ? EFD_SEMAPHORE : 0));
-    const count = BigInt(e.count);
+    const count = BigInt('0x' + e.count);
     if (count) withTraceeFd(host, fd, what, (mine) => {
       const b = Buffer.alloc(8);
       b.writeBigUInt64LE(count);

@@ -26,11 +26,13 @@ import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
-import { captureOwners, restoreOwners, type OwnerState } from './fown.js';
-import { captureLocks, restoreLocks, type LockState } from './locks.js';
-import { UnixSockets, sockName, peekQueue, printable, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { captureOwners, restoreOwners, ownerSchema, type OwnerState } from './fown.js';
+import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
+import { UnixSockets, sockName, peekQueue, printable, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
+import { eventSchema } from './events.js';
+import { z, int, id, fd, path, openFlags, base64, dec63, MANY, PID_MAX, type Same } from '../../lib/schema.js';
 
 export type { SockPairState } from './unixsock.js';
 
@@ -92,6 +94,42 @@ export interface FilesState {
   cwdDeleted?: { mode: number };
   umask: number;
 }
+
+/** Pipe buffers are at most 2^31 bytes (F_SETPIPE_SZ); their data at most that. */
+const PIPE_MAX = 2 ** 31;
+const descId = int(0, MANY);
+const fileFields = { id: descId, flags: openFlags };
+export const fileDescSchema = z.discriminatedUnion('kind', [
+  z.strictObject({ ...fileFields, kind: z.literal('path'), path, pos: dec63 }),
+  z.strictObject({ ...fileFields, kind: z.literal('fifo'), path, data: base64(PIPE_MAX), ino: int(0, Number.MAX_SAFE_INTEGER).optional(), deleted: z.strictObject({ mode: int(0, 0o7777) }).optional() }),
+  z.strictObject({ ...fileFields, kind: z.literal('pipe'), pipe: int(0, MANY), end: z.enum(['r', 'w']) }),
+  z.strictObject({ ...fileFields, kind: z.literal('memfd'), shmKey: z.string().min(1).max(64), pos: dec63 }),
+  z.strictObject({ ...fileFields, kind: z.literal('ghost'), path, mode: int(0, 0o7777), shmKey: z.string().min(1).max(64), pos: dec63, uid: id.optional(), gid: id.optional() }),
+  z.strictObject({ ...fileFields, kind: z.literal('pidfd'), pid: int(-PID_MAX, PID_MAX) }),
+  z.strictObject({ ...fileFields, kind: z.literal('deldir'), path, mode: int(0, 0o7777) }),
+  z.strictObject({ ...fileFields, kind: z.literal('unix'), pair: int(0, MANY), end: z.union([z.literal(0), z.literal(1)]) }),
+  z.strictObject({ ...fileFields, kind: z.literal('usock'), ...soloSockFields }),
+  z.strictObject({ ...fileFields, kind: z.literal('event'), ev: eventSchema }),
+]);
+export const pipeSchema = z.strictObject({ id: int(0, MANY), size: int(4096, PIPE_MAX), data: base64(PIPE_MAX) });
+export const fdRefSchema = z.union([
+  z.strictObject({ fd, cloexec: z.boolean(), desc: descId }),
+  z.strictObject({ fd, cloexec: z.boolean(), outside: z.literal(true), sfd: fd }),
+]);
+export const filesTableSchema = z.strictObject({
+  descs: z.array(fileDescSchema).max(MANY),
+  pipes: z.array(pipeSchema).max(MANY),
+  socks: z.array(sockPairSchema).max(MANY),
+  owners: z.array(ownerSchema).max(MANY).optional(),
+  locks: z.array(lockSchema).max(MANY).optional(),
+});
+export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(MANY), cwd: path, cwdDeleted: z.strictObject({ mode: int(0, 0o7777) }).optional(), umask: int(0, 0o777) });
+type DescOf<K> = Extract<FileDesc, { kind: K }>;
+type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
+const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>] = [true, true, true, true, true, true, true, true, true, true];
+const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
+void [sameDescs, sameFiles];
 
 /**
  * The descriptors the supervisor was given by its own parent: read once at

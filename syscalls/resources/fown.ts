@@ -21,6 +21,7 @@
  * here the restarter's (at a rollback the process's own), never more than
  * the caller has.
  */
+import { z, int, MANY, PID_MAX, type Same } from '../../lib/schema.js';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, SYS, addressOf } from '../../lib/libc.js';
 import fs, { closeSync } from 'node:fs';
@@ -42,6 +43,11 @@ export interface OwnerState {
   /** F_SETSIG (0: SIGIO). */
   sig: number;
 }
+
+/** In the TREE record: owners name processes of the tree (or 0), signals 0..64. */
+export const ownerSchema = z.strictObject({ desc: int(0, MANY), type: int(0, 2), pid: int(0, PID_MAX), sig: int(0, 64) });
+const sameOwner: Same<z.infer<typeof ownerSchema>, OwnerState> = true;
+void sameOwner;
 
 /** The owner and signal of one description, read through a duplicate of it; null if none. */
 function readOwner(mine: number): { type: number; pid: number; sig: number } | null {

@@ -25,6 +25,7 @@
  * meanwhile) fails the restart with EBUSY. At a rollback, descriptions left
  * in place may hold locks taken since: those are released first.
  */
+import { z, int, MANY, PID_MAX, type Same } from '../../lib/schema.js';
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { SYS } from '../../lib/libc.js';
@@ -48,6 +49,20 @@ export interface LockState {
   start: string;
   end: string;
 }
+
+/** In the TREE record: a lock's description, owner and byte range, bounded. */
+const offset = z.string().regex(/^[0-9]{1,19}$/, 'not a decimal offset');
+export const lockSchema = z.strictObject({
+  kind: z.enum(['posix', 'flock', 'ofd', 'lease']),
+  desc: int(0, MANY),
+  pid: int(1, PID_MAX).optional(),
+  fd: int(0, 1 << 20).optional(),
+  write: z.boolean(),
+  start: offset,
+  end: z.union([offset, z.literal('EOF')]),
+});
+const sameLock: Same<z.infer<typeof lockSchema>, LockState> = true;
+void sameLock;
 
 const LINE = /^lock:\s+\d+:\s+(\S+)\s+(\S+)\s+(\S+)\s+(-?\d+)\s+\S+\s+(\d+)\s+(\d+|EOF)\s*$/gm;
 const KINDS: Record<string, LockState['kind']> = { POSIX: 'posix', FLOCK: 'flock', OFDLCK: 'ofd', LEASE: 'lease' };

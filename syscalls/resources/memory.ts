@@ -16,6 +16,7 @@ import type { ImageHeader } from '../../lib/image.js';
 import { SYS } from '../../lib/libc.js';
 import type { Remote } from '../../supervisor/remote.js';
 import { isShm, shmKeyOfMap, type ShmCapture, type ShmRestore } from './shm.js';
+import { z, int, path, pageAddr, hexBelow, MANY, type Same } from '../../lib/schema.js';
 
 const PAGE = 4096n;
 const PROT_READ = 1, PROT_WRITE = 2, PROT_EXEC = 4;
@@ -60,6 +61,37 @@ export interface VmaState {
   /** Pages of this VMA the image carries. */
   pages: number;
 }
+
+/** One mapping of an image; bounds against the other mappings are checked with the process (state.ts). */
+export const vmaSchema = z.strictObject({
+  start: pageAddr,
+  end: pageAddr,
+  prot: int(0, 7),
+  shared: z.boolean(),
+  kind: z.enum(['anon', 'file', 'special', 'shm']),
+  shmKey: z.string().min(1).max(64).optional(),
+  name: z.string().max(4096).optional(),
+  path: path.optional(),
+  offset: hexBelow(1n << 63n).optional(),
+  growsdown: z.boolean().optional(),
+  dontfork: z.boolean().optional(),
+  wipeonfork: z.boolean().optional(),
+  advice: z.array(z.enum(['dd', 'hg', 'nh', 'rr', 'sr', 'mg', 'lo', 'lf'])).max(16).optional(),
+  droppable: z.boolean().optional(),
+  guards: z.array(z.tuple([pageAddr, pageAddr])).max(MANY).optional(),
+  mayWrite: z.boolean().optional(),
+  file: z.strictObject({ size: int(0, Number.MAX_SAFE_INTEGER), mtimeMs: z.number().min(0).max(1e16) }).optional(),
+  pages: int(0, MANY * 64),
+}).superRefine((v, ctx) => {
+  const len = BigInt(v.end) - BigInt(v.start);
+  if (len <= 0n) ctx.addIssue({ code: 'custom', path: ['end'], message: `mapping ends at ${v.end}, not after its start ${v.start}` });
+  else if (BigInt(v.pages) * PAGE > len) ctx.addIssue({ code: 'custom', path: ['pages'], message: `${v.pages} pages in a mapping of ${len} bytes` });
+  if (v.kind === 'file' && v.path === undefined) ctx.addIssue({ code: 'custom', path: ['path'], message: 'a file mapping without its path' });
+  if (v.kind === 'shm' && v.shmKey === undefined) ctx.addIssue({ code: 'custom', path: ['shmKey'], message: 'a shared memory mapping without its object' });
+  if (v.kind === 'special' && !SPECIAL.includes(v.name ?? '')) ctx.addIssue({ code: 'custom', path: ['name'], message: `no special mapping ${v.name}` });
+});
+const vmaSame: Same<z.infer<typeof vmaSchema>, VmaState> = true;
+void vmaSame;
 
 const hex = (v: bigint) => '0x' + v.toString(16);
 export const vmaStart = (v: VmaState) => BigInt(v.start);
@@ -421,7 +453,9 @@ export function installGadget(r: Remote, gadget: bigint): void {
 /** Make `r` (any thread of the process) inject through the installed gadget. */
 export function useGadget(r: Remote, gadget: bigint): void {
   r.useSyscallAt(gadget);
-  r.useBatchAt(gadget + 16n, gadget + 4096n, 128);
+  // Batches run with their stack at the top of the code page (nothing there
+  // is pushed: the loop uses none), off any stack of the program's own.
+  r.useBatchAt(gadget + 16n, gadget + 4096n, 128, gadget + 4096n - 64n);
   r.setScratch(gadget + 12288n);
 }
 

@@ -9,6 +9,7 @@ import { readStat } from '../../lib/proc.js';
 import { SYS } from '../../lib/libc.js';
 import type { Remote, CallBatch } from '../../supervisor/remote.js';
 import { openIn } from './memory.js';
+import { z, pid, pid0, id, path, addr, base64, dec64, type Same } from '../../lib/schema.js';
 
 const PR_SET_NAME = 15, PR_SET_MM = 35, PR_SET_MM_MAP = 14;
 const O_RDONLY = 0, O_CLOEXEC = 0o2000000;
@@ -37,6 +38,34 @@ export interface MmState {
   auxv: string; // base64
   exe: string;
 }
+
+/** NGROUPS_MAX */
+const NGROUPS = 65536;
+export const credsSchema = z.strictObject({
+  uid: z.array(id).length(4),
+  gid: z.array(id).length(4),
+  groups: z.array(id).max(NGROUPS),
+});
+export const idsSchema = z.strictObject({
+  pid,
+  ppid: pid0,
+  pgid: pid0,
+  sid: pid0,
+  comm: z.string().max(64),
+  starttime: dec64,
+  bootId: z.string().max(64),
+});
+export const mmSchema = z.strictObject({
+  startCode: addr, endCode: addr, startData: addr, endData: addr,
+  startBrk: addr, brk: addr, startStack: addr,
+  argStart: addr, argEnd: addr, envStart: addr, envEnd: addr,
+  auxv: base64(4096),
+  exe: path,
+});
+const sameCreds: Same<z.infer<typeof credsSchema>, Creds> = true;
+const sameIds: Same<z.infer<typeof idsSchema>, ProcessIds> = true;
+const sameMm: Same<z.infer<typeof mmSchema>, MmState> = true;
+void [sameCreds, sameIds, sameMm];
 
 export function parseCreds(status: Map<string, string>): Creds {
   const nums = (k: string) => (status.get(k) ?? '').split(/\s+/).filter(Boolean).map(Number);

@@ -44,6 +44,7 @@
  *   checkpoint's are installed on top, so the program is never less
  *   sandboxed than it was.
  */
+import { z, int, base64, type Same } from '../../lib/schema.js';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, errnoNow } from '../../lib/libc.js';
 import { readStatus } from '../../lib/proc.js';
@@ -69,6 +70,11 @@ export interface SeccompFilter {
   /** SECCOMP_FILTER_FLAG_LOG or 0. */
   flags: number;
 }
+
+/** In the TREE record: a program of at most BPF_MAXINSNS (4096) instructions of 8 bytes. */
+export const seccompFilterSchema = z.strictObject({ prog: base64(4096 * 8), flags: int(0, 2) });
+const sameFilter: Same<z.infer<typeof seccompFilterSchema>, SeccompFilter> = true;
+void sameFilter;
 
 const supervisorFilter = () => buildTrapFilter(NR_FIRST, NR_LAST).toString('base64');
 

@@ -14,6 +14,7 @@ import type { Remote } from '../../supervisor/remote.js';
 import { viewPid } from '../../supervisor/pidns.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { openIn } from './memory.js';
+import { z, int, type Same } from '../../lib/schema.js';
 
 const O_RDWR = 2, O_CLOEXEC = 0o2000000;
 
@@ -26,6 +27,16 @@ export interface ShmObject {
   mode?: number;
   seals?: number;
 }
+
+export const shmObjectSchema = z.strictObject({
+  key: z.string().min(1).max(64),
+  name: z.string().max(4096),
+  size: int(0, 2 ** 46),
+  mode: int(0, 0o7777).optional(),
+  seals: int(0, 0x3f).optional(),
+});
+const sameShm: Same<z.infer<typeof shmObjectSchema>, ShmObject> = true;
+void sameShm;
 
 /** Contents: the non-zero pages, by offset. */
 export type ShmData = Map<string, { offset: number; data: Buffer }[]>;
@@ -166,7 +177,9 @@ const isMemfd = (name: string) => name.startsWith('/memfd:');
 /** The objects made again, as memfds of the supervisor. */
 export class ShmRestore {
   private fds = new Map<string, number>();
+  private sizes: Map<string, number>;
   constructor(private readonly objects: ShmObject[]) {
+    this.sizes = new Map(objects.map((o) => [o.key, o.size]));
     for (const o of objects) {
       const name = Buffer.from(o.name.replace(/^\/memfd:/, '').slice(0, 200) + '\0');
       // A memfd that had seals gets them once filled (seal()), so it must allow them now.
@@ -181,6 +194,8 @@ export class ShmRestore {
   write(key: string, offset: number, data: Buffer): void {
     const fd = this.fds.get(key);
     if (fd === undefined) throw new CkptError(errno('EBADMSG'), 'image', `data for unknown shared object ${key}`);
+    const size = this.sizes.get(key)!;
+    if (offset % 4096 !== 0 || offset + data.length > size) throw new CkptError(errno('EBADMSG'), 'image', `data for shared object ${key} at ${offset}+${data.length}, outside its ${size} bytes`);
     let done = 0;
     while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, offset + done);
   }

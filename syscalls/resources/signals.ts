@@ -6,6 +6,7 @@
 import { readStatus } from '../../lib/proc.js';
 import { SYS } from '../../lib/libc.js';
 import type { Remote, CallBatch } from '../../supervisor/remote.js';
+import { z, hex64, hexAddr, type Same } from '../../lib/schema.js';
 
 export interface SigAction {
   handler: string; // hex; 0 = SIG_DFL, 1 = SIG_IGN
@@ -15,6 +16,15 @@ export interface SigAction {
 }
 /** By signal number. */
 export type SignalState = Record<string, SigAction>;
+
+export const sigActionSchema = z.strictObject({ handler: hexAddr, flags: hex64, restorer: hexAddr, mask: hex64 });
+/** Signal numbers 1..64 but SIGKILL and SIGSTOP, whose actions cannot change. */
+export const signalStateSchema = z.record(
+  z.string().regex(/^[1-9][0-9]?$/).refine((k) => Number(k) <= 64 && k !== '9' && k !== '19', 'no signal whose action can be set'),
+  sigActionSchema,
+);
+const sameSignals: Same<z.infer<typeof signalStateSchema>, SignalState> = true;
+void sameSignals;
 
 const SIGKILL = 9, SIGSTOP = 19;
 const KSIGACTION = 32; // struct kernel_sigaction: handler, flags, restorer, mask

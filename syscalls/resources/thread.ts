@@ -8,8 +8,9 @@ import { getRegs, setRegs, getXState, setXState, getSigmask, setSigmask, Regs, R
 import { sys, SYS, addressOf } from '../../lib/libc.js';
 import { callEach, type Remote, type CallBatch } from '../../supervisor/remote.js';
 import type { RemoteMem } from '../../lib/mem.js';
-import type { ThreadAttrs } from './attrs.js';
-import type { SeccompFilter } from './seccomp.js';
+import { threadAttrsSchema, type ThreadAttrs } from './attrs.js';
+import { seccompFilterSchema, type SeccompFilter } from './seccomp.js';
+import { z, int, u32, pid, addr, hex64, base64, siginfo, hexBelow, MANY, type Same } from '../../lib/schema.js';
 
 const PTRACE_GET_RSEQ_CONFIGURATION = 0x420f, PTRACE_PEEKSIGINFO = 0x4209, PTRACE_PEEKSIGINFO_SHARED = 1;
 const SIGINFO = 128, SYS_rt_tgsigqueueinfo = 297, SYS_rt_sigqueueinfo = 129;
@@ -94,6 +95,28 @@ function threadName(tid: number): string | undefined {
     return undefined;
   }
 }
+
+const SS_ONSTACK = 1, SS_DISABLE = 2, SS_AUTODISARM = 1 << 31;
+export const threadSchema = z.strictObject({
+  tid: pid,
+  regs: base64(REGS_SIZE, REGS_SIZE),
+  xstate: base64(1 << 16),
+  sigmask: hex64,
+  rseq: z.strictObject({ addr, size: int(0, 4096), sig: u32 }).optional(),
+  robustList: z.strictObject({ head: addr, len: int(0, 4096) }).optional(),
+  tidAddress: addr.optional(),
+  pending: z.array(siginfo).max(MANY).optional(),
+  altstack: z.strictObject({
+    sp: addr,
+    flags: int(-(2 ** 31), 2 ** 31 - 1).refine((f) => (f & ~(SS_ONSTACK | SS_DISABLE | SS_AUTODISARM)) === 0, 'unknown sigaltstack flags'),
+    size: hexBelow(1n << 47n),
+  }).optional(),
+  seccomp: z.array(seccompFilterSchema).max(512).optional(),
+  attrs: threadAttrsSchema.optional(),
+  comm: z.string().max(64).optional(),
+});
+const sameThread: Same<z.infer<typeof threadSchema>, ThreadState> = true;
+void sameThread;
 
 export function rseqConfig(tid: number): ThreadState['rseq'] {
   const b = Buffer.alloc(32);

@@ -25,6 +25,7 @@
  * Refused (EOPNOTSUPP): a timer whose last expiry had overruns (the count
  * timer_getoverrun answers cannot be set again), an unknown notify kind.
  */
+import { z, int, type Same } from '../../lib/schema.js';
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, addressOf } from '../../lib/libc.js';
@@ -68,6 +69,18 @@ export interface TimersState {
   itimers?: ItimerState[];
   posix?: PosixTimerState[];
 }
+
+/** In the TREE record: ids, clocks, signals and times bounded. */
+const timeSchema = z.tuple([z.string().regex(/^[0-9]{1,19}$/), z.string().regex(/^[0-9]{1,9}$/)]);
+export const timersSchema = z.strictObject({
+  itimers: z.array(z.strictObject({ which: z.union([z.literal(0), z.literal(1), z.literal(2)]), left: timeSchema, interval: timeSchema })).max(3).optional(),
+  posix: z.array(z.strictObject({
+    id: int(0, 2 ** 31 - 1), clock: int(-(2 ** 31), 2 ** 31 - 1), signo: int(0, 64), value: z.string().regex(/^[0-9a-f]{1,16}$/),
+    notify: z.enum(['signal', 'thread', 'none']), thread: int(0, 1 << 16).optional(), left: timeSchema, interval: timeSchema,
+  })).max(1 << 16).optional(),
+});
+const sameTimers: Same<z.infer<typeof timersSchema>, TimersState> = true;
+void sameTimers;
 
 /** setitimer or alarm seen on its way in: this process may have an interval timer from now on. */
 export function noteItimer(ctx: SyscallCtx): void {

@@ -27,6 +27,7 @@ import { sys, SYS } from '../../lib/libc.js';
 import { unixSockets } from '../../lib/sockdiag.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
+import { z, int, base64, MANY, type Same } from '../../lib/schema.js';
 
 const AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, EADDRINUSE = 98;
 const SOL_SOCKET = 1, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
@@ -63,6 +64,34 @@ export interface SoloSockState extends SockName {
   /** What is shut down (1 receiving, 2 sending), if anything. */
   shutdown?: number;
 }
+
+/** sun_path is 108 bytes; a path name keeps its NUL. */
+const sockNameString = z.string().min(1).max(109);
+/** A message is at most what one peek reads (1 MiB). */
+const queueSchema = z.array(base64(1 << 20)).max(MANY);
+const sockType = z.union([z.literal(1), z.literal(2), z.literal(5)]); // SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
+export const sockNameSchema = z.strictObject({ name: sockNameString.optional(), fileThere: z.boolean().optional() });
+export const sockPairSchema = z.strictObject({
+  id: int(0, MANY),
+  type: sockType,
+  queues: z.tuple([queueSchema, queueSchema]),
+  names: z.tuple([sockNameSchema, sockNameSchema]).optional(),
+  shutdown: z.tuple([int(0, 3), int(0, 3)]).optional(),
+});
+/** The fields of a socket on its own (a 'usock' description adds id, kind and flags). */
+export const soloSockFields = {
+  name: sockNameString.optional(),
+  fileThere: z.boolean().optional(),
+  type: sockType,
+  backlog: int(0, 2 ** 31 - 1).optional(),
+  queue: queueSchema.optional(),
+  connectTo: sockNameString.optional(),
+  shutdown: int(0, 3).optional(),
+};
+const samePair: Same<z.infer<typeof sockPairSchema>, SockPairState> = true;
+const soloSchema = z.strictObject(soloSockFields);
+const sameSolo: Same<z.infer<typeof soloSchema>, SoloSockState> = true;
+void [samePair, sameSolo];
 
 /** A name as sock_diag gives it, for the log. */
 export const printable = (name?: string) => (name === undefined ? '(unnamed)' : name.replace(/\0/g, '@').replace(/@$/, ''));
