@@ -98,6 +98,7 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
     if (d.kind === 'pipe' && d.pipe >= pipes.length) issue(ctx, [...at, 'pipe'], `pipe end of no pipe (${d.pipe})`);
     if (d.kind === 'unix' && d.pair >= socks.length) issue(ctx, [...at, 'pair'], `socket end of no pair (${d.pair})`);
     if ((d.kind === 'memfd' || d.kind === 'ghost') && !shmKeys.has(d.shmKey)) issue(ctx, [...at, 'shmKey'], `contents of no shared object (${d.shmKey})`);
+    if (d.kind === 'event' && d.ev.kind === 'epoll') d.ev.watches.forEach((w, j) => void (w.desc !== undefined && (w.desc >= descs.length || w.desc === i) && issue(ctx, [...at, 'ev', 'watches', j, 'desc'], `a watch of no description (${w.desc})`)));
   });
   pipes.forEach((p, i) => {
     if (p.id !== i) issue(ctx, ['files', 'pipes', i, 'id'], `pipe ${i} says it is ${p.id}`);

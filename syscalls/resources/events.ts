@@ -58,6 +58,9 @@ export function watchesFile(pid: number, fd: number, epPid: number, epfd: number
   return sys.syscall(SYS_kcmp, pid, epPid, KCMP_EPOLL_TFD, fd, addressOf(slot)) === 0;
 }
 
+/** A watch; `desc`/`moved`: the description it watches when that left its number. */
+const watchSchema = z.strictObject({ fd, events: u32, data: hex64, desc: int(0, MANY).optional(), moved: z.strictObject({ ino: int(0, Number.MAX_SAFE_INTEGER), toff: int(0, MANY) }).optional() });
+
 /** "(seconds, nanoseconds)" as the code keeps it. */
 const timespecSchema = z.tuple([dec63, z.string().regex(/^[0-9]{1,9}$/, 'not nanoseconds')]);
 export const eventSchema = z.discriminatedUnion('kind', [
@@ -72,9 +75,12 @@ export const eventSchema = z.discriminatedUnion('kind', [
     ticks: dec64,
     takenAtMs: z.number().min(0).max(1e16),
   }),
-  z.strictObject({ kind: z.literal('epoll'), watches: z.array(z.strictObject({ fd, events: u32, data: hex64 })).max(MANY) }),
+  z.strictObject({ kind: z.literal('epoll'), watches: z.array(watchSchema).max(MANY) }),
 ]);
-const sameEvent: Same<z.infer<typeof eventSchema>, EventState> = true;
+// Kind by kind: the keys of a union are only those all its members share.
+type EvOf<K> = Extract<EventState, { kind: K }>;
+type EvSchemaOf<K> = Extract<z.infer<typeof eventSchema>, { kind: K }>;
+const sameEvent: [Same<EvSchemaOf<'eventfd'>, EvOf<'eventfd'>>, Same<EvSchemaOf<'signalfd'>, EvOf<'signalfd'>>, Same<EvSchemaOf<'timerfd'>, EvOf<'timerfd'>>, Same<EvSchemaOf<'epoll'>, EvOf<'epoll'>>, Same<z.infer<typeof watchSchema>, EpollWatch>] = [true, true, true, true, true];
 void sameEvent;
 
 const unsupported = (pid: number, fd: number, what: string) => new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
