@@ -487,7 +487,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   for (const e of epolls) addWatches(remote(e.pid), e.fd, e.ev);
   // Locks once every holder has its descriptors; owners after them (a lease makes its taker the owner).
   restoreLocks({ ...ctx, reused });
-  restoreOwners(table, perProc, order, remote, reused);
+  restoreOwners(table, perProc, order, remote, ctx.host, reused);
   // Memfds' modes and seals last: no description could be opened or written after them.
   ctx.shm.seal();
 }
