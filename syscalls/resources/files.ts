@@ -589,7 +589,7 @@ export function restoreFiles(ctx: FilesRestore): void {
 
   // Locks once every holder has its descriptors; owners after them (a lease makes its taker the owner).
   restoreLocks({ ...ctx, reused });
-  restoreOwners(table, perProc, order, remote, reused);
+  restoreOwners(table, perProc, order, remote, ctx.host, reused);
   // Memfds' modes and seals last: no description could be opened or written after them.
   ctx.shm.seal();
 }

@@ -120,10 +120,21 @@ function listTasks(pid: number): number[] {
  * description. `reused`: descriptions a rollback left in place (their
  * owner now may be one set since: set back, to none if there was none).
  */
-export function restoreOwners(table: FilesTable, perProc: Map<number, FilesState>, order: number[], remote: (pid: number) => Remote, reused?: Set<number>): void {
+export function restoreOwners(table: FilesTable, perProc: Map<number, FilesState>, order: number[], remote: (pid: number) => Remote, host: (pid: number) => number, reused?: Set<number>): void {
   const want = new Map((table.owners ?? []).map((o) => [o.desc, o]));
   for (const d of reused ?? []) if (!want.has(d)) want.set(d, { desc: d, type: F_OWNER_PID, pid: 0, sig: 0 });
   if (!want.size) return;
+  // A description left in place with no owner, as at the checkpoint, needs no call (read here, not injected).
+  const same = (pid: number, fd: number, o: OwnerState) => {
+    const mine = sys.takeFd(host(pid), fd);
+    if (mine < 0) return false;
+    try {
+      const now = readOwner(mine) ?? { type: F_OWNER_PID, pid: 0, sig: 0 };
+      return now.pid === 0 && o.pid === 0 && now.sig === o.sig; // an owner is always set again (its pid may be a namespace's)
+    } finally {
+      closeSync(mine);
+    }
+  };
   for (const pid of order) {
     let b: CallBatch | undefined, n = 0;
     for (const f of perProc.get(pid)!.fds) {
@@ -131,6 +142,7 @@ export function restoreOwners(table: FilesTable, perProc: Map<number, FilesState
       const o = want.get(f.desc);
       if (!o) continue;
       want.delete(f.desc);
+      if (reused?.has(f.desc) && same(pid, f.fd, o)) continue;
       if (![F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP].includes(o.type) || !Number.isInteger(o.pid) || o.pid < 0 || !Number.isInteger(o.sig) || o.sig < 0 || o.sig > 64) {
         throw new CkptError(errno('EBADMSG'), 'image', `description ${o.desc}: owner type ${o.type} pid ${o.pid} signal ${o.sig}`);
       }
