@@ -231,3 +231,15 @@ export function splitShm(payload: Buffer): { key: string; offset: number; data: 
 export function splitPages(payload: Buffer): { addr: bigint; data: Buffer } {
   return { addr: payload.readBigUInt64LE(0), data: payload.subarray(8) };
 }
+
+/** Is an image's vDSO this kernel's? (ENOEXEC if not: its code would call into the wrong place.) */
+export function checkVdso(image: ImageHeader['vdso'], here: ImageHeader['vdso']): void {
+  // A program that unmapped some of them (its vDSO, say) gets none of those
+  // back: only the ones it kept must be this kernel's, and the code hash
+  // only matters if it kept the vDSO itself.
+  const have = new Map(here.layout.map((l) => [l.name, l.size]));
+  const ok = image.layout.every((l) => have.get(l.name) === l.size) && (!image.layout.some((l) => l.name === '[vdso]') || image.hash === here.hash);
+  if (!ok) {
+    throw new CkptError(errno('ENOEXEC'), 'restart', `vDSO layout differs: image ${JSON.stringify(image.layout)} ${image.hash}, here ${JSON.stringify(here.layout)} ${here.hash}`);
+  }
+}

@@ -7,7 +7,7 @@
  * reader is a tracee, a FIFO not yet opened, a slow network) never blocks
  * the tracer's loop. Everything here is plain data in, plain data out.
  */
-import { ImageReader, ImageWriter, PAGE_RUN_MAX, REC, REC_NAMES, type ImageHeader, type ImageRecord } from './image.js';
+import { ImageReader, ImageWriter, PAGE_RUN_MAX, REC, REC_NAMES, checkVdso, type ImageHeader, type ImageRecord } from './image.js';
 import { RemoteMem } from './mem.js';
 import { CkptError, errno } from './errors.js';
 import { FdSink, FdSource, type Sink, type Source } from './stream.js';
@@ -18,7 +18,8 @@ export type IoJob =
   | { kind: 'write'; fd: number; plan: ImagePlan; holdTrailer?: boolean }
   /** Bytes as they are (a held trailer). */
   | { kind: 'raw'; fd: number; data: Uint8Array }
-  | { kind: 'read'; fd: number };
+  /** A whole image; `vdso`: this kernel's, which its header must name (ENOEXEC at once otherwise). */
+  | { kind: 'read'; fd: number; vdso?: ImageHeader['vdso'] };
 export interface Written {
   bytes: number;
   trailer?: Uint8Array;
@@ -37,7 +38,7 @@ export function runJob(job: IoJob): Written | number | LoadedImage {
       return sink.bytes;
     }
     case 'read':
-      return readWhole(new FdSource(job.fd));
+      return readWhole(new FdSource(job.fd), job.vdso);
   }
 }
 
@@ -132,9 +133,10 @@ export interface LoadedImage {
   bytes: number;
 }
 
-export function readWhole(source: Source): LoadedImage {
+export function readWhole(source: Source, vdso?: ImageHeader['vdso']): LoadedImage {
   const reader = new ImageReader(source);
   const header = reader.header();
+  if (vdso) checkVdso(header.vdso, vdso); // before reading the rest of an image this system cannot run
   const records: ImageRecord[] = [];
   for (let r = reader.next(); r; r = reader.next()) records.push(r);
   return { header, records, bytes: source.bytes };

@@ -26,7 +26,7 @@ import { CKPT } from './abi.js';
 import { InFlight, unwrap, type HandlerResult, type SyscallCtx } from './context.js';
 import { validateTree, parseMemoryRecord, type TreeState } from './state.js';
 import { int32 } from './checkpoint.js';
-import { checkVdso, vdsoInfo, pickGadget, restoreLayout, fillPages } from './resources/memory.js';
+import { vdsoInfo, pickGadget, restoreLayout, fillPages } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
 import { ShmRestore } from './resources/shm.js';
 import { checkCreds, parseCreds } from './resources/process.js';
@@ -55,10 +55,9 @@ export function restart(ctx: SyscallCtx): HandlerResult {
   // tracee, and with CKPT_KILL the pids it needs are free only once the
   // image is complete.
   const src = takeCallerFd(caller.tgid, fdArg, 'read', 'restart');
-  return new InFlight({ kind: 'read', fd: src }, (o) => {
+  return new InFlight({ kind: 'read', fd: src, vdso: vdsoInfo(caller.tgid) }, (o) => {
     fs.closeSync(src);
     const img = unwrap(o);
-    checkVdso(img.header.vdso, vdsoInfo(caller.tgid));
     const records = new RecordQueue(img.records.map((r) => ({ type: r.type, payload: asBuffer(r.payload) })));
     const tree = validateTree(parseJson<TreeState>(records.expect(REC.TREE).payload, 'TREE'));
     return restoreTree(tracer, caller, tree, (shells, shm) => fillFromImage(tree, shells, records, shm));

@@ -365,17 +365,6 @@ export function vdsoInfo(pid: number): ImageHeader['vdso'] {
   return { layout, hash };
 }
 
-export function checkVdso(image: ImageHeader['vdso'], here: ImageHeader['vdso']): void {
-  // A program that unmapped some of them (its vDSO, say) gets none of those
-  // back: only the ones it kept must be this kernel's, and the code hash
-  // only matters if it kept the vDSO itself.
-  const have = new Map(here.layout.map((l) => [l.name, l.size]));
-  const ok = image.layout.every((l) => have.get(l.name) === l.size) && (!image.layout.some((l) => l.name === '[vdso]') || image.hash === here.hash);
-  if (!ok) {
-    throw new CkptError(errno('ENOEXEC'), 'restart', `vDSO layout differs: image ${JSON.stringify(image.layout)} ${image.hash}, here ${JSON.stringify(here.layout)} ${here.hash}`);
-  }
-}
-
 // ---------------------------------------------------------------- restore
 
 const overlaps = (a0: bigint, a1: bigint, b0: bigint, b1: bigint) => a0 < b1 && b0 < a1;
