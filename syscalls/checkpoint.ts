@@ -339,7 +339,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       for (const p of c.tree.processes) {
         const husk = c.husks.get(p.ids.pid)!;
         finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
-        const mem = captureMemory(husk);
+        const mem = captureMemory(husk, undefined, c.hostOf(p.ids.pid)); // a refusal names the process, not its husk
         const held = cap.held.get(p.ids.pid);
         p.memory = [...mem.vmas, ...(held?.vmas ?? [])].sort((a, b) => (BigInt(a.start) < BigInt(b.start) ? -1 : 1));
         addLocks(p.ids.pid, p.memory, cap.locks.get(p.ids.pid)); // the husk has none: seen in the process during the stop

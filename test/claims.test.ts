@@ -122,7 +122,7 @@ t.test('refused: SysV shared memory; EOPNOTSUPP naming the mapping, the memory a
   const r = supervise([claims, 'refuse-sysv']);
   const [, pid, start, end] = /^pid=(\d+) maps SysV shm at 0x([0-9a-f]+)-0x([0-9a-f]+)$/m.exec(r.stdout) ?? [];
   t.match(r.stdout, /^checkpoint ret=-1 errno=EOPNOTSUPP$/m);
-  t.match(r.stderr, new RegExp(`^ckpt-supervise: task ${pid}: checkpoint: EOPNOTSUPP: checkpoint:memory: task ${pid}: mapping 0x${start}-0x${end} of .*/SYSV[0-9a-f]+`, 'm'), 'the log names the task and the SysV mapping');
+  t.match(r.stderr, new RegExp(`^ckpt-supervise: task ${pid}: checkpoint: EOPNOTSUPP: checkpoint:memory: task ${pid}: mapping 0x${start}-0x${end} of SysV shm key 0x[0-9a-f]+ id \\d+`, 'm'), 'the log names the task and the SysV mapping');
   programSays(t, r.stdout, ['the shm memory is as it was', 'and still writable, detached as usual', 'no husk left as a child']);
 });
 

@@ -209,31 +209,31 @@ function sysvShm(m: MapEntry): { key: string; id: number } | null {
 }
 
 /** Describe one mapping, or throw EOPNOTSUPP naming what we cannot keep. */
-function describe(pid: number, m: MapEntry, shm?: ShmCapture): VmaState | null {
+function describe(pid: number, m: MapEntry, shm?: ShmCapture, who = pid): VmaState | null {
   const base = { start: hex(m.start), end: hex(m.end), prot: protOf(m.perms), shared: m.perms[3] === 's', pages: 0 };
   const range = `${base.start}-${base.end}`;
   if (m.path === '[vsyscall]') return null; // fixed by the kernel, same everywhere
   if (SPECIAL.includes(m.path)) return { ...base, kind: 'special', name: m.path };
   const sysv = sysvShm(m);
-  if (sysv) throw unsupported(pid, `mapping ${range} of SysV shm key ${sysv.key} id ${sysv.id} (SysV IPC is not kept)`);
+  if (sysv) throw unsupported(who, `mapping ${range} of SysV shm key ${sysv.key} id ${sysv.id} (SysV IPC is not kept)`);
   if (base.shared && isShm(m.path)) {
     const key = shm ? shm.addMapping(pid, m) : shmKeyOfMap(m);
     return { ...base, kind: 'shm', shmKey: key, name: m.path.replace(/ \(deleted\)$/, ''), offset: hex(m.offset) };
   }
-  if (m.flags?.some((f) => f === 'io' || f === 'pf')) throw unsupported(pid, `device mapping ${range} ${m.path}`);
+  if (m.flags?.some((f) => f === 'io' || f === 'pf')) throw unsupported(who, `device mapping ${range} ${m.path}`);
   if (m.path === '' || (m.path.startsWith('[') && m.path !== '[vsyscall]')) {
-    if (base.shared) throw unsupported(pid, `shared anonymous mapping ${range}`);
+    if (base.shared) throw unsupported(who, `shared anonymous mapping ${range}`);
     return { ...base, kind: 'anon', name: m.path || undefined, growsdown: m.flags?.includes('gd') };
   }
-  if (m.path.endsWith(' (deleted)')) throw unsupported(pid, `mapping ${range} of deleted file ${m.path}`);
+  if (m.path.endsWith(' (deleted)')) throw unsupported(who, `mapping ${range} of deleted file ${m.path}`);
   if (m.path === '/dev/zero' && !base.shared) return { ...base, kind: 'anon' };
   let st: fs.Stats;
   try {
     st = fs.statSync(m.path);
   } catch {
-    throw unsupported(pid, `mapping ${range} of ${m.path}, which cannot be found by its path`);
+    throw unsupported(who, `mapping ${range} of ${m.path}, which cannot be found by its path`);
   }
-  if (!st.isFile()) throw unsupported(pid, `mapping ${range} of ${m.path}, not a regular file`);
+  if (!st.isFile()) throw unsupported(who, `mapping ${range} of ${m.path}, not a regular file`);
   return { ...base, kind: 'file', path: m.path, offset: hex(m.offset), file: { size: st.size, mtimeMs: st.mtimeMs } };
 }
 
@@ -305,13 +305,14 @@ export interface MemoryCapture {
 }
 
 /** Describe the address space and choose the pages to save (the task is frozen). */
-export function captureMemory(pid: number, shm?: ShmCapture): MemoryCapture {
+/** `who`: the process refusals name (a husk is read for it). */
+export function captureMemory(pid: number, shm?: ShmCapture, who = pid): MemoryCapture {
   const vmas: VmaState[] = [];
   const runs: { addr: bigint; len: number }[] = [];
   const pm = fs.openSync(`/proc/${pid}/pagemap`, 'r');
   try {
     for (const m of readSmaps(pid)) {
-      const v = describe(pid, m, shm);
+      const v = describe(pid, m, shm, who);
       if (!v) continue;
       // MAP_DROPPABLE implies wipe-on-fork: a husk has its pages dropped, as the kernel may do at any time.
       if (m.flags?.includes('dp')) v.droppable = true;
