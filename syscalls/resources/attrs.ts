@@ -165,7 +165,7 @@ const sameMask = (a: string, b: string) => a.replace(/(00)+$/, '') === b.replace
  * process ever set a timer slack (see queryUninherited), so each
  * thread's is read here.
  */
-export function captureThreadAttrs(tid: number, noted: boolean, status = readStatus(tid)): ThreadAttrs {
+export function captureThreadAttrs(tid: number, noted: boolean, status = statusLines(tid)): ThreadAttrs {
   return {
     comm: statusName(status.get('Name') ?? ''),
     sched: schedOf(tid),
@@ -176,6 +176,21 @@ export function captureThreadAttrs(tid: number, noted: boolean, status = readSta
     noNewPrivs: status.get('NoNewPrivs') === '1',
     creds: parseCreds(status),
   };
+}
+
+const THREAD_KEYS = ['Name', 'Uid', 'Gid', 'Groups', 'NoNewPrivs', 'CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'Cpus_allowed'];
+
+/** The lines of /proc/TID/status a thread's capture needs, found in the text rather than all split (it runs in the stop). */
+function statusLines(tid: number): Map<string, string> {
+  const text = fs.readFileSync(`/proc/${tid}/status`, 'utf8');
+  const m = new Map<string, string>();
+  for (const k of THREAD_KEYS) {
+    const at = k === 'Name' && text.startsWith('Name:') ? 0 : text.indexOf(`\n${k}:`) + 1;
+    if (at <= 0 && k !== 'Name') continue;
+    const end = text.indexOf('\n', at);
+    m.set(k, text.slice(at + k.length + 1, end < 0 ? undefined : end).trim());
+  }
+  return m;
 }
 
 /** prctl PR_SET_PDEATHSIG, PR_SET_TIMERSLACK or PR_SET_CHILD_SUBREAPER seen on its way in (then run as asked). */
