@@ -143,8 +143,8 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
       alt.putBack(); // after the answers are read: they are in those bytes
     }
     ph.mark('husks+proc');
-    read!.processes.forEach((p, i) => (p.timers = captureTimers(tracer, procs[i], leaders[i], read!.timers[i], threads[i]))); // fork does not copy them: now
     if (husks) adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
+    read!.processes.forEach((p, i) => (p.timers = captureTimers(tracer, procs[i], leaders[i], read!.timers[i], threads[i]))); // fork does not copy them: now (a refusal drops the husks)
     const { processes, files, zombies, maps } = read!;
     if (husks) {
       for (const r of leaders) {
