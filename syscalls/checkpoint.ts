@@ -113,8 +113,8 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
       alt.putBack(); // after the answers are read: they are in those bytes
     }
     ph.mark('husks+proc');
-    read!.processes.forEach((p, i) => (p.timers = captureTimers(tracer, procs[i], leaders[i], read!.timers[i], threads[i]))); // fork does not copy them: now
     adoptHusks(tracer, leaders, res.slice(0, leaders.length)).forEach((h, i) => made.set(procs[i], h));
+    read!.processes.forEach((p, i) => (p.timers = captureTimers(tracer, procs[i], leaders[i], read!.timers[i], threads[i]))); // fork does not copy them: now (a refusal drops the husks)
     const { processes, files, zombies, maps } = read!;
     queryUninherited(tracer, leaders, rs.slice(leaders.length, leaders.length + others1.length), processes, others1); // what a husk does not inherit
     for (const r of leaders) {

@@ -39,3 +39,10 @@ for (const mode of ['restart', 'undo']) {
     t.equal(r.status, 0);
   });
 }
+
+t.test('a timer whose last signal came with overruns is refused, the program running on', async (t) => {
+  const r = supervise([fixture('timers'), 'overrun']);
+  for (const c of ['a timer\'s last signal came with overruns', 'the checkpoint is refused with EOPNOTSUPP', 'the program runs on, its timer as it was']) t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  t.match(r.stderr, /checkpoint: EOPNOTSUPP: checkpoint:timers: task \d+: POSIX timer \d+ had \d+ overruns at its last expiry/, 'one log line says why');
+  t.equal(r.status, 0);
+});
