@@ -10,7 +10,9 @@
  * only the rollbacks of processes that ever used them read smaps. Likewise
  * prctl PR_SET_PDEATHSIG, PR_SET_TIMERSLACK and PR_SET_CHILD_SUBREAPER
  * (per-thread or uninherited values that only an injected call can read):
- * the stop asks for them only in processes that ever set one. And alarm
+ * the stop asks for them only in processes that ever set one. Strict mode
+ * (prctl PR_SET_SECCOMP, seccomp SECCOMP_SET_MODE_STRICT) is trapped to be
+ * made a filter (syscalls/strict.ts). And alarm
  * and setitimer (set once, or now and then, by the programs that use
  * interval timers), so that only the processes that ever armed one have
  * them read during a stop.
@@ -22,9 +24,11 @@ const BPF_RET_K = 0x06;
 const AUDIT_ARCH_X86_64 = 0xc000003e;
 export const SECCOMP_RET_ALLOW = 0x7fff0000;
 export const SECCOMP_RET_TRACE = 0x7ff00000;
-const SYS_madvise = 28, SYS_prctl = 157, SYS_alarm = 37, SYS_setitimer = 38;
+const SYS_madvise = 28, SYS_prctl = 157, SYS_alarm = 37, SYS_setitimer = 38, SYS_seccomp = 317;
 export const MADV_DONTFORK = 10, MADV_WIPEONFORK = 18;
-export const PR_SET_PDEATHSIG = 1, PR_SET_TIMERSLACK = 29, PR_SET_CHILD_SUBREAPER = 36;
+export const PR_SET_PDEATHSIG = 1, PR_SET_TIMERSLACK = 29, PR_SET_CHILD_SUBREAPER = 36, PR_SET_SECCOMP = 22;
+/** seccomp(2)'s operation that asks for strict mode (see syscalls/strict.ts). */
+const SECCOMP_SET_MODE_STRICT = 0;
 /** struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low word first). */
 const DATA_NR = 0, DATA_ARCH = 4, DATA_ARG0 = 16, DATA_ARG2 = 32;
 
@@ -41,7 +45,7 @@ type Step = Insn | ['JEQ', number, string, string] | ['LABEL', string];
 /** Trap [first, last], the noted madvise and prctl calls, the lock calls, alarm and setitimer on x86-64; the result is a struct sock_filter array. */
 export function buildTrapFilter(first: number, last: number): Buffer {
   const advice = [MADV_DONTFORK, MADV_WIPEONFORK, ...MADV_VM_STATE];
-  const options = [PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER];
+  const options = [PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER, PR_SET_SECCOMP];
   // Each value tested in turn: equal -> `yes`, else the next test; the last one's else -> `no`.
   const anyOf = (ks: number[], yes: string, no: string): Step[] => ks.map((k, i) => ['JEQ', k, yes, i === ks.length - 1 ? no : 'next']);
   const steps: Step[] = [
@@ -49,6 +53,10 @@ export function buildTrapFilter(first: number, last: number): Buffer {
     ['JEQ', AUDIT_ARCH_X86_64, 'next', 'ALLOW'], // other arch -> allow
     [BPF_LD_W_ABS, 0, 0, DATA_NR],
     ...anyOf([...SYS_LOCKS, SYS_alarm, SYS_setitimer], 'TRACE', 'next'),
+    ['JEQ', SYS_seccomp, 'next', 'PRCTL'],
+    [BPF_LD_W_ABS, 0, 0, DATA_ARG0], // the operation
+    ['JEQ', SECCOMP_SET_MODE_STRICT, 'TRACE', 'ALLOW'],
+    ['LABEL', 'PRCTL'],
     ['JEQ', SYS_prctl, 'next', 'MADVISE'],
     [BPF_LD_W_ABS, 0, 0, DATA_ARG0], // the option (an int: the low word)
     ...anyOf(options, 'TRACE', 'ALLOW'),

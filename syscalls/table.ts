@@ -15,9 +15,11 @@ import { writeback } from './writeback.js';
 import { release } from './release.js';
 import { query } from './query.js';
 import { NOTED_MEMORY } from './madvise.js';
-import { notePrctl } from './resources/attrs.js';
+import { noteSeccompMode } from './strict.js';
 import { noteItimer, SYS_alarm, SYS_setitimer } from './resources/timers.js';
 import { SYS } from '../lib/libc.js';
+
+const SYS_seccomp = 317;
 import { collectYoung } from '../lib/gc.js';
 
 export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
@@ -31,7 +33,8 @@ export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
 /** Ordinary calls the filter traps only to take note of: they then run untouched. */
 export const NOTED: Record<number, (ctx: SyscallCtx) => void> = {
   ...NOTED_MEMORY,
-  [SYS.prctl]: notePrctl,
+  [SYS.prctl]: noteSeccompMode, // notes the prctl options attrs.ts keeps, and makes strict mode a filter
+  [SYS_seccomp]: noteSeccompMode,
   [SYS_alarm]: noteItimer,
   [SYS_setitimer]: noteItimer,
 };

@@ -23,8 +23,7 @@ for (const mode of ['restart', 'undo']) {
     const first = supervise([fixture('sandbox'), mode === 'undo' ? 'undo' : img]);
     // A deny-by-default filter refuses what the supervisor injects (sigaltstack...): the capture must not trip on it.
     t.notMatch(first.stdout, /checkpoint failed/, 'the checkpoint of the sandboxed threads was taken');
-    // Strict mode cannot be entered from filter mode (every supervised task is in it): nothing to keep.
-    t.match(first.stdout, /^ok strict mode is refused under the supervisor \(EINVAL\)$/m, 'strict mode is refused (EINVAL)');
+    t.match(first.stdout, /^ok strict mode is entered under the supervisor and confines$/m, 'strict mode works under the supervisor');
     const r = mode === 'undo' ? first : supervise([...CKPT, 'restart', '-i', img]);
     if (mode === 'restart') {
       t.equal(first.status, 137, 'CKPT_KILL');
@@ -53,3 +52,14 @@ t.test('a user-notification filter is refused at checkpoint, the program running
   t.match(r.stderr, /checkpoint: EOPNOTSUPP: checkpoint:seccomp: task \d+: seccomp filter 2 notifies a user-space listener/);
   t.equal(r.status, 0);
 });
+
+for (const mode of ['restart', 'undo']) {
+  t.test(`SECCOMP_MODE_STRICT under the supervisor, kept across a ${mode}`, async (t) => {
+    const r = supervise([fixture('strict'), mode === 'undo' ? 'undo' : path.join(dir, 'strict.img')]);
+    for (const c of ['prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT) succeeds', 'seccomp(SECCOMP_SET_MODE_STRICT) succeeds', 'the strict child is checkpointed', mode === 'undo' ? 'the strict child is rolled back' : 'the strict child is restarted', 'in strict mode it still reads and writes', 'a forbidden call ends it']) {
+      t.match(r.stdout, new RegExp(`^ok ${c.replace(/[()]/g, '\\$&')}$`, 'm'), c);
+    }
+    t.match(r.stdout, /STRICT OK/);
+    t.equal(r.status, 0, r.stdout + r.stderr);
+  });
+}
