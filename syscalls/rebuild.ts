@@ -181,7 +181,6 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
       if (sh.live && dropRseq(rt, t.rseq)) sh.rseqKept.add(t.tid);
       const tb = new CallBatch(rt);
       restoreThreadSyscalls(tb, t, sh.rseqKept.has(t.tid));
-      if (t.comm !== undefined) restoreName(tb, t.comm); // each thread names itself
       if (sh.live) drainPending(tb, task.tid, false);
       tb.run();
     } finally {

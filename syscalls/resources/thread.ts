@@ -2,7 +2,6 @@
  * A thread's own state: general registers, the XSAVE area (FPU/SSE/AVX),
  * signal mask, rseq registration and robust futex list.
  */
-import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { getRegs, setRegs, getXState, setXState, getSigmask, setSigmask, Regs, REGS_SIZE } from '../../lib/ptrace.js';
 import { sys, SYS, addressOf } from '../../lib/libc.js';
@@ -83,17 +82,6 @@ export interface ThreadState {
   seccomp?: SeccompFilter[];
   /** Scheduling, affinity, name, timer slack, pdeathsig, capabilities (attrs.ts). */
   attrs?: ThreadAttrs;
-  /** The thread's own name (PR_SET_NAME, pthread_setname_np): up to 15 bytes; the leader's is the process's. */
-  comm?: string;
-}
-
-/** A thread's name as /proc has it (undefined if it is gone). */
-function threadName(tid: number): string | undefined {
-  try {
-    return fs.readFileSync(`/proc/${tid}/comm`, 'latin1').replace(/\n$/, '');
-  } catch {
-    return undefined;
-  }
 }
 
 const SS_ONSTACK = 1, SS_DISABLE = 2, SS_AUTODISARM = 1 << 31;
@@ -113,7 +101,6 @@ export const threadSchema = z.strictObject({
   }).optional(),
   seccomp: z.array(seccompFilterSchema).max(512).optional(),
   attrs: threadAttrsSchema.optional(),
-  comm: z.string().max(64).optional(),
 });
 const sameThread: Same<z.infer<typeof threadSchema>, ThreadState> = true;
 void sameThread;
@@ -159,7 +146,6 @@ export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: 
     rseq: rseqConfig(tid),
     robustList: robustList(tid),
     pending: peekPending(tid, false),
-    comm: threadName(tid),
   };
 }
 
