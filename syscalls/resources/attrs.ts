@@ -279,6 +279,7 @@ export function captureProcAttrs(r: Remote, state: { ids: { pid: number }; attrs
 
 interface Who {
   pid: number;
+  creds: Creds;
   caps: CapSets;
   limits: ProcAttrs['rlimits'];
   noNewPrivs: boolean;
@@ -287,7 +288,7 @@ interface Who {
 
 function describe(pid: number): Who {
   const st = readStatus(pid);
-  return { pid, caps: capsOf(st), limits: readLimits(pid), noNewPrivs: st.get('NoNewPrivs') === '1', root: fs.readlinkSync(`/proc/${pid}/root`) };
+  return { pid, creds: parseCreds(st), caps: capsOf(st), limits: readLimits(pid), noNewPrivs: st.get('NoNewPrivs') === '1', root: fs.readlinkSync(`/proc/${pid}/root`) };
 }
 
 const has = (caps: CapSets, cap: bigint) => (hexBig(caps.eff) & (1n << cap)) !== 0n;
@@ -331,7 +332,7 @@ export function checkAttrs(p: { ids: { pid: number }; attrs?: ProcAttrs; threads
     const bnd = hexBig(c.bnd) & ~hexBig(by.caps.bnd);
     if (more || inh || bnd) throw new CkptError(errno('EPERM'), 'restart:capabilities', `${task}: thread ${t.tid} had capabilities ${capNames(more | inh | bnd)} that ${lacks}`);
     if (hexBig(c.bnd) !== hexBig(by.caps.bnd) && !(prm & (1n << CAP_SETPCAP))) throw new CkptError(errno('EPERM'), 'restart:capabilities', `${task}: its bounding set is smaller than the one ${who}, and dropping needs CAP_SETPCAP`);
-    if (!rollback && t.attrs?.creds) checkCreds(t.attrs.creds, parseCreds(readStatus(byPid)), t.tid);
+    if (!rollback && t.attrs?.creds) checkCreds(t.attrs.creds, by.creds, t.tid);
     if (t.attrs!.noNewPrivs === false && by.noNewPrivs) throw new CkptError(errno('EPERM'), 'restart:no_new_privs', `${task}: thread ${t.tid} had no_new_privs unset; ${who} it set, and it cannot be cleared`);
   }
   // oom_score_adj and cgroups are written through /proc and the cgroup file system, before any chroot.
@@ -479,7 +480,8 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
       for (const t of p.threads) if (credsDiffer(t)) restoreCreds(remote(t.tid), credsOf(t));
       return;
     }
-    restoreProcessWide(sh, a);
+    // The threads of a fresh shell are copies of its leader; a live process's are taken to share the leader's securebits.
+    const sec = restoreProcessWide(sh, a);
     for (const t of p.threads) {
       const ta = t.attrs;
       const rt = remote(t.tid);
@@ -498,19 +500,20 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
         if (ta.noNewPrivs && st.get('NoNewPrivs') !== '1') tb.add('restart:no_new_privs', SYS.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
       }
       tb.add('restart:personality', SYS_personality, a.personality);
-      tb.add('restart:securebits', SYS.prctl, PR_GET_SECUREBITS);
-      const res = tb.run();
-      const sec = Number(res[res.length - 1]);
-      // ---- credentials
+      // ---- credentials (the batch runs first if they change; else one batch does it all)
       const want = ta?.caps;
       const now = capsOf(st);
       const setCreds = credsDiffer(t);
       const capsDiffer = !!want && (Object.keys(want) as (keyof CapSets)[]).some((k) => hexBig(want[k]) !== hexBig(now[k]));
       // Keep the permitted set through a change of uid: it is cut to the checkpoint's below.
-      if (setCreds && want) rt.check('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, 1);
-      if (setCreds) restoreCreds(rt, credsOf(t));
+      let b = tb;
+      if (setCreds) {
+        tb.run();
+        if (want) rt.check('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, 1);
+        restoreCreds(rt, credsOf(t));
+        b = new CallBatch(rt);
+      }
       // ---- what they include, what changing them resets
-      const b = new CallBatch(rt);
       const caps = want && (capsDiffer || setCreds);
       if (caps) {
         const prm = hexBig(now.prm);
@@ -543,8 +546,12 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
   }
 }
 
-/** Limits, mm flags, membarrier, oom_score_adj, cgroups, then the root directory (CAP_SYS_CHROOT: before credentials). */
-function restoreProcessWide(sh: AttrShell, a: ProcAttrs): void {
+/**
+ * Limits, mm flags, membarrier, oom_score_adj, cgroups, then the root
+ * directory (CAP_SYS_CHROOT: before credentials). Returns the leader's
+ * securebits as they are now.
+ */
+function restoreProcessWide(sh: AttrShell, a: ProcAttrs): number {
   const p = sh.state;
   const pid = sh.task.tid;
   const r = sh.remote;
@@ -559,9 +566,10 @@ function restoreProcessWide(sh: AttrShell, a: ProcAttrs): void {
   });
   pb.add('restart:prctl PR_SET_THP_DISABLE', SYS.prctl, PR_SET_THP_DISABLE, a.thpDisable ? 1 : 0, 0, 0, 0);
   pb.add('restart:prctl PR_SET_CHILD_SUBREAPER', SYS.prctl, PR_SET_CHILD_SUBREAPER, a.subreaper ? 1 : 0);
+  pb.add('restart:securebits', SYS.prctl, PR_GET_SECUREBITS);
   pb.add(undefined, SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0);
   const res = pb.run();
-  const regs = Number(res[res.length - 1]);
+  const regs = Number(res[res.length - 1]), sec = Number(res[res.length - 2]);
   if (regs >= 0 && regs & ~a.membarrier) throw new CkptError(errno('EOPNOTSUPP'), 'restart:membarrier', `task ${p.ids.pid}: registered for membarrier commands 0x${(regs & ~a.membarrier).toString(16)} that the checkpoint was not, and a registration cannot be undone`);
   const mb = new CallBatch(r);
   for (let bit = 0; bit < 31; bit++) if (a.membarrier & ~regs & (1 << bit)) mb.add(`restart:membarrier register 0x${(1 << bit).toString(16)}`, SYS_membarrier, 1 << bit, 0, 0);
@@ -575,6 +583,7 @@ function restoreProcessWide(sh: AttrShell, a: ProcAttrs): void {
     r.mem.write(r.scratch(), Buffer.from(to + '\0'));
     r.check(`restart:root chroot ${a.root}`, SYS_chroot, r.scratch());
   }
+  return sec;
 }
 
 /**
