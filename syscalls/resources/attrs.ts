@@ -281,6 +281,7 @@ export function captureProcAttrs(r: Remote, state: { ids: { pid: number }; attrs
 
 interface Who {
   pid: number;
+  creds: Creds;
   caps: CapSets;
   limits: ProcAttrs['rlimits'];
   noNewPrivs: boolean;
@@ -289,7 +290,7 @@ interface Who {
 
 function describe(pid: number): Who {
   const st = readStatus(pid);
-  return { pid, caps: capsOf(st), limits: readLimits(pid), noNewPrivs: st.get('NoNewPrivs') === '1', root: fs.readlinkSync(`/proc/${pid}/root`) };
+  return { pid, creds: parseCreds(st), caps: capsOf(st), limits: readLimits(pid), noNewPrivs: st.get('NoNewPrivs') === '1', root: fs.readlinkSync(`/proc/${pid}/root`) };
 }
 
 const has = (caps: CapSets, cap: bigint) => (hexBig(caps.eff) & (1n << cap)) !== 0n;
@@ -333,7 +334,7 @@ export function checkAttrs(p: { ids: { pid: number }; attrs?: ProcAttrs; threads
     const bnd = hexBig(c.bnd) & ~hexBig(by.caps.bnd);
     if (more || inh || bnd) throw new CkptError(errno('EPERM'), 'restart:capabilities', `${task}: thread ${t.tid} had capabilities ${capNames(more | inh | bnd)} that ${lacks}`);
     if (hexBig(c.bnd) !== hexBig(by.caps.bnd) && !(prm & (1n << CAP_SETPCAP))) throw new CkptError(errno('EPERM'), 'restart:capabilities', `${task}: its bounding set is smaller than the one ${who}, and dropping needs CAP_SETPCAP`);
-    if (!rollback && t.attrs?.creds) checkCreds(t.attrs.creds, parseCreds(readStatus(byPid)), t.tid);
+    if (!rollback && t.attrs?.creds) checkCreds(t.attrs.creds, by.creds, t.tid);
     if (t.attrs!.noNewPrivs === false && by.noNewPrivs) throw new CkptError(errno('EPERM'), 'restart:no_new_privs', `${task}: thread ${t.tid} had no_new_privs unset; ${who} it set, and it cannot be cleared`);
   }
   // oom_score_adj and cgroups are written through /proc and the cgroup file system, before any chroot.
@@ -509,62 +510,73 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
       for (const t of p.threads) if (credsDiffer(t)) restoreCreds(remote(t.tid), credsOf(t));
       return;
     }
-    restoreProcessWide(sh, a);
+    // The threads of a fresh shell are copies of its leader; a live process's are taken to share the leader's securebits.
+    const sec = restoreProcessWide(sh, a);
+    // A live process that never set pdeathsig or a slack has them as at the checkpoint (0, the leader's).
+    const unnoted = sh.live && !tracer.prctlNoted.has(sh.task.tgid);
     for (const t of p.threads) {
       const ta = t.attrs;
-      const rt = remote(t.tid);
       const tid = host(t.tid);
       const st = status.get(t.tid)!;
+      // Only what differs: a thread with nothing to change is not run at all.
+      const tb = new ThreadCalls(() => remote(t.tid));
       // ---- before credentials (they may drop what sched needs)
-      const tb = new CallBatch(rt);
       if (ta) {
-        if (!sameSched(schedOf(tid), ta.sched)) tb.add(`restart:sched policy ${ta.sched.policy} nice ${ta.sched.nice} priority ${ta.sched.priority}`, SYS_sched_setattr, 0, tb.put(schedBuf(ta.sched)), 0);
+        if (!sameSched(schedOf(tid), ta.sched)) tb.add((b) => b.add(`restart:sched policy ${ta.sched.policy} nice ${ta.sched.nice} priority ${ta.sched.priority}`, SYS_sched_setattr, 0, b.put(schedBuf(ta.sched)), 0));
         if (!sameMask(affinityOf(tid), ta.affinity)) {
           const m = Buffer.from(ta.affinity, 'hex');
-          tb.add('restart:affinity', SYS_sched_setaffinity, 0, m.length, tb.put(m));
+          tb.add((b) => b.add('restart:affinity', SYS_sched_setaffinity, 0, m.length, b.put(m)));
         }
-        if (ta.timerSlack) tb.add('restart:timerslack', SYS.prctl, PR_SET_TIMERSLACK, BigInt(ta.timerSlack));
-        tb.add('restart:comm', SYS.prctl, PR_SET_NAME, tb.put(Buffer.concat([Buffer.from(ta.comm).subarray(0, 15), Buffer.from([0])])));
-        if (ta.noNewPrivs && st.get('NoNewPrivs') !== '1') tb.add('restart:no_new_privs', SYS.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        if (ta.timerSlack && !unnoted && readOr(`/proc/${tid}/timerslack_ns`) !== ta.timerSlack) tb.add((b) => b.add('restart:timerslack', SYS.prctl, PR_SET_TIMERSLACK, BigInt(ta.timerSlack)));
+        const comm = Buffer.from(ta.comm).subarray(0, 15);
+        if (statusName(st.get('Name') ?? '') !== comm.toString()) tb.add((b) => b.add('restart:comm', SYS.prctl, PR_SET_NAME, b.put(Buffer.concat([comm, Buffer.from([0])]))));
+        if (ta.noNewPrivs && st.get('NoNewPrivs') !== '1') tb.add((b) => b.add('restart:no_new_privs', SYS.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
       }
-      tb.add('restart:personality', SYS_personality, a.personality);
-      tb.add('restart:securebits', SYS.prctl, PR_GET_SECUREBITS);
-      const res = tb.run();
-      const sec = Number(res[res.length - 1]);
-      // ---- credentials
+      const pers = readOr(`/proc/${tid}/personality`);
+      if (pers === undefined || parseInt(pers, 16) !== a.personality) tb.add((b) => b.add('restart:personality', SYS_personality, a.personality));
+      // ---- credentials (what is above runs first if they change; else one batch does it all)
       const want = ta?.caps;
       const now = capsOf(st);
       const setCreds = credsDiffer(t);
       const capsDiffer = !!want && (Object.keys(want) as (keyof CapSets)[]).some((k) => hexBig(want[k]) !== hexBig(now[k]));
-      // Keep the permitted set through a change of uid: it is cut to the checkpoint's below.
-      if (setCreds && want) rt.check('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, 1);
-      if (setCreds) restoreCreds(rt, credsOf(t));
+      if (setCreds) {
+        tb.run();
+        const rt = remote(t.tid);
+        // Keep the permitted set through a change of uid: it is cut to the checkpoint's below.
+        if (want) rt.check('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, 1);
+        restoreCreds(rt, credsOf(t));
+      }
       // ---- what they include, what changing them resets
-      const b = new CallBatch(rt);
       const caps = want && (capsDiffer || setCreds);
       if (caps) {
         const prm = hexBig(now.prm);
-        // Everything the task may have in effect, the inheritable set as wanted (ambient needs it).
-        const at = b.put(capsetBuf(prm, prm, hexBig(want.inh)));
-        b.add('restart:capabilities capset', SYS_capset, at, at + 8n);
-        const drop = hexBig(now.bnd) & ~hexBig(want.bnd);
-        for (let c = 0n; c < 64n; c++) if (drop & (1n << c)) b.add(`restart:capabilities drop ${capNames(1n << c)} from the bounding set`, SYS.prctl, PR_CAPBSET_DROP, c);
-        b.add('restart:capabilities ambient', SYS.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-        const amb = hexBig(want.amb);
-        for (let c = 0n; c < 64n; c++) if (amb & (1n << c)) b.add(`restart:capabilities ambient ${capNames(1n << c)}`, SYS.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0);
+        tb.add((b) => {
+          // Everything the task may have in effect, the inheritable set as wanted (ambient needs it).
+          const at = b.put(capsetBuf(prm, prm, hexBig(want.inh)));
+          b.add('restart:capabilities capset', SYS_capset, at, at + 8n);
+          const drop = hexBig(now.bnd) & ~hexBig(want.bnd);
+          for (let c = 0n; c < 64n; c++) if (drop & (1n << c)) b.add(`restart:capabilities drop ${capNames(1n << c)} from the bounding set`, SYS.prctl, PR_CAPBSET_DROP, c);
+          b.add('restart:capabilities ambient', SYS.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+          const amb = hexBig(want.amb);
+          for (let c = 0n; c < 64n; c++) if (amb & (1n << c)) b.add(`restart:capabilities ambient ${capNames(1n << c)}`, SYS.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0);
+        });
       }
       const nowSec = setCreds && want ? sec | SECBIT_KEEP_CAPS : sec;
       if (nowSec !== a.securebits) {
-        if ((nowSec ^ a.securebits) === SECBIT_KEEP_CAPS) b.add('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, a.securebits & SECBIT_KEEP_CAPS ? 1 : 0);
-        else b.add(`restart:securebits 0x${a.securebits.toString(16)}`, SYS.prctl, PR_SET_SECUREBITS, a.securebits);
+        if ((nowSec ^ a.securebits) === SECBIT_KEEP_CAPS) tb.add((b) => b.add('restart:keepcaps', SYS.prctl, PR_SET_KEEPCAPS, a.securebits & SECBIT_KEEP_CAPS ? 1 : 0));
+        else tb.add((b) => b.add(`restart:securebits 0x${a.securebits.toString(16)}`, SYS.prctl, PR_SET_SECUREBITS, a.securebits));
       }
       if (caps) {
-        const at = b.put(capsetBuf(hexBig(want.eff), hexBig(want.prm), hexBig(want.inh)));
-        b.add('restart:capabilities capset', SYS_capset, at, at + 8n);
+        tb.add((b) => {
+          const at = b.put(capsetBuf(hexBig(want.eff), hexBig(want.prm), hexBig(want.inh)));
+          b.add('restart:capabilities capset', SYS_capset, at, at + 8n);
+        });
       }
-      b.add('restart:pdeathsig', SYS.prctl, PR_SET_PDEATHSIG, ta?.pdeathsig ?? 0);
-      if (t.tid === p.ids.pid) b.add('restart:dumpable', SYS.prctl, PR_SET_DUMPABLE, a.dumpable);
-      b.run();
+      // A fresh thread has none (clone clears it), nor has one after a change of credentials.
+      const death = ta?.pdeathsig ?? 0;
+      if (death || setCreds || (sh.live && !unnoted)) tb.add((b) => b.add('restart:pdeathsig', SYS.prctl, PR_SET_PDEATHSIG, death));
+      if (t.tid === p.ids.pid) tb.add((b) => b.add('restart:dumpable', SYS.prctl, PR_SET_DUMPABLE, a.dumpable));
+      tb.run();
     }
     // Set by injected calls the filter does not see: its next checkpoint must ask for them.
     if (a.subreaper || p.threads.some((t) => t.attrs?.pdeathsig) || new Set(p.threads.map((t) => t.attrs?.timerSlack)).size > 1) tracer.prctlNoted.add(sh.task.tgid);
@@ -573,8 +585,37 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
   }
 }
 
-/** Limits, mm flags, membarrier, oom_score_adj, cgroups, then the root directory (CAP_SYS_CHROOT: before credentials). */
-function restoreProcessWide(sh: AttrShell, a: ProcAttrs): void {
+/** Calls for one thread, collected first: its Remote is made only when there is any. */
+class ThreadCalls {
+  private ops: ((b: CallBatch) => void)[] = [];
+  constructor(private readonly remote: () => Remote) {}
+  add(op: (b: CallBatch) => void): void {
+    this.ops.push(op);
+  }
+  run(): void {
+    if (!this.ops.length) return;
+    const b = new CallBatch(this.remote());
+    for (const op of this.ops) op(b);
+    this.ops = [];
+    b.run();
+  }
+}
+
+/** A /proc file's text (trimmed), or undefined where it cannot be read. */
+function readOr(path: string): string | undefined {
+  try {
+    return fs.readFileSync(path, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Limits, mm flags, membarrier, oom_score_adj, cgroups, then the root
+ * directory (CAP_SYS_CHROOT: before credentials). Returns the leader's
+ * securebits as they are now.
+ */
+function restoreProcessWide(sh: AttrShell, a: ProcAttrs): number {
   const p = sh.state;
   const pid = sh.task.tid;
   const r = sh.remote;
@@ -589,9 +630,10 @@ function restoreProcessWide(sh: AttrShell, a: ProcAttrs): void {
   });
   pb.add('restart:prctl PR_SET_THP_DISABLE', SYS.prctl, PR_SET_THP_DISABLE, a.thpDisable ? 1 : 0, 0, 0, 0);
   pb.add('restart:prctl PR_SET_CHILD_SUBREAPER', SYS.prctl, PR_SET_CHILD_SUBREAPER, a.subreaper ? 1 : 0);
+  pb.add('restart:securebits', SYS.prctl, PR_GET_SECUREBITS);
   pb.add(undefined, SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0);
   const res = pb.run();
-  const regs = Number(res[res.length - 1]);
+  const regs = Number(res[res.length - 1]), sec = Number(res[res.length - 2]);
   if (regs >= 0 && regs & ~a.membarrier) throw new CkptError(errno('EOPNOTSUPP'), 'restart:membarrier', `task ${p.ids.pid}: registered for membarrier commands 0x${(regs & ~a.membarrier).toString(16)} that the checkpoint was not, and a registration cannot be undone`);
   const mb = new CallBatch(r);
   for (let bit = 0; bit < 31; bit++) if (a.membarrier & ~regs & (1 << bit)) mb.add(`restart:membarrier register 0x${(1 << bit).toString(16)}`, SYS_membarrier, 1 << bit, 0, 0);
@@ -605,6 +647,7 @@ function restoreProcessWide(sh: AttrShell, a: ProcAttrs): void {
     r.mem.write(r.scratch(), Buffer.from(to + '\0'));
     r.check(`restart:root chroot ${a.root}`, SYS_chroot, r.scratch());
   }
+  return sec;
 }
 
 /**
