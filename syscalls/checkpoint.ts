@@ -181,10 +181,19 @@ export function captureProcessWide(r: Remote, state: ProcessState, status: Map<s
   state.mm = captureMm(r, r.task.tgid);
   state.signals = captureSignals(r, status);
   state.attrs = captureProcAttrs(r, state, status);
+  const fsBaseOf = (t: ThreadState) => BigInt(Buffer.from(t.regs, 'base64').readBigUInt64LE(21 * 8));
   for (const t of state.threads) {
-    const fsBase = BigInt(Buffer.from(t.regs, 'base64').readBigUInt64LE(21 * 8));
-    t.tidAddress = findTidAddress(r.mem, selfTid(t.tid), fsBase);
+    t.tidAddress = findTidAddress(r.mem, selfTid(t.tid), fsBaseOf(t));
     if (t.tid === state.ids.pid) t.altstack = captureAltstacks([r])[0];
+  }
+  // A thread caught as it is born may not have its id in its descriptor
+  // yet: where every other thread has it at the same offset from its
+  // thread pointer (glibc's layout), it has it there too. Without it, a
+  // pthread_join of that thread would wait forever after a restart.
+  const offsets = new Set(state.threads.filter((t) => t.tidAddress).map((t) => BigInt(t.tidAddress!) - fsBaseOf(t)));
+  if (offsets.size === 1) {
+    const [off] = offsets;
+    for (const t of state.threads) if (!t.tidAddress && fsBaseOf(t) !== 0n) t.tidAddress = '0x' + (fsBaseOf(t) + off).toString(16);
   }
 }
 
@@ -369,6 +378,10 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
           return done(o);
         }
         freeze.tasks.length = 0; // they die: nothing to resume
+        // Every page is written: the husks go first (a namespace's init,
+        // killed, waits for every process of its namespace, husks too).
+        destroyHusks(tracer, c.husks, c.hostOf);
+        c.husks.clear();
         killSubtree(tracer, procs);
         return new InFlight({ kind: 'raw', fd: out, data: o.value.trailer! }, done);
       });
@@ -419,7 +432,8 @@ function killSubtree(tracer: Tracer, procs: number[]): void {
   };
   const rootParent = ppid(procs[0]);
   for (const p of procs) sys.kill(p, 9);
-  for (const p of procs) tracer.waitGone(p);
+  // Children first: a killed namespace init waits for the rest of its namespace.
+  for (const p of [...procs].reverse()) tracer.waitGone(p);
   reapChild(tracer, rootParent, procs[0]);
   for (const p of procs.slice(1)) reapChild(tracer, ppid(p), p);
 }

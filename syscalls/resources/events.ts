@@ -24,7 +24,7 @@ import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, fd, u32, hex64, dec63, dec64, MANY, type Same } from '../../lib/schema.js';
 
-const SYS_timerfd_settime = 286, SYS_signalfd4 = 289, SYS_eventfd2 = 290, SYS_epoll_create1 = 291, SYS_timerfd_create = 283, SYS_epoll_ctl = 233;
+const SYS_timerfd_settime = 286, SYS_timerfd_gettime = 287, SYS_signalfd4 = 289, SYS_eventfd2 = 290, SYS_epoll_create1 = 291, SYS_timerfd_create = 283, SYS_epoll_ctl = 233;
 const O_CLOEXEC = 0o2000000, EFD_SEMAPHORE = 1, TFD_TIMER_ABSTIME = 1, TFD_TIMER_CANCEL_ON_SET = 2, EPOLL_CTL_ADD = 1;
 const TFD_IOC_SET_TICKS = 0x40085400n;
 const SYS_kcmp = 312, KCMP_EPOLL_TFD = 7, SYS_dup3 = 292, SYS_close = 3;
@@ -91,6 +91,23 @@ function timespec(v: string | undefined): [string, string] {
   return m ? [m[1], m[2]] : ['0', '0'];
 }
 
+/**
+ * A periodic timerfd that expired and was not read yet shows "it_value:
+ * (0, 0)" in fdinfo: the kernel moves it on to its next expiry only when
+ * asked. timerfd_gettime on the supervisor's duplicate (the same file) asks:
+ * the time left becomes right, and the expirations that passed are counted
+ * in `ticks` (as the program's next read would count them).
+ */
+function forwardTimer(pid: number, fd: number, t: Extract<EventState, { kind: 'timerfd' }>): void {
+  withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
+    const cur = Buffer.alloc(32);
+    if (sys.syscall(SYS_timerfd_gettime, mine, addressOf(cur)) !== 0) return;
+    t.left = [cur.readBigInt64LE(16).toString(), cur.readBigInt64LE(24).toString()];
+    const m = /^ticks:\s*(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+    if (m) t.ticks = m[1];
+  });
+}
+
 /** The event file behind fd `fd` of `pid` (its /proc link says which kind), or undefined if it is none. */
 export function captureEvent(pid: number, fd: number, target: string, info: FdInfo): EventState | undefined {
   const kv = info.extra;
@@ -99,11 +116,14 @@ export function captureEvent(pid: number, fd: number, target: string, info: FdIn
       return { kind: 'eventfd', count: (kv.get('eventfd-count') ?? '0').trim(), semaphore: kv.get('eventfd-semaphore') === '1' };
     case 'anon_inode:[signalfd]':
       return { kind: 'signalfd', mask: kv.get('sigmask') ?? '0' };
-    case 'anon_inode:[timerfd]':
-      return {
+    case 'anon_inode:[timerfd]': {
+      const t: EventState = {
         kind: 'timerfd', clock: Number(kv.get('clockid') ?? 1), settime: parseInt(kv.get('settime flags') ?? '0', 8),
         left: timespec(kv.get('it_value')), interval: timespec(kv.get('it_interval')), ticks: kv.get('ticks') ?? '0', takenAtMs: Date.now(),
       };
+      if (t.left.every((x) => x === '0') && t.interval.some((x) => x !== '0')) forwardTimer(pid, fd, t);
+      return t;
+    }
     case 'anon_inode:[eventpoll]': {
       const watches: EpollWatch[] = [];
       const rank = new Map<number, number>(); // watches under each number so far: kcmp's toff (fdinfo lists them in the kernel's order)

@@ -434,6 +434,8 @@ export function restoreFiles(ctx: FilesRestore): void {
   const tempBase = maxFd + 1;
   let nextTemp = maxFd + 64;
   const temps: Place[] = [];
+  /** Pipe ends ("pipe:end") whose made description is handed out already. */
+  const endsGiven = new Set<string>();
   const transfer = (from: Place, to: Place & { cloexec: boolean }) => transferFd(remote, tempBase, from, to);
   const placed = new Map<number, Place>(); // desc id -> a place holding it
   const holders = new Map<number, (Place & { cloexec: boolean })[]>();
@@ -561,7 +563,19 @@ export function restoreFiles(ctx: FilesRestore): void {
           ends = { r: { pid: owner.pid, fd: tr }, w: { pid: owner.pid, fd: tw } };
           pipeEnds.set(d.pipe, ends);
         }
-        transfer(ends[d.end]!, owner);
+        const end = ends[d.end]!;
+        const key = `${d.pipe}:${d.end}`;
+        if (!endsGiven.has(key)) transfer(end, owner);
+        else {
+          // Another description of the same end (opened through /proc/self/fd): its own flags, so its own file.
+          const re = remote(end.pid);
+          const again = openIn(re, `/proc/self/fd/${end.fd}`, (d.end === 'r' ? O_RDONLY : O_WRONLY) | O_NONBLOCK | O_CLOEXEC, 'restart:files');
+          const at = { pid: end.pid, fd: nextTemp++ };
+          moveFd(re, again, at.fd, true);
+          temps.push(at);
+          transfer(at, owner);
+        }
+        endsGiven.add(key);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       }
       placed.set(d.id, owner);
