@@ -32,7 +32,7 @@ const SECCOMP_SET_MODE_STRICT = 0;
 /** struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low word first). */
 const DATA_NR = 0, DATA_ARCH = 4, DATA_ARG0 = 16, DATA_ARG2 = 32;
 
-type Insn = [code: number, jt: number, jf: number, k: number];
+export type Insn = [code: number, jt: number, jf: number, k: number];
 
 /** madvise advice that leaves VMA state a rollback must compare (see Tracer.vmAdvice). */
 export const MADV_VM_STATE = [1 /* RANDOM */, 2 /* SEQUENTIAL */, 12 /* MERGEABLE */, 14 /* HUGEPAGE */, 15 /* NOHUGEPAGE */, 16 /* DONTDUMP */, 102 /* GUARD_INSTALL */, 103 /* GUARD_REMOVE */];
@@ -79,6 +79,11 @@ export function buildTrapFilter(first: number, last: number): Buffer {
   const code = steps.filter((x): x is Exclude<Step, ['LABEL', string]> => x[0] !== 'LABEL');
   const at = (label: string, pc: number) => (label === 'next' ? 0 : labels.get(label)! - pc - 1);
   const prog: Insn[] = code.map((x, pc) => (x[0] === 'JEQ' ? [BPF_JEQ_K, at(x[2], pc), at(x[3], pc), x[1]] : (x as Insn)));
+  return encodeFilter(prog);
+}
+
+/** Instructions as the kernel takes them: a struct sock_filter array. */
+export function encodeFilter(prog: Insn[]): Buffer {
   const buf = Buffer.alloc(prog.length * 8);
   prog.forEach(([code, jt, jf, k], i) => {
     buf.writeUInt16LE(code, i * 8);

@@ -286,9 +286,11 @@ export class Tracer {
   run(): number {
     // Until the program's processes are all gone: husks (kept checkpoints)
     // do not keep the supervisor alive; they die with it (PTRACE_O_EXITKILL).
-    while (this.processes().length) {
+    // Nor while a call is in flight: the image of a CKPT_KILL of the whole
+    // tree still has its trailer to write once the tree is gone.
+    while (this.processes().length || this.io?.busy()) {
       const ev = this.pending.shift() ?? this.next();
-      if (ev === null) break;
+      if (ev === null && !this.io?.busy()) break;
       if (ev) this.dispatch(ev);
     }
     // We are the subreaper of the tree: what is left of it (husks, zombies

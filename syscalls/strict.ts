@@ -16,6 +16,7 @@ import { getRegs, setRegs } from '../lib/ptrace.js';
 import { RemoteMem } from '../lib/mem.js';
 import type { SyscallCtx } from './context.js';
 import { notePrctl } from './resources/attrs.js';
+import { encodeFilter, type Insn } from '../lib/seccomp.js';
 
 const PR_SET_SECCOMP = 22, SECCOMP_MODE_STRICT = 1, SECCOMP_SET_MODE_STRICT = 0, SECCOMP_SET_MODE_FILTER = 1;
 const SYS_seccomp = 317, SYS_prctl = 157;
@@ -26,22 +27,15 @@ const AUDIT_ARCH_X86_64 = 0xc000003e, SECCOMP_RET_KILL_THREAD = 0, SECCOMP_RET_A
 /** The classic-BPF program of strict mode. */
 export function strictProgram(): Buffer {
   const n = STRICT_ALLOWED.length;
-  const prog: [number, number, number, number][] = [
+  const prog: Insn[] = [
     [BPF_LD_W_ABS, 0, 0, 4], // arch
     [BPF_JEQ_K, 0, n + 1, AUDIT_ARCH_X86_64], // other arch -> kill
     [BPF_LD_W_ABS, 0, 0, 0], // nr
-    ...STRICT_ALLOWED.map((nr, i): [number, number, number, number] => [BPF_JEQ_K, n - i, 0, nr]), // -> allow
+    ...STRICT_ALLOWED.map((nr, i): Insn => [BPF_JEQ_K, n - i, 0, nr]), // -> allow
     [BPF_RET_K, 0, 0, SECCOMP_RET_KILL_THREAD],
     [BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW],
   ];
-  const b = Buffer.alloc(prog.length * 8);
-  prog.forEach(([code, jt, jf, k], i) => {
-    b.writeUInt16LE(code, i * 8);
-    b.writeUInt8(jt, i * 8 + 2);
-    b.writeUInt8(jf, i * 8 + 3);
-    b.writeUInt32LE(k >>> 0, i * 8 + 4);
-  });
-  return b;
+  return encodeFilter(prog);
 }
 
 /** At the seccomp stop of prctl or seccomp: strict mode asked for is made a filter; anything else runs as asked. */

@@ -50,3 +50,13 @@ export function pidAlive(pid: number): boolean {
 
 /** Shell-quote for sh -c command lines. */
 export const q = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
+
+/** A self-checking fixture taken to an image in `dir` and restarted, or checkpointed in memory and rolled back ("undo"). */
+export function bothWays(dir: string, name: string, args: string[] = [], opts: { timeout?: number } = {}) {
+  return (mode: 'restart' | 'undo') => {
+    const img = path.join(dir, `${name}.img`);
+    const first = supervise([fixture(name), mode === 'undo' ? 'undo' : img, ...args], { timeout: opts.timeout ?? 60_000 });
+    if (mode === 'undo') return { first, r: first };
+    return { first, r: supervise([...CKPT, 'restart', '-i', img], { timeout: opts.timeout ?? 60_000 }) };
+  };
+}

@@ -4,19 +4,11 @@
 import t from 'tap';
 import path from 'node:path';
 import fs from 'node:fs';
-import { supervise, run, fixture, tmpdir, pidAlive, CKPT } from './helpers.js';
+import { supervise, run, fixture, tmpdir, pidAlive, CKPT, bothWays as bothWaysIn } from './helpers.js';
 
 const dir = tmpdir('mappings');
 
-/** Run a self-checking fixture to an image and restart it, or in memory and roll it back. */
-function bothWays(name: string, args: string[] = [], opts: { timeout?: number } = {}) {
-  return (mode: 'restart' | 'undo') => {
-    const img = path.join(dir, `${name}.img`);
-    const first = supervise([fixture(name), mode === 'undo' ? 'undo' : img, ...args], { timeout: opts.timeout ?? 60_000 });
-    if (mode === 'undo') return { first, r: first };
-    return { first, r: supervise([...CKPT, 'restart', '-i', img], { timeout: opts.timeout ?? 60_000 }) };
-  };
-}
+const bothWays = (name: string, args: string[] = [], opts: { timeout?: number } = {}) => bothWaysIn(dir, name, args, opts);
 
 for (const mode of ['restart', 'undo'] as const) {
   t.test(`guard pages and MAP_DROPPABLE memory are kept (${mode})`, async (t) => {
