@@ -2,8 +2,7 @@
 // before anything is copied, madvise advice and other mapping attributes
 // kept by restart and rollback.
 import t from 'tap';
-import path from 'node:path';
-import { supervise, fixture, tmpdir, CKPT, bothWays as bothWaysIn } from './helpers.js';
+import { supervise, fixture, tmpdir, bothWays as bothWaysIn } from './helpers.js';
 
 const dir = tmpdir('memory');
 

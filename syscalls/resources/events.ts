@@ -83,8 +83,6 @@ type EvSchemaOf<K> = Extract<z.infer<typeof eventSchema>, { kind: K }>;
 const sameEvent: [Same<EvSchemaOf<'eventfd'>, EvOf<'eventfd'>>, Same<EvSchemaOf<'signalfd'>, EvOf<'signalfd'>>, Same<EvSchemaOf<'timerfd'>, EvOf<'timerfd'>>, Same<EvSchemaOf<'epoll'>, EvOf<'epoll'>>, Same<z.infer<typeof watchSchema>, EpollWatch>] = [true, true, true, true, true];
 void sameEvent;
 
-const unsupported = (pid: number, fd: number, what: string) => new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (${what})`);
-
 /** "(2, 990651604)" -> ["2", "990651604"] */
 function timespec(v: string | undefined): [string, string] {
   const m = /\((\d+),\s*(\d+)\)/.exec(v ?? '');
