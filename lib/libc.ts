@@ -170,6 +170,31 @@ export const sys = {
   pidfdGetfd(pidfd: number, fd: number): number {
     return sys.syscall(SYS.pidfd_getfd, pidfd, fd, 0);
   },
+  /**
+   * Send descriptor `fd` over unix socket `sock` in one SCM_RIGHTS message
+   * (one byte of payload, as a datagram must carry something). -1 and errno
+   * on failure.
+   */
+  sendFd(sock: number, fd: number): number {
+    const payload = Buffer.from([0]);
+    const iov = Buffer.alloc(16);
+    iov.writeBigUInt64LE(addressOf(payload), 0);
+    iov.writeBigUInt64LE(1n, 8);
+    // cmsghdr: len (CMSG_LEN(4) = 20), level SOL_SOCKET, type SCM_RIGHTS, the fd; padded to CMSG_SPACE(4)
+    const cmsg = Buffer.alloc(24);
+    cmsg.writeBigUInt64LE(20n, 0);
+    cmsg.writeInt32LE(1, 8);
+    cmsg.writeInt32LE(1, 12);
+    cmsg.writeInt32LE(fd, 16);
+    const msg = Buffer.alloc(56); // struct msghdr: no name; iov, iovlen, control, controllen
+    msg.writeBigUInt64LE(addressOf(iov), 16);
+    msg.writeBigUInt64LE(1n, 24);
+    msg.writeBigUInt64LE(addressOf(cmsg), 32);
+    msg.writeBigUInt64LE(24n, 40);
+    const r = sys.syscall(SYS.sendmsg, sock, addressOf(msg), 0x4000 /* MSG_NOSIGNAL */);
+    void [payload, iov, cmsg]; // alive until the call returned
+    return r;
+  },
   /** The very open file behind fd `fd` of process `pid`, as a descriptor of ours; -1 if none. */
   takeFd(pid: number, fd: number): number {
     const pidfd = sys.syscall(SYS.pidfd_open, pid, 0);
@@ -190,5 +215,5 @@ export const SYS = {
   getuid: 102, getppid: 110, prctl: 157, arch_prctl: 158, gettid: 186, tgkill: 234, openat: 257,
   mremap: 25, set_robust_list: 273, dup3: 292, rt_tgsigqueueinfo: 297,
   pidfd_open: 434, clone3: 435, close_range: 436, pidfd_getfd: 438, mlock2: 325, mlock: 149, mlockall: 151,
-  setresuid: 117, setresgid: 119, setgroups: 116, sigaltstack: 131, exit: 60,
+  setresuid: 117, setresgid: 119, socketpair: 53, sendmsg: 46, recvmsg: 47, setgroups: 116, sigaltstack: 131, exit: 60,
 } as const;

@@ -9,9 +9,10 @@
  * registers are put back the kernel still applies its own -ERESTART*
  * handling to the interrupted syscall and no such code leaks to the program.
  */
+import fs from 'node:fs';
 import { CkptError, errno } from '../lib/errors.js';
 import { PT, PTRACE_EVENT, Regs, getRegs, setRegs, getEventMsg } from '../lib/ptrace.js';
-import { sys, SYS } from '../lib/libc.js';
+import { sys, SYS, errnoNow } from '../lib/libc.js';
 import { RemoteMem } from '../lib/mem.js';
 import { readMaps } from '../lib/proc.js';
 import { log } from '../lib/log.js';
@@ -20,7 +21,7 @@ import type { Task, Tracer } from './tracer.js';
 const SIGTRAP = 5;
 const FAULTS = new Set([4 /* SIGILL */, 7 /* SIGBUS */, 11 /* SIGSEGV */]);
 const ARG_REGS = ['rdi', 'rsi', 'rdx', 'r10', 'r8', 'r9'] as const;
-const SYS_fcntl = 72, F_DUPFD_CLOEXEC = 1030;
+const SYS_fcntl = 72, F_DUPFD_CLOEXEC = 1030, O_CLOEXEC_SOCK = 0o2000000;
 
 export class Remote {
   readonly saved: Regs;
@@ -256,10 +257,57 @@ export class Remote {
    */
   takeFd(pid: number, fd: number, min = 0): bigint {
     const pidfd = this.raise(this.check('remote:fd', SYS.pidfd_open, pid, 0), min);
+    let got: bigint;
     try {
-      return this.raise(this.check('remote:fd', SYS.pidfd_getfd, pidfd, fd, 0), min);
+      got = this.call(SYS.pidfd_getfd, pidfd, fd, 0);
     } finally {
       this.call(SYS.close, pidfd);
+    }
+    // pidfd_getfd needs ptrace rights over `pid`: a process that dropped its
+    // root (setuid(1000) in a root tree) may not take the supervisor's or a
+    // root sibling's files. The supervisor may take them, so it hands the file
+    // over itself through a socket pair made in this tracee.
+    if (got === -BigInt(errno('EPERM'))) return this.handOver(pid, fd, min);
+    if (got < 0n && got > -4096n) throw new CkptError(Number(-got), 'remote:fd', `task ${this.task.tid}: pidfd_getfd of fd ${fd} of ${pid} failed`);
+    return this.raise(got, min);
+  }
+
+  /** Give this tracee fd `fd` of `pid` by SCM_RIGHTS from the supervisor (see takeFd). */
+  private handOver(pid: number, fd: number, min: number): bigint {
+    const own = pid === process.pid;
+    const mine = own ? fd : sys.takeFd(pid, fd);
+    if (mine < 0) throw new CkptError(errnoNow(), 'remote:fd', `task ${this.task.tid}: fd ${fd} of ${pid} cannot be taken`);
+    const at = this.scratch();
+    const ends: bigint[] = [];
+    try {
+      this.check('remote:fd socketpair', SYS.socketpair, 1 /* AF_UNIX */, 2 | O_CLOEXEC_SOCK /* SOCK_DGRAM */, 0, at);
+      const pair = this.mem.read(at, 8);
+      ends.push(BigInt(pair.readInt32LE(0)), BigInt(pair.readInt32LE(4)));
+      const sender = sys.takeFd(this.task.tgid, Number(ends[1]));
+      if (sender < 0) throw new CkptError(errnoNow(), 'remote:fd', `task ${this.task.tid}: its socket cannot be taken`);
+      const sent = sys.sendFd(sender, mine);
+      const sendErr = errnoNow();
+      fs.closeSync(sender);
+      if (sent < 0) throw new CkptError(sendErr, 'remote:fd sendmsg', `task ${this.task.tid}: fd ${fd} of ${pid}`);
+      // msghdr at +64 (iov at +128 -> one byte at +160, control at +192, CMSG_SPACE(4) = 24)
+      const msg = Buffer.alloc(56);
+      msg.writeBigUInt64LE(at + 128n, 16);
+      msg.writeBigUInt64LE(1n, 24);
+      msg.writeBigUInt64LE(at + 192n, 32);
+      msg.writeBigUInt64LE(24n, 40);
+      const iov = Buffer.alloc(16);
+      iov.writeBigUInt64LE(at + 160n, 0);
+      iov.writeBigUInt64LE(1n, 8);
+      this.mem.write(at + 64n, msg);
+      this.mem.write(at + 128n, iov);
+      this.mem.write(at + 192n, Buffer.alloc(24));
+      this.check('remote:fd recvmsg', SYS.recvmsg, ends[0], at + 64n, 0x40000000 /* MSG_CMSG_CLOEXEC */);
+      const cmsg = this.mem.read(at + 192n, 24);
+      if (cmsg.readInt32LE(8) !== 1 || cmsg.readInt32LE(12) !== 1) throw new CkptError(errno('EIO'), 'remote:fd recvmsg', `task ${this.task.tid}: no descriptor came with the message`);
+      return this.raise(BigInt(cmsg.readInt32LE(16)), min);
+    } finally {
+      for (const e of ends) this.call(SYS.close, e);
+      if (!own) fs.closeSync(mine);
     }
   }
 

@@ -107,3 +107,14 @@ t.test('a restart into a cgroup that no longer exists is refused with EOPNOTSUPP
   t.match(r.stderr, new RegExp(`restart:cgroup: task \\d+: cgroup 0::\\S+: ${cg.replace(/[.]/g, '\\.')}/cgroup.procs does not exist`));
   t.notMatch(r.stdout, /back pid=/, 'nothing of the image ran');
 });
+
+// A process that dropped root may not take its files back itself (pidfd_getfd
+// needs ptrace rights over their holder): the rollback hands them over.
+t.test('a rollback gives a process that dropped root its files back (a root sibling\'s pipe, stdout from outside)', async (t) => {
+  const r = supervise([fixture('dropped'), 'undo'], { timeout: 60_000 });
+  t.match(r.stdout, /spoiled, rolling back/, 'the child lost its files before the rollback');
+  for (const c of ['child still uid 1000', 'child has its pipe end again', "root reads the child's line through the pipe", 'child checked its files'])
+    t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  t.notMatch(r.stdout, /^FAIL|rollback failed/m, 'no check failed');
+  t.equal(r.status, 0, r.stderr);
+});
