@@ -21,6 +21,7 @@ import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import { InFlight, runHere, unwrap, type HandlerResult, type SyscallCtx, type Supervisor } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
+import { markInherited, ownRuns } from './resources/cowshare.js';
 import { captureMemory, vdsoInfo, checkMappings, copyUnforked, lockedRanges, addLocks, refuseFutureLocks, type VmaState, type HeldRun } from './resources/memory.js';
 import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, reapChild, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
@@ -355,6 +356,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         c.memory.set(p.ids.pid, mem);
         if (held?.runs.length) c.held.set(p.ids.pid, held.runs);
       }
+      markInherited(c.tree.processes, c.husks, c.memory); // pages children share with their parents stay shared at a restart
       if (out >= 0) plan = imagePlan(c);
     } catch (e) {
       destroyHusks(tracer, c.husks, c.hostOf); // nothing is kept
@@ -445,7 +447,7 @@ export function imagePlan(c: MemCheckpoint): ImagePlan {
     header: { version: FORMAT_VERSION, arch: ARCH, pageSize: PAGE_SIZE, crid: c.crid, kernel: os.release(), created: c.created, vdso: vdsoInfo(husk0) },
     tree: JSON.stringify(c.tree),
     shm: [...c.shmData].flatMap(([key, runs]) => [...nonZeroRuns(runs)].map((r) => ({ key, offset: r.offset, data: r.data }))),
-    procs: c.tree.processes.map((p) => ({ pid: p.ids.pid, memPid: c.husks.get(p.ids.pid)!, runs: c.memory.get(p.ids.pid)!.runs, held: c.held.get(p.ids.pid) ?? [] })),
+    procs: c.tree.processes.map((p) => ({ pid: p.ids.pid, memPid: c.husks.get(p.ids.pid)!, runs: ownRuns(p.memory, c.memory.get(p.ids.pid)!.runs), held: c.held.get(p.ids.pid) ?? [] })),
   };
 }
 

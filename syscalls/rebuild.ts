@@ -55,8 +55,11 @@ export function allIds(tree: TreeState): number[] {
  * Fresh shells for the processes of `tree` that `shells` lacks, each a child
  * of its parent's shell (the root's parent is `rootParent`): sessions set as
  * each is born, so children inherit them. Returns the pids made, in order.
+ * A process `ready` says no to (it must be a fork of its parent once the
+ * parent's memory is in place: cowshare.ts) is left for a later call, and
+ * so are its descendants.
  */
-export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, rootParent: Remote | undefined, made: number[]): void {
+export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, rootParent: Remote | undefined, made: number[], ready: (p: ProcessState) => boolean = () => true): void {
   if (!shells.has(tree.root)) {
     if (!rootParent) throw new CkptError(errno('ESRCH'), 'restart', `no parent for the root ${tree.root}`);
     // A container's init starts a new pid namespace, as its pid 1: all its pids are free there.
@@ -65,10 +68,11 @@ export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, 
     shells.set(tree.root, openShell(tracer, tree.processes[0], t, false));
   }
   for (const p of tree.processes) {
-    const sh = shells.get(p.ids.pid)!;
+    const sh = shells.get(p.ids.pid);
+    if (!sh) continue; // its parent is not made yet
     const host = sh.task.tid;
     if (!sh.live && p.ids.sid === p.ids.pid && Number(readStat(host).field(6)) !== host) sh.remote.check('restart:session', SYS_setsid);
-    for (const c of tree.processes.filter((c) => c.ids.ppid === p.ids.pid && !shells.has(c.ids.pid))) {
+    for (const c of tree.processes.filter((c) => c.ids.ppid === p.ids.pid && !shells.has(c.ids.pid) && ready(c))) {
       const t = cloneWithTid(tracer, sh.remote, c.ids.pid, 0, sh.remote.scratch());
       made.push(t.tid);
       shells.set(c.ids.pid, openShell(tracer, c, t, false));

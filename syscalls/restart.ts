@@ -24,7 +24,8 @@ import { viewPid, pidsInUse } from '../supervisor/pidns.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { CKPT } from './abi.js';
 import { InFlight, unwrap, type HandlerResult, type SyscallCtx } from './context.js';
-import { validateTree, parseMemoryRecord, type TreeState } from './state.js';
+import { validateTree, parseMemoryRecord, type TreeState, type ProcessState } from './state.js';
+import { inheritsMemory, inheritedVmas, keepInherited, ownRuns } from './resources/cowshare.js';
 import { int32 } from './checkpoint.js';
 import { vdsoInfo, pickGadget, restoreLayout, fillPages } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
@@ -45,9 +46,9 @@ export function restart(ctx: SyscallCtx): HandlerResult {
     if (crid < 0n || fdArg !== -1) throw new CkptError(errno('EINVAL'), 'restart', `crid ${crid} with fd ${fdArg}: an in-memory restart takes fd -1`);
     const c = usableCheckpoint(ctx, Number(crid), flags !== 0n);
     if (treeAlive(c)) return rollback(ctx, c);
-    return restoreTree(tracer, caller, c.tree, (shells, shm) => {
+    return restoreTree(tracer, caller, c.tree, (shells, shm, filled) => {
       shm.fill(c.shmData);
-      fillFromHusks(c, shells, shm);
+      fillFromHusks(c, shells, shm, filled);
     });
   }
   // The whole image is read, and its trailer checked, in flight
@@ -60,12 +61,17 @@ export function restart(ctx: SyscallCtx): HandlerResult {
     const img = unwrap(o);
     const records = new RecordQueue(img.records.map((r) => ({ type: r.type, payload: asBuffer(r.payload) })));
     const tree = validateTree(parseJson<TreeState>(records.expect(REC.TREE).payload, 'TREE'));
-    return restoreTree(tracer, caller, tree, (shells, shm) => fillFromImage(tree, shells, records, shm));
+    return restoreTree(tracer, caller, tree, (shells, shm, filled) => fillFromImage(tree, shells, records, shm, filled));
   });
 }
 
-/** Rebuild `tree` as new processes under the caller; `fill` lays out and fills memory. */
-export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill: (shells: Map<number, Shell>, shm: ShmRestore) => void): number {
+/**
+ * Rebuild `tree` as new processes under the caller; `fill` lays out and
+ * fills memory, process by process in tree order, and says `filled(pid)`
+ * after each: a child that shares pages with its parent is made then, as a
+ * fork of it (cowshare.ts).
+ */
+export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill: (shells: Map<number, Shell>, shm: ShmRestore, filled: (pid: number) => void) => void): number {
   const callerCreds = parseCreds(readStatus(caller.tgid));
   const setCreds = new Map(tree.processes.map((p) => [p.ids.pid, checkCreds(p.creds, callerCreds, p.ids.pid)]));
   for (const p of tree.processes) checkAttrs(p, caller.tgid, false);
@@ -78,16 +84,22 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
   const made: number[] = [];
   const shm = new ShmRestore(tree.shm);
   try {
+    const done = new Set<number>();
+    const ready = (p: ProcessState) => !inheritsMemory(p) || done.has(p.ids.ppid);
     const callerRemote = new Remote(tracer, caller);
     try {
-      makeShells(tracer, tree, shells, callerRemote, made);
+      makeShells(tracer, tree, shells, callerRemote, made, ready);
     } finally {
       callerRemote.finish();
     }
+    fill(shells, shm, (pid) => {
+      done.add(pid);
+      if (tree.processes.some((c) => c.ids.ppid === pid && !shells.has(c.ids.pid))) makeShells(tracer, tree, shells, undefined, made, ready);
+    });
+    // Zombies after the memory: one may be the child of a process made late.
     const zombies = makeZombies(tracer, tree, shells, made, () => false);
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z);
-    fill(shells, shm);
     restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm });
     for (const sh of shells.values()) finishProcess(tracer, sh, setCreds.get(sh.state.ids.pid)!);
   } catch (e) {
@@ -101,20 +113,24 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
   return viewPid(caller.tgid, shells.get(tree.root)!.task.tid);
 }
 
-/** Lay out a fresh shell's address space as the checkpoint's. */
+/** Lay out a fresh shell's address space as the checkpoint's (mappings it inherits from its parent kept). */
 function layout(sh: Shell, shm: ShmRestore): void {
   const current = readMaps(sh.task.tid);
   sh.gadget = pickGadget(current, sh.state.memory);
-  restoreLayout(sh.remote, current, sh.state.memory, sh.gadget, shm);
+  const inherited = inheritedVmas(sh.state.memory);
+  restoreLayout(sh.remote, current, sh.state.memory, sh.gadget, shm, inherited);
+  if (inherited.length) keepInherited(sh.remote, current, inherited);
 }
 
 /** Address spaces, in the order the image streams them; then its trailer. */
-function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: RecordQueue, shm: ShmRestore): void {
+function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: RecordQueue, shm: ShmRestore, done: (pid: number) => void): void {
   let cur: Shell | undefined;
   const filled = new Set<number>();
   for (let rec = reader.next(); rec; rec = reader.next()) {
     if (rec.type === REC.MEMORY) {
       const { pid } = parseMemoryRecord(parseJson(rec.payload, 'MEMORY'));
+      if (cur) done(cur.state.ids.pid);
+      if (!filled.has(pid) && tree.processes.some((p) => p.ids.pid === pid) && !shells.has(pid)) throw new CkptError(errno('EBADMSG'), 'image', `memory of process ${pid} before its parent's, whose pages it shares`);
       cur = shells.get(pid);
       if (!cur || filled.has(pid)) throw new CkptError(errno('EBADMSG'), 'image', `memory of unknown or repeated process ${pid}`);
       filled.add(pid);
@@ -129,16 +145,19 @@ function fillFromImage(tree: TreeState, shells: Map<number, Shell>, reader: Reco
       fillPages(cur.remote.mem, cur.state.memory, addr, data);
     } else throw new CkptError(errno('EBADMSG'), 'image', `unexpected ${rec.type} record among the pages`);
   }
+  if (cur) done(cur.state.ids.pid);
   const missing = tree.processes.find((p) => !filled.has(p.ids.pid));
   if (missing) throw new CkptError(errno('EBADMSG'), 'image', `no memory for process ${missing.ids.pid}`);
 }
 
 /** Address spaces from the husks of an in-memory checkpoint. */
-function fillFromHusks(c: MemCheckpoint, shells: Map<number, Shell>, shm: ShmRestore): void {
+function fillFromHusks(c: MemCheckpoint, shells: Map<number, Shell>, shm: ShmRestore, done: (pid: number) => void): void {
   for (const p of c.tree.processes) {
     const sh = shells.get(p.ids.pid)!;
     layout(sh, shm);
-    copyFromHusk(sh, c.husks.get(p.ids.pid)!, c.memory.get(p.ids.pid)!);
+    const mem = c.memory.get(p.ids.pid)!;
+    copyFromHusk(sh, c.husks.get(p.ids.pid)!, mem, ownRuns(p.memory, mem.runs));
     for (const r of c.held.get(p.ids.pid) ?? []) fillPages(sh.remote.mem, sh.state.memory, r.addr, r.data);
+    done(p.ids.pid);
   }
 }

@@ -15,6 +15,7 @@ import { filesStateSchema, filesTableSchema } from './resources/files.js';
 import { signalStateSchema } from './resources/signals.js';
 import { threadSchema } from './resources/thread.js';
 import { shmObjectSchema } from './resources/shm.js';
+import { inheritIssue } from './resources/cowshare.js';
 
 export interface ProcessState {
   ids: ProcessIds;
@@ -106,7 +107,9 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
   });
   socks.forEach((p, i) => void (p.id !== i && issue(ctx, ['files', 'socks', i, 'id'], `socket pair ${i} says it is ${p.id}`)));
   const pids = new Set<number>(), tids = new Set<number>();
+  const byPid = new Map<number, ProcessState>();
   t.processes.forEach((p, i) => {
+    if (!byPid.has(p.ids.pid)) byPid.set(p.ids.pid, p as ProcessState);
     const at = ['processes', i];
     const me = p.ids.pid;
     if (pids.has(me)) issue(ctx, [...at, 'ids', 'pid'], `process ${me} twice`);
@@ -128,6 +131,8 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
       if (BigInt(v.start) < end) issue(ctx, [...at, 'memory', j, 'start'], `mapping at ${v.start} overlaps or precedes the one before it`);
       end = BigInt(v.end);
       if (v.kind === 'shm' && !shmKeys.has(v.shmKey!)) issue(ctx, [...at, 'memory', j, 'shmKey'], `mapping of no shared object (${v.shmKey})`);
+      const bad = inheritIssue(v, byPid.get(p.ids.ppid));
+      if (bad) issue(ctx, [...at, 'memory', j, 'inherit'], bad);
     });
   });
   t.zombies.forEach((z, i) => {

@@ -4,7 +4,7 @@
 import t from 'tap';
 import path from 'node:path';
 import fs from 'node:fs';
-import { supervise, run, fixture, tmpdir, pidAlive, CKPT, bothWays as bothWaysIn } from './helpers.js';
+import { supervise, run, fixture, tmpdir, pidAlive, CKPT, q, bothWays as bothWaysIn } from './helpers.js';
 
 const dir = tmpdir('mappings');
 
@@ -68,11 +68,10 @@ t.test('a shared file mapping whose file may no longer be written is refused at 
 });
 
 // Copy-on-write sharing between a parent and its child: a rollback keeps it
-// (pages not written since stay as they are); a restart from an image makes
-// a copy for each process (known: todo, see the design in the fixture's
-// report), doubling the memory they use.
+// (pages not written since stay as they are); a restart makes the child a
+// fork of its filled parent (cowshare.ts), so memory is not doubled.
 for (const mode of ['undo', 'restart'] as const) {
-  t.test(`pages a parent and its child share copy-on-write stay shared (${mode})`, { todo: mode === 'restart' ? 'a restart gives each process its own copy' : false }, async (t) => {
+  t.test(`pages a parent and its child share copy-on-write stay shared (${mode})`, async (t) => {
     const { first, r } = bothWays('cowshare')(mode);
     if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
     const before = /before: .* pss sum (\d+) kB/.exec(first.stdout), after = /after: .* pss sum (\d+) kB/.exec(r.stdout);
@@ -81,3 +80,13 @@ for (const mode of ['undo', 'restart'] as const) {
     t.match(r.stdout, /^ok the pages shared at the checkpoint are still shared$/m);
   });
 }
+
+t.test('pages a parent and its child share stay shared after a restart from memory (DEFER|KILL, then restart(crid))', async (t) => {
+  const r = supervise(['sh', '-c', `${q(fixture('cowshare'))} outside & c=$!; sleep 1; crid=$(${CKPT.map(q).join(' ')} checkpoint $c --defer --kill); echo "crid=$crid"; ${CKPT.map(q).join(' ')} undo $crid`], { timeout: 60_000 });
+  const before = /before: .* pss sum (\d+) kB/.exec(r.stdout), after = /after: .* pss sum (\d+) kB/.exec(r.stdout);
+  t.comment(`${before?.[0]} / ${after?.[0]}`);
+  t.match(r.stdout, /^crid=\d+$/m, 'the checkpoint was taken');
+  t.match(r.stderr, /back at checkpoint/, 'and restored from memory');
+  t.match(r.stdout, /^ok the child's memory is its own$/m);
+  t.match(r.stdout, /^ok the pages shared at the checkpoint are still shared$/m);
+});

@@ -58,6 +58,13 @@ export interface VmaState {
   mayWrite?: boolean;
   /** Identity of a mapped file, checked before it is mapped again. */
   file?: { size: number; mtimeMs: number };
+  /**
+   * Pages shared copy-on-write with the parent's at the same address at
+   * the checkpoint (page runs [start, end) in hex): left out of the image,
+   * they come back shared by making the process a fork of its filled
+   * parent (cowshare.ts). A rollback ignores them.
+   */
+  inherit?: [string, string][];
   /** Pages of this VMA the image carries. */
   pages: number;
 }
@@ -79,6 +86,7 @@ export const vmaSchema = z.strictObject({
   advice: z.array(z.enum(['dd', 'hg', 'nh', 'rr', 'sr', 'mg', 'lo', 'lf'])).max(16).optional(),
   droppable: z.boolean().optional(),
   guards: z.array(z.tuple([pageAddr, pageAddr])).max(MANY).optional(),
+  inherit: z.array(z.tuple([pageAddr, pageAddr])).max(MANY).optional(),
   mayWrite: z.boolean().optional(),
   file: z.strictObject({ size: int(0, Number.MAX_SAFE_INTEGER), mtimeMs: z.number().min(0).max(1e16) }).optional(),
   pages: int(0, MANY * 64),
@@ -387,18 +395,19 @@ const TASK_TOP = 0x7ffffffff000n;
  * special mappings goes, the special group moves to its old place, and
  * every VMA is mapped again. Page contents follow with fillPages.
  */
-export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], gadget: bigint, shm?: ShmRestore): void {
+export function restoreLayout(r: Remote, current: MapEntry[], vmas: VmaState[], gadget: bigint, shm?: ShmRestore, inherited: VmaState[] = []): void {
   const pid = r.task.tid;
   installGadget(r, gadget);
   const specials = current.filter((m) => SPECIAL.includes(m.path));
-  const keep = [{ start: gadget, end: gadget + GADGET_SIZE }, ...specials.map((m) => ({ start: m.start, end: m.end }))].sort((a, b) => (a.start < b.start ? -1 : 1));
+  // Mappings inherited from the parent (cowshare.ts) stay as fork left them.
+  const keep = [{ start: gadget, end: gadget + GADGET_SIZE }, ...specials.map((m) => ({ start: m.start, end: m.end })), ...inherited.map((v) => ({ start: vmaStart(v), end: vmaEnd(v) }))].sort((a, b) => (a.start < b.start ? -1 : 1));
   let at = 0n;
   for (const k of [...keep, { start: TASK_TOP, end: TASK_TOP }]) {
     if (k.start > at) r.check('restart:memory', SYS.munmap, at, k.start - at);
     at = k.end;
   }
   placeSpecials(r, current, vmas, pid);
-  mapVmas(r, vmas.filter((v) => v.kind !== 'special'), shm);
+  mapVmas(r, vmas.filter((v) => v.kind !== 'special' && !inherited.includes(v)), shm);
 }
 
 /**
