@@ -7,9 +7,12 @@
  * the stop to the event loop when it needs more (a ckpt call made meanwhile).
  */
 import { sys } from '../lib/libc.js';
+import { CkptError, errno } from '../lib/errors.js';
 import { PT, PTRACE_EVENT } from '../lib/ptrace.js';
 import { listTids, readStat } from '../lib/proc.js';
 import type { Task, Tracer } from './tracer.js';
+
+const SYS_kcmp = 312, KCMP_VM = 0;
 
 export class Freeze {
   /** Tasks this freeze stopped (the caller, already stopped, is not one). */
@@ -24,6 +27,7 @@ export class Freeze {
    */
   add(tgids: number[]): number[] {
     const procs = new Set(tgids);
+    const inVfork = new Map<number, string>(); // task -> why it cannot be frozen
     for (let changed = true; changed; ) {
       changed = false;
       const asked: Task[] = [];
@@ -37,6 +41,14 @@ export class Freeze {
         }
         for (const tid of tids) {
           const known = this.tracer.tasks.get(tid);
+          const vfork = known && sharingVfork(this.tracer, known);
+          if (vfork) {
+            // A vfork parent waits in the kernel until its child execs or
+            // exits, and no PTRACE_INTERRUPT stops it before: waiting for
+            // its stop would hang the loop (and, the child frozen, the tree).
+            inVfork.set(tid, vfork);
+            if (known.stop === 'running' && known.vforkChild) continue;
+          }
           if (known && known.stop !== 'running') continue;
           // A task we do not know that cannot be interrupted is no tracee
           // (a zombie already reported): never register it. A known one
@@ -66,6 +78,14 @@ export class Freeze {
         }
       }
     }
+    for (const t of this.tasks) {
+      const vfork = sharingVfork(this.tracer, t);
+      if (vfork) inVfork.set(t.tid, vfork);
+    }
+    if (inVfork.size) {
+      const [tid, why] = [...inVfork][0];
+      throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:vfork', `task ${tid}: ${why}; try again once it has`);
+    }
     const alive = (tgid: number) => this.tracer.tasks.has(tgid) && this.tracer.tasks.get(tgid)!.stop !== 'running';
     return [...procs].filter(alive);
   }
@@ -79,6 +99,20 @@ export class Freeze {
   }
 }
 
+
+/**
+ * Why task `t` is in the middle of a vfork (it and its partner still share
+ * one address space: kcmp KCMP_VM), or undefined, the marks then cleared.
+ */
+function sharingVfork(tracer: Tracer, t: Task): string | undefined {
+  const other = t.vforkChild ?? t.vforkParent;
+  if (other === undefined) return undefined;
+  if (tracer.tasks.has(other) && sys.syscall(SYS_kcmp, t.tgid, other, KCMP_VM, 0, 0) === 0) {
+    return t.vforkChild ? `in vfork(): its child ${other} shares its memory until it calls exec or exits` : `a vfork child that has not called exec yet: it shares the memory of its parent ${other}`;
+  }
+  t.vforkChild = t.vforkParent = undefined;
+  return undefined;
+}
 
 /** The processes of the subtree rooted at `root` (root first), among the tracees. */
 export function subtree(tracer: Tracer, root: number): number[] {

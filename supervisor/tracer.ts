@@ -34,6 +34,13 @@ export interface Task {
    * late answer then goes nowhere.
    */
   inFlight?: object;
+  /**
+   * vfork: the child this task made with vfork (it waits, unstoppable, until
+   * the child execs or exits), or for the child, the parent. The two share
+   * one address space meanwhile; a freeze checks whether they still do.
+   */
+  vforkChild?: number;
+  vforkParent?: number;
 }
 
 export type SeccompHandler = (tracer: Tracer, task: Task) => void;
@@ -201,6 +208,10 @@ export class Tracer {
   noteFork(task: Task, event: number): number {
     const pid = getEventMsg(task.tid);
     const child = this.add(pid, event === PTRACE_EVENT.CLONE ? undefined : pid);
+    if (event === PTRACE_EVENT.VFORK) {
+      task.vforkChild = pid;
+      child.vforkParent = task.tid;
+    }
     if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
     if (child.tgid !== task.tgid && this.vmAdvice.has(task.tgid)) this.vmAdvice.add(child.tgid);
     if (child.tgid !== task.tgid && this.prctlNoted.has(task.tgid)) this.prctlNoted.add(child.tgid);

@@ -63,9 +63,15 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const ns = tree.nsView ? (h: number) => viewPid(root, h) : (h: number) => h;
   const ph = new Phases();
   const freeze = new Freeze(tracer);
-  freeze.add(subtree(tracer, root));
-  const procs = subtree(tracer, root);
-  freeze.add(procs);
+  let procs: number[];
+  try {
+    freeze.add(subtree(tracer, root));
+    procs = subtree(tracer, root);
+    freeze.add(procs);
+  } catch (e) {
+    freeze.thaw(); // a process in vfork, say: the subtree runs on as it was
+    throw e;
+  }
 
   // ---- checks: nothing has changed yet
   const kept = tree.processes.filter((p) => sameProcess(host(p.ids.pid), p));

@@ -311,3 +311,19 @@ t.test('a shell checkpoints itself with `ckpt checkpoint $$` and carries on afte
   t.match(second.stdout, /done n=60 sum=right/);
   t.equal(second.status, 0);
 });
+
+// A vfork parent cannot be stopped until its child execs or exits, and the
+// two share one address space meanwhile: refused at once, never a hang.
+t.test('a checkpoint during a vfork is refused (parent and child), and works once it is over', async (t) => {
+  const pidfile = path.join(tmpdir('vfork'), 'child.pid');
+  const ckpt = CKPT.map(q).join(' ');
+  const r = supervise(['sh', '-c', `${q(fixture('vfork'))} ${q(pidfile)} & p=$!; sleep 0.7; ` +
+    `${ckpt} checkpoint $p --defer; echo "parent=$?"; ${ckpt} checkpoint $(cat ${q(pidfile)}) --defer; echo "child=$?"; wait $p; echo "fixture=$?"`], { timeout: 60_000 });
+  t.match(r.stdout, /^parent=1$/m, 'the checkpoint of the vfork parent fails');
+  t.match(r.stdout, /^child=1$/m, 'so does that of the vfork child');
+  t.match(r.stderr, /^ckpt-supervise: task \d+: checkpoint: EOPNOTSUPP: checkpoint:vfork: task \d+: in vfork\(\): its child \d+ shares its memory until it calls exec or exits/m, 'the log names the parent and its child');
+  t.match(r.stderr, /^ckpt-supervise: task \d+: checkpoint: EOPNOTSUPP: checkpoint:vfork: task \d+: a vfork child that has not called exec yet/m, 'and the child');
+  t.match(r.stdout, /^ok the vfork child ran on to its exec$/m, 'both ran on');
+  t.match(r.stdout, /^ok after the vfork: checkpoint and rollback$/m);
+  t.match(r.stdout, /^fixture=0$/m);
+});
