@@ -22,7 +22,7 @@ import { CKPT } from './abi.js';
 import { InFlight, runHere, unwrap, type HandlerResult, type SyscallCtx, type Supervisor } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { markInherited, ownRuns } from './resources/cowshare.js';
-import { captureMemory, vdsoInfo, checkMappings, copyUnforked, lockedRanges, addLocks, refuseFutureLocks, type VmaState, type HeldRun } from './resources/memory.js';
+import { refuseSharedMm, captureMemory, vdsoInfo, checkMappings, copyUnforked, lockedRanges, addLocks, refuseFutureLocks, type VmaState, type HeldRun } from './resources/memory.js';
 import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, reapChild, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstacks, AltstackQuery, findTidAddress, peekPending, type ThreadState } from './resources/thread.js';
@@ -84,6 +84,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
   };
   const rs: Remote[] = [];
   const seccomp = new SeccompSuspension();
+  refuseSharedMm(procs);
   try {
     // Registers and pending signals first, before any injected syscall
     // touches them (a task resumed for one may take a signal on its way back).

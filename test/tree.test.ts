@@ -327,3 +327,11 @@ t.test('a checkpoint during a vfork is refused (parent and child), and works onc
   t.match(r.stdout, /^ok after the vfork: checkpoint and rollback$/m);
   t.match(r.stdout, /^fixture=0$/m);
 });
+
+t.test('processes sharing an address space (clone CLONE_VM) are refused, and run on', async (t) => {
+  const r = supervise([fixture('sharedvm')], { timeout: 60_000 });
+  t.match(r.stdout, /^ok a checkpoint of processes sharing an address space is refused$/m);
+  t.match(r.stdout, /^ok both ran on, sharing their memory$/m);
+  t.match(r.stderr, /^ckpt-supervise: task \d+: checkpoint: EOPNOTSUPP: checkpoint:memory: task \d+: shares its address space with process \d+ \(clone CLONE_VM without CLONE_THREAD\)/m, 'the log names both');
+  t.equal(r.status, 0);
+});
