@@ -12,7 +12,7 @@ import { PT, PTRACE_EVENT } from '../lib/ptrace.js';
 import { listTids, readStat } from '../lib/proc.js';
 import type { Task, Tracer } from './tracer.js';
 
-const SYS_kcmp = 312, KCMP_VM = 0;
+const SYS_kcmp = 312, KCMP_VM = 1;
 
 export class Freeze {
   /** Tasks this freeze stopped (the caller, already stopped, is not one). */

@@ -22,6 +22,7 @@ import { CKPT } from './abi.js';
 import { InFlight, runHere, unwrap, type HandlerResult, type SyscallCtx, type Supervisor } from './context.js';
 import type { ProcessState, TreeState, ZombieState } from './state.js';
 import { markInherited, ownRuns } from './resources/cowshare.js';
+import { ownNamespaces, refuseOwnNamespaces } from './resources/namespaces.js';
 import { refuseSharedMm, captureMemory, vdsoInfo, checkMappings, copyUnforked, lockedRanges, addLocks, refuseFutureLocks, type VmaState, type HeldRun } from './resources/memory.js';
 import { HUSK_CLONE, adoptHusks, finishHusk, destroyHusk, destroyHusks, reapChild, type MemCheckpoint } from './memckpt.js';
 import { openUffd, newHuskPageCache } from './resources/dirty.js';
@@ -347,8 +348,10 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     };
     let plan: ImagePlan | undefined;
     try {
+      const ours = ownNamespaces();
       for (const p of c.tree.processes) {
         const husk = c.husks.get(p.ids.pid)!;
+        refuseOwnNamespaces(husk, c.hostOf(p.ids.pid), ours);
         finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
         const mem = captureMemory(husk, undefined, c.hostOf(p.ids.pid)); // a refusal names the process, not its husk
         const held = cap.held.get(p.ids.pid);

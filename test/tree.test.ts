@@ -335,3 +335,14 @@ t.test('processes sharing an address space (clone CLONE_VM) are refused, and run
   t.match(r.stderr, /^ckpt-supervise: task \d+: checkpoint: EOPNOTSUPP: checkpoint:memory: task \d+: shares its address space with process \d+ \(clone CLONE_VM without CLONE_THREAD\)/m, 'the log names both');
   t.equal(r.status, 0);
 });
+
+// A restart puts every process in the caller's namespaces: one of its own is refused.
+for (const kind of ['uts', 'mnt', 'net', 'ipc', 'cgroup']) {
+  t.test(`a process in a ${kind} namespace of its own is refused, and stays in it`, async (t) => {
+    const r = supervise([fixture('ownns'), kind], { timeout: 60_000 });
+    t.match(r.stdout, /^ok refused$/m);
+    t.match(r.stdout, /^ok still in its own namespace$/m);
+    t.match(r.stderr, new RegExp(`^ckpt-supervise: task \\d+: checkpoint: EOPNOTSUPP: checkpoint:namespaces: task \\d+: is in its own ${kind} namespace`, 'm'), 'the log names the namespace');
+    t.equal(r.status, 0);
+  });
+}

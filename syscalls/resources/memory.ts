@@ -266,7 +266,7 @@ export function checkMappings(pid: number, shm: ShmCapture, status?: Map<string,
  * puts sharers side by side.
  */
 export function refuseSharedMm(procs: number[]): void {
-  const KCMP_VM = 0, SYS_kcmp = 312;
+  const KCMP_VM = 1, SYS_kcmp = 312;
   const cmp = (a: number, b: number) => {
     const r = sys.syscall(SYS_kcmp, a, b, KCMP_VM, 0, 0);
     return r === 1 ? -1 : r === 2 ? 1 : 0;
