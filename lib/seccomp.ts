@@ -8,7 +8,7 @@
  * memory fork does not copy in processes that ever asked for it; madvise
  * with advice that smaps shows as a VMA flag, and the lock calls, so that
  * only the rollbacks of processes that ever used them read smaps. Likewise
- * prctl PR_SET_PDEATHSIG, PR_SET_TIMERSLACK and PR_SET_CHILD_SUBREAPER
+ * prctl PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER and PR_SET_MDWE
  * (per-thread or uninherited values that only an injected call can read):
  * the stop asks for them only in processes that ever set one. Strict mode
  * (prctl PR_SET_SECCOMP, seccomp SECCOMP_SET_MODE_STRICT) is trapped to be
@@ -26,7 +26,7 @@ export const SECCOMP_RET_ALLOW = 0x7fff0000;
 export const SECCOMP_RET_TRACE = 0x7ff00000;
 const SYS_madvise = 28, SYS_prctl = 157, SYS_alarm = 37, SYS_setitimer = 38, SYS_seccomp = 317;
 export const MADV_DONTFORK = 10, MADV_WIPEONFORK = 18;
-export const PR_SET_PDEATHSIG = 1, PR_SET_TIMERSLACK = 29, PR_SET_CHILD_SUBREAPER = 36, PR_SET_SECCOMP = 22;
+export const PR_SET_PDEATHSIG = 1, PR_SET_TIMERSLACK = 29, PR_SET_CHILD_SUBREAPER = 36, PR_SET_SECCOMP = 22, PR_SET_MDWE = 65;
 /** seccomp(2)'s operation that asks for strict mode (see syscalls/strict.ts). */
 const SECCOMP_SET_MODE_STRICT = 0;
 /** struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low word first). */
@@ -45,7 +45,7 @@ type Step = Insn | ['JEQ', number, string, string] | ['LABEL', string];
 /** Trap [first, last], the noted madvise and prctl calls, the lock calls, alarm and setitimer on x86-64; the result is a struct sock_filter array. */
 export function buildTrapFilter(first: number, last: number): Buffer {
   const advice = [MADV_DONTFORK, MADV_WIPEONFORK, ...MADV_VM_STATE];
-  const options = [PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER, PR_SET_SECCOMP];
+  const options = [PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_CHILD_SUBREAPER, PR_SET_SECCOMP, PR_SET_MDWE];
   // Each value tested in turn: equal -> `yes`, else the next test; the last one's else -> `no`.
   const anyOf = (ks: number[], yes: string, no: string): Step[] => ks.map((k, i) => ['JEQ', k, yes, i === ks.length - 1 ? no : 'next']);
   const steps: Step[] = [

@@ -130,7 +130,14 @@ await yargs(hideBin(process.argv))
     'restart from an image (file or stdin); waits for the restored root and exits with its status',
     (y) => y.option('i', { alias: 'input', type: 'string', describe: 'image file (default: stdin)' }),
     (a) => {
-      const fd = a.i ? fs.openSync(a.i, 'r') : 0;
+      let fd = 0;
+      if (a.i) {
+        try {
+          fd = fs.openSync(a.i, 'r');
+        } catch (e) {
+          fail(`restart: cannot open the image ${a.i}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+        }
+      }
       const pid = call('restart', 0, fd, 0);
       if (a.i) fs.closeSync(fd);
       process.stderr.write(`ckpt: restarted as pid ${pid}\n`);

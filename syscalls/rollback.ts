@@ -218,7 +218,7 @@ function compatible(m: MapEntry, v: VmaState): boolean {
   if (v.kind === 'shm' || v.dontfork || protOf(m.perms) !== v.prot || (m.perms[3] === 's') !== v.shared) return false;
   if (m.flags && !sameVmFlags(m.flags, v)) return false; // advice changed since (or guards): mapped again with the checkpoint's
   const file = m.path.startsWith('/') && m.path !== '/dev/zero';
-  if (v.kind === 'anon') return !file;
+  if (v.kind === 'anon') return !file && (m.path || undefined) === (v.name ?? undefined); // a name given or changed since: mapped again, named as at the checkpoint
   // The same file, at the same offset for the same address.
   return file && m.path === v.path && m.offset - m.start === BigInt(v.offset!) - vmaStart(v);
 }

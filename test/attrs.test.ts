@@ -2,7 +2,7 @@
 import t, { type Test } from 'tap';
 import path from 'node:path';
 import fs from 'node:fs';
-import { supervise, fixture, CKPT, tmpdir } from './helpers.js';
+import { supervise, fixture, CKPT, tmpdir, bothWays } from './helpers.js';
 
 const dir = tmpdir('attrs');
 
@@ -117,4 +117,24 @@ t.test('a rollback gives a process that dropped root its files back (a root sibl
     t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
   t.notMatch(r.stdout, /^FAIL|rollback failed/m, 'no check failed');
   t.equal(r.status, 0, r.stderr);
+});
+
+// I/O priorities, core dump filter, KSM merging and MDWE (fixtures/controls.c).
+for (const mode of ['restart', 'undo'] as const) {
+  t.test(`I/O priority per thread, core dump filter, KSM and MDWE come back (${mode})`, async (t) => {
+    const { first, r } = bothWays(dir, 'controls')(mode);
+    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    for (const c of ['main thread: I/O priority', 'worker thread: I/O priority \\(idle\\)', 'core dump filter', 'KSM merging of the process', 'memory-deny-write-execute', 'a writable and executable mapping is still refused', 'anonymous memory keeps its (name and )?data.*'])
+      t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c.replace(/\\\\/g, ''));
+    t.match(r.stdout, /CONTROLS OK/);
+    t.equal(r.status, 0, r.stderr);
+  });
+}
+
+t.test('a rollback past PR_SET_MDWE is refused, the process keeping it', async (t) => {
+  const r = supervise([fixture('controls'), 'undo-mdwe'], { timeout: 60_000 });
+  t.match(r.stdout, /^ok a rollback past PR_SET_MDWE is refused$/m);
+  t.match(r.stdout, /^ok and the process keeps it$/m);
+  t.match(r.stderr, /restart: EOPNOTSUPP: restart:mdwe: task \d+: set memory-deny-write-execute \(PR_SET_MDWE 0x1\) since the checkpoint, and it cannot be cleared/);
+  t.equal(r.status, 0);
 });

@@ -5,7 +5,9 @@
  * (THP_DISABLE, CHILD_SUBREAPER, PDEATHSIG, DUMPABLE, timer slack,
  * NO_NEW_PRIVS), securebits (KEEPCAPS among them), membarrier
  * registrations, every thread's name, the root directory (chroot), cgroup
- * membership, and the capability sets (per thread).
+ * membership, and the capability sets (per thread); the I/O priority (per
+ * thread), the core dump filter, memory-deny-write-execute (PR_SET_MDWE)
+ * and KSM merging of the whole process (PR_SET_MEMORY_MERGE).
  *
  * Who holds what decides when it is read:
  * - a clone does not inherit pdeathsig nor the child-subreaper flag, and a
@@ -40,6 +42,8 @@ import type { ThreadState } from './thread.js';
 const PR_GET_TIMERSLACK = 30, PR_SET_PDEATHSIG = 1, PR_GET_PDEATHSIG = 2, PR_GET_DUMPABLE = 3, PR_SET_DUMPABLE = 4, PR_SET_KEEPCAPS = 8, PR_SET_NAME = 15;
 const PR_CAPBSET_DROP = 24, PR_GET_SECUREBITS = 27, PR_SET_SECUREBITS = 28, PR_SET_TIMERSLACK = 29;
 const PR_SET_CHILD_SUBREAPER = 36, PR_GET_CHILD_SUBREAPER = 37, PR_SET_NO_NEW_PRIVS = 38, PR_SET_THP_DISABLE = 41;
+const PR_SET_MDWE = 65, PR_GET_MDWE = 66, PR_SET_MEMORY_MERGE = 67, PR_GET_MEMORY_MERGE = 68;
+const SYS_ioprio_set = 251, SYS_ioprio_get = 252, IOPRIO_WHO_PROCESS = 1;
 const PR_CAP_AMBIENT = 47, PR_CAP_AMBIENT_RAISE = 2, PR_CAP_AMBIENT_CLEAR_ALL = 4;
 const SECBIT_KEEP_CAPS = 1 << 4;
 const SYS_personality = 135, SYS_capset = 126, SYS_chroot = 161;
@@ -70,6 +74,8 @@ export interface ThreadAttrs {
   noNewPrivs: boolean;
   /** Credentials are per thread (setfsuid, raw setresuid): this thread's. */
   creds: Creds;
+  /** ioprio_get(IOPRIO_WHO_PROCESS, tid): class and level (ionice). */
+  ioprio?: number;
 }
 
 /** Process-wide attributes (ProcessState.attrs). */
@@ -90,6 +96,12 @@ export interface ProcAttrs {
   root: string;
   /** /proc/PID/cgroup lines. */
   cgroups: string[];
+  /** /proc/PID/coredump_filter. */
+  coredumpFilter?: number;
+  /** PR_GET_MDWE: memory-deny-write-execute flags (cannot be cleared). */
+  mdwe?: number;
+  /** PR_GET_MEMORY_MERGE: KSM merges all of the process's memory. */
+  ksm?: boolean;
 }
 
 const hexBig = (s: string) => BigInt('0x' + (s || '0'));
@@ -175,7 +187,15 @@ export function captureThreadAttrs(tid: number, noted: boolean, status = statusL
     caps: capsOf(status),
     noNewPrivs: status.get('NoNewPrivs') === '1',
     creds: parseCreds(status),
+    ioprio: ioprioOf(tid),
   };
+}
+
+/** The I/O priority of thread `tid` (read by the supervisor: no injected call). */
+function ioprioOf(tid: number): number {
+  const v = sys.syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid);
+  if (v < 0) throw new CkptError(errnoNow(), 'checkpoint:ioprio', `task ${tid}: ioprio_get failed`);
+  return v;
 }
 
 const THREAD_KEYS = ['Name', 'Uid', 'Gid', 'Groups', 'NoNewPrivs', 'CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'Cpus_allowed'];
@@ -258,7 +278,9 @@ export function captureProcAttrs(r: Remote, state: { ids: { pid: number }; attrs
   b.add('checkpoint:prctl PR_GET_SECUREBITS', SYS.prctl, PR_GET_SECUREBITS);
   b.add(undefined, SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0);
   b.add('checkpoint:prctl PR_GET_TIMERSLACK', SYS.prctl, PR_GET_TIMERSLACK);
-  const [dumpable, securebits, membarrier, slack] = b.run().map(Number);
+  b.add(undefined, SYS.prctl, PR_GET_MDWE, 0, 0, 0, 0); // EINVAL before Linux 6.3: none
+  b.add(undefined, SYS.prctl, PR_GET_MEMORY_MERGE, 0, 0, 0, 0); // EINVAL before 6.4 or without KSM: none
+  const [dumpable, securebits, membarrier, slack, mdwe, ksm] = b.run().map(Number);
   // Not asked of each thread (the process never set one): all have the leader's, which the husk inherited.
   for (const th of state.threads) if (th.attrs && !th.attrs.timerSlack) th.attrs.timerSlack = String(slack);
   if (membarrier < 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:membarrier', `task ${pid}: this kernel cannot say which membarrier commands the process registered (errno ${-membarrier})`);
@@ -274,6 +296,9 @@ export function captureProcAttrs(r: Remote, state: { ids: { pid: number }; attrs
     membarrier,
     root: fs.readlinkSync(`/proc/${t}/root`),
     cgroups: fs.readFileSync(`/proc/${t}/cgroup`, 'utf8').split('\n').filter(Boolean),
+    coredumpFilter: parseInt(fs.readFileSync(`/proc/${t}/coredump_filter`, 'utf8'), 16),
+    mdwe: mdwe > 0 ? mdwe : 0,
+    ksm: ksm > 0,
   };
 }
 
@@ -374,6 +399,7 @@ export function checkRollbackAttrs(tracer: Tracer, kept: { ids: { pid: number };
     for (const p of kept) {
       const pid = host(p.ids.pid);
       checkAttrs(p, pid, true);
+      if (tracer.prctlNoted.has(pid)) checkMdwe(tracer, p, pid); // PR_SET_MDWE is trapped to be noted: no call for the others
       for (const t of p.threads) {
         const st = readStatus(host(t.tid));
         const want = t.attrs?.creds ?? p.creds;
@@ -438,6 +464,7 @@ export const threadAttrsSchema = z.strictObject({
   caps: z.strictObject({ eff: capHex, prm: capHex, inh: capHex, bnd: capHex, amb: capHex }),
   noNewPrivs: z.boolean(),
   creds: credsSchema,
+  ioprio: int(0, 0xffff).optional(),
 });
 export const procAttrsSchema = z.strictObject({
   rlimits: z.array(z.strictObject({ soft: z.union([decimal, z.literal('unlimited')]), hard: z.union([decimal, z.literal('unlimited')]) })).max(64),
@@ -450,9 +477,24 @@ export const procAttrsSchema = z.strictObject({
   membarrier: int(0, 0xffffffff),
   root: path,
   cgroups: z.array(z.string().max(4096)).max(64),
+  coredumpFilter: u32.optional(),
+  mdwe: int(0, 3).optional(),
+  ksm: z.boolean().optional(),
 });
 const sameAttrs: [Same<z.infer<typeof threadAttrsSchema>, ThreadAttrs>, Same<z.infer<typeof procAttrsSchema>, ProcAttrs>] = [true, true];
 void sameAttrs;
+
+/** memory-deny-write-execute set since the checkpoint cannot be cleared: the rollback is refused. */
+function checkMdwe(tracer: Tracer, p: { ids: { pid: number }; attrs?: ProcAttrs }, pid: number): void {
+  const r = new Remote(tracer, tracer.tasks.get(pid)!);
+  let now: bigint;
+  try {
+    now = r.call(SYS.prctl, PR_GET_MDWE, 0, 0, 0, 0);
+  } finally {
+    r.finish();
+  }
+  if (now > 0n && Number(now) !== (p.attrs?.mdwe ?? 0)) throw new CkptError(errno('EOPNOTSUPP'), 'restart:mdwe', `task ${p.ids.pid}: set memory-deny-write-execute (PR_SET_MDWE 0x${now.toString(16)}) since the checkpoint, and it cannot be cleared`);
+}
 
 /** Open `path` in the task, write `text`, close: with the task's own permissions. */
 function writeAs(r: Remote, what: string, path: string, text: string): void {
@@ -523,6 +565,7 @@ export function restoreAttrs(tracer: Tracer, sh: AttrShell): void {
       // ---- before credentials (they may drop what sched needs)
       if (ta) {
         if (!sameSched(schedOf(tid), ta.sched)) tb.add((b) => b.add(`restart:sched policy ${ta.sched.policy} nice ${ta.sched.nice} priority ${ta.sched.priority}`, SYS_sched_setattr, 0, b.put(schedBuf(ta.sched)), 0));
+        if (ta.ioprio !== undefined && ioprioOf(tid) !== ta.ioprio) tb.add((b) => b.add(`restart:ioprio class ${ta.ioprio! >> 13} level ${ta.ioprio! & 0x1fff}`, SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, ta.ioprio!));
         if (!sameMask(affinityOf(tid), ta.affinity)) {
           const m = Buffer.from(ta.affinity, 'hex');
           tb.add((b) => b.add('restart:affinity', SYS_sched_setaffinity, 0, m.length, b.put(m)));
@@ -639,6 +682,15 @@ function restoreProcessWide(sh: AttrShell, a: ProcAttrs): number {
   for (let bit = 0; bit < 31; bit++) if (a.membarrier & ~regs & (1 << bit)) mb.add(`restart:membarrier register 0x${(1 << bit).toString(16)}`, SYS_membarrier, 1 << bit, 0, 0);
   mb.run();
   if (Number(fs.readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8')) !== a.oomScoreAdj) writeAs(r, `restart:oom_score_adj ${a.oomScoreAdj}`, '/proc/self/oom_score_adj', String(a.oomScoreAdj));
+  if (a.coredumpFilter !== undefined && parseInt(fs.readFileSync(`/proc/${pid}/coredump_filter`, 'utf8'), 16) !== a.coredumpFilter) writeAs(r, `restart:coredump_filter 0x${a.coredumpFilter.toString(16)}`, '/proc/self/coredump_filter', '0x' + a.coredumpFilter.toString(16));
+  const mm = new CallBatch(r);
+  mm.add(undefined, SYS.prctl, PR_GET_MDWE, 0, 0, 0, 0);
+  mm.add(undefined, SYS.prctl, PR_GET_MEMORY_MERGE, 0, 0, 0, 0);
+  const [mdweNow, ksmNow] = mm.run().map((x) => (x > 0n ? Number(x) : 0));
+  // MDWE cannot be cleared (a rollback past it was refused in checkRollbackAttrs); no mmap or mprotect of ours follows it.
+  if ((a.mdwe ?? 0) !== mdweNow) r.check(`restart:prctl PR_SET_MDWE 0x${(a.mdwe ?? 0).toString(16)}`, SYS.prctl, PR_SET_MDWE, a.mdwe ?? 0, 0, 0, 0);
+  // KSM for the whole process needs CAP_SYS_RESOURCE: the kernel says EPERM if the process lacks it.
+  if (!!a.ksm !== (ksmNow !== 0)) r.check('restart:prctl PR_SET_MEMORY_MERGE', SYS.prctl, PR_SET_MEMORY_MERGE, a.ksm ? 1 : 0, 0, 0, 0);
   restoreCgroups(r, p.ids.pid, pid, a.cgroups);
   const root = fs.readlinkSync(`/proc/${pid}/root`);
   if (root !== a.root) {

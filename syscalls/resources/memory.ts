@@ -14,7 +14,7 @@ import { Pagemap, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
 import type { ImageHeader } from '../../lib/image.js';
 import { SYS, sys } from '../../lib/libc.js';
-import type { Remote } from '../../supervisor/remote.js';
+import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { isShm, shmKeyOfMap, type ShmCapture, type ShmRestore } from './shm.js';
 import { z, int, path, pageAddr, hexBelow, MANY, type Same } from '../../lib/schema.js';
 
@@ -102,6 +102,9 @@ const vmaSame: Same<z.infer<typeof vmaSchema>, VmaState> = true;
 void vmaSame;
 
 const hex = (v: bigint) => '0x' + v.toString(16);
+/** A name a program gave anonymous memory (prctl PR_SET_VMA_ANON_NAME), as maps shows it. */
+const ANON_NAME = /^\[anon:(.{1,80})\]$/s;
+const PR_SET_VMA = 0x53564d41, PR_SET_VMA_ANON_NAME = 0;
 export const vmaStart = (v: VmaState) => BigInt(v.start);
 export const vmaEnd = (v: VmaState) => BigInt(v.end);
 
@@ -230,6 +233,10 @@ function describe(pid: number, m: MapEntry, shm?: ShmCapture, who = pid): VmaSta
   }
   if (m.flags?.some((f) => f === 'io' || f === 'pf')) throw unsupported(who, `device mapping ${range} ${m.path}`);
   if (m.path === '' || (m.path.startsWith('[') && m.path !== '[vsyscall]')) {
+    // Anonymous memory the kernel names: the heap, the stack, a name the
+    // program gave (PR_SET_VMA_ANON_NAME, restored by mapVmas). Any other
+    // kernel mapping ([uprobes], an architecture's own...) is refused.
+    if (m.path !== '' && m.path !== '[heap]' && m.path !== '[stack]' && !ANON_NAME.test(m.path)) throw unsupported(who, `kernel mapping ${range} ${m.path}`);
     if (base.shared) throw unsupported(who, `shared anonymous mapping ${range}`);
     return { ...base, kind: 'anon', name: m.path || undefined, growsdown: m.flags?.includes('gd') };
   }
@@ -461,7 +468,11 @@ const BATCH_CODE = Buffer.from([
 ]);
 
 export function installGadget(r: Remote, gadget: bigint): void {
-  r.check('restart:memory', SYS.mmap, gadget, GADGET_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  // Code and data apart, never writable and executable at once: a process
+  // with memory-deny-write-execute (PR_SET_MDWE) refuses such a mapping.
+  // The code is written through /proc/PID/mem, which may write read-only pages.
+  r.check('restart:memory', SYS.mmap, gadget, PAGE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  r.check('restart:memory', SYS.mmap, gadget + PAGE, GADGET_SIZE - PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
   const code = Buffer.alloc(64, 0xcc);
   code.set([0x0f, 0x05], 0);
   code.set(BATCH_CODE, 16);
@@ -572,8 +583,22 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
       const e = Number(-res[i]);
       if (res[i] < 0n && res[i] > -4096n) throw new CkptError(e === errno('EACCES') ? errno('EPERM') : e, 'restart:memory', `${c.what}: ${errnoName(e)}`);
     });
+    nameVmas(r, vmas);
   } finally {
     r.batch([...fds.values()].map((fd) => [SYS.close, fd]));
+  }
+}
+
+/** Give freshly mapped anonymous memory the names the program gave it (PR_SET_VMA_ANON_NAME). */
+function nameVmas(r: Remote, vmas: VmaState[]): void {
+  const named = vmas.filter((v) => v.kind === 'anon' && ANON_NAME.test(v.name ?? ''));
+  for (let i = 0; i < named.length; i += 32) { // 32 names of at most 80 bytes fit the scratch page
+    const b = new CallBatch(r);
+    for (const v of named.slice(i, i + 32)) {
+      const at = b.put(Buffer.from(ANON_NAME.exec(v.name!)![1] + '\0'));
+      b.add(`restart:memory task ${r.task.tid}: name ${v.name} of ${v.start}-${v.end}`, SYS.prctl, PR_SET_VMA, PR_SET_VMA_ANON_NAME, vmaStart(v), vmaEnd(v) - vmaStart(v), at);
+    }
+    b.run();
   }
 }
 
