@@ -15,6 +15,7 @@ import { filesStateSchema, filesTableSchema } from './resources/files.js';
 import { signalStateSchema } from './resources/signals.js';
 import { threadSchema } from './resources/thread.js';
 import { shmObjectSchema } from './resources/shm.js';
+import { sharedTableIssues } from './resources/fdkinds.js';
 
 export interface ProcessState {
   ids: ProcessIds;
@@ -130,6 +131,7 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
       if (v.kind === 'shm' && !shmKeys.has(v.shmKey!)) issue(ctx, [...at, 'memory', j, 'shmKey'], `mapping of no shared object (${v.shmKey})`);
     });
   });
+  for (const s of sharedTableIssues(t.processes)) issue(ctx, ['processes', s.at, 'files', 'filesOf'], s.message);
   t.zombies.forEach((z, i) => {
     if (pids.has(z.pid) || tids.has(z.pid)) issue(ctx, ['zombies', i, 'pid'], `zombie ${z.pid} is also a live task or another zombie`);
     if (!pids.has(z.ppid)) issue(ctx, ['zombies', i, 'ppid'], `zombie ${z.pid} has no parent in the tree (${z.ppid})`);

@@ -142,8 +142,10 @@ export function restoreLocks(ctx: LocksRestore): void {
   if (!locks.length && !ctx.reused?.size) return;
   // Where each description is held: its holders in restore order.
   const holders = new Map<number, { pid: number; fd: number }[]>();
+  // A process sharing another's descriptor table (filesOf) holds that one's descriptors: a POSIX lock it took is taken again by it.
+  const fdsOf = (pid: number) => perProc.get(perProc.get(pid)!.filesOf ?? pid)?.fds ?? [];
   for (const pid of order) {
-    for (const f of perProc.get(pid)!.fds) if ('desc' in f) holders.set(f.desc, [...(holders.get(f.desc) ?? []), { pid, fd: f.fd }]);
+    for (const f of fdsOf(pid)) if ('desc' in f) holders.set(f.desc, [...(holders.get(f.desc) ?? []), { pid, fd: f.fd }]);
   }
   // Rollback: a description left in place keeps what it holds now (taken since, maybe).
   for (const d of ctx.reused ?? []) {
