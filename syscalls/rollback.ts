@@ -95,7 +95,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const callerInside = procs.includes(caller.tgid);
   let seccomp;
   try {
-    checkLocksFree(tree.files, new Set(procs));
+    checkLocksFree(tree.files, new Set(procs), tree.processes.map((p) => host(p.ids.pid)));
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();

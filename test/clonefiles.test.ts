@@ -43,6 +43,12 @@ t.test('a rollback after the child left the table (unshare(CLONE_FILES)) makes i
   checked(t, r, CHECKS, 'CLONEFILES OK');
 });
 
+t.test('a rollback after the child exited and was reaped makes it again, sharing the table', async (t) => {
+  const r = supervise([fixture('clonefiles'), 'undo-exit', sub('exit')]);
+  t.match(r.stdout, /spoiled, rolling back/);
+  checked(t, r, CHECKS, 'CLONEFILES OK');
+});
+
 t.test('a restore from an in-memory checkpoint whose sharing processes are gone', async (t) => {
   const r = supervise([fixture('clonefiles'), 'gone', sub('gone')]);
   checked(t, r, [...CHECKS, 'gone: restored with its pid', "gone: the restored pair's checks passed"], 'CLONEFILES OK');
