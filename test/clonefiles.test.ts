@@ -37,10 +37,25 @@ for (const mode of ['restart', 'undo'] as const) {
   });
 }
 
+const CHAIN = ['parent: the grandchild shares the table again', "parent: the grandchild's descriptor from before"];
+for (const mode of ['restart', 'undo'] as const) {
+  t.test(`three processes (parent, child, grandchild) on one table after a ${mode}`, async (t) => {
+    const { first, r } = bothWays(dir, 'clonefiles', [sub(`chain-${mode}`), 'chain'])(mode);
+    if (mode === 'restart') t.equal(first.status, 137, `CKPT_KILL (${first.stdout.trim()} ${first.stderr.trim()})`);
+    checked(t, r, [...CHECKS, ...CHAIN], 'CLONEFILES OK');
+  });
+}
+
 t.test('a rollback after the child left the table (unshare(CLONE_FILES)) makes it share again', async (t) => {
   const r = supervise([fixture('clonefiles'), 'undo-unshare', sub('unshare')]);
   t.match(r.stdout, /spoiled, rolling back/);
   checked(t, r, CHECKS, 'CLONEFILES OK');
+});
+
+t.test('... and its child (the grandchild, still on the table) is made again with it, by it', async (t) => {
+  const r = supervise([fixture('clonefiles'), 'undo-unshare', sub('unshare-chain'), 'chain']);
+  t.match(r.stdout, /spoiled, rolling back/);
+  checked(t, r, [...CHECKS, ...CHAIN], 'CLONEFILES OK');
 });
 
 t.test('a rollback after the child exited and was reaped makes it again, sharing the table', async (t) => {
@@ -57,5 +72,5 @@ t.test('a restore from an in-memory checkpoint whose sharing processes are gone'
 t.test('the rollback asked for by the sharer that left the table is refused, nothing changed', async (t) => {
   const r = supervise([fixture('clonefiles'), 'undo-refused', sub('refused')]);
   checked(t, r, ['child: its own rollback, once it left the table, is refused (EOPNOTSUPP)', 'child: its descriptors untouched', "parent: the child's checks passed", 'parent: nothing changed'], 'CLONEFILES REFUSED OK');
-  t.match(r.stderr, /restart: EOPNOTSUPP: restart:files: task \d+: no longer shares the descriptor table of process \d+ as at the checkpoint .*: it is the caller/, 'one log line names the task, the resource and why');
+  t.match(r.stderr, /restart: EOPNOTSUPP: restart:files: task \d+: it no longer shares the descriptor table of process \d+ as at the checkpoint .*: it is the caller/, 'one log line names the task, the resource and why');
 });

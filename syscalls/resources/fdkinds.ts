@@ -138,12 +138,14 @@ export function sharedTableIssues(ps: { ids: { pid: number; ppid: number }; file
  * unshare(CLONE_FILES) or exec'd, or because the owner exited since. Such
  * a sharer is made again (killed, and cloned with CLONE_FILES by its
  * parent, as a process that exited since is), so that it shares its
- * parent's table again. Returned: the tree pids of those, to leave out of
- * the kept. Refused (EOPNOTSUPP, the tree untouched) when one of them
- * cannot simply be made again: it is the caller, or the parent of a
- * process kept or of a zombie of the checkpoint (they would lose their parent).
+ * parent's table again; its kept descendants with it (made again by it,
+ * they keep their parent). Returned: the tree pids of those, to leave out
+ * of the kept. Refused (EOPNOTSUPP, the tree untouched) when one of them
+ * cannot simply be made again: it is the caller, or the parent of a zombie
+ * of the checkpoint or of a kept process outside the tree's record (they
+ * would lose their parent).
  */
-export function tablesToRemake(tree: { zombies: { pid: number; ppid: number }[] }, kept: { ids: { pid: number }; files: { filesOf?: number } }[], host: (pid: number) => number, caller: number): Set<number> {
+export function tablesToRemake(tree: { zombies: { pid: number; ppid: number }[] }, kept: { ids: { pid: number; ppid: number }; files: { filesOf?: number } }[], host: (pid: number) => number, caller: number): Set<number> {
   const keptPids = new Set(kept.map((p) => p.ids.pid));
   const remake = new Set<number>();
   for (const p of kept) {
@@ -151,6 +153,8 @@ export function tablesToRemake(tree: { zombies: { pid: number; ppid: number }[] 
     if (o === undefined) continue;
     if (!keptPids.has(o) || kcmpFiles(host(p.ids.pid), host(o)) !== 0) remake.add(p.ids.pid);
   }
+  for (const p of kept) if (remake.has(p.ids.ppid)) remake.add(p.ids.pid); // parents first: the closure in one pass
+  const cause = new Map([...remake].map((pid) => [pid, kept.find((k) => k.ids.pid === pid)!]));
   const keptHosts = new Set([...keptPids].filter((p) => !remake.has(p)).map(host));
   for (const pid of remake) {
     const h = host(pid);
@@ -158,7 +162,9 @@ export function tablesToRemake(tree: { zombies: { pid: number; ppid: number }[] 
       : tree.zombies.some((z) => z.ppid === pid) ? `it is the parent of zombie ${tree.zombies.find((z) => z.ppid === pid)!.pid} of the checkpoint`
       : childrenOf(h).find((c) => keptHosts.has(c)) !== undefined ? `it is the parent of process ${childrenOf(h).find((c) => keptHosts.has(c))}, kept`
       : '';
-    if (why) throw new CkptError(errno('EOPNOTSUPP'), 'restart:files', `task ${h}: no longer shares the descriptor table of process ${host(kept.find((k) => k.ids.pid === pid)!.files.filesOf!)} as at the checkpoint (unshare(CLONE_FILES), exec, or that process exited), and it cannot be made again: ${why}`);
+    const p = cause.get(pid)!;
+    const what = remake.has(p.ids.ppid) ? `its parent ${host(p.ids.ppid)} is made again (it left a descriptor table shared at the checkpoint)` : `it no longer shares the descriptor table of process ${host(p.files.filesOf!)} as at the checkpoint (unshare(CLONE_FILES), exec, or that process exited)`;
+    if (why) throw new CkptError(errno('EOPNOTSUPP'), 'restart:files', `task ${h}: ${what}, and it cannot be made again: ${why}`);
   }
   return remake;
 }
