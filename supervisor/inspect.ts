@@ -59,7 +59,7 @@ export function formatDescription(d: ImageDescription): string {
       const len = Number(BigInt(v.end) - BigInt(v.start));
       out.push(`    ${v.start}-${v.end} ${PROT(v.prot)}${v.shared ? 's' : 'p'} ${size(len).padStart(10)} ${String(v.pages * 4096 ? size(v.pages * 4096) + ' saved' : '').padStart(16)}  ${v.path ?? v.name ?? ''}`);
     }
-    out.push(`  cwd ${p.files.cwd}, umask ${p.files.umask.toString(8).padStart(4, '0')}`);
+    out.push(`  cwd ${p.files.cwd}, umask ${p.files.umask.toString(8).padStart(4, '0')}${p.files.filesOf !== undefined ? `, descriptors: the table of process ${p.files.filesOf} (shared, CLONE_FILES)` : ''}`);
     for (const f of p.files.fds) {
       out.push(`    fd ${f.fd}${f.cloexec ? ' (cloexec)' : ''}: ${'outside' in f ? "outside the tree (connected to the restarter's fd)" : describeDesc(d.files, f.desc)}`);
     }

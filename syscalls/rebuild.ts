@@ -23,6 +23,7 @@ import { restoreMm, restoreName } from './resources/process.js';
 import { restoreAttrs } from './resources/attrs.js';
 import { restoreSeccomp } from './resources/seccomp.js';
 import { restoreTimers } from './resources/timers.js';
+import { tableFlags } from './resources/fdkinds.js';
 
 const SYS_process_vm_readv = 310, SYS_process_vm_writev = 311, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, SIGSTOP = 19, CLONE_NEWPID = 0x20000000;
 
@@ -73,7 +74,7 @@ export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, 
     const host = sh.task.tid;
     if (!sh.live && p.ids.sid === p.ids.pid && Number(readStat(host).field(6)) !== host) sh.remote.check('restart:session', SYS_setsid);
     for (const c of tree.processes.filter((c) => c.ids.ppid === p.ids.pid && !shells.has(c.ids.pid) && ready(c))) {
-      const t = cloneWithTid(tracer, sh.remote, c.ids.pid, 0, sh.remote.scratch());
+      const t = cloneWithTid(tracer, sh.remote, c.ids.pid, tableFlags(c.files), sh.remote.scratch()); // CLONE_FILES: its parent's table, shared as it was
       made.push(t.tid);
       shells.set(c.ids.pid, openShell(tracer, c, t, false));
     }

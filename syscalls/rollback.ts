@@ -32,6 +32,7 @@ import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShell
 import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
+import { tablesToRemake } from './resources/fdkinds.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
@@ -74,7 +75,15 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   }
 
   // ---- checks: nothing has changed yet
-  const kept = tree.processes.filter((p) => sameProcess(host(p.ids.pid), p));
+  const alive = tree.processes.filter((p) => sameProcess(host(p.ids.pid), p));
+  let remake: Set<number>;
+  try {
+    remake = tablesToRemake(tree, alive, host, caller.tgid); // sharers whose table is no longer the checkpoint's: made again
+  } catch (e) {
+    freeze.thaw();
+    throw e;
+  }
+  const kept = alive.filter((p) => !remake.has(p.ids.pid));
   const keptPids = new Set(kept.map((p) => host(p.ids.pid)));
   const extra = procs.filter((p) => !keptPids.has(p));
   // A pid to make again must be free (or held by a process about to go), as the tree names it.
@@ -92,7 +101,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const callerInside = procs.includes(caller.tgid);
   let seccomp;
   try {
-    checkLocksFree(tree.files, new Set(procs));
+    checkLocksFree(tree.files, new Set(procs), tree.processes.map((p) => host(p.ids.pid)));
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();

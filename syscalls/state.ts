@@ -16,6 +16,7 @@ import { signalStateSchema } from './resources/signals.js';
 import { threadSchema } from './resources/thread.js';
 import { shmObjectSchema } from './resources/shm.js';
 import { inheritIssue } from './resources/cowshare.js';
+import { sharedTableIssues } from './resources/fdkinds.js';
 
 export interface ProcessState {
   ids: ProcessIds;
@@ -135,6 +136,7 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
       if (bad) issue(ctx, [...at, 'memory', j, 'inherit'], bad);
     });
   });
+  for (const s of sharedTableIssues(t.processes)) issue(ctx, ['processes', s.at, 'files', 'filesOf'], s.message);
   t.zombies.forEach((z, i) => {
     if (pids.has(z.pid) || tids.has(z.pid)) issue(ctx, ['zombies', i, 'pid'], `zombie ${z.pid} is also a live task or another zombie`);
     if (!pids.has(z.ppid)) issue(ctx, ['zombies', i, 'ppid'], `zombie ${z.pid} has no parent in the tree (${z.ppid})`);

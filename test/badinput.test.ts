@@ -250,6 +250,8 @@ t.test('a sound image with absurd values (each checksum right): EBADMSG naming t
     ['a descriptor twice', p0((p) => void p.files.fds.push(clone(p.files.fds[0]))), /processes\[0\]\.files\.fds\[\d+\]\.fd: fd \d+ of \d+ twice/],
     ['a descriptor of no description', p0((p) => void p.files.fds.push({ fd: 900, cloexec: false, desc: 777 })), /processes\[0\]\.files\.fds\[\d+\]\.desc: fd 900 of \d+ names no description/],
     ['fd 2^21', p0((p) => void (p.files.fds[0].fd = 2 ** 21)), /processes\[0\]\.files\.fds\[0\]/],
+    ['the descriptor table of no process before it', p0((p) => void (p.files.filesOf = 4_000_000)), /processes\[0\]\.files\.filesOf: process \d+ uses the descriptor table of 4000000, not a process before it/],
+    ['the descriptor table of pid 2^23', p0((p) => void (p.files.filesOf = 2 ** 23)), /processes\[0\]\.files\.filesOf: Too big/],
     ['a zombie twice', (tree) => {
       const z = { pid: 4_000_002, ppid: tree.root, pgid: tree.processes[0].ids.pgid, sid: tree.processes[0].ids.sid, status: 0 };
       tree.zombies.push(z, { ...z });

@@ -59,7 +59,8 @@ const refusals: [string, RegExp][] = [
   ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
   ['ptmx', /fd \d+ \(\/dev\/(pts\/)?ptmx: a descriptor of kind character device 5:2, not supported yet\)/],
   ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
-  ['sharedfiles', /shares its descriptor table with process \d+ \(clone CLONE_FILES without CLONE_THREAD\)/],
+  ['sharedfiles', /task \d+: shares its descriptor table with process \d+ outside the subtree \(clone CLONE_FILES without CLONE_THREAD\)/],
+  ['sharedfiles-sibling', /task \d+: shares its descriptor table with process \d+ but its parent \d+ does not \(clone CLONE_FILES of a process that is not its parent\): not supported/],
   ['pidfd-outside', /a pidfd of process \d+, outside the subtree/],
   ['epoll-outside', /fd \d+ \(epoll watching a file that no process of the subtree holds \(added as descriptor \d+\)\)/],
 ];

@@ -2,10 +2,16 @@
  * Descriptor kinds and tree-wide descriptor checks that files.ts leaves to
  * this module:
  *
- * - Descriptor tables shared by two processes (clone CLONE_FILES without
- *   CLONE_THREAD): found with kcmp(KCMP_FILES) and refused (a restart makes
- *   every process its own table, so what one closed would stay open in the
- *   other).
+ * - Descriptor tables shared by processes (clone CLONE_FILES without
+ *   CLONE_THREAD): found with kcmp(KCMP_FILES). Kept when the sharers are a
+ *   parent and its descendants (each one's parent shares the table too): the
+ *   table is captured once, from its owner (the group's first process in
+ *   tree order), and every other member records `files.filesOf` = the owner
+ *   and no descriptors; a restart makes each member with clone CLONE_FILES
+ *   from its parent, the owner's restore fills the one table and the
+ *   others' restore leaves descriptors alone. Refused: a table shared with a
+ *   process outside the subtree, or by processes not parent and child (a
+ *   sibling made with CLONE_PARENT | CLONE_FILES...): no clone rebuilds it.
  * - pidfds: kept when they name a process of the tree (or a zombie of it, or
  *   a thread leader with PIDFD_THREAD): made again with pidfd_open, injected
  *   once every process is back. A pidfd naming a process outside the subtree
@@ -58,21 +64,117 @@ export function statelessDevice(st: fs.Stats): boolean {
   return major === 1 || major === 4 || (major === 5 && minor !== 2) || (major >= 136 && major <= 143);
 }
 
+const CLONE_FILES = 0x400;
+const kcmpFiles = (a: number, b: number) => sys.syscall(SYS_kcmp, a, b, KCMP_FILES, 0, 0);
+
 /**
- * Refuse processes of the tree that share one descriptor table (threads of
- * one process are one entry of `procs`). kcmp orders the tables, so a sort
- * puts sharers side by side.
+ * Processes of a frozen tree (host pids, parents first; threads of one
+ * process are one entry) that share a descriptor table: each sharer to the
+ * owner of its table, the group's first process. `others`: the supervised
+ * processes outside the subtree (sharing with one is refused); `ppid`: a
+ * process's parent. kcmp orders the tables, so a sort puts sharers side by
+ * side. A shape no clone CLONE_FILES from the parent can rebuild is refused.
  */
-export function refuseSharedTables(procs: number[]): void {
+export function sharedTables(procs: number[], others: number[], ppid: (pid: number) => number): Map<number, number> {
+  const out = new Map<number, number>();
+  const inside = new Set(procs);
   const cmp = (a: number, b: number) => {
-    const r = sys.syscall(SYS_kcmp, a, b, KCMP_FILES, 0, 0);
+    const r = kcmpFiles(a, b);
     return r === 1 ? -1 : r === 2 ? 1 : 0; // -1 (a task gone): keep the order
   };
-  const sorted = [...procs].sort(cmp);
-  for (let i = 1; i < sorted.length; i++) {
-    if (sys.syscall(SYS_kcmp, sorted[i - 1], sorted[i], KCMP_FILES, 0, 0) === 0) {
-      throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${sorted[i]}: shares its descriptor table with process ${sorted[i - 1]} (clone CLONE_FILES without CLONE_THREAD): not supported`);
+  const all = [...procs, ...others.filter((p) => !inside.has(p))];
+  if (all.length < 2) return out;
+  const sorted = [...all].sort(cmp);
+  const rank = new Map(procs.map((p, i) => [p, i]));
+  for (let i = 0; i < sorted.length; ) {
+    let j = i + 1;
+    while (j < sorted.length && kcmpFiles(sorted[i], sorted[j]) === 0) j++;
+    const group = sorted.slice(i, j);
+    i = j;
+    if (group.length < 2) continue;
+    const out1 = group.find((p) => !inside.has(p)), in1 = group.find((p) => inside.has(p));
+    if (in1 === undefined) continue; // among processes outside: not ours
+    if (out1 !== undefined) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${in1}: shares its descriptor table with process ${out1} outside the subtree (clone CLONE_FILES without CLONE_THREAD)`);
+    group.sort((a, b) => rank.get(a)! - rank.get(b)!);
+    const members = new Set(group);
+    for (const p of group.slice(1)) {
+      if (!members.has(ppid(p))) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${p}: shares its descriptor table with process ${group[0]} but its parent ${ppid(p)} does not (clone CLONE_FILES of a process that is not its parent): not supported`);
+      out.set(p, group[0]);
     }
+  }
+  return out;
+}
+
+/** The clone flags that give a process made by its parent the table it had: its parent's, if it shared it. */
+export const tableFlags = (files: { filesOf?: number }) => (files.filesOf !== undefined ? CLONE_FILES : 0);
+
+/**
+ * What a TREE record says about shared tables, checked (validateTree): a
+ * sharer names a process before it that owns its table (shares no other's),
+ * its parent uses that table too, and it lists no descriptors of its own.
+ * Returns the problems, by process index.
+ */
+export function sharedTableIssues(ps: { ids: { pid: number; ppid: number }; files: { filesOf?: number; fds: unknown[] } }[]): { at: number; message: string }[] {
+  const out: { at: number; message: string }[] = [];
+  const index = new Map<number, number>();
+  ps.forEach((p, i) => {
+    index.set(p.ids.pid, i);
+    const o = p.files.filesOf;
+    if (o === undefined) return;
+    const oi = index.get(o);
+    const parent = ps[index.get(p.ids.ppid) ?? -1];
+    if (oi === undefined || oi >= i) out.push({ at: i, message: `process ${p.ids.pid} uses the descriptor table of ${o}, not a process before it` });
+    else if (ps[oi].files.filesOf !== undefined) out.push({ at: i, message: `process ${p.ids.pid} uses the descriptor table of ${o}, which uses another's` });
+    else if (!parent || (parent.ids.pid !== o && parent.files.filesOf !== o)) out.push({ at: i, message: `process ${p.ids.pid} uses the descriptor table of ${o}, which its parent does not use` });
+    else if (p.files.fds.length) out.push({ at: i, message: `process ${p.ids.pid} uses the descriptor table of ${o} and lists descriptors of its own` });
+  });
+  return out;
+}
+
+/**
+ * Rollback, before anything changes: the kept processes (of `kept`, tree
+ * pids; `host` gives the live pid) that no longer use the table the
+ * checkpoint had them share, because one of them called
+ * unshare(CLONE_FILES) or exec'd, or because the owner exited since. Such
+ * a sharer is made again (killed, and cloned with CLONE_FILES by its
+ * parent, as a process that exited since is), so that it shares its
+ * parent's table again; its kept descendants with it (made again by it,
+ * they keep their parent). Returned: the tree pids of those, to leave out
+ * of the kept. Refused (EOPNOTSUPP, the tree untouched) when one of them
+ * cannot simply be made again: it is the caller, or the parent of a zombie
+ * of the checkpoint or of a kept process outside the tree's record (they
+ * would lose their parent).
+ */
+export function tablesToRemake(tree: { zombies: { pid: number; ppid: number }[] }, kept: { ids: { pid: number; ppid: number }; files: { filesOf?: number } }[], host: (pid: number) => number, caller: number): Set<number> {
+  const keptPids = new Set(kept.map((p) => p.ids.pid));
+  const remake = new Set<number>();
+  for (const p of kept) {
+    const o = p.files.filesOf;
+    if (o === undefined) continue;
+    if (!keptPids.has(o) || kcmpFiles(host(p.ids.pid), host(o)) !== 0) remake.add(p.ids.pid);
+  }
+  for (const p of kept) if (remake.has(p.ids.ppid)) remake.add(p.ids.pid); // parents first: the closure in one pass
+  const cause = new Map([...remake].map((pid) => [pid, kept.find((k) => k.ids.pid === pid)!]));
+  const keptHosts = new Set([...keptPids].filter((p) => !remake.has(p)).map(host));
+  for (const pid of remake) {
+    const h = host(pid);
+    const why = h === caller ? 'it is the caller'
+      : tree.zombies.some((z) => z.ppid === pid) ? `it is the parent of zombie ${tree.zombies.find((z) => z.ppid === pid)!.pid} of the checkpoint`
+      : childrenOf(h).find((c) => keptHosts.has(c)) !== undefined ? `it is the parent of process ${childrenOf(h).find((c) => keptHosts.has(c))}, kept`
+      : '';
+    const p = cause.get(pid)!;
+    const what = remake.has(p.ids.ppid) ? `its parent ${host(p.ids.ppid)} is made again (it left a descriptor table shared at the checkpoint)` : `it no longer shares the descriptor table of process ${host(p.files.filesOf!)} as at the checkpoint (unshare(CLONE_FILES), exec, or that process exited)`;
+    if (why) throw new CkptError(errno('EOPNOTSUPP'), 'restart:files', `task ${h}: ${what}, and it cannot be made again: ${why}`);
+  }
+  return remake;
+}
+
+/** The children of host process `pid` (every thread's). */
+function childrenOf(pid: number): number[] {
+  try {
+    return fs.readdirSync(`/proc/${pid}/task`).flatMap((t) => readOr(`/proc/${pid}/task/${t}/children`).trim().split(/\s+/).filter(Boolean).map(Number));
+  } catch {
+    return [];
   }
 }
 

@@ -17,7 +17,8 @@
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
-import { listFds, readFdinfo } from '../../lib/proc.js';
+import { listFds, readFdinfo, readStat } from '../../lib/proc.js';
+import { nsPids } from '../../supervisor/pidns.js';
 import { sys, SYS } from '../../lib/libc.js';
 import { logError } from '../../lib/log.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
@@ -29,7 +30,7 @@ import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type E
 import { captureOwners, restoreOwners, ownerSchema, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
 import { UnixSockets, sockName, peekQueue, printable, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
-import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
+import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
 import { eventSchema } from './events.js';
 import { z, int, id, fd, path, openFlags, base64, dec63, MANY, PID_MAX, type Same } from '../../lib/schema.js';
@@ -93,6 +94,12 @@ export interface FilesState {
   /** The cwd had been removed: made again empty, with this mode (cwd is its path). */
   cwdDeleted?: { mode: number };
   umask: number;
+  /**
+   * The process (of the tree, before this one) whose descriptor table this
+   * one uses, shared (clone CLONE_FILES): its owner, who lists the
+   * descriptors; this one lists none (fdkinds.ts).
+   */
+  filesOf?: number;
 }
 
 /** Pipe buffers are at most 2^31 bytes (F_SETPIPE_SZ); their data at most that. */
@@ -123,7 +130,7 @@ export const filesTableSchema = z.strictObject({
   owners: z.array(ownerSchema).max(MANY).optional(),
   locks: z.array(lockSchema).max(MANY).optional(),
 });
-export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(MANY), cwd: path, cwdDeleted: z.strictObject({ mode: int(0, 0o7777) }).optional(), umask: int(0, 0o777) });
+export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(MANY), cwd: path, cwdDeleted: z.strictObject({ mode: int(0, 0o7777) }).optional(), umask: int(0, 0o777), filesOf: int(1, PID_MAX).optional() });
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
@@ -157,13 +164,15 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const seen: { key: string; pid: number; fd: number; desc: number }[] = [];
   const pipeIds = new Map<string, number>();
   const pipeHolders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[] = [];
-  refuseSharedTables(procs);
   const inTree = treeMember(new Set(procs));
   const level = procs.length ? nsLevel(procs[0]) : 0;
+  // A table several processes share is listed once, by its owner.
+  const tableOf = sharedTables(procs, others.pids, (p) => Number(readStat(p).field(4)));
   const probes: FdProbe[] = [];
   for (const pid of procs) {
     const fds: FdRef[] = [];
-    for (const fd of listFds(pid)) {
+    const owner = tableOf.get(pid);
+    for (const fd of owner === undefined ? listFds(pid) : []) {
       const link = `/proc/${pid}/fd/${fd}`;
       let target: string, st: fs.Stats;
       try {
@@ -270,6 +279,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       fds,
       ...captureCwd(pid),
       umask: parseInt(statusOf(pid).get('Umask') ?? '022', 8),
+      ...(owner !== undefined ? { filesOf: nsPids(owner)[level] } : {}),
     });
   }
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
@@ -362,8 +372,8 @@ export class OutsideHolders {
   private readonly pipes = new Map<string, number[]>();
   /** Descriptors naming a path: a FIFO among them is only looked for when the subtree holds one. */
   private readonly paths: { pid: number; fd: string }[] = [];
-  constructor(others: number[]) {
-    for (const pid of others) {
+  constructor(readonly pids: number[]) {
+    for (const pid of pids) {
       let fds: string[];
       try {
         fds = fs.readdirSync(`/proc/${pid}/fd`);
@@ -747,7 +757,8 @@ function settle(r: Remote, st: FilesState, live: boolean, kept: Map<number, Path
   const outside = st.fds.filter((f): f is FdRef & { outside: true; sfd: number } => 'outside' in f);
   const keep = new Set(outside.filter((f) => !live || kcmpFile(process.pid, f.sfd, pid, f.fd)).map((f) => f.fd));
   const b = new CallBatch(r);
-  for (const fd of listFds(pid)) if (!keep.has(fd) && !kept.has(fd)) b.add(undefined, SYS.close, fd);
+  // A table shared with the owner (listed by it) is the owner's to settle: nothing of it is closed here.
+  if (st.filesOf === undefined) for (const fd of listFds(pid)) if (!keep.has(fd) && !kept.has(fd)) b.add(undefined, SYS.close, fd);
   for (const f of outside) if (keep.has(f.fd) && fs.existsSync(`/proc/${pid}/fd/${f.fd}`)) b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
   for (const f of st.fds) {
     const d = kept.get(f.fd);

@@ -142,8 +142,10 @@ export function restoreLocks(ctx: LocksRestore): void {
   if (!locks.length && !ctx.reused?.size) return;
   // Where each description is held: its holders in restore order.
   const holders = new Map<number, { pid: number; fd: number }[]>();
+  // A process sharing another's descriptor table (filesOf) holds that one's descriptors: a POSIX lock it took is taken again by it.
+  const fdsOf = (pid: number) => perProc.get(perProc.get(pid)!.filesOf ?? pid)?.fds ?? [];
   for (const pid of order) {
-    for (const f of perProc.get(pid)!.fds) if ('desc' in f) holders.set(f.desc, [...(holders.get(f.desc) ?? []), { pid, fd: f.fd }]);
+    for (const f of fdsOf(pid)) if ('desc' in f) holders.set(f.desc, [...(holders.get(f.desc) ?? []), { pid, fd: f.fd }]);
   }
   // Rollback: a description left in place keeps what it holds now (taken since, maybe).
   for (const d of ctx.reused ?? []) {
@@ -211,9 +213,12 @@ export function describeLocks(table: FilesTable, desc: number): string {
  * that a process outside the subtree (`inside`: host pids) holds now on
  * the same file and that conflicts means EBUSY, with nothing changed. (OFD
  * locks show no owner and leases conflict with opens, not locks: those are
- * found only when taken.)
+ * found only when taken.) `treePids`: the host pids of the checkpoint's
+ * processes: a POSIX lock shown for one that no longer runs was taken
+ * through a descriptor table it shared (fdkinds.ts), which its sharers
+ * still hold, and so the lock: the subtree's own.
  */
-export function checkLocksFree(table: FilesTable, inside: Set<number>): void {
+export function checkLocksFree(table: FilesTable, inside: Set<number>, treePids: number[] = []): void {
   const locks = (table.locks ?? []).filter((l) => l.kind === 'flock' || l.kind === 'posix' || l.kind === 'ofd');
   if (!locks.length) return;
   const idOf = new Map<number, string>(); // desc -> "maj:min:ino" as /proc/locks writes it
@@ -235,7 +240,7 @@ export function checkLocksFree(table: FilesTable, inside: Set<number>): void {
   }
   for (const m of text.matchAll(/^\d+:\s+(POSIX|FLOCK|OFDLCK)\s+\S+\s+(READ|WRITE)\s+(-?\d+)\s+(\S+)\s+(\d+)\s+(\d+|EOF)\s*$/gm)) {
     const [cls, type, pid, id, s, e] = [m[1], m[2], Number(m[3]), m[4], BigInt(m[5]), m[6] === 'EOF' ? -1n : BigInt(m[6])];
-    if (pid < 0 || inside.has(pid)) continue; // an OFD lock (no owner shown), or the subtree's own
+    if (pid < 0 || inside.has(pid) || (treePids.includes(pid) && !fs.existsSync(`/proc/${pid}`))) continue; // an OFD lock (no owner shown), or the subtree's own
     for (const l of locks) {
       if (idOf.get(l.desc) !== id || (!l.write && type === 'READ')) continue;
       const flock = l.kind === 'flock';
