@@ -28,6 +28,7 @@ import { validateTree, parseMemoryRecord, type TreeState } from './state.js';
 import { int32 } from './checkpoint.js';
 import { vdsoInfo, pickGadget, restoreLayout, fillPages } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
+import { TtyRestore } from './resources/tty.js';
 import { ShmRestore } from './resources/shm.js';
 import { checkCreds, parseCreds } from './resources/process.js';
 import { checkAttrs } from './resources/attrs.js';
@@ -77,10 +78,11 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
   const shells = new Map<number, Shell>();
   const made: number[] = [];
   const shm = new ShmRestore(tree.shm);
+  const ttys = new TtyRestore(tree);
   try {
     const callerRemote = new Remote(tracer, caller);
     try {
-      makeShells(tracer, tree, shells, callerRemote, made);
+      makeShells(tracer, tree, shells, callerRemote, made, (r, pid) => ttys.session(r, pid));
     } finally {
       callerRemote.finish();
     }
@@ -88,7 +90,7 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z);
     fill(shells, shm);
-    restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm });
+    restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm, ttys });
     for (const sh of shells.values()) finishProcess(tracer, sh, setCreds.get(sh.state.ids.pid)!);
   } catch (e) {
     for (const sh of shells.values()) sh.remote.mem.close();
@@ -96,6 +98,7 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
     throw e;
   } finally {
     shm.close();
+    ttys.close();
   }
   runShells(tracer, shells.values());
   return viewPid(caller.tgid, shells.get(tree.root)!.task.tid);
