@@ -57,12 +57,18 @@ bothWays('epolldup', 'epoll watches whose files left their numbers (dup\'ed, the
 
 const refusals: [string, RegExp][] = [
   ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
-  ['ptmx', /fd \d+ \(\/dev\/(pts\/)?ptmx: a descriptor of kind character device 5:2, not supported yet\)/],
   ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
   ['sharedfiles', /shares its descriptor table with process \d+ \(clone CLONE_FILES without CLONE_THREAD\)/],
   ['pidfd-outside', /a pidfd of process \d+, outside the subtree/],
   ['epoll-outside', /fd \d+ \(epoll watching a file that no process of the subtree holds \(added as descriptor \d+\)\)/],
 ];
+t.test('a pty master whose slave was never opened is kept (it was refused before tty.ts)', async (t) => {
+  const r = supervise([fixture('fdkinds'), 'refuse', 'ptmx']);
+  t.match(r.stdout, /ptmx: checkpoint ret=[1-9]\d* errno=0/, r.stdout + r.stderr);
+  t.match(r.stdout, /ptmx: still works after: yes/);
+  t.equal(r.status, 0);
+});
+
 for (const [what, log] of refusals) {
   t.test(`refused with EOPNOTSUPP, the program unharmed: ${what}`, async (t) => {
     const r = supervise([fixture('fdkinds'), 'refuse', what]);

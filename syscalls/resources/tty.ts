@@ -76,6 +76,8 @@ export interface PtyState {
   excl?: boolean;
   /** The slave was opened and every descriptor of it closed since: the master reads EIO. */
   slaveClosed?: boolean;
+  /** The slave was never opened (posix_openpt, not yet grantpt/unlockpt and open). */
+  unopened?: boolean;
   owner: { uid: number; gid: number; mode: number };
   /** Input unread by the slave: whole lines (canonical mode), then the rest (a partial line, or raw bytes). */
   input: { lines: TtyLine[]; rest: string };
@@ -110,6 +112,7 @@ export const ptySchema = z.strictObject({
   packet: z.boolean(),
   excl: z.boolean().optional(),
   slaveClosed: z.boolean().optional(),
+  unopened: z.boolean().optional(),
   owner: z.strictObject({ uid: id, gid: id, mode: int(0, 0o7777) }),
   input: z.strictObject({ lines: z.array(z.strictObject({ data: queue, eof: z.literal(true).optional() })).max(LDISC_MAX + 1), rest: queue }),
   output: queue,
@@ -372,7 +375,10 @@ function capturePty(m: Seen, slaves: Seen[], id: number): PtyState {
     const slaveClosed = (ev & POLLHUP) !== 0;
     const name = `/dev/pts/${m.index}`;
     if (packet && ev & POLLPRI) throw unsupported(m.pid, m.fd, `pty master of ${name} in packet mode with a status byte unread`);
-    if (!slaves.length && !slaveClosed) throw unsupported(m.pid, m.fd, `pty master of ${name} whose slave was never opened (or is held outside the subtree only)`);
+    // The slave never opened: opening it to read its input would leave the master reading EIO once closed again.
+    // Input written meanwhile shows as its echo in the master's queue (echo is on by default): refused.
+    const unopened = !slaves.length && !slaveClosed;
+    if (unopened && getInt(mfd, FIONREAD, 'FIONREAD') > 0) throw unsupported(m.pid, m.fd, `pty master of ${name} whose slave was never opened, with bytes written to it (reading them would need the slave opened)`);
     const st = statOr(name);
     if (!st) throw unsupported(m.pid, m.fd, `pty master of ${name}, which is not in /dev/pts`);
     const owner = { uid: st.uid, gid: st.gid, mode: st.mode & 0o7777 };
@@ -392,7 +398,8 @@ function capturePty(m: Seen, slaves: Seen[], id: number): PtyState {
     // Reading the queues (a partial line needs termios changed for a moment, past any locked termios) and putting them back needs CAP_SYS_ADMIN.
     if (!supervisorAdmin()) throw unsupported(m.pid, m.fd, `pty ${name}: reading its queues and putting them back (TIOCSTI, locked termios) needs CAP_SYS_ADMIN, which the supervisor lacks`);
     if (getInt(mfd, FIONREAD, 'FIONREAD') >= LDISC_MAX - 64) throw unsupported(m.pid, m.fd, `pty master of ${name} with more unread output than an ldisc holds`);
-    const base = { id, index: m.index, master: m.target, locked, termios: termios.toString('base64'), lockedTermios: lockedTermios.toString('base64'), winsize: winsize.toString('base64'), packet, owner, ...(slaveClosed ? { slaveClosed } : {}) };
+    const base = { id, index: m.index, master: m.target, locked, termios: termios.toString('base64'), lockedTermios: lockedTermios.toString('base64'), winsize: winsize.toString('base64'), packet, owner, ...(slaveClosed ? { slaveClosed } : {}), ...(unopened ? { unopened } : {}) };
+    if (unopened) return { ...base, input: { lines: [], rest: '' }, output: '' };
     return withSlave((s) => {
       const excl = slaves.length ? getInt(s, TIOCGEXCL, 'TIOCGEXCL') !== 0 : undefined;
       let q: Pick<PtyState, 'input' | 'output'>;
@@ -448,6 +455,10 @@ export class TtyRestore {
         const holder = findMaster(p.index, live.all);
         if (holder) {
           const m = sys.takeFd(holder.pid, holder.fd);
+          if (p.unopened && !stillUnopened(m, p.index, live.all)) {
+            fs.closeSync(m); // its slave was opened since: made again once the live one is closed
+            continue;
+          }
           this.made.set(p.id, { m, s: -1, reused: true });
         } else if (fs.existsSync(`/dev/pts/${p.index}`)) {
           throw new CkptError(errno('EBUSY'), 'restart:tty', `/dev/pts/${p.index} of the checkpoint is now another pty`);
@@ -506,7 +517,7 @@ export class TtyRestore {
   private ensure(r: Remote, p: PtyState): Made {
     let made = this.made.get(p.id);
     if (made) {
-      if (made.reused && made.s < 0) this.prepareReused(p, made);
+      if (made.reused && made.s < 0 && !p.unopened) this.prepareReused(p, made);
       return made;
     }
     const fds: bigint[] = [];
@@ -531,14 +542,15 @@ export class TtyRestore {
       setInt(m, TIOCSPTLCK, 0, 'TIOCSPTLCK');
       // The size before it is anyone's terminal: no SIGWINCH.
       ioctlBuf(m, TIOCSWINSZ, 8, 'TIOCSWINSZ', Buffer.from(p.winsize, 'base64'));
-      const s = fs.openSync(`/dev/pts/${p.index}`, fs.constants.O_RDWR | O_NOCTTY | O_NONBLOCK);
+      // The supervisor holds the slave open meanwhile (unless it never was): nothing sees it closed on the way.
+      const s = p.unopened ? -1 : fs.openSync(`/dev/pts/${p.index}`, fs.constants.O_RDWR | O_NOCTTY | O_NONBLOCK);
       made = { m, s, reused: false };
       this.made.set(p.id, made);
     } finally {
       r.batch(fds.map((fd) => [SYS.close, fd]));
     }
-    const st = fs.fstatSync(made.s);
-    if (st.uid !== p.owner.uid || st.gid !== p.owner.gid || (st.mode & 0o7777) !== p.owner.mode) {
+    const st = fs.statSync(`/dev/pts/${p.index}`);
+    if (!p.unopened && (st.uid !== p.owner.uid || st.gid !== p.owner.gid || (st.mode & 0o7777) !== p.owner.mode)) {
       // Given by the process itself, with its own permissions.
       const b = new CallBatch(r);
       const path = b.put(Buffer.from(`/dev/pts/${p.index}\0`));
@@ -554,6 +566,7 @@ export class TtyRestore {
   /** A pty of a rollback still open: emptied, unlocked, packet mode and exclusive mode off until finish(). */
   private prepareReused(p: PtyState, made: Made): void {
     setInt(made.m, TIOCPKT, 0, 'TIOCPKT');
+    if (p.unopened) return void ioctlVal(made.m, TCFLSH, TCIFLUSH); // left unopened
     setInt(made.m, TIOCSPTLCK, 0, 'TIOCSPTLCK');
     made.s = fs.openSync(`/dev/pts/${p.index}`, fs.constants.O_RDWR | O_NOCTTY | O_NONBLOCK);
     ioctlVal(made.s, TIOCNXCL, 0);
@@ -584,10 +597,10 @@ export class TtyRestore {
       const termios = Buffer.from(p.termios, 'base64');
       unlockedTermios(m, () => {
         if (made.reused) ioctlBuf(m, TIOCSWINSZ, 8, 'TIOCSWINSZ', Buffer.from(p.winsize, 'base64'));
-        injectQueues(m, s, p, termios);
+        if (s >= 0) injectQueues(m, s, p, termios);
         ioctlBuf(m, TCSETS2, T2, 'TCSETS2', termios);
       });
-      if (p.excl) ioctlVal(s, TIOCEXCL, 0);
+      if (p.excl && s >= 0) ioctlVal(s, TIOCEXCL, 0);
       const locks = Buffer.from(p.lockedTermios, 'base64');
       if (locks.some((x) => x !== 0)) {
         // Set by a process holding the master, with its own permission (CAP_SYS_ADMIN).
@@ -668,6 +681,19 @@ export class TtyRestore {
     }
     this.made.clear();
   }
+}
+
+/** A pty whose slave was never opened: no hang-up seen by the master, no slave held by `procs`. */
+function stillUnopened(m: number, index: number, procs: number[]): boolean {
+  if (sys.pollOne(m, POLLIN, 0) & POLLHUP) return false;
+  for (const pid of procs) {
+    for (const fd of listFds(pid)) {
+      try {
+        if (ptsIndex(fs.statSync(`/proc/${pid}/fd/${fd}`).rdev) === index) return false;
+      } catch { /* gone */ }
+    }
+  }
+  return true;
 }
 
 /** A live process of `procs` holding the master of /dev/pts/`index`. */

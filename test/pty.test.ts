@@ -1,0 +1,29 @@
+// Terminals: a pty pair made in the tree (tty.ts), kept across a restart
+// and a rollback; the fixture checks everything itself.
+import t from 'tap';
+import { bothWays, tmpdir } from './helpers.js';
+
+const dir = tmpdir('pty');
+const run = bothWays(dir, 'pty');
+const checks = [
+  'same /dev/pts index', 'same slave name', 'still locked', 'packet mode',
+  'master termios lflag', 'master termios VEOL', 'master termios speed', 'master window size',
+  'output unread by the master', 'nothing more from the slave',
+  'slave termios lflag', 'slave termios VEOL', 'slave termios VERASE', 'slave termios speed', 'slave termios oflag', 'slave window size',
+  'locked termios', 'locked termios hold ECHO off', 'exclusive mode',
+  'controlling terminal of its session \\(TIOCGSID\\)', 'foreground group', '/dev/tty opens',
+  'input line 1', 'input line 2', 'input line 3', 'input line 4', 'input line 5',
+  'grandchild /dev/tty opens', 'grandchild is the foreground group', "grandchild in the leader's session",
+  'unopened pty: same index, locked', 'unopened pty: no hang-up \\(its slave never opened\\)', 'unopened pty: works once unlocked',
+];
+for (const mode of ['restart', 'undo'] as const) {
+  t.test(`a pty pair, its session and its queues across a ${mode}`, async (t) => {
+    const { first, r } = run(mode);
+    if (mode === 'restart') t.equal(first.status, 137, `CKPT_KILL (${first.stdout.trim()} ${first.stderr.trim()})`);
+    else t.match(first.stdout, /spoiled, rolling back/, 'spoiled before the rollback');
+    t.notMatch(r.stdout, /^FAIL/m, r.stdout + r.stderr);
+    for (const c of checks) t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+    t.match(r.stdout, /pty: all good/);
+    t.equal(r.status, 0);
+  });
+}
