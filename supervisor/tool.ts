@@ -39,15 +39,37 @@ function query(crid: number): unknown {
   }
 }
 
-/** Wait for a child (the restored root) and exit as it did. */
-function exitLike(pid: number): never {
+/** Wait for a child (the restored root) and exit as it did (`done` first). */
+function exitLike(pid: number, done: () => void = () => {}): never {
   for (;;) {
     const [r, st] = sys.waitpid(pid, 0);
     if (r === -1 && errnoNow() === EINTR) continue;
     if (r === -1) fail(`waitpid ${pid}: ${errnoName(errnoNow())}`);
+    if ((st & 0x7f) !== 0x7f) done();
     if ((st & 0x7f) === 0) process.exit((st >> 8) & 0xff);
     if ((st & 0x7f) !== 0x7f) process.exit(128 + (st & 0x7f));
   }
+}
+
+const TCGETS2 = 0x802c542an, TCSETS2 = 0x402c542bn, TIOCSPGRP = 0x5410n, SIGTTOU = 22, SYS_getpgrp = 111;
+
+/**
+ * The terminal on stdin as `ckpt restart` found it: a restored foreground
+ * job gets it (its termios, its process group); when the job ends, the
+ * terminal is given back to this process's group with these termios, so
+ * the shell finds it as it left it.
+ */
+function holdTerminal(): () => void {
+  const t = Buffer.alloc(44);
+  if (sys.ioctl(0, TCGETS2, t) < 0) return () => {};
+  return () => {
+    sys.signalIgnore(SIGTTOU); // it may be in the background of its terminal by now
+    const pg = Buffer.alloc(4);
+    pg.writeInt32LE(sys.syscall(SYS_getpgrp), 0);
+    sys.ioctl(0, TIOCSPGRP, pg);
+    sys.ioctl(0, TCSETS2, t);
+    sys.signalDefault(SIGTTOU);
+  };
 }
 
 /** Is this process in the subtree of `pid` (or unsure: in a pid namespace /proc may not show)? */
@@ -131,10 +153,11 @@ await yargs(hideBin(process.argv))
     (y) => y.option('i', { alias: 'input', type: 'string', describe: 'image file (default: stdin)' }),
     (a) => {
       const fd = a.i ? fs.openSync(a.i, 'r') : 0;
+      const giveBack = holdTerminal();
       const pid = call('restart', 0, fd, 0);
       if (a.i) fs.closeSync(fd);
       process.stderr.write(`ckpt: restarted as pid ${pid}\n`);
-      exitLike(pid);
+      exitLike(pid, giveBack);
     },
   )
   .command(
