@@ -14,7 +14,7 @@ const checks = [
   'controlling terminal of its session \\(TIOCGSID\\)', 'foreground group', '/dev/tty opens',
   'input line 1', 'input line 2', 'input line 3', 'input line 4', 'input line 5',
   'grandchild /dev/tty opens', 'grandchild is the foreground group', "grandchild in the leader's session",
-  'unopened pty: same index, locked', 'unopened pty: no hang-up \\(its slave never opened\\)', 'unopened pty: works once unlocked',
+  'hung-up slave: reads EOF, writes EIO', 'unopened pty: same index, locked', 'unopened pty: no hang-up \\(its slave never opened\\)', 'unopened pty: works once unlocked',
 ];
 for (const mode of ['restart', 'undo'] as const) {
   t.test(`a pty pair, its session and its queues across a ${mode}`, async (t) => {

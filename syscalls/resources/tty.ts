@@ -98,7 +98,8 @@ export interface TerminalState {
   fg?: number;
 }
 
-export type TtyDesc = { id: number; kind: 'tty'; flags: number; pty: number; side: 'master' | 'slave' };
+/** `hungup`: a slave whose master was closed (hung up: reads give EOF, writes EIO); `pty` is then the index it had. */
+export type TtyDesc = { id: number; kind: 'tty'; flags: number; pty: number; side: 'master' | 'slave' | 'hungup' };
 
 const queue = base64(8 * LDISC_MAX);
 export const ptySchema = z.strictObject({
@@ -120,7 +121,7 @@ export const ptySchema = z.strictObject({
   fg: pidSchema.optional(),
 });
 export const terminalSchema = z.strictObject({ fd: fdNum, termios: base64(T2, T2), winsize: base64(8, 8), fg: pidSchema.optional() });
-export const ttyDescFields = { pty: int(0, MANY), side: z.enum(['master', 'slave']) };
+export const ttyDescFields = { pty: int(0, MANY), side: z.enum(['master', 'slave', 'hungup']) };
 const samePty: [Same<z.infer<typeof ptySchema>, PtyState>, Same<z.infer<typeof terminalSchema>, TerminalState>] = [true, true];
 void samePty;
 
@@ -285,6 +286,9 @@ export class TtyCapture {
       if (target !== '/dev/ptmx' && target !== '/dev/pts/ptmx') throw unsupported(pid, fd, `${target}: a pty master of another devpts instance (only /dev/ptmx is kept)`);
       if (!sameMountNs(pid)) throw unsupported(pid, fd, `${target}: a pty master of a process in another mount namespace`);
       this.masters.push({ pid, fd, desc, index, target, st });
+    } else if (target.endsWith(' (deleted)')) {
+      // Its master was closed: the slave is hung up, and gone from /dev/pts.
+      Object.assign(desc, { side: 'hungup', pty: Math.max(0, ptsIndex(st.rdev)) });
     } else this.slaves.push({ pid, fd, desc, index: ptsIndex(st.rdev), target, st });
     return desc;
   }
@@ -506,6 +510,10 @@ export class TtyRestore {
 
   /** A descriptor of the pty of `d` in process `r`, numbered >= `min`. */
   open(r: Remote, d: TtyDesc, min: number): bigint {
+    if (d.side === 'hungup') {
+      for (const p of this.ptys) this.ensure(r, p); // every kept index taken first: the hung-up one takes any other
+      return hungUp(r, d.flags, min);
+    }
     const p = this.ptys[d.pty];
     if (!p) throw new CkptError(errno('EBADMSG'), 'image', `descriptor ${d.id} names pty ${d.pty}, which the image lacks`);
     const made = this.ensure(r, p);
@@ -680,6 +688,25 @@ export class TtyRestore {
       }
     }
     this.made.clear();
+  }
+}
+
+/**
+ * A hung-up slave made again: a pty of its own (any index) whose slave is
+ * opened and whose master is then closed, which hangs the slave up.
+ */
+function hungUp(r: Remote, flags: number, min: number): bigint {
+  const b = new CallBatch(r);
+  b.add('restart:tty open /dev/ptmx', SYS.openat, -100, b.put(Buffer.from('/dev/ptmx\0')), O_RDWR | O_NOCTTY | O_CLOEXEC, 0);
+  const [m] = b.run();
+  try {
+    const zero = new CallBatch(r);
+    zero.add('restart:tty TIOCSPTLCK', SYS_ioctl, m, TIOCSPTLCK, zero.put(Buffer.alloc(4)));
+    zero.run();
+    const idx = Number(readFdinfo(r.task.tgid, Number(m)).extra.get('tty-index') ?? -1);
+    return r.raise(openIn(r, `/dev/pts/${idx}`, (flags & ~(O_NONBLOCK | 0o20000)) | O_NOCTTY | O_CLOEXEC, 'restart:tty'), min);
+  } finally {
+    r.call(SYS.close, m);
   }
 }
 
