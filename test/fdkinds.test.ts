@@ -57,6 +57,8 @@ bothWays('epolldup', 'epoll watches whose files left their numbers (dup\'ed, the
 
 const refusals: [string, RegExp][] = [
   ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
+  ['pty-outside', /\/dev\/ptmx: pty \/dev\/pts\/\d+ also held by process \d+ outside the subtree/],
+  ['pty-pktstatus', /pty master of \/dev\/pts\/\d+ in packet mode with a status byte unread/],
   ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
   ['sharedfiles', /shares its descriptor table with process \d+ \(clone CLONE_FILES without CLONE_THREAD\)/],
   ['pidfd-outside', /a pidfd of process \d+, outside the subtree/],

@@ -286,7 +286,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     });
   }
   const tt = ttys.finish((id, path, flags) => void (table.descs[id] = { id, kind: 'path', path, flags, pos: '0' }), procs,
-    (pid) => perProc.get(pid)!.fds.filter((f): f is FdRef & { outside: true; sfd: number } => 'outside' in f));
+    (pid) => perProc.get(pid)!.fds.filter((f): f is FdRef & { outside: true; sfd: number } => 'outside' in f),
+    (pid, fd, rdev) => others.sharing(pid, fd, new Set(procs)) ?? (rdev === undefined ? undefined : others.holdingDevice(rdev, new Set(procs))));
   Object.assign(table, { ...(tt.ptys ? { ptys: tt.ptys } : {}), ...(tt.terminal ? { terminal: tt.terminal } : {}) });
   for (const [pid, pty] of tt.ctty) perProc.get(pid)!.ctty = pty;
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
@@ -404,6 +405,18 @@ export class OutsideHolders {
   /** A process outside `inside` holding the very description fd `fd` of `pid` is (by path), if any. */
   sharing(pid: number, fd: number, inside: Set<number>): number | undefined {
     return this.paths.find((p) => !inside.has(p.pid) && kcmpFile(p.pid, Number(p.fd), pid, fd))?.pid;
+  }
+
+  /** A process outside `inside` holding a character device `rdev` (any description of it), if any. */
+  holdingDevice(rdev: number, inside: Set<number>): number | undefined {
+    for (const { pid, fd } of this.paths) {
+      if (inside.has(pid)) continue;
+      try {
+        const st = fs.statSync(`/proc/${pid}/fd/${fd}`);
+        if (st.isCharacterDevice() && st.rdev === rdev) return pid;
+      } catch { /* gone */ }
+    }
+    return undefined;
   }
 
   /** A process outside `inside` holding one of these pipe or FIFO inodes, if any. */

@@ -299,10 +299,13 @@ export class TtyCapture {
    * `procs`: the tree's processes (host pids), `outside`: its outside
    * descriptors per process and the supervisor's own copies of them.
    */
-  finish(asPath: (id: number, path: string, flags: number) => void, procs: number[], outsideFds: (pid: number) => { fd: number; sfd: number }[]): { ptys?: PtyState[]; terminal?: TerminalState; ctty: Map<number, number> } {
+  finish(asPath: (id: number, path: string, flags: number) => void, procs: number[], outsideFds: (pid: number) => { fd: number; sfd: number }[], heldOutside: (pid: number, fd: number, rdev?: number) => number | undefined): { ptys?: PtyState[]; terminal?: TerminalState; ctty: Map<number, number> } {
     const ptys: PtyState[] = [];
     const devpts = statOr('/dev/pts');
     for (const m of this.masters) {
+      // Whoever outside holds it would be left with a pty no restart brings back.
+      const ext = heldOutside(m.pid, m.fd, this.slaves.find((s) => s.index === m.index)?.st.rdev ?? slaveRdev(m.index));
+      if (ext !== undefined) throw unsupported(m.pid, m.fd, `${m.target}: pty /dev/pts/${m.index} also held by process ${ext} outside the subtree`);
       m.desc.pty = ptys.length;
       ptys.push(capturePty(m, this.slaves.filter((s) => s.index === m.index && s.st.dev === devpts?.dev), ptys.length));
     }
@@ -337,12 +340,19 @@ export class TtyCapture {
         const termios = Buffer.alloc(T2), ws = Buffer.alloc(8);
         if (sys.ioctl(o.sfd, TCGETS2, termios) < 0 || sys.ioctl(o.sfd, TIOCGWINSZ, ws) < 0) break;
         const pgid = Number(st.field(5));
+        if (tpgid !== pgid) break; // a background job: the terminal's termios are not its own
         terminal = { fd: o.fd, termios: termios.toString('base64'), winsize: ws.toString('base64'), ...(tpgid === pgid && inTree.has(pgid) ? { fg: pgid } : {}) };
         break;
       }
     }
     return { ...(ptys.length ? { ptys } : {}), ...(terminal ? { terminal } : {}), ctty };
   }
+}
+
+/** The device number of /dev/pts/N as Linux encodes it. */
+function slaveRdev(index: number): number {
+  const major = 136 + Math.floor(index / 256), minor = index % 256;
+  return major * 256 + minor;
 }
 
 function statOr(p: string): fs.Stats | undefined {
