@@ -56,7 +56,7 @@ export function allIds(tree: TreeState): number[] {
  * of its parent's shell (the root's parent is `rootParent`): sessions set as
  * each is born, so children inherit them. Returns the pids made, in order.
  */
-export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, rootParent: Remote | undefined, made: number[], onSession?: (r: Remote, pid: number) => void): void {
+export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, rootParent: Remote | undefined, made: number[], onSession?: (r: Remote, pid: number, live: boolean) => void): void {
   if (!shells.has(tree.root)) {
     if (!rootParent) throw new CkptError(errno('ESRCH'), 'restart', `no parent for the root ${tree.root}`);
     // A container's init starts a new pid namespace, as its pid 1: all its pids are free there.
@@ -68,7 +68,7 @@ export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, 
     const sh = shells.get(p.ids.pid)!;
     const host = sh.task.tid;
     if (!sh.live && p.ids.sid === p.ids.pid && Number(readStat(host).field(6)) !== host) sh.remote.check('restart:session', SYS_setsid);
-    if (p.ids.sid === p.ids.pid) onSession?.(sh.remote, p.ids.pid); // its controlling terminal, before its children are made (they inherit it)
+    if (p.ids.sid === p.ids.pid) onSession?.(sh.remote, p.ids.pid, sh.live); // its controlling terminal, before its children are made (they inherit it)
     for (const c of tree.processes.filter((c) => c.ids.ppid === p.ids.pid && !shells.has(c.ids.pid))) {
       const t = cloneWithTid(tracer, sh.remote, c.ids.pid, 0, sh.remote.scratch());
       made.push(t.tid);

@@ -82,7 +82,7 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
   try {
     const callerRemote = new Remote(tracer, caller);
     try {
-      makeShells(tracer, tree, shells, callerRemote, made, (r, pid) => ttys.session(r, pid));
+      makeShells(tracer, tree, shells, callerRemote, made, (r, pid, live) => ttys.session(r, pid, live));
     } finally {
       callerRemote.finish();
     }

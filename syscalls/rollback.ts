@@ -115,7 +115,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
     for (const x of extra) reapExtra(tracer, shells, x, ns);
     const made: number[] = [];
-    makeShells(tracer, tree, shells, undefined, made, (r, pid) => ttys.session(r, pid));
+    makeShells(tracer, tree, shells, undefined, made, (r, pid, live) => ttys.session(r, pid, live));
     const zombies = makeZombies(tracer, tree, shells, made, (pid) => {
       try {
         return readStat(host(pid)).field(3) === 'Z';

@@ -1,7 +1,7 @@
 // Terminals: a pty pair made in the tree (tty.ts), kept across a restart
 // and a rollback; the fixture checks everything itself.
 import t from 'tap';
-import { bothWays, tmpdir } from './helpers.js';
+import { bothWays, tmpdir, supervise, fixture } from './helpers.js';
 
 const dir = tmpdir('pty');
 const run = bothWays(dir, 'pty');
@@ -27,3 +27,13 @@ for (const mode of ['restart', 'undo'] as const) {
     t.equal(r.status, 0);
   });
 }
+
+t.test('a rollback past the pty being closed: made again with its index, the live session leader gets its terminal back', async (t) => {
+  const r = supervise([fixture('pty'), 'undo', 'closed'], { timeout: 60_000 });
+  t.match(r.stdout, /spoiled, rolling back/, 'the master was closed before the rollback');
+  for (const c of ['closed: the pty is back with its index', 'closed: the leader has its terminal again', 'closed: it writes to it', 'closed: the master reads what the leader wrote']) {
+    t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  }
+  t.match(r.stdout, /pty closed: all good/, r.stdout + r.stderr);
+  t.equal(r.status, 0);
+});

@@ -503,9 +503,17 @@ export class TtyRestore {
    * A session leader just made (setsid done, children not yet cloned): its
    * controlling terminal, so that children inherit it.
    */
-  session(r: Remote, pid: number): void {
+  session(r: Remote, pid: number, live = false): void {
     const p = this.ptys.find((x) => x.session === pid);
     if (!p || this.made.get(p.id)?.reused) return;
+    // A live leader (rollback) whose pty was closed since: once its old descriptors are closed (they may hold the index).
+    if (live) return void this.lateLeaders.push({ r, p });
+    this.takeTerminal(r, p);
+  }
+
+  private readonly lateLeaders: { r: Remote; p: PtyState }[] = [];
+
+  private takeTerminal(r: Remote, p: PtyState): void {
     this.ensure(r, p);
     const b = new CallBatch(r);
     const path = b.put(Buffer.from(`/dev/pts/${p.index}\0`));
@@ -608,6 +616,7 @@ export class TtyRestore {
    */
   finish(remote: (pid: number) => Remote, host: (pid: number) => number, holders: (pty: number, side: 'master' | 'slave') => { pid: number; fd: number }[]): void {
     const procs = this.tree.processes;
+    for (const { r, p } of this.lateLeaders) this.takeTerminal(r, p);
     for (const p of this.ptys) {
       const made = this.made.get(p.id);
       if (!made) continue; // held by no process (the image names it all the same): nothing to set
