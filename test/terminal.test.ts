@@ -60,3 +60,54 @@ t.test('a foreground job with raw termios, restarted on another terminal', { ski
   t.match(r.out, /^ echo \r?$/m, 'and echoes again');
   t.equal(r.status, 0);
 });
+
+// An interactive shell's job control around `ckpt restart`: ^Z stops the
+// restored job and gives the shell its terminal back; fg gives the job the
+// terminal again; a ^C then reaches it.
+const JOBS = `
+import os, pty, sys, time, select, json
+cmd, = json.loads(sys.argv[1])
+steps = [('$ ', cmd + '\\n'), ('ready', '\\x1a'), ('Stopped', 'echo shell-is-back\\n'), ('shell-is-back\\r\\n', 'fg\\n'),
+         ('WAIT', '\\x03'), ('SIGINT', None), ('$ ', 'exit\\n')]
+pid, fd = pty.fork()
+if pid == 0:
+    os.environ['PS1'] = '$ '
+    os.execvp('bash', ['bash', '--norc', '--noprofile', '-i'])
+out, i, end, mark, t0 = b'', 0, time.time() + 60, 0, None
+while time.time() < end:
+    if i < len(steps):
+        w, s = steps[i]
+        if w == 'WAIT':
+            t0 = t0 or time.time()
+            if time.time() - t0 > 1.5:
+                os.write(fd, s.encode()); i += 1; mark = len(out)
+        elif w.encode() in out[mark:]:
+            if s: os.write(fd, s.encode())
+            i += 1; mark = len(out)
+    r, _, _ = select.select([fd], [], [], 0.1)
+    if r:
+        try:
+            b = os.read(fd, 4096)
+        except OSError:
+            break
+        if not b:
+            break
+        out += b
+os.waitpid(pid, 0)
+print(json.dumps({'out': out.decode(errors='replace'), 'steps': i, 'of': len(steps)}))
+`;
+const hasBash = spawnSync('bash', ['-c', 'true']).status === 0;
+
+t.test('job control of an interactive shell around ckpt restart: ^Z, fg, ^C', { skip: hasPython && hasBash ? false : 'python3 and bash are needed' }, async (t) => {
+  const img = path.join(tmpdir('terminal-jobs'), 'termfg.img');
+  const first = onTerminal([...SUPERVISE, '--', fixture('termfg'), img]);
+  t.equal(first.status, 137, first.out);
+  const cmd = [...SUPERVISE, '--', ...CKPT, 'restart', '-i', img].map((x) => `'${x}'`).join(' ');
+  const r = spawnSync('python3', ['-c', JOBS, JSON.stringify([cmd])], { encoding: 'utf8', timeout: 90_000 });
+  const o = JSON.parse(r.stdout) as { out: string; steps: number; of: number };
+  t.match(o.out, /termfg: back: raw termios yes, foreground yes/, `restored in the foreground (${o.out})`);
+  t.match(o.out, /Stopped/, '^Z stops the job: the shell says so');
+  t.match(o.out, /^shell-is-back\r?$/m, 'and has its terminal back');
+  t.match(o.out, /termfg: SIGINT received/, 'after fg, a ^C reaches the restored job');
+  t.equal(o.steps, o.of, 'every step of the session happened');
+});
