@@ -106,6 +106,11 @@ function describeKind(files: TreeState['files'], id: number): string {
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;
   if (d.kind === 'deldir') return `deleted directory ${d.path} (made again empty) mode 0${d.mode.toString(8)}`;
+  if (d.kind === 'tty') {
+    if (d.side === 'hungup') return `hung-up pty slave (was /dev/pts/${d.pty}; its master closed)`;
+    const t = files.ptys?.[d.pty];
+    return `pty ${d.side} of /dev/pts/${t?.index ?? '?'}${t?.session !== undefined ? `, controlling terminal of session ${t.session}` : ''}${t ? `, ${Buffer.byteLength(t.output, 'base64')} bytes unread by the master, ${t.input.lines.length} lines and ${Buffer.byteLength(t.input.rest, 'base64')} bytes unread by the slave` : ''}`;
+  }
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;
 }

@@ -39,15 +39,79 @@ function query(crid: number): unknown {
   }
 }
 
-/** Wait for a child (the restored root) and exit as it did. */
-function exitLike(pid: number): never {
+/**
+ * Wait for a child (the restored root) and exit as it did (`done` first).
+ * `stopped`: called when it is stopped by job control.
+ */
+function exitLike(pid: number, done: () => void = () => {}, stopped?: () => void): never {
   for (;;) {
-    const [r, st] = sys.waitpid(pid, 0);
+    const [r, st] = sys.waitpid(pid, stopped ? WUNTRACED : 0);
     if (r === -1 && errnoNow() === EINTR) continue;
     if (r === -1) fail(`waitpid ${pid}: ${errnoName(errnoNow())}`);
+    if ((st & 0xff) === 0x7f) stopped?.();
+    if ((st & 0x7f) !== 0x7f) done();
     if ((st & 0x7f) === 0) process.exit((st >> 8) & 0xff);
     if ((st & 0x7f) !== 0x7f) process.exit(128 + (st & 0x7f));
   }
+}
+
+const TCGETS2 = 0x802c542an, TCSETS2 = 0x402c542bn, TIOCSPGRP = 0x5410n, TIOCGPGRP = 0x540fn, SIGTTOU = 22, SIGTSTP = 20, SIGCONT = 18, SYS_getpgrp = 111, WUNTRACED = 2;
+
+function pgrpState(pgid: number): string | undefined {
+  try {
+    const s = fs.readFileSync(`/proc/${pgid}/stat`, 'utf8');
+    return s.slice(s.lastIndexOf(')') + 2, s.lastIndexOf(')') + 3);
+  } catch {
+    return undefined;
+  }
+}
+
+const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+
+/**
+ * Job control for a restored foreground job in a group of its own: when ^Z
+ * stops it, the terminal goes back to this job (the shell's), which is
+ * stopped in turn so the shell sees it; when the shell continues it, the
+ * restored job gets the terminal (and its termios) back and continues.
+ */
+function jobControl(giveBack: () => void): () => void {
+  return () => {
+    const fg = Buffer.alloc(4), theirs = Buffer.alloc(44);
+    if (sys.ioctl(0, TIOCGPGRP, fg) < 0 || sys.ioctl(0, TCGETS2, theirs) < 0) return;
+    const mine = sys.syscall(SYS_getpgrp);
+    if (fg.readInt32LE(0) === mine) return; // in this group: the kernel stopped it with us
+    giveBack();
+    sys.signalIgnore(SIGTSTP);
+    sys.kill(-mine, SIGTSTP);
+    // Until the shell continues this job (its leader stops, then runs again).
+    for (let i = 0; i < 50 && pgrpState(mine) !== 'T'; i++) sleepMs(20);
+    while (pgrpState(mine) === 'T') sleepMs(20);
+    sys.signalDefault(SIGTSTP);
+    sys.signalIgnore(SIGTTOU);
+    sys.ioctl(0, TIOCSPGRP, fg);
+    sys.ioctl(0, TCSETS2, theirs);
+    sys.signalDefault(SIGTTOU);
+    sys.kill(-fg.readInt32LE(0), SIGCONT);
+  };
+}
+
+/**
+ * The terminal on stdin as `ckpt restart` found it: a restored foreground
+ * job gets it (its termios, its process group); when the job ends, the
+ * terminal is given back to this process's group with these termios, so
+ * the shell finds it as it left it.
+ */
+function holdTerminal(): () => void {
+  const t = Buffer.alloc(44);
+  if (sys.ioctl(0, TCGETS2, t) < 0) return () => {};
+  return () => {
+    sys.signalIgnore(SIGTTOU); // it may be in the background of its terminal by now
+    const pg = Buffer.alloc(4);
+    pg.writeInt32LE(sys.syscall(SYS_getpgrp), 0);
+    sys.ioctl(0, TIOCSPGRP, pg);
+    sys.ioctl(0, TCSETS2, t);
+    sys.signalDefault(SIGTTOU);
+  };
 }
 
 /** Is this process in the subtree of `pid` (or unsure: in a pid namespace /proc may not show)? */
@@ -138,10 +202,11 @@ await yargs(hideBin(process.argv))
           fail(`restart: cannot open the image ${a.i}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
         }
       }
+      const giveBack = holdTerminal();
       const pid = call('restart', 0, fd, 0);
       if (a.i) fs.closeSync(fd);
       process.stderr.write(`ckpt: restarted as pid ${pid}\n`);
-      exitLike(pid);
+      exitLike(pid, giveBack, jobControl(giveBack));
     },
   )
   .command(

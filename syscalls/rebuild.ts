@@ -38,6 +38,8 @@ export interface Shell {
   live: boolean;
   /** Threads (by tid) whose rseq registration already is the checkpoint's: left as it is. */
   rseqKept: Set<number>;
+  /** Its session's set-up (setsid, controlling terminal) is done: makeShells may visit it again. */
+  sessionDone?: boolean;
 }
 
 export function openShell(tracer: Tracer, state: ProcessState, task: Task, live: boolean): Shell {
@@ -60,7 +62,7 @@ export function allIds(tree: TreeState): number[] {
  * parent's memory is in place: cowshare.ts) is left for a later call, and
  * so are its descendants.
  */
-export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, rootParent: Remote | undefined, made: number[], ready: (p: ProcessState) => boolean = () => true): void {
+export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, Shell>, rootParent: Remote | undefined, made: number[], opts: { ready?: (p: ProcessState) => boolean; onSession?: (r: Remote, pid: number, live: boolean) => void } = {}): void {
   if (!shells.has(tree.root)) {
     if (!rootParent) throw new CkptError(errno('ESRCH'), 'restart', `no parent for the root ${tree.root}`);
     // A container's init starts a new pid namespace, as its pid 1: all its pids are free there.
@@ -73,7 +75,9 @@ export function makeShells(tracer: Tracer, tree: TreeState, shells: Map<number, 
     if (!sh) continue; // its parent is not made yet
     const host = sh.task.tid;
     if (!sh.live && p.ids.sid === p.ids.pid && Number(readStat(host).field(6)) !== host) sh.remote.check('restart:session', SYS_setsid);
-    for (const c of tree.processes.filter((c) => c.ids.ppid === p.ids.pid && !shells.has(c.ids.pid) && ready(c))) {
+    if (p.ids.sid === p.ids.pid && !sh.sessionDone) opts.onSession?.(sh.remote, p.ids.pid, sh.live); // its controlling terminal, before its children are made (they inherit it)
+    sh.sessionDone = true; // makeShells runs again for late children (cowshare.ts): once is enough
+    for (const c of tree.processes.filter((c) => c.ids.ppid === p.ids.pid && !shells.has(c.ids.pid) && (opts.ready?.(c) ?? true))) {
       const t = cloneWithTid(tracer, sh.remote, c.ids.pid, tableFlags(c.files), sh.remote.scratch()); // CLONE_FILES: its parent's table, shared as it was
       made.push(t.tid);
       shells.set(c.ids.pid, openShell(tracer, c, t, false));

@@ -29,6 +29,7 @@ import { inheritsMemory, inheritedVmas, keepInherited, ownRuns } from './resourc
 import { int32 } from './checkpoint.js';
 import { vdsoInfo, pickGadget, restoreLayout, fillPages } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
+import { TtyRestore } from './resources/tty.js';
 import { ShmRestore } from './resources/shm.js';
 import { checkCreds, parseCreds } from './resources/process.js';
 import { checkAttrs } from './resources/attrs.js';
@@ -83,24 +84,25 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
   const shells = new Map<number, Shell>();
   const made: number[] = [];
   const shm = new ShmRestore(tree.shm);
+  const ttys = new TtyRestore(tree);
   try {
     const done = new Set<number>();
-    const ready = (p: ProcessState) => !inheritsMemory(p) || done.has(p.ids.ppid);
+    const opts = { ready: (p: ProcessState) => !inheritsMemory(p) || done.has(p.ids.ppid), onSession: (r: Remote, pid: number, live: boolean) => ttys.session(r, pid, live) };
     const callerRemote = new Remote(tracer, caller);
     try {
-      makeShells(tracer, tree, shells, callerRemote, made, ready);
+      makeShells(tracer, tree, shells, callerRemote, made, opts);
     } finally {
       callerRemote.finish();
     }
     fill(shells, shm, (pid) => {
       done.add(pid);
-      if (tree.processes.some((c) => c.ids.ppid === pid && !shells.has(c.ids.pid))) makeShells(tracer, tree, shells, undefined, made, ready);
+      if (tree.processes.some((c) => c.ids.ppid === pid && !shells.has(c.ids.pid))) makeShells(tracer, tree, shells, undefined, made, opts);
     });
     // Zombies after the memory: one may be the child of a process made late.
     const zombies = makeZombies(tracer, tree, shells, made, () => false);
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z);
-    restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm });
+    restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm, ttys });
     for (const sh of shells.values()) finishProcess(tracer, sh, setCreds.get(sh.state.ids.pid)!);
   } catch (e) {
     for (const sh of shells.values()) sh.remote.mem.close();
@@ -108,6 +110,7 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
     throw e;
   } finally {
     shm.close();
+    ttys.close();
   }
   runShells(tracer, shells.values());
   return viewPid(caller.tgid, shells.get(tree.root)!.task.tid);

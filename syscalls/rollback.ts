@@ -25,6 +25,7 @@ import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
 import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, needsVmFlags, sameVmFlags, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
+import { TtyRestore } from './resources/tty.js';
 import { dropRseq } from './resources/thread.js';
 import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
@@ -99,15 +100,19 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
   }
   const callerInside = procs.includes(caller.tgid);
-  let seccomp;
+  let seccomp, ttys: TtyRestore;
   try {
     checkLocksFree(tree.files, new Set(procs), tree.processes.map((p) => host(p.ids.pid)));
+    ttys = new TtyRestore(tree, { host, kept: keptPids, all: procs }); // ptys still open are used again
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();
     throw e;
   }
-  checkRollbackAttrs(tracer, kept, host, caller.tgid, () => freeze.thaw());
+  checkRollbackAttrs(tracer, kept, host, caller.tgid, () => {
+    ttys.close();
+    freeze.thaw();
+  });
   ph.mark('freeze');
 
   const shells = new Map<number, Shell>();
@@ -125,7 +130,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     }
     for (const x of extra) reapExtra(tracer, shells, x, ns);
     const made: number[] = [];
-    makeShells(tracer, tree, shells, undefined, made);
+    makeShells(tracer, tree, shells, undefined, made, { onSession: (r, pid, live) => ttys.session(r, pid, live) });
     const zombies = makeZombies(tracer, tree, shells, made, (pid) => {
       try {
         return readStat(host(pid)).field(3) === 'Z';
@@ -154,6 +159,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
       order: tree.processes.map((p) => p.ids.pid),
       live: new Set(kept.map((p) => p.ids.pid)),
       shm,
+      ttys,
     });
     ph.mark('files');
     for (const sh of shells.values()) finishProcess(tracer, sh, false);
@@ -170,6 +176,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     throw e;
   } finally {
     shm.close();
+    ttys.close();
   }
   freeze.tasks.length = 0; // resumed below with their checkpointed registers
   seccomp.end([...shells.values()].flatMap((sh) => [...sh.threads.values()].map((t) => t.tid))); // filters in force again, in clones of suspended tasks too

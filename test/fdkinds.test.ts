@@ -57,13 +57,21 @@ bothWays('epolldup', 'epoll watches whose files left their numbers (dup\'ed, the
 
 const refusals: [string, RegExp][] = [
   ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
-  ['ptmx', /fd \d+ \(\/dev\/(pts\/)?ptmx: a descriptor of kind character device 5:2, not supported yet\)/],
+  ['pty-outside', /\/dev\/ptmx: pty \/dev\/pts\/\d+ also held by process \d+ outside the subtree/],
+  ['pty-pktstatus', /pty master of \/dev\/pts\/\d+ in packet mode with a status byte unread/],
   ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
   ['sharedfiles', /task \d+: shares its descriptor table with process \d+ outside the subtree \(clone CLONE_FILES without CLONE_THREAD\)/],
   ['sharedfiles-sibling', /task \d+: shares its descriptor table with process \d+ but its parent \d+ does not \(clone CLONE_FILES of a process that is not its parent\): not supported/],
   ['pidfd-outside', /a pidfd of process \d+, outside the subtree/],
   ['epoll-outside', /fd \d+ \(epoll watching a file that no process of the subtree holds \(added as descriptor \d+\)\)/],
 ];
+t.test('a pty master whose slave was never opened is kept (it was refused before tty.ts)', async (t) => {
+  const r = supervise([fixture('fdkinds'), 'refuse', 'ptmx']);
+  t.match(r.stdout, /ptmx: checkpoint ret=[1-9]\d* errno=0/, r.stdout + r.stderr);
+  t.match(r.stdout, /ptmx: still works after: yes/);
+  t.equal(r.status, 0);
+});
+
 for (const [what, log] of refusals) {
   t.test(`refused with EOPNOTSUPP, the program unharmed: ${what}`, async (t) => {
     const r = supervise([fixture('fdkinds'), 'refuse', what]);

@@ -32,6 +32,7 @@ import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.
 import { UnixSockets, sockName, peekQueue, printable, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
+import { TtyCapture, TtyRestore, isPtyDevice, ptySchema, terminalSchema, ttyDescFields, type TtyDesc, type PtyState, type TerminalState } from './tty.js';
 import { eventSchema } from './events.js';
 import { z, int, id, fd, path, openFlags, base64, dec63, MANY, PID_MAX, type Same } from '../../lib/schema.js';
 
@@ -64,7 +65,8 @@ export type FileDesc =
   | { id: number; kind: 'deldir'; path: string; mode: number; flags: number }
   | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
   | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
-  | { id: number; kind: 'event'; flags: number; ev: EventState };
+  | { id: number; kind: 'event'; flags: number; ev: EventState }
+  | TtyDesc;
 
 export interface PipeState {
   id: number;
@@ -83,6 +85,9 @@ export interface FilesTable {
   owners?: OwnerState[];
   /** Locks and leases held by the subtree: locks.ts. */
   locks?: LockState[];
+  /** Pty pairs whose master the subtree holds, and the terminal outside it: tty.ts. */
+  ptys?: PtyState[];
+  terminal?: TerminalState;
 }
 
 /** A descriptor as captureFiles met it (not part of the image): for what fown.ts and locks.ts read. */
@@ -100,6 +105,8 @@ export interface FilesState {
    * descriptors; this one lists none (fdkinds.ts).
    */
   filesOf?: number;
+  /** Its controlling terminal is this pty of the tree (FilesTable.ptys): tty.ts. */
+  ctty?: number;
 }
 
 /** Pipe buffers are at most 2^31 bytes (F_SETPIPE_SZ); their data at most that. */
@@ -117,6 +124,7 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('unix'), pair: int(0, MANY), end: z.union([z.literal(0), z.literal(1)]) }),
   z.strictObject({ ...fileFields, kind: z.literal('usock'), ...soloSockFields }),
   z.strictObject({ ...fileFields, kind: z.literal('event'), ev: eventSchema }),
+  z.strictObject({ ...fileFields, kind: z.literal('tty'), ...ttyDescFields }),
 ]);
 export const pipeSchema = z.strictObject({ id: int(0, MANY), size: int(4096, PIPE_MAX), data: base64(PIPE_MAX) });
 export const fdRefSchema = z.union([
@@ -129,12 +137,14 @@ export const filesTableSchema = z.strictObject({
   socks: z.array(sockPairSchema).max(MANY),
   owners: z.array(ownerSchema).max(MANY).optional(),
   locks: z.array(lockSchema).max(MANY).optional(),
+  ptys: z.array(ptySchema).max(MANY).optional(),
+  terminal: terminalSchema.optional(),
 });
-export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(MANY), cwd: path, cwdDeleted: z.strictObject({ mode: int(0, 0o7777) }).optional(), umask: int(0, 0o777), filesOf: int(1, PID_MAX).optional() });
+export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(MANY), cwd: path, cwdDeleted: z.strictObject({ mode: int(0, 0o7777) }).optional(), umask: int(0, 0o777), filesOf: int(1, PID_MAX).optional(), ctty: int(0, MANY).optional() });
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
-  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>] = [true, true, true, true, true, true, true, true, true, true];
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>] = [true, true, true, true, true, true, true, true, true, true, true];
 const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
 void [sameDescs, sameFiles];
 
@@ -169,6 +179,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   // A table several processes share is listed once, by its owner.
   const tableOf = sharedTables(procs, others.pids, (p) => Number(readStat(p).field(4)));
   const probes: FdProbe[] = [];
+  const ttys = new TtyCapture(level);
   for (const pid of procs) {
     const fds: FdRef[] = [];
     const owner = tableOf.get(pid);
@@ -264,6 +275,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
       } else if (target === 'anon_inode:[pidfd]') {
         table.descs.push({ id, kind: 'pidfd', flags, ...capturePidfd(pid, fd, info, inTree, level) });
+      } else if (isPtyDevice(st) && target.startsWith('/')) {
+        table.descs.push(ttys.describe(pid, fd, target, st, info, id, flags));
       } else if ((st.isFile() || st.isDirectory() || (st.isCharacterDevice() && statelessDevice(st))) && target.startsWith('/') && !target.endsWith(' (deleted)') && !target.startsWith('/secretmem')) {
         table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
       } else {
@@ -282,6 +295,11 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       ...(owner !== undefined ? { filesOf: nsPids(owner)[level] } : {}),
     });
   }
+  const tt = ttys.finish((id, path, flags) => void (table.descs[id] = { id, kind: 'path', path, flags, pos: '0' }), procs,
+    (pid) => perProc.get(pid)!.fds.filter((f): f is FdRef & { outside: true; sfd: number } => 'outside' in f),
+    (pid, fd, rdev) => others.sharing(pid, fd, new Set(procs)) ?? (rdev === undefined ? undefined : others.holdingDevice(rdev, new Set(procs))));
+  Object.assign(table, { ...(tt.ptys ? { ptys: tt.ptys } : {}), ...(tt.terminal ? { terminal: tt.terminal } : {}) });
+  for (const [pid, pty] of tt.ctty) perProc.get(pid)!.ctty = pty;
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
   findMovedWatches(table, seen);
   for (const [lo, pair] of pairIds) {
@@ -399,6 +417,18 @@ export class OutsideHolders {
     return this.paths.find((p) => !inside.has(p.pid) && kcmpFile(p.pid, Number(p.fd), pid, fd))?.pid;
   }
 
+  /** A process outside `inside` holding a character device `rdev` (any description of it), if any. */
+  holdingDevice(rdev: number, inside: Set<number>): number | undefined {
+    for (const { pid, fd } of this.paths) {
+      if (inside.has(pid)) continue;
+      try {
+        const st = fs.statSync(`/proc/${pid}/fd/${fd}`);
+        if (st.isCharacterDevice() && st.rdev === rdev) return pid;
+      } catch { /* gone */ }
+    }
+    return undefined;
+  }
+
   /** A process outside `inside` holding one of these pipe or FIFO inodes, if any. */
   find(inodes: Set<string>, inside: Set<number>): { pid: number; ino: string } | null {
     for (const ino of inodes) {
@@ -430,6 +460,8 @@ export interface FilesRestore {
   shm: ShmRestore;
   /** A process of the tree (as recorded) to its host pid (they differ in a pid namespace). */
   host: (pid: number) => number;
+  /** Ptys made for session leaders already, or (rollback) found open: tty.ts. */
+  ttys?: TtyRestore;
 }
 
 /**
@@ -439,6 +471,8 @@ export interface FilesRestore {
  */
 export function restoreFiles(ctx: FilesRestore): void {
   const { table, perProc, order, remote } = ctx;
+  const ttys = ctx.ttys ?? new TtyRestore({ files: table, processes: order.map((pid) => ({ ids: { pid, sid: 0 }, files: perProc.get(pid)! })) });
+  ttys.prepare();
   // Temporaries (pipe ends in transit, pidfds) live above every target number.
   const maxFd = Math.max(2, ...[...perProc.values()].flatMap((p) => p.fds.map((f) => f.fd)));
   const tempBase = maxFd + 1;
@@ -534,6 +568,8 @@ export function restoreFiles(ctx: FilesRestore): void {
         });
       } else if (d.kind === 'pidfd') {
         moveFd(r, makePidfd(r, d, d.flags), owner.fd, owner.cloexec);
+      } else if (d.kind === 'tty') {
+        moveFd(r, ttys.open(r, d, tempBase), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
       } else if (d.kind === 'deldir') {
         moveFd(r, makeDeletedDir(r, d, { open: d.flags }), owner.fd, owner.cloexec);
       } else if (d.kind === 'ghost') {
@@ -593,6 +629,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     for (const h of hs.slice(1)) transfer(owner, h);
   }
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
+  ttys.finish(remote, ctx.host, (pty, side) => table.descs.filter((x) => x.kind === 'tty' && x.pty === pty && x.side === side).flatMap((x) => holders.get(x.id) ?? []));
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
   for (const e of epolls) {
