@@ -313,9 +313,9 @@ function freshLike(family: number, type: number, protocol: number): number | und
  * Datagrams queued to read, in order, with their sources: peeked at with
  * SO_PEEK_OFF (each peek gives the next one), which is set back after.
  */
-function peekDatagrams(mine: number): { data: Buffer; from: Buffer }[] {
+function peekDatagrams(mine: number): { data: Buffer; from: Buffer }[] | undefined {
   const old = getsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF) ?? -1;
-  if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) return [];
+  if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) return anyQueued(mine) ? undefined : [];
   const out: { data: Buffer; from: Buffer }[] = [];
   const buf = Buffer.alloc(65536);
   try {
@@ -405,9 +405,16 @@ function captureInet(pid: number, fd: number, mine: number, s: NetSockState, wha
   const peer = peerBuf && inetAddr(peerBuf);
   if (peer && (peer.port || !isAny(peer.addr))) s.peer = peerBuf!.toString('base64');
   const dgram = s.type === SOCK_DGRAM;
+  const ping = dgram && (s.protocol === IPPROTO_ICMP || s.protocol === IPPROTO_ICMPV6);
   // Shutdown: only sock_diag tells (UDP, UDP-Lite, raw); ping sockets have no dump, and keep it by poll bits below.
   const dumpProto = s.type === SOCK_RAW ? IPPROTO_RAW : s.protocol;
   const d = dumpProto === IPPROTO_UDP || dumpProto === IPPROTO_UDPLITE || dumpProto === IPPROTO_RAW ? diag.inetOf(s.family, dumpProto).get(ino) : undefined;
+  // A raw or ping socket connected has no port: getpeername says ENOTCONN, sock_diag or /proc/net/icmp tell.
+  if (!s.peer && !dgram && d?.state === 1) s.peer = makeInetAddr(s.family, d.dst.subarray(0, s.family === AF_INET ? 4 : 16), 0).toString('base64');
+  if (!s.peer && ping) {
+    const dst = pingPeer(s.family, ino);
+    if (dst) s.peer = makeInetAddr(s.family, dst, 0).toString('base64');
+  }
   if (d?.shutdown) s.shutdown = d.shutdown & 3;
   if (!d && (s.protocol === IPPROTO_ICMP || s.protocol === IPPROTO_ICMPV6)) {
     const ev = sys.pollOne(mine, 0x2000 /* POLLRDHUP */, 0);
@@ -424,7 +431,13 @@ function captureInet(pid: number, fd: number, mine: number, s: NetSockState, wha
     if (anyQueued(mine)) throw refuse(pid, fd, `socket:[${ino}]: ${what}: packets queued to read on a raw socket: not supported`);
     return;
   }
+  // A ping socket cannot be peeked at past its first reply (no SO_PEEK_OFF).
+  if (ping) {
+    if (anyQueued(mine)) throw refuse(pid, fd, `socket:[${ino}]: ${what}: echo replies queued to read on a ping socket: not supported`);
+    return;
+  }
   const q = peekDatagrams(mine);
+  if (!q) throw refuse(pid, fd, `socket:[${ino}]: ${what}: datagrams queued that cannot be peeked at (no SO_PEEK_OFF)`);
   if (!q.length) return;
   for (const m of q) {
     const src = inetAddr(m.from);
@@ -437,6 +450,28 @@ function captureInet(pid: number, fd: number, mine: number, s: NetSockState, wha
     if (sharer) throw refuse(pid, fd, `socket:[${ino}]: ${what}: datagrams queued on a port that socket:[${sharer}] shares`);
   }
   s.queue = q.map((m) => ({ data: m.data.toString('base64'), from: m.from.toString('base64') }));
+}
+
+/**
+ * The address a ping socket is connected to, from /proc/net/icmp(6) (state
+ * 01, established): addresses there are the kernel's 32-bit words in hex.
+ */
+function pingPeer(family: number, ino: number): Buffer | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync(family === AF_INET ? '/proc/net/icmp' : '/proc/net/icmp6', 'utf8');
+  } catch {
+    return undefined;
+  }
+  for (const line of text.split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 10 || Number(f[9]) !== ino || f[3] !== '01') continue;
+    const hex = f[2].split(':')[0];
+    const b = Buffer.alloc(hex.length / 2);
+    for (let i = 0; i < hex.length / 8; i++) b.writeUInt32LE(parseInt(hex.slice(i * 8, i * 8 + 8), 16), i * 4);
+    return b;
+  }
+  return undefined;
 }
 
 /** Another UDP socket (either family) bound to the same local port, if any. */
@@ -454,7 +489,7 @@ function capturePacket(pid: number, fd: number, mine: number, s: NetSockState, w
   if (d.fanout !== undefined) throw refuse(pid, fd, `socket:[${ino}]: ${what}: in a PACKET_FANOUT group: not supported`);
   if (anyQueued(mine)) throw refuse(pid, fd, `socket:[${ino}]: ${what}: packets queued to read: not supported`);
   // The protocol it receives now (bind may have changed what socket() was given).
-  s.protocol = d.num;
+  s.protocol = ((d.num & 0xff) << 8) | (d.num >> 8); // diag gives it in host order; socket() takes it as htons() made it
   const ifindex = nameBuf && nameBuf.length >= 8 ? nameBuf.readInt32LE(4) : 0;
   if (ifindex) {
     const n = ifName(ifindex);
@@ -729,7 +764,7 @@ function requeue(host: number, fd: bigint, s: NetSockState, q: QueuedDatagram[],
     // Loopback delivers in a softirq: give it a moment, then compare.
     let got: { data: Buffer; from: Buffer }[] = [];
     for (let i = 0; i < 50; i++) {
-      got = peekDatagrams(mine);
+      got = peekDatagrams(mine) ?? [];
       if (got.length >= q.length) break;
       sys.pollOne(mine, 1, 2);
     }
