@@ -778,3 +778,62 @@ function sameSource(a: Buffer, b: Buffer): boolean {
   const x = inetAddr(a), y = inetAddr(b);
   return !!x && !!y && x.family === y.family && x.port === y.port && x.addr.equals(y.addr) && x.scope === y.scope;
 }
+
+// ---------------------------------------------------------------- rights, before a rollback changes anything
+
+/**
+ * A rollback makes every socket again in a live process, with the
+ * credentials it has now: one that dropped CAP_NET_RAW (or left
+ * ping_group_range) since it opened a raw, packet or ping socket would fail
+ * half-way. Checked first, from /proc (its effective capabilities in the
+ * namespace the network belongs to, its groups): EPERM, nothing changed.
+ * `holders` gives, for a live process's descriptors, its host pid.
+ */
+export function checkNetRights(descs: { id: number; kind: string; net?: NetSockState }[], firstHolder: (desc: number) => { pid: number; fd: number } | undefined, hostOf: (pid: number) => number | undefined): void {
+  for (const d of descs) {
+    if (d.kind !== 'net' || !d.net) continue;
+    const s = d.net;
+    const raw = s.family === AF_PACKET || s.type === SOCK_RAW;
+    const ping = s.type === SOCK_DGRAM && (s.protocol === IPPROTO_ICMP || s.protocol === IPPROTO_ICMPV6);
+    if (!raw && !ping) continue;
+    const h = firstHolder(d.id);
+    const host = h && hostOf(h.pid);
+    if (host === undefined) continue; // made anew: the kernel answers for it
+    const what = `task ${h!.pid} fd ${h!.fd}: ${describe(s.family, s.type, s.protocol)}`;
+    let status: string;
+    try {
+      status = fs.readFileSync(`/proc/${host}/status`, 'utf8');
+    } catch {
+      continue;
+    }
+    if (raw) {
+      const capEff = BigInt('0x' + (/^CapEff:\s*([0-9a-f]+)/m.exec(status)?.[1] ?? '0'));
+      let sameNs = true;
+      try {
+        sameNs = fs.statSync(`/proc/${host}/ns/user`).ino === fs.statSync('/proc/self/ns/user').ino;
+      } catch { /* no namespaces */ }
+      if (!(capEff & (1n << 13n)) || !sameNs) throw new CkptError(errno('EPERM'), 'restart:netsock', `${what}: the process may not open such a socket itself now (it lacks CAP_NET_RAW)`);
+    } else {
+      const [lo, hi] = readSysctlPair('/proc/sys/net/ipv4/ping_group_range');
+      const egid = Number(/^Gid:\s*\d+\s+(\d+)/m.exec(status)?.[1] ?? -1);
+      const groups = (/^Groups:\s*(.*)$/m.exec(status)?.[1] ?? '').trim().split(/\s+/).filter(Boolean).map(Number);
+      if (![egid, ...groups].some((g) => g >= lo && g <= hi)) throw new CkptError(errno('EPERM'), 'restart:netsock', `${what}: the process may not open such a socket itself now (its groups are outside net.ipv4.ping_group_range ${lo} ${hi})`);
+    }
+  }
+}
+
+function readSysctlPair(path: string): [number, number] {
+  try {
+    const [a, b] = fs.readFileSync(path, 'utf8').trim().split(/\s+/).map(Number);
+    return [a, b];
+  } catch {
+    return [1, 0];
+  }
+}
+
+/** The first holder of each description, in the tree's order (where files.ts makes it). */
+export function firstHolder(procs: { ids: { pid: number }; files: { fds: ({ fd: number } & ({ desc: number } | { outside: true }))[] } }[]): (desc: number) => { pid: number; fd: number } | undefined {
+  const first = new Map<number, { pid: number; fd: number }>();
+  for (const p of procs) for (const f of p.files.fds) if ('desc' in f && !first.has(f.desc)) first.set(f.desc, { pid: p.ids.pid, fd: f.fd });
+  return (d) => first.get(d);
+}
