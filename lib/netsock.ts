@@ -18,6 +18,25 @@ const _getpeername = libc.func('int getpeername(int fd, _Inout_ void *addr, _Ino
 const _recvfrom = libc.func('intptr_t recvfrom(int fd, _Inout_ void *buf, size_t len, int flags, _Inout_ void *addr, _Inout_ uint32_t *alen)');
 const _sendto = libc.func('intptr_t sendto(int fd, void *buf, size_t len, int flags, void *addr, uint32_t alen)');
 const _setsockopt = libc.func('int setsockopt(int fd, int level, int name, void *val, uint32_t len)');
+const _mmap = libc.func('uintptr_t mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, intptr_t off)');
+const _munmap = libc.func('int munmap(uintptr_t addr, size_t len)');
+const _memcpy = libc.func('void *memcpy(_Out_ uint8_t *dst, uintptr_t src, size_t len)');
+
+/**
+ * Read `len` bytes of what mmap of `fd` maps (a packet socket's rings), by
+ * mapping it in the supervisor for the moment; undefined if it cannot.
+ */
+export function readMapped(fd: number, len: number): Buffer | undefined {
+  const at = BigInt(_mmap(0, len, 1 /* PROT_READ */, 1 /* MAP_SHARED */, fd, 0) as number | bigint);
+  if (at === 0xffffffffffffffffn || at === -1n) return undefined;
+  try {
+    const b = Buffer.alloc(len);
+    _memcpy(b, at, len);
+    return b;
+  } finally {
+    _munmap(at, len);
+  }
+}
 
 /** getsockopt into a buffer of `size` bytes: the bytes the kernel gave, or the errno. */
 export function getsockopt(fd: number, level: number, name: number, size = 4): Buffer | number {
@@ -181,14 +200,17 @@ export interface PacketDiag {
   info?: { ifindex: number; version: number; reserve: number; copyThresh: number; tstamp: number; flags: number };
   /** PACKET_ADD_MEMBERSHIP entries: ifindex, count, type, address. */
   mclist: { ifindex: number; count: number; type: number; addr: Buffer }[];
-  rxRing: boolean;
-  txRing: boolean;
+  /** packet_diag_ring: block size, block count, frame size, frame count, retire timeout, private size, features. */
+  rxRing?: number[];
+  txRing?: number[];
   fanout?: number;
   filter: boolean;
 }
 
 const AF_PACKET = 17;
 const PACKET_SHOW_INFO = 1, PACKET_SHOW_MCLIST = 2, PACKET_SHOW_RING_CFG = 4, PACKET_SHOW_FANOUT = 8, PACKET_SHOW_FILTER = 0x20;
+
+const ring = (b?: Buffer) => (b && b.length >= 28 ? [0, 1, 2, 3, 4, 5, 6].map((i) => b.readUInt32LE(4 * i)) : undefined);
 
 /** Every packet socket, by inode. */
 export function packetSockets(): Map<number, PacketDiag> {
@@ -209,7 +231,7 @@ export function packetSockets(): Map<number, PacketDiag> {
     out.set(m.readUInt32LE(4), {
       ino: m.readUInt32LE(4), type: m.readUInt8(1), num: m.readUInt16LE(2),
       info: i && i.length >= 24 ? { ifindex: i.readUInt32LE(0), version: i.readUInt32LE(4), reserve: i.readUInt32LE(8), copyThresh: i.readUInt32LE(12), tstamp: i.readUInt32LE(16), flags: i.readUInt32LE(20) } : undefined,
-      mclist, rxRing: a.has(2), txRing: a.has(3), fanout: a.get(4)?.readUInt32LE(0), filter: (a.get(7)?.length ?? 0) > 0,
+      mclist, rxRing: ring(a.get(2)), txRing: ring(a.get(3)), fanout: a.get(4)?.readUInt32LE(0), filter: (a.get(7)?.length ?? 0) > 0,
     });
   }
   return out;

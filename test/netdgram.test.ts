@@ -36,7 +36,8 @@ const checks = [
   'udp shut down both ways: POLLHUP, EPIPE on send',
   'ping: its identifier', 'ping: still connected (send without an address)', 'ping: pings again, answered to its identifier',
   'raw: protocol 253, bound to 127.0.0.1, IP_TTL', 'raw: receives what it sent, with its TTL',
-  'packet: bound to lo, its protocol, PACKET_AUXDATA', 'packet: its membership (PACKET_DROP_MEMBERSHIP finds it)', 'packet: receives on lo',
+  'packet: bound to lo, its protocol, PACKET_AUXDATA', 'packet: its membership (PACKET_DROP_MEMBERSHIP finds it)', 'packet: receives on lo', 'packet: its PACKET_FANOUT group',
+  'packet: TPACKET_V2, its PACKET_RX_RING and PACKET_TX_RING (2 + 1 blocks)',
   'netlink: its port id and groups', 'netlink: group 33 (NETLINK_ADD_MEMBERSHIP)', 'netlink: NETLINK_ROUTE, NETLINK_EXT_ACK, NETLINK_NO_ENOBUFS',
   'netlink: asks the kernel and is answered',
 ];
@@ -73,7 +74,7 @@ t.test('EPERM: a rollback would make a raw socket again in a process that may no
 
 const refusals: [string, RegExp][] = [
   ['corked', /fd \d+ \(socket:\[\d+\]: IPv4 UDP socket 0\.0\.0\.0:\d+: \d+ bytes written but not sent yet \(UDP_CORK\): not supported\)/],
-  ['ring', /fd \d+ \(socket:\[\d+\]: packet SOCK_RAW socket: mmapped PACKET_RX_RING: not supported\)/],
+  ['ring', /fd \d+ \(socket:\[\d+\]: packet SOCK_RAW socket: PACKET_RX_RING mapped into the process \(mmapped rings\): not supported\)/],
   ['rawq', /fd \d+ \(socket:\[\d+\]: IPv4 raw \(protocol 253\) socket 0\.0\.0\.0:253: packets queued to read on a raw socket: not supported\)/],
 ];
 for (const [what, log] of refusals) {

@@ -45,7 +45,7 @@
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, SYS } from '../../lib/libc.js';
-import { getsockopt, getsockoptInt, setsockopt, sockname, peername, recvfrom, sendto, socketFilter, inetSockets, packetSockets, type PacketDiag } from '../../lib/netsock.js';
+import { getsockopt, getsockoptInt, setsockopt, sockname, peername, recvfrom, sendto, socketFilter, readMapped, inetSockets, packetSockets, type PacketDiag } from '../../lib/netsock.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, u32, base64, MANY, type Same } from '../../lib/schema.js';
@@ -60,7 +60,7 @@ const MSG_PEEK = 2, MSG_DONTWAIT = 0x40, MSG_TRUNC = 0x20;
 const SIOCGSKNS = 0x894cn, SIOCOUTQ = 0x5411n;
 const SYS_socket = 41, SYS_connect = 42, SYS_shutdown = 48, SYS_bind = 49, SYS_setsockopt = 54;
 const EADDRINUSE = 98, ENOTCONN = 107, EPERM = 1, EACCES = 13;
-const PACKET_ADD_MEMBERSHIP = 1, PACKET_COPY_THRESH = 7, NETLINK_ADD_MEMBERSHIP = 1, NETLINK_LIST_MEMBERSHIPS = 9;
+const PACKET_ADD_MEMBERSHIP = 1, PACKET_COPY_THRESH = 7, PACKET_RX_RING = 5, PACKET_TX_RING = 13, PACKET_FANOUT = 18, NETLINK_ADD_MEMBERSHIP = 1, NETLINK_LIST_MEMBERSHIPS = 9;
 const UDP_CORK = 1;
 
 const familyNames: Record<number, string> = {
@@ -152,6 +152,11 @@ export interface NetSockState {
   copyThresh?: number;
   /** Netlink: the multicast groups past the first 32 (those are in name). */
   groups?: number[];
+  /** Packet socket: its PACKET_FANOUT group (id, type, flags as getsockopt gives them). */
+  fanout?: number;
+  /** Packet socket rings, not mapped: block size, blocks, frame size, frames, retire timeout, private size, features. */
+  rxRing?: number[];
+  txRing?: number[];
 }
 
 const sockaddr = base64(128);
@@ -170,6 +175,9 @@ export const netSockSchema = z.strictObject({
   mclist: z.array(z.strictObject({ ifname, type: int(0, 65535), addr: base64(32), count: int(1, 2 ** 31 - 1) })).max(4096).optional(),
   copyThresh: u32.optional(),
   groups: z.array(int(33, 2 ** 31 - 1)).max(4096).optional(),
+  fanout: u32.optional(),
+  rxRing: z.array(u32).length(7).optional(),
+  txRing: z.array(u32).length(7).optional(),
 });
 const sameNet: Same<z.infer<typeof netSockSchema>, NetSockState> = true;
 void sameNet;
@@ -485,8 +493,14 @@ function portSharer(diag: NetDiag, protocol: number, port: number, ino: number):
 function capturePacket(pid: number, fd: number, mine: number, s: NetSockState, what: string, nameBuf: Buffer | undefined, ino: number, diag: NetDiag): void {
   const d = diag.packets().get(ino);
   if (!d) throw refuse(pid, fd, `socket:[${ino}]: ${what}: not found by sock_diag (packet_diag)`);
-  if (d.rxRing || d.txRing) throw refuse(pid, fd, `socket:[${ino}]: ${what}: mmapped ${[d.rxRing ? 'PACKET_RX_RING' : '', d.txRing ? 'PACKET_TX_RING' : ''].filter(Boolean).join(' and ')}: not supported`);
-  if (d.fanout !== undefined) throw refuse(pid, fd, `socket:[${ino}]: ${what}: in a PACKET_FANOUT group: not supported`);
+  if (d.rxRing || d.txRing) captureRings(pid, fd, mine, s, d, `socket:[${ino}]: ${what}`, ino);
+  if (d.fanout !== undefined) {
+    // id | type << 16 | flags << 24, as setsockopt takes it again; the eBPF and cBPF modes carry a program, not kept.
+    const f = getsockoptInt(mine, SOL_PACKET, PACKET_FANOUT) ?? 0;
+    const type = (f >> 16) & 0xff;
+    if (type === 6 || type === 7) throw refuse(pid, fd, `socket:[${ino}]: ${what}: in a PACKET_FANOUT group steered by a BPF program (PACKET_FANOUT_${type === 6 ? 'CBPF' : 'EBPF'}): not supported`);
+    if (f) s.fanout = f >>> 0;
+  }
   if (anyQueued(mine)) throw refuse(pid, fd, `socket:[${ino}]: ${what}: packets queued to read: not supported`);
   // The protocol it receives now (bind may have changed what socket() was given).
   s.protocol = ((d.num & 0xff) << 8) | (d.num >> 8); // diag gives it in host order; socket() takes it as htons() made it
@@ -504,6 +518,43 @@ function capturePacket(pid: number, fd: number, mine: number, s: NetSockState, w
       return { ifname: n, type: m.type, addr: m.addr.toString('base64'), count: m.count };
     });
   }
+}
+
+/**
+ * A packet socket's rings (PACKET_RX_RING, PACKET_TX_RING): their layout is
+ * set again. Mapped by a process, the program may have frames in them that
+ * only the mapping holds (refused); not mapped, the receive ring is mapped
+ * by the supervisor for a moment to see that no frame waits to be read
+ * (else refused: a ring cannot be filled again).
+ */
+function captureRings(pid: number, fd: number, mine: number, s: NetSockState, d: PacketDiag, what: string, ino: number): void {
+  let maps = '';
+  try {
+    maps = fs.readFileSync(`/proc/${pid}/maps`, 'utf8');
+  } catch { /* gone */ }
+  const names = [d.rxRing ? 'PACKET_RX_RING' : '', d.txRing ? 'PACKET_TX_RING' : ''].filter(Boolean).join(' and ');
+  if (maps.includes(`socket:[${ino}]`)) throw refuse(pid, fd, `${what}: ${names} mapped into the process (mmapped rings): not supported`);
+  const version = d.info?.version ?? 0;
+  if (d.rxRing) {
+    const [bsize, bnr, fsize, fnr] = d.rxRing;
+    // One mapping covers both rings (the receive ring first), and only the whole of it maps.
+    const ring = readMapped(mine, bsize * bnr + (d.txRing ? d.txRing[0] * d.txRing[1] : 0));
+    if (!ring) throw refuse(pid, fd, `${what}: its PACKET_RX_RING cannot be read: not supported`);
+    // A frame (V1, V2) or block (V3: its status after version and offset) handed to user space holds packets.
+    const TP_STATUS_USER = 1;
+    let waiting = false;
+    if (version === 2) for (let b = 0; b < bnr; b++) waiting ||= (ring.readUInt32LE(b * bsize + 8) & TP_STATUS_USER) !== 0;
+    else {
+      const perBlock = Math.floor(bsize / fsize);
+      for (let i = 0; i < fnr; i++) {
+        const at = Math.floor(i / perBlock) * bsize + (i % perBlock) * fsize;
+        waiting ||= (Number(version === 0 ? ring.readBigUInt64LE(at) & 0xffffffffn : BigInt(ring.readUInt32LE(at))) & TP_STATUS_USER) !== 0;
+      }
+    }
+    if (waiting) throw refuse(pid, fd, `${what}: packets waiting in its PACKET_RX_RING: not supported`);
+    s.rxRing = d.rxRing;
+  }
+  if (d.txRing) s.txRing = d.txRing;
 }
 
 function captureNetlink(mine: number, s: NetSockState, nameBuf: Buffer | undefined, peerBuf: Buffer | undefined): void {
@@ -604,6 +655,19 @@ function restoreInto(r: Remote, host: number, fd: bigint, s: NetSockState, what:
     addr.copy(mr, 8, 0, Math.min(addr.length, 8));
     const at = b2.put(mr);
     for (let i = 0; i < m.count; i++) b2.add(`restart:netsock ${what} PACKET_ADD_MEMBERSHIP`, SYS_setsockopt, fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, at, 16);
+  }
+  if (s.fanout !== undefined) {
+    const v = Buffer.alloc(4);
+    v.writeUInt32LE(s.fanout, 0);
+    b2.add(`restart:netsock ${what} PACKET_FANOUT`, SYS_setsockopt, fd, SOL_PACKET, PACKET_FANOUT, b2.put(v), 4);
+  }
+  // Rings after PACKET_VERSION and PACKET_RESERVE (set above), which a ring freezes; V3 takes the longer request.
+  const v3 = (s.opts ?? []).some((o) => o.level === SOL_PACKET && o.name === 10 && Buffer.from(o.val, 'base64').readInt32LE(0) === 2);
+  for (const [name, ring] of [[PACKET_RX_RING, s.rxRing], [PACKET_TX_RING, s.txRing]] as const) {
+    if (!ring) continue;
+    const req = Buffer.alloc(v3 ? 28 : 16);
+    for (let i = 0; i < req.length / 4; i++) req.writeUInt32LE(ring[i], 4 * i);
+    b2.add(`restart:netsock ${what} ${name === PACKET_RX_RING ? 'PACKET_RX_RING' : 'PACKET_TX_RING'}`, SYS_setsockopt, fd, SOL_PACKET, name, b2.put(req), req.length);
   }
   for (const g of s.groups ?? []) {
     const v = Buffer.alloc(4);
