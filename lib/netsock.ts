@@ -46,6 +46,14 @@ export function getsockopt(fd: number, level: number, name: number, size = 4): B
   return b.subarray(0, Math.min(len[0], size));
 }
 
+/** getsockopt whose buffer carries input too (MCAST_MSFILTER): the bytes the kernel gave back, or the errno. */
+export function getsockoptWith(fd: number, level: number, name: number, inout: Buffer): Buffer | number {
+  const b = Buffer.from(inout);
+  const len = [b.length];
+  if ((_getsockopt(fd, level, name, b, len) as number) !== 0) return errnoNow();
+  return b.subarray(0, Math.min(len[0], b.length));
+}
+
 export function getsockoptInt(fd: number, level: number, name: number): number | undefined {
   const b = getsockopt(fd, level, name, 4);
   return typeof b === 'number' || b.length < 4 ? undefined : b.readInt32LE(0);
@@ -57,12 +65,14 @@ export function setsockopt(fd: number, level: number, name: number, val: Buffer)
 
 /**
  * The classic BPF program attached with SO_ATTACH_FILTER (8 bytes an
- * instruction), if any. SO_GET_FILTER measures in instructions: given room
+ * instruction), if any; 'ebpf' for an eBPF program (SO_ATTACH_BPF). SO_GET_FILTER measures in instructions: given room
  * for none it says how many there are.
  */
-export function socketFilter(fd: number): Buffer | undefined {
+export function socketFilter(fd: number): Buffer | undefined | 'ebpf' {
   const len = [0];
-  if ((_getsockopt(fd, 1, 26, Buffer.alloc(8), len) as number) !== 0 || !len[0]) return undefined;
+  // EACCES: a filter with no classic program behind it (SO_ATTACH_BPF).
+  if ((_getsockopt(fd, 1, 26, Buffer.alloc(8), len) as number) !== 0) return errnoNow() === 13 ? 'ebpf' : undefined;
+  if (!len[0]) return undefined;
   const b = Buffer.alloc(len[0] * 8);
   const l = [len[0]];
   if ((_getsockopt(fd, 1, 26, b, l) as number) !== 0) return undefined;

@@ -24,7 +24,8 @@ if (!(lo <= gid && gid <= hi)) {
 const checks = [
   'udp4: bound to its port', 'udp4: SO_RCVBUF', 'udp4: SO_REUSEADDR, SO_BROADCAST, SO_TIMESTAMP',
   'udp4: IP_TOS, IP_TTL, IP_MULTICAST_TTL, IP_MULTICAST_LOOP, IP_PKTINFO', 'udp4: options it did not set are not set',
-  'udp4: 4 queued datagrams, their sources, in order',
+  'udp4: 4 queued datagrams, their sources, in order', 'udp4: its multicast groups on lo (239.1.2.3; 232.1.1.1 from 127.0.0.9 only)',
+  'udp4 connected: its BPF filter (SO_ATTACH_FILTER)', 'udp6: its multicast group ff12::1234 on lo',
   'udp4 connected: its address and peer', 'udp4 connected: 1 queued datagrams, their sources, in order',
   'udp4 connected: sends to its peer; the peer: 1 queued datagrams, their sources, in order',
   'udp4 connected: receives from its peer; it: 1 queued datagrams, their sources, in order', 'udp4 connected: takes nothing from others',

@@ -45,7 +45,7 @@
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, SYS } from '../../lib/libc.js';
-import { getsockopt, getsockoptInt, setsockopt, sockname, peername, recvfrom, sendto, socketFilter, readMapped, inetSockets, packetSockets, type PacketDiag } from '../../lib/netsock.js';
+import { getsockopt, getsockoptInt, setsockopt, sockname, peername, recvfrom, sendto, socketFilter, getsockoptWith, readMapped, inetSockets, packetSockets, type PacketDiag } from '../../lib/netsock.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, u32, base64, MANY, type Same } from '../../lib/schema.js';
@@ -62,6 +62,8 @@ const SYS_socket = 41, SYS_connect = 42, SYS_shutdown = 48, SYS_bind = 49, SYS_s
 const EADDRINUSE = 98, ENOTCONN = 107, EPERM = 1, EACCES = 13;
 const PACKET_ADD_MEMBERSHIP = 1, PACKET_COPY_THRESH = 7, PACKET_RX_RING = 5, PACKET_TX_RING = 13, PACKET_FANOUT = 18, NETLINK_ADD_MEMBERSHIP = 1, NETLINK_LIST_MEMBERSHIPS = 9;
 const UDP_CORK = 1;
+/** Classic BPF instructions kept (the program is an argument of one injected call, in one scratch page). */
+const MAX_FILTER = 256;
 
 const familyNames: Record<number, string> = {
   3: 'AF_AX25', 4: 'AF_IPX', 5: 'AF_APPLETALK', 8: 'AF_ATMPVC', 9: 'AF_X25', 15: 'AF_KEY', 20: 'AF_ATMSVC', 21: 'AF_RDS', 24: 'AF_PPPOX',
@@ -132,6 +134,9 @@ export interface QueuedDatagram { data: string; from: string }
 /** A packet socket's PACKET_ADD_MEMBERSHIP entry. */
 export interface PacketMembership { ifname: string; type: number; addr: string; count: number }
 
+/** A multicast group joined on an interface; a source filter unless it is EXCLUDE of none (a plain join). */
+export interface McastMembership { ifname: string; group: string; include?: boolean; sources?: string[] }
+
 export interface NetSockState {
   family: number;
   type: number;
@@ -152,6 +157,8 @@ export interface NetSockState {
   copyThresh?: number;
   /** Netlink: the multicast groups past the first 32 (those are in name). */
   groups?: number[];
+  /** IP multicast groups joined (IP_ADD_MEMBERSHIP, MCAST_JOIN_GROUP...), with their source filters. */
+  mcast?: McastMembership[];
   /** Packet socket: its PACKET_FANOUT group (id, type, flags as getsockopt gives them). */
   fanout?: number;
   /** Packet socket rings, not mapped: block size, blocks, frame size, frames, retire timeout, private size, features. */
@@ -168,7 +175,7 @@ export const netSockSchema = z.strictObject({
   name: sockaddr.optional(),
   peer: sockaddr.optional(),
   opts: z.array(z.strictObject({ level: int(0, 65535), name: int(0, 255), val: base64(40) })).max(128).optional(),
-  filter: base64(4096 * 8).optional(),
+  filter: base64(256 * 8).optional(),
   shutdown: int(0, 3).optional(),
   queue: z.array(z.strictObject({ data: base64(65536), from: sockaddr })).max(MANY).optional(),
   ifname: ifname.optional(),
@@ -176,6 +183,7 @@ export const netSockSchema = z.strictObject({
   copyThresh: u32.optional(),
   groups: z.array(int(33, 2 ** 31 - 1)).max(4096).optional(),
   fanout: u32.optional(),
+  mcast: z.array(z.strictObject({ ifname, group: base64(16), include: z.boolean().optional(), sources: z.array(base64(16)).max(24).optional() })).max(4096).optional(),
   rxRing: z.array(u32).length(7).optional(),
   txRing: z.array(u32).length(7).optional(),
 });
@@ -371,6 +379,12 @@ export class NetDiag {
   packets() {
     return (this.packet ??= packetSockets());
   }
+  private mc = new Map<number, ReturnType<typeof multicastGroups>>();
+  groups(family: number) {
+    let g = this.mc.get(family);
+    if (!g) this.mc.set(family, (g = multicastGroups(family)));
+    return g;
+  }
 }
 
 /**
@@ -397,6 +411,8 @@ export function captureNetSock(pid: number, fd: number, ino: number, diag: NetDi
       if (fresh !== undefined) fs.closeSync(fresh);
     }
     const filter = socketFilter(mine);
+    if (filter === 'ebpf') throw refuse(pid, fd, `socket:[${ino}]: ${what}: an eBPF socket filter (SO_ATTACH_BPF): not supported`);
+    if (filter && filter.length > MAX_FILTER * 8) throw refuse(pid, fd, `socket:[${ino}]: ${what}: a socket filter of ${filter.length / 8} instructions (up to ${MAX_FILTER} are kept)`);
     if (filter) s.filter = filter.toString('base64');
     const peerBuf = peername(mine);
     if (family === AF_INET || family === AF_INET6) captureInet(pid, fd, mine, s, what, nameBuf, peerBuf, ino, diag);
@@ -408,6 +424,8 @@ export function captureNetSock(pid: number, fd: number, ino: number, diag: NetDi
 }
 
 function captureInet(pid: number, fd: number, mine: number, s: NetSockState, what: string, nameBuf: Buffer | undefined, peerBuf: Buffer | undefined, ino: number, diag: NetDiag): void {
+  const mc = captureMemberships(mine, s.family, diag);
+  if (mc.length) s.mcast = mc;
   const name = nameBuf && inetAddr(nameBuf);
   if (name && (name.port || !isAny(name.addr))) s.name = nameBuf!.toString('base64');
   const peer = peerBuf && inetAddr(peerBuf);
@@ -480,6 +498,69 @@ function pingPeer(family: number, ino: number): Buffer | undefined {
     return b;
   }
   return undefined;
+}
+
+const MCAST_JOIN_GROUP = 42, MCAST_MSFILTER = 48, GF_SLIST = 144, SS = 128;
+/** A filter is set again in one call whose argument must fit in the injected calls' scratch page. */
+const MAX_SOURCES = 24;
+
+/**
+ * The multicast groups a socket joined. No call lists them; the groups
+ * joined on each interface are in /proc/net/igmp(6), and MCAST_MSFILTER
+ * answers for one group and interface only where this socket joined it
+ * (EADDRNOTAVAIL elsewhere), with its filter mode and sources.
+ */
+function captureMemberships(mine: number, family: number, diag: NetDiag): McastMembership[] {
+  const out: McastMembership[] = [];
+  const alen = family === AF_INET ? 4 : 16;
+  for (const g of diag.groups(family)) {
+    const q = Buffer.alloc(GF_SLIST + SS * 64);
+    q.writeUInt32LE(g.ifindex, 0);
+    makeInetAddr(family, g.addr, 0).copy(q, 8);
+    q.writeUInt32LE(64, 140); // room for more sources than are kept
+    const r = getsockoptWith(mine, family === AF_INET ? SOL_IP : SOL_IPV6, MCAST_MSFILTER, q);
+    if (typeof r === 'number' || r.length < GF_SLIST) continue;
+    const include = r.readUInt32LE(136) === 1;
+    const n = r.readUInt32LE(140);
+    if (n > MAX_SOURCES) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:netsock', `a multicast membership with a filter of ${n} sources (up to ${MAX_SOURCES} are kept)`);
+    const sources: string[] = [];
+    for (let i = 0; i < n; i++) {
+      const a = inetAddr(r.subarray(GF_SLIST + SS * i, GF_SLIST + SS * (i + 1)));
+      if (a) sources.push(a.addr.subarray(0, alen).toString('base64'));
+    }
+    out.push({ ifname: g.ifname, group: g.addr.toString('base64'), ...(include ? { include } : {}), ...(sources.length ? { sources } : {}) });
+  }
+  return out;
+}
+
+/** The multicast groups joined on each interface, from /proc/net/igmp (addresses as host-order hex words) or igmp6. */
+function multicastGroups(family: number): { ifindex: number; ifname: string; addr: Buffer }[] {
+  const out: { ifindex: number; ifname: string; addr: Buffer }[] = [];
+  let text = '';
+  try {
+    text = fs.readFileSync(family === AF_INET ? '/proc/net/igmp' : '/proc/net/igmp6', 'utf8');
+  } catch {
+    return out;
+  }
+  if (family === AF_INET6) {
+    for (const l of text.split('\n')) {
+      const f = l.trim().split(/\s+/);
+      if (f.length >= 3 && /^[0-9a-f]{32}$/.test(f[2])) out.push({ ifindex: Number(f[0]), ifname: f[1], addr: Buffer.from(f[2], 'hex') });
+    }
+    return out;
+  }
+  let dev: { ifindex: number; ifname: string } | undefined;
+  for (const l of text.split('\n').slice(1)) {
+    const m = /^(\d+)\s+(\S+)\s*:/.exec(l);
+    if (m) dev = { ifindex: Number(m[1]), ifname: m[2] };
+    const g = /^\s+([0-9A-F]{8})\s/.exec(l);
+    if (g && dev) {
+      const addr = Buffer.alloc(4);
+      addr.writeUInt32LE(parseInt(g[1], 16), 0);
+      out.push({ ...dev, addr });
+    }
+  }
+  return out;
 }
 
 /** Another UDP socket (either family) bound to the same local port, if any. */
@@ -603,8 +684,13 @@ function restoreInto(r: Remote, host: number, fd: bigint, s: NetSockState, what:
   const queued = s.queue?.length ? s.queue : undefined;
   // Set after the queue is back: a device other than loopback would not take what comes over it.
   const late = (o: SockOpt) => (o.level === SOL_SOCKET && (o.name === SO_LOCK_FILTER || (queued !== undefined && o.name === SO_BINDTODEVICE))) || (o.level === SOL_SOCKET && o.name === SO_PEEK_OFF);
+  const early = (s.opts ?? []).filter((o) => !late(o));
+  for (let i = 0; i < early.length; i += 32) { // their arguments in one scratch page a batch
+    const bo = new CallBatch(r);
+    addSockOpts(bo, fd, early.slice(i, i + 32), `restart:netsock ${what}`);
+    bo.run();
+  }
   const b = new CallBatch(r);
-  addSockOpts(b, fd, (s.opts ?? []).filter((o) => !late(o)), `restart:netsock ${what}`);
   if (s.filter) {
     const prog = Buffer.from(s.filter, 'base64');
     const at = b.put(prog);
@@ -655,6 +741,28 @@ function restoreInto(r: Remote, host: number, fd: bigint, s: NetSockState, what:
     addr.copy(mr, 8, 0, Math.min(addr.length, 8));
     const at = b2.put(mr);
     for (let i = 0; i < m.count; i++) b2.add(`restart:netsock ${what} PACKET_ADD_MEMBERSHIP`, SYS_setsockopt, fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, at, 16);
+  }
+  for (const m of s.mcast ?? []) {
+    const idx = ifIndex(m.ifname);
+    if (idx === undefined) throw new CkptError(errno('ENODEV'), 'restart:netsock', `${what}: a multicast membership on interface ${m.ifname}, which is not there`);
+    const level = s.family === AF_INET ? SOL_IP : SOL_IPV6;
+    const group = Buffer.from(m.group, 'base64');
+    if (group.length !== (s.family === AF_INET ? 4 : 16)) throw new CkptError(errno('EBADMSG'), 'image', `${what}: a multicast group of ${group.length} bytes`);
+    const req = Buffer.alloc(136);
+    req.writeUInt32LE(idx, 0);
+    makeInetAddr(s.family, group, 0).copy(req, 8);
+    const bm = new CallBatch(r); // one each: a filter nearly fills the scratch page
+    bm.add(`restart:netsock ${what} MCAST_JOIN_GROUP`, SYS_setsockopt, fd, level, MCAST_JOIN_GROUP, bm.put(req), req.length);
+    if (m.include || m.sources?.length) {
+      const src = m.sources ?? [];
+      const gf = Buffer.alloc(GF_SLIST + SS * src.length);
+      req.copy(gf, 0, 0, 136);
+      gf.writeUInt32LE(m.include ? 1 : 0, 136);
+      gf.writeUInt32LE(src.length, 140);
+      src.forEach((x, i) => makeInetAddr(s.family, Buffer.from(x, 'base64'), 0).copy(gf, GF_SLIST + SS * i));
+      bm.add(`restart:netsock ${what} MCAST_MSFILTER`, SYS_setsockopt, fd, level, MCAST_MSFILTER, bm.put(gf), gf.length);
+    }
+    bm.run();
   }
   if (s.fanout !== undefined) {
     const v = Buffer.alloc(4);
