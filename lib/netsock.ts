@@ -21,6 +21,54 @@ const _setsockopt = libc.func('int setsockopt(int fd, int level, int name, void 
 const _mmap = libc.func('uintptr_t mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, intptr_t off)');
 const _munmap = libc.func('int munmap(uintptr_t addr, size_t len)');
 const _memcpy = libc.func('void *memcpy(_Out_ uint8_t *dst, uintptr_t src, size_t len)');
+const _memcpyTo = libc.func('void *memcpy(uintptr_t dst, uint8_t *src, size_t len)');
+const _recvmsg = libc.func('intptr_t recvmsg(int fd, uintptr_t msg, int flags)');
+
+/** Room recvmsgNative lays out: msghdr, name, iovec, control, then the data. */
+const MSG_AT = 0, NAME_AT = 64, IOV_AT = 192, CTL_AT = 256, CTL_LEN = 1024, DATA_AT = 2048, DATA_LEN = 65536;
+
+/**
+ * recvmsg (for MSG_PEEK) with the source address and the control messages:
+ * bytes (or -errno), source, and each cmsg's level, type and data.
+ * msghdr holds pointers, so it is laid out in memory of koffi's own.
+ */
+export function recvmsgFull(fd: number, flags: number): { n: number; data: Buffer; from: Buffer; cmsgs: { level: number; type: number; data: Buffer }[] } {
+  const mem = koffi.alloc('uint8_t', DATA_AT + DATA_LEN);
+  const base = BigInt(koffi.address(mem));
+  try {
+    const hdr = Buffer.alloc(56);
+    hdr.writeBigUInt64LE(base + BigInt(NAME_AT), 0);
+    hdr.writeUInt32LE(128, 8);
+    hdr.writeBigUInt64LE(base + BigInt(IOV_AT), 16);
+    hdr.writeBigUInt64LE(1n, 24);
+    hdr.writeBigUInt64LE(base + BigInt(CTL_AT), 32);
+    hdr.writeBigUInt64LE(BigInt(CTL_LEN), 40);
+    const iov = Buffer.alloc(16);
+    iov.writeBigUInt64LE(base + BigInt(DATA_AT), 0);
+    iov.writeBigUInt64LE(BigInt(DATA_LEN), 8);
+    _memcpyTo(base + BigInt(MSG_AT), hdr, hdr.length);
+    _memcpyTo(base + BigInt(IOV_AT), iov, iov.length);
+    const n = Number(_recvmsg(fd, base + BigInt(MSG_AT), flags));
+    if (n < 0) return { n: -errnoNow(), data: Buffer.alloc(0), from: Buffer.alloc(0), cmsgs: [] };
+    const back = Buffer.alloc(56);
+    _memcpy(back, base + BigInt(MSG_AT), 56);
+    const namelen = Math.min(back.readUInt32LE(8), 128), ctllen = Math.min(Number(back.readBigUInt64LE(40)), CTL_LEN);
+    const from = Buffer.alloc(namelen), ctl = Buffer.alloc(ctllen), data = Buffer.alloc(Math.min(n, DATA_LEN));
+    if (namelen) _memcpy(from, base + BigInt(NAME_AT), namelen);
+    if (ctllen) _memcpy(ctl, base + BigInt(CTL_AT), ctllen);
+    if (data.length) _memcpy(data, base + BigInt(DATA_AT), data.length);
+    const cmsgs: { level: number; type: number; data: Buffer }[] = [];
+    for (let o = 0; o + 16 <= ctl.length; ) {
+      const len = Number(ctl.readBigUInt64LE(o));
+      if (len < 16 || o + len > ctl.length) break;
+      cmsgs.push({ level: ctl.readInt32LE(o + 8), type: ctl.readInt32LE(o + 12), data: Buffer.from(ctl.subarray(o + 16, o + len)) });
+      o += (len + 7) & ~7;
+    }
+    return { n, data, from, cmsgs };
+  } finally {
+    koffi.free(mem);
+  }
+}
 
 /**
  * Read `len` bytes of what mmap of `fd` maps (a packet socket's rings), by

@@ -30,7 +30,7 @@ const checks = [
   'udp4 connected: sends to its peer; the peer: 1 queued datagrams, their sources, in order',
   'udp4 connected: receives from its peer; it: 1 queued datagrams, their sources, in order', 'udp4 connected: takes nothing from others',
   'udp6: bound to its port', 'udp6: IPV6_V6ONLY, IPV6_UNICAST_HOPS, IPV6_RECVPKTINFO, IPV6_TCLASS', 'udp6: O_NONBLOCK',
-  'udp6: 3 queued datagrams, their sources, in order', 'udp6 dual-stack: 2 queued datagrams, their sources, in order',
+  'udp6: 3 queued datagrams, their sources, in order', 'udp6 dual-stack (IPV6_PKTINFO: where each came to): 2 queued datagrams, their sources, in order',
   'udp6: still receives: 1 queued datagrams, their sources, in order',
   'udplite: port, UDPLITE_SEND_CSCOV, UDPLITE_RECV_CSCOV', 'udplite: 2 queued datagrams, their sources, in order',
   'udplite: still receives: 1 queued datagrams, their sources, in order',

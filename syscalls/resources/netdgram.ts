@@ -45,7 +45,7 @@
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, SYS } from '../../lib/libc.js';
-import { getsockopt, getsockoptInt, setsockopt, sockname, peername, recvfrom, sendto, socketFilter, getsockoptWith, readMapped, inetSockets, packetSockets, type PacketDiag } from '../../lib/netsock.js';
+import { getsockopt, getsockoptInt, setsockopt, sockname, peername, recvfrom, recvmsgFull, sendto, socketFilter, getsockoptWith, readMapped, inetSockets, packetSockets, type PacketDiag } from '../../lib/netsock.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, u32, base64, MANY, type Same } from '../../lib/schema.js';
@@ -61,7 +61,7 @@ const SIOCGSKNS = 0x894cn, SIOCOUTQ = 0x5411n;
 const SYS_socket = 41, SYS_connect = 42, SYS_shutdown = 48, SYS_bind = 49, SYS_setsockopt = 54;
 const EADDRINUSE = 98, ENOTCONN = 107, EPERM = 1, EACCES = 13;
 const PACKET_ADD_MEMBERSHIP = 1, PACKET_COPY_THRESH = 7, PACKET_RX_RING = 5, PACKET_TX_RING = 13, PACKET_FANOUT = 18, NETLINK_ADD_MEMBERSHIP = 1, NETLINK_LIST_MEMBERSHIPS = 9;
-const UDP_CORK = 1;
+const UDP_CORK = 1, IP_PKTINFO = 8, IPV6_RECVPKTINFO = 49, IPV6_PKTINFO = 50;
 /** Classic BPF instructions kept (the program is an argument of one injected call, in one scratch page). */
 const MAX_FILTER = 256;
 
@@ -129,8 +129,8 @@ function optionTable(family: number, type: number, protocol: number): [number, [
 }
 
 export interface SockOpt { level: number; name: number; val: string }
-/** A datagram queued to read: its bytes and its source address (a sockaddr), base64. */
-export interface QueuedDatagram { data: string; from: string }
+/** A datagram queued to read: its bytes, its source address (a sockaddr) and the address it came to (4 or 16 bytes), base64. */
+export interface QueuedDatagram { data: string; from: string; to?: string }
 /** A packet socket's PACKET_ADD_MEMBERSHIP entry. */
 export interface PacketMembership { ifname: string; type: number; addr: string; count: number }
 
@@ -177,7 +177,7 @@ export const netSockSchema = z.strictObject({
   opts: z.array(z.strictObject({ level: int(0, 65535), name: int(0, 255), val: base64(40) })).max(128).optional(),
   filter: base64(256 * 8).optional(),
   shutdown: int(0, 3).optional(),
-  queue: z.array(z.strictObject({ data: base64(65536), from: sockaddr })).max(MANY).optional(),
+  queue: z.array(z.strictObject({ data: base64(65536), from: sockaddr, to: base64(16).optional() })).max(MANY).optional(),
   ifname: ifname.optional(),
   mclist: z.array(z.strictObject({ ifname, type: int(0, 65535), addr: base64(32), count: int(1, 2 ** 31 - 1) })).max(4096).optional(),
   copyThresh: u32.optional(),
@@ -326,22 +326,30 @@ function freshLike(family: number, type: number, protocol: number): number | und
 }
 
 /**
- * Datagrams queued to read, in order, with their sources: peeked at with
- * SO_PEEK_OFF (each peek gives the next one), which is set back after.
+ * Datagrams queued to read, in order, with their sources and the addresses
+ * they came to: peeked at with SO_PEEK_OFF (each peek gives the next one)
+ * and IP_PKTINFO / IPV6_RECVPKTINFO (the header's destination), both set
+ * back after. undefined: something is queued that cannot be peeked at so.
  */
-function peekDatagrams(mine: number): { data: Buffer; from: Buffer }[] | undefined {
+function peekDatagrams(mine: number, family: number): { data: Buffer; from: Buffer; to?: Buffer }[] | undefined {
   const old = getsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF) ?? -1;
   if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) return anyQueued(mine) ? undefined : [];
-  const out: { data: Buffer; from: Buffer }[] = [];
-  const buf = Buffer.alloc(65536);
+  const [lvl, opt] = family === AF_INET ? [SOL_IP, IP_PKTINFO] : [SOL_IPV6, IPV6_RECVPKTINFO];
+  const oldInfo = getsockoptInt(mine, lvl, opt);
+  if (oldInfo !== undefined) sys.setsockoptInt(mine, lvl, opt, 1);
+  const out: { data: Buffer; from: Buffer; to?: Buffer }[] = [];
   try {
     for (let i = 0; i < MANY; i++) {
-      const { n, from } = recvfrom(mine, buf, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC);
-      if (n < 0) break; // EAGAIN: all of it
-      out.push({ data: Buffer.from(buf.subarray(0, Math.min(n, buf.length))), from });
+      const r = recvmsgFull(mine, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC);
+      if (r.n < 0) break; // EAGAIN: all of it
+      const v4 = r.cmsgs.find((c) => c.level === SOL_IP && c.type === IP_PKTINFO && c.data.length >= 12);
+      const v6 = r.cmsgs.find((c) => c.level === SOL_IPV6 && c.type === IPV6_PKTINFO && c.data.length >= 16);
+      const to = v4 ? Buffer.from(v4.data.subarray(8, 12)) : v6 ? Buffer.from(v6.data.subarray(0, 16)) : undefined;
+      out.push({ data: r.data, from: r.from, ...(to ? { to } : {}) });
     }
   } finally {
     sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, old);
+    if (oldInfo !== undefined) sys.setsockoptInt(mine, lvl, opt, oldInfo);
   }
   return out;
 }
@@ -462,7 +470,7 @@ function captureInet(pid: number, fd: number, mine: number, s: NetSockState, wha
     if (anyQueued(mine)) throw refuse(pid, fd, `socket:[${ino}]: ${what}: echo replies queued to read on a ping socket: not supported`);
     return;
   }
-  const q = peekDatagrams(mine);
+  const q = peekDatagrams(mine, s.family);
   if (!q) throw refuse(pid, fd, `socket:[${ino}]: ${what}: datagrams queued that cannot be peeked at (no SO_PEEK_OFF)`);
   if (!q.length) return;
   for (const m of q) {
@@ -475,7 +483,7 @@ function captureInet(pid: number, fd: number, mine: number, s: NetSockState, wha
     const sharer = portSharer(diag, s.protocol, name!.port, ino);
     if (sharer) throw refuse(pid, fd, `socket:[${ino}]: ${what}: datagrams queued on a port that socket:[${sharer}] shares`);
   }
-  s.queue = q.map((m) => ({ data: m.data.toString('base64'), from: m.from.toString('base64') }));
+  s.queue = q.map((m) => ({ data: m.data.toString('base64'), from: m.from.toString('base64'), ...(m.to ? { to: m.to.toString('base64') } : {}) }));
 }
 
 /**
@@ -910,11 +918,16 @@ function requeue(host: number, fd: bigint, s: NetSockState, q: QueuedDatagram[],
         const v4 = src.family === AF_INET || isV4Mapped(src.addr);
         const fam = v4 ? AF_INET : AF_INET6;
         const srcAddr = v4 && src.family === AF_INET6 ? src.addr.subarray(12) : src.addr;
+        // To where it came if that is an address of this host (IP_PKTINFO then says so again), else to where the socket is bound.
+        const bound = local.family === AF_INET || !v4 ? local.addr : isV4Mapped(local.addr) ? local.addr.subarray(12) : isAny(local.addr) ? Buffer.alloc(4) : Buffer.alloc(0);
+        if (bound.length !== (fam === AF_INET ? 4 : 16)) throw cannot(`an IPv4 source ${inetAddrText(Buffer.from(m.from, 'base64'))} on a socket bound to an IPv6 address`);
+        const came = m.to ? Buffer.from(m.to, 'base64') : undefined;
+        const cameTo = came && (fam === AF_INET ? (came.length === 16 && isV4Mapped(came) ? came.subarray(12) : came) : came);
         let dst: Buffer;
-        if (local.family === AF_INET) dst = isAny(local.addr) ? LOOP4 : local.addr;
-        else if (v4) dst = isAny(local.addr) ? LOOP4 : isV4Mapped(local.addr) ? local.addr.subarray(12) : Buffer.alloc(0);
-        else dst = isAny(local.addr) ? LOOP6 : local.addr;
-        if (dst.length !== (fam === AF_INET ? 4 : 16)) throw cannot(`an IPv4 source ${inetAddrText(Buffer.from(m.from, 'base64'))} on a socket bound to an IPv6 address`);
+        if (cameTo && cameTo.length === bound.length && (isAny(bound) || cameTo.equals(bound)) && isLocalUnicast(fam, cameTo)) dst = cameTo;
+        else if (isAny(bound)) dst = fam === AF_INET ? LOOP4 : LOOP6;
+        else if (isLocalUnicast(fam, bound)) dst = bound;
+        else throw cannot(`it is bound to ${inetAddrText(Buffer.from(s.name!, 'base64'))}, not a unicast address of this host (a datagram sent there could leave it)`);
         const proto = s.protocol;
         const pkt = ipPacket(fam, proto, srcAddr, dst,
           transport(fam, proto, srcAddr, dst, src.port, local.port, Buffer.from(m.data, 'base64')));
@@ -936,13 +949,43 @@ function requeue(host: number, fd: bigint, s: NetSockState, q: QueuedDatagram[],
     // Loopback delivers in a softirq: give it a moment, then compare.
     let got: { data: Buffer; from: Buffer }[] = [];
     for (let i = 0; i < 50; i++) {
-      got = peekDatagrams(mine) ?? [];
+      got = peekDatagrams(mine, s.family) ?? [];
       if (got.length >= q.length) break;
       sys.pollOne(mine, 1, 2);
     }
     const same = got.length === q.length && got.every((g, i) => g.data.equals(Buffer.from(q[i].data, 'base64')) && sameSource(g.from, Buffer.from(q[i].from, 'base64')));
     if (!same) throw cannot(`${got.length} came back${got.length === q.length ? ', not as they were' : ''}`);
   }, 'socket fd');
+}
+
+/**
+ * Is this an address of this host, not multicast, broadcast or link-local?
+ * Only such a destination keeps the datagrams sent from a raw socket on the
+ * host: 127/8 and ::1, and the addresses /proc/net/fib_trie calls "host
+ * LOCAL" or /proc/net/if_inet6 lists.
+ */
+function isLocalUnicast(family: number, a: Buffer): boolean {
+  if (family === AF_INET) {
+    if (a[0] === 127) return true;
+    if (a[0] >= 224 || isAny(a)) return false;
+    let trie = '';
+    try {
+      trie = fs.readFileSync('/proc/net/fib_trie', 'utf8');
+    } catch {
+      return false;
+    }
+    const text = [...a].join('.');
+    const lines = trie.split('\n');
+    return lines.some((l, i) => l.trim() === `|-- ${text}` && /\/32 host LOCAL/.test(lines[i + 1] ?? ''));
+  }
+  if (a.equals(LOOP6)) return true;
+  if (a[0] === 0xff || isLinkLocal6(a) || isAny(a) || isV4Mapped(a)) return false;
+  try {
+    const hex = a.toString('hex');
+    return fs.readFileSync('/proc/net/if_inet6', 'utf8').split('\n').some((l) => l.startsWith(hex + ' '));
+  } catch {
+    return false;
+  }
 }
 
 /** The same source address (the sockaddr's family, port, address and scope; not its padding). */
