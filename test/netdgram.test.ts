@@ -76,6 +76,7 @@ t.test('EPERM: a rollback would make a raw socket again in a process that may no
 const refusals: [string, RegExp][] = [
   ['corked', /fd \d+ \(socket:\[\d+\]: IPv4 UDP socket 0\.0\.0\.0:\d+: \d+ bytes written but not sent yet \(UDP_CORK\): not supported\)/],
   ['ring', /fd \d+ \(socket:\[\d+\]: packet SOCK_RAW socket: PACKET_RX_RING mapped into the process \(mmapped rings\): not supported\)/],
+  ['icmperr', /fd \d+ \(socket:\[\d+\]: IPv4 UDP socket 127\.0\.0\.1:\d+: an error not yet read \(SO_ERROR or the error queue\): not supported\)/],
   ['rawq', /fd \d+ \(socket:\[\d+\]: IPv4 raw \(protocol 253\) socket 0\.0\.0\.0:253: packets queued to read on a raw socket: not supported\)/],
 ];
 for (const [what, log] of refusals) {

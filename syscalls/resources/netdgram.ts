@@ -422,6 +422,8 @@ export function captureNetSock(pid: number, fd: number, ino: number, diag: NetDi
     if (filter === 'ebpf') throw refuse(pid, fd, `socket:[${ino}]: ${what}: an eBPF socket filter (SO_ATTACH_BPF): not supported`);
     if (filter && filter.length > MAX_FILTER * 8) throw refuse(pid, fd, `socket:[${ino}]: ${what}: a socket filter of ${filter.length / 8} instructions (up to ${MAX_FILTER} are kept)`);
     if (filter) s.filter = filter.toString('base64');
+    // An error not yet read (an ICMP error on a connected socket, IP_RECVERR's queue) shows as POLLERR and cannot be read without taking it.
+    if (family !== AF_NETLINK && sys.pollOne(mine, 0, 0) & 8) throw refuse(pid, fd, `socket:[${ino}]: ${what}: an error not yet read (SO_ERROR or the error queue): not supported`);
     const peerBuf = peername(mine);
     if (family === AF_INET || family === AF_INET6) captureInet(pid, fd, mine, s, what, nameBuf, peerBuf, ino, diag);
     else if (family === AF_PACKET) capturePacket(pid, fd, mine, s, what, nameBuf, ino, diag);
@@ -734,6 +736,7 @@ function restoreInto(r: Remote, host: number, fd: bigint, s: NetSockState, what:
     const [res] = bb.run();
     const at = inet ? inetAddrText(bindAddr) : s.family === AF_NETLINK ? `port id ${bindAddr.readUInt32LE(4)}` : s.ifname;
     if (res === -BigInt(EADDRINUSE)) throw new CkptError(errno('EBUSY'), 'restart:netsock', `${what}: ${at} is in use`);
+    if (res === -BigInt(EACCES) || res === -BigInt(EPERM)) throw new CkptError(errno('EPERM'), 'restart:netsock', `${what}: the process may not bind ${at} itself (a port below 1024 needs CAP_NET_BIND_SERVICE)`);
     if (res < 0n) throw new CkptError(Number(-res), 'restart:netsock', `${what}: bind to ${at}`);
   }
 
