@@ -25,7 +25,7 @@ import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
 import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, needsVmFlags, sameVmFlags, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
-import { checkNetRights, firstHolder } from './resources/netdgram.js';
+import { checkNetRights, checkNetPortsFree, firstHolder } from './resources/netdgram.js';
 import { dropRseq } from './resources/thread.js';
 import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
@@ -89,6 +89,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   try {
     checkLocksFree(tree.files, new Set(procs));
     checkNetRights(tree.files.descs, firstHolder(tree.processes), (pid) => (keptPids.has(host(pid)) ? host(pid) : undefined));
+    checkNetPortsFree(tree.files.descs, procs);
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();

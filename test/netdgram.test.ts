@@ -88,3 +88,12 @@ for (const [what, log] of refusals) {
     t.equal(r.status, 0);
   });
 }
+
+t.test('EBUSY: a rollback whose UDP port a process outside the subtree took since; refused before anything changed', async (t) => {
+  const r = supervise([fixture('netdgram'), 'busy']);
+  t.match(r.stdout, /^busy: rollback ret=-1 errno=EBUSY$/m);
+  t.match(r.stderr, /^ckpt-supervise: task \d+: restart: EBUSY: restart:netsock: IPv4 UDP socket 127\.0\.0\.1:(\d+): its port \1 is held by socket:\[\d+\] outside the subtree$/m, 'one log line names the socket, its port and who holds it');
+  t.match(r.stdout, /^busy: the port is still the other's: yes$/m);
+  t.match(r.stdout, /^busy: child exited 0$/m, 'the subtree runs on');
+  t.equal(r.status, 0);
+});

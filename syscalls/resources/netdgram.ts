@@ -1055,3 +1055,58 @@ export function firstHolder(procs: { ids: { pid: number }; files: { fds: ({ fd: 
   for (const p of procs) for (const f of p.files.fds) if ('desc' in f && !first.has(f.desc)) first.set(f.desc, { pid: p.ids.pid, fd: f.fd });
   return (d) => first.get(d);
 }
+
+/**
+ * Before a rollback changes anything: every UDP port and netlink port id
+ * the checkpoint's sockets were bound to must be free but for the tree's
+ * own sockets of now (closed first by the rollback). One held by a socket
+ * outside the tree would fail the bind half-way: EBUSY first. Ports shared
+ * on purpose (SO_REUSEADDR, SO_REUSEPORT) are left to the bind.
+ */
+export function checkNetPortsFree(descs: { kind: string; net?: NetSockState }[], procs: number[]): void {
+  const nets = descs.filter((d) => d.kind === 'net' && d.net?.name).map((d) => d.net!);
+  if (!nets.length) return;
+  const ours = new Set<number>();
+  for (const p of procs) {
+    let fds: string[] = [];
+    try {
+      fds = fs.readdirSync(`/proc/${p}/fd`);
+    } catch { /* gone */ }
+    for (const f of fds) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/${p}/fd/${f}`));
+        if (m) ours.add(Number(m[1]));
+      } catch { /* closed */ }
+    }
+  }
+  const diag = new NetDiag();
+  let netlink: { proto: number; portid: number; ino: number }[] | undefined;
+  for (const s of nets) {
+    const name = Buffer.from(s.name!, 'base64');
+    const shared = (s.opts ?? []).some((o) => o.level === SOL_SOCKET && (o.name === 2 || o.name === 15));
+    if ((s.protocol === IPPROTO_UDP || s.protocol === IPPROTO_UDPLITE) && s.type === SOCK_DGRAM && !shared) {
+      const a = inetAddr(name);
+      if (!a?.port) continue;
+      for (const fam of [AF_INET, AF_INET6]) {
+        for (const x of diag.inetOf(fam, s.protocol).values()) {
+          if (x.sport !== a.port || ours.has(x.ino)) continue;
+          throw new CkptError(errno('EBUSY'), 'restart:netsock', `${describe(s.family, s.type, s.protocol, name)}: its port ${a.port} is held by socket:[${x.ino}] outside the subtree`);
+        }
+      }
+    } else if (s.family === AF_NETLINK && name.length >= 8 && name.readUInt32LE(4)) {
+      netlink ??= netlinkSockets();
+      const holder = netlink.find((x) => x.proto === s.protocol && x.portid === name.readUInt32LE(4) && !ours.has(x.ino));
+      if (holder) throw new CkptError(errno('EBUSY'), 'restart:netsock', `netlink protocol ${s.protocol} socket: its port id ${holder.portid} is held by socket:[${holder.ino}] outside the subtree`);
+    }
+  }
+}
+
+/** Netlink sockets from /proc/net/netlink: protocol, port id, inode. */
+function netlinkSockets(): { proto: number; portid: number; ino: number }[] {
+  try {
+    return fs.readFileSync('/proc/net/netlink', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)).filter((f) => f.length >= 10)
+      .map((f) => ({ proto: Number(f[1]), portid: Number(f[2]), ino: Number(f[9]) }));
+  } catch {
+    return [];
+  }
+}
