@@ -39,7 +39,7 @@ const checks = [
   'raw: protocol 253, bound to 127.0.0.1, IP_TTL', 'raw: receives what it sent, with its TTL',
   'packet: bound to lo, its protocol, PACKET_AUXDATA', 'packet: its membership (PACKET_DROP_MEMBERSHIP finds it)', 'packet: receives on lo', 'packet: its PACKET_FANOUT group',
   'packet: TPACKET_V2, its PACKET_RX_RING and PACKET_TX_RING (2 and 1 blocks)',
-  'netlink: its port id and groups', 'netlink: group 33 (NETLINK_ADD_MEMBERSHIP)', 'netlink: NETLINK_ROUTE, NETLINK_EXT_ACK, NETLINK_NO_ENOBUFS',
+  'SOCK_PACKET: bound to lo, receives its protocol', 'netlink: its port id and groups', 'netlink: group 33 (NETLINK_ADD_MEMBERSHIP)', 'netlink: NETLINK_ROUTE, NETLINK_EXT_ACK, NETLINK_NO_ENOBUFS',
   'netlink: asks the kernel and is answered',
 ];
 

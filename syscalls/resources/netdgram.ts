@@ -84,7 +84,7 @@ const SOCKET_OPTS: [number, number][] = [
   [15, 4] /* SO_REUSEPORT */, [16, 4] /* SO_PASSCRED */, [18, 4] /* SO_RCVLOWAT */, [20, 16] /* SO_RCVTIMEO_OLD */, [21, 16] /* SO_SNDTIMEO_OLD */,
   [SO_BINDTODEVICE, 16], [29, 4] /* SO_TIMESTAMP_OLD */, [34, 4] /* SO_PASSSEC */, [35, 4] /* SO_TIMESTAMPNS_OLD */, [36, 4] /* SO_MARK */,
   [37, 8] /* SO_TIMESTAMPING_OLD */, [40, 4] /* SO_RXQ_OVFL */, [41, 4] /* SO_WIFI_STATUS */, [43, 4] /* SO_NOFCS */, [45, 4] /* SO_SELECT_ERR_QUEUE */,
-  [46, 4] /* SO_BUSY_POLL */, [47, 8] /* SO_MAX_PACING_RATE */, [49, 4] /* SO_INCOMING_CPU */, [60, 4] /* SO_ZEROCOPY */, [61, 8] /* SO_TXTIME */,
+  [46, 4] /* SO_BUSY_POLL */, [47, 8] /* SO_MAX_PACING_RATE */, [60, 4] /* SO_ZEROCOPY */, [61, 8] /* SO_TXTIME */,
   [63, 4] /* SO_TIMESTAMP_NEW */, [64, 4] /* SO_TIMESTAMPNS_NEW */, [65, 8] /* SO_TIMESTAMPING_NEW */, [69, 4] /* SO_PREFER_BUSY_POLL */,
   [70, 4] /* SO_BUSY_POLL_BUDGET */, [75, 4] /* SO_RCVMARK */, [76, 4] /* SO_PASSPIDFD */, [SO_PEEK_OFF, 4], [SO_LOCK_FILTER, 4],
 ];
@@ -114,9 +114,13 @@ const PACKET_OPTS: [number, number][] = [
 ];
 const NETLINK_OPTS: [number, number][] = [[3, 4] /* PKTINFO */, [4, 4] /* BROADCAST_ERROR */, [5, 4] /* NO_ENOBUFS */, [8, 4] /* LISTEN_ALL_NSID */, [10, 4] /* CAP_ACK */, [11, 4] /* EXT_ACK */, [12, 4] /* GET_STRICT_CHK */];
 
-/** The option levels that apply to a kind of socket. */
+/**
+ * The option levels that apply to a kind of socket. SOL_SOCKET last: IP_TOS
+ * also sets SO_PRIORITY, so the priority read back is set after it.
+ * (SO_INCOMING_CPU is left out: the kernel sets it on every receive.)
+ */
 function optionTable(family: number, type: number, protocol: number): [number, [number, number][]][] {
-  const t: [number, [number, number][]][] = [[SOL_SOCKET, SOCKET_OPTS]];
+  const t: [number, [number, number][]][] = [];
   if (family === AF_INET) t.push([SOL_IP, IP_OPTS]);
   if (family === AF_INET6) t.push([SOL_IPV6, IPV6_OPTS]);
   if ((family === AF_INET || family === AF_INET6) && type === SOCK_DGRAM && (protocol === IPPROTO_UDP || protocol === IPPROTO_UDPLITE)) t.push([protocol, UDP_OPTS]);
@@ -125,6 +129,7 @@ function optionTable(family: number, type: number, protocol: number): [number, [
   if (family === AF_INET6 && type === SOCK_RAW && protocol === IPPROTO_ICMPV6) t.push([SOL_ICMPV6, [[1, 32]]]); // ICMPV6_FILTER
   if (family === AF_PACKET) t.push([SOL_PACKET, PACKET_OPTS]);
   if (family === AF_NETLINK) t.push([SOL_NETLINK, NETLINK_OPTS]);
+  t.push([SOL_SOCKET, SOCKET_OPTS]);
   return t;
 }
 
@@ -153,6 +158,8 @@ export interface NetSockState {
   queue?: QueuedDatagram[];
   /** Packet socket: the interface it is bound to. */
   ifname?: string;
+  /** Packet socket: the protocol it receives, when bind changed it from the socket's own. */
+  pnum?: number;
   mclist?: PacketMembership[];
   copyThresh?: number;
   /** Netlink: the multicast groups past the first 32 (those are in name). */
@@ -170,7 +177,7 @@ const sockaddr = base64(128);
 const ifname = z.string().min(1).max(15).regex(/^[^/\s\0]+$/, 'not an interface name');
 export const netSockSchema = z.strictObject({
   family: z.union([z.literal(AF_INET), z.literal(AF_INET6), z.literal(AF_NETLINK), z.literal(AF_PACKET)]),
-  type: z.union([z.literal(SOCK_DGRAM), z.literal(SOCK_RAW)]),
+  type: z.union([z.literal(SOCK_DGRAM), z.literal(SOCK_RAW), z.literal(SOCK_PACKET)]),
   protocol: int(0, 65535),
   name: sockaddr.optional(),
   peer: sockaddr.optional(),
@@ -179,6 +186,7 @@ export const netSockSchema = z.strictObject({
   shutdown: int(0, 3).optional(),
   queue: z.array(z.strictObject({ data: base64(65536), from: sockaddr, to: base64(16).optional() })).max(MANY).optional(),
   ifname: ifname.optional(),
+  pnum: int(0, 65535).optional(),
   mclist: z.array(z.strictObject({ ifname, type: int(0, 65535), addr: base64(32), count: int(1, 2 ** 31 - 1) })).max(4096).optional(),
   copyThresh: u32.optional(),
   groups: z.array(int(33, 2 ** 31 - 1)).max(4096).optional(),
@@ -287,6 +295,7 @@ const refuse = (pid: number, fd: number, what: string) => new CkptError(errno('E
 function describe(family: number, type: number, protocol: number, name?: Buffer): string {
   const fam = family === AF_INET ? 'IPv4' : family === AF_INET6 ? 'IPv6' : family === AF_PACKET ? 'packet' : family === AF_NETLINK ? 'netlink' : familyNames[family] ?? `family ${family}`;
   const kind = type === SOCK_RAW ? `raw (protocol ${protocol})` : protoNames[protocol] ?? `protocol ${protocol}`;
+  if (family === AF_PACKET && type === SOCK_PACKET) return 'packet SOCK_PACKET socket';
   const at = name && (family === AF_INET || family === AF_INET6) ? ` ${inetAddrText(name)}` : '';
   return `${fam} ${family === AF_INET || family === AF_INET6 ? kind : family === AF_NETLINK ? `protocol ${protocol}` : type === SOCK_RAW ? 'SOCK_RAW' : 'SOCK_DGRAM'} socket${at}`;
 }
@@ -408,8 +417,8 @@ export function captureNetSock(pid: number, fd: number, ino: number, diag: NetDi
     const what = describe(family, type, protocol, nameBuf);
     if (family !== AF_INET && family !== AF_INET6 && family !== AF_PACKET && family !== AF_NETLINK) throw refuse(pid, fd, `socket:[${ino}]: a ${familyNames[family] ?? `family ${family}`} socket: not supported`);
     if (type === SOCK_STREAM || type === SOCK_SEQPACKET) throw refuse(pid, fd, `socket:[${ino}]: ${what}: ${protocol === 6 || protocol === 0 ? 'TCP sockets are' : 'stream and seqpacket sockets of this protocol are'} not supported yet`);
-    if (type === SOCK_PACKET) throw refuse(pid, fd, `socket:[${ino}]: a SOCK_PACKET socket (obsolete packet interface): not supported`);
-    if (type !== SOCK_DGRAM && type !== SOCK_RAW) throw refuse(pid, fd, `socket:[${ino}]: ${what} of type ${type}: not supported`);
+    if (type === SOCK_PACKET && family !== AF_PACKET) throw refuse(pid, fd, `socket:[${ino}]: a SOCK_PACKET socket of family ${family}: not supported`);
+    if (type !== SOCK_DGRAM && type !== SOCK_RAW && type !== SOCK_PACKET) throw refuse(pid, fd, `socket:[${ino}]: ${what} of type ${type}: not supported`);
     if (!sameNetns(mine)) throw refuse(pid, fd, `socket:[${ino}]: ${what} of another network namespace: not supported`);
     const s: NetSockState = { family, type, protocol };
     const fresh = freshLike(family, type, protocol);
@@ -434,7 +443,12 @@ export function captureNetSock(pid: number, fd: number, ino: number, diag: NetDi
 }
 
 function captureInet(pid: number, fd: number, mine: number, s: NetSockState, what: string, nameBuf: Buffer | undefined, peerBuf: Buffer | undefined, ino: number, diag: NetDiag): void {
-  const mc = captureMemberships(mine, s.family, diag);
+  let mc: McastMembership[];
+  try {
+    mc = captureMemberships(mine, s.family, diag);
+  } catch (e) {
+    throw e instanceof CkptError ? refuse(pid, fd, `socket:[${ino}]: ${what}: ${e.detail}`) : e;
+  }
   if (mc.length) s.mcast = mc;
   const name = nameBuf && inetAddr(nameBuf);
   if (name && (name.port || !isAny(name.addr))) s.name = nameBuf!.toString('base64');
@@ -593,8 +607,16 @@ function capturePacket(pid: number, fd: number, mine: number, s: NetSockState, w
     if (f) s.fanout = f >>> 0;
   }
   if (anyQueued(mine)) throw refuse(pid, fd, `socket:[${ino}]: ${what}: packets queued to read: not supported`);
-  // The protocol it receives now (bind may have changed what socket() was given).
-  s.protocol = ((d.num & 0xff) << 8) | (d.num >> 8); // diag gives it in host order; socket() takes it as htons() made it
+  // The protocol it receives now, if bind changed what socket() was given (diag gives it in host order; socket() takes it as htons() made it).
+  const num = ((d.num & 0xff) << 8) | (d.num >> 8);
+  if (s.type === SOCK_PACKET) s.protocol = num; // its own protocol reads 0: the one it receives is made with
+  else if (num !== s.protocol) s.pnum = num;
+  if (s.type === SOCK_PACKET) {
+    // The obsolete interface names its device in a plain sockaddr.
+    const dev = nameBuf && nameBuf.length > 2 ? nameBuf.subarray(2, 16).toString('latin1').replace(/\0.*$/s, '') : '';
+    if (dev) s.ifname = dev;
+    return;
+  }
   const ifindex = nameBuf && nameBuf.length >= 8 ? nameBuf.readInt32LE(4) : 0;
   if (ifindex) {
     const n = ifName(ifindex);
@@ -719,13 +741,19 @@ function restoreInto(r: Remote, host: number, fd: bigint, s: NetSockState, what:
   // Bound where it was.
   let bindAddr: Buffer | undefined;
   if (s.family === AF_PACKET) {
-    if (s.ifname) {
-      const idx = ifIndex(s.ifname);
+    if (s.ifname || s.pnum !== undefined) {
+      const idx = s.ifname ? ifIndex(s.ifname) : 0;
       if (idx === undefined) throw new CkptError(errno('ENODEV'), 'restart:netsock', `${what}: bound to interface ${s.ifname}, which is not there`);
-      bindAddr = Buffer.alloc(20);
-      bindAddr.writeUInt16LE(AF_PACKET, 0);
-      bindAddr.writeUInt16LE(s.protocol, 2);
-      bindAddr.writeInt32LE(idx, 4);
+      if (s.type === SOCK_PACKET) {
+        bindAddr = Buffer.alloc(16); // a sockaddr naming the device
+        bindAddr.writeUInt16LE(AF_PACKET, 0);
+        Buffer.from(s.ifname ?? '', 'latin1').copy(bindAddr, 2, 0, 13);
+      } else {
+        bindAddr = Buffer.alloc(20);
+        bindAddr.writeUInt16LE(AF_PACKET, 0);
+        bindAddr.writeUInt16LE(s.pnum ?? s.protocol, 2);
+        bindAddr.writeInt32LE(idx, 4);
+      }
     }
   } else if (s.name) bindAddr = Buffer.from(s.name, 'base64');
   if (bindAddr) {
