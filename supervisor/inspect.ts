@@ -1,4 +1,5 @@
 /** Reading an image for people (`ckpt inspect`), in the spirit of CRIU's crit. */
+import { describeNetSock } from '../syscalls/resources/netdgram.js';
 import { ImageReader, REC, parseJson, splitPages, splitShm, type ImageHeader } from '../lib/image.js';
 import { FdSource } from '../lib/stream.js';
 import type { ProcessState, TreeState } from '../syscalls/state.js';
@@ -105,6 +106,7 @@ function describeKind(files: TreeState['files'], id: number): string {
   if (d.kind === 'ghost') return `deleted file ${d.path} (contents kept) pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;
+  if (d.kind === 'net') return describeNetSock(d.net);
   if (d.kind === 'deldir') return `deleted directory ${d.path} (made again empty) mode 0${d.mode.toString(8)}`;
   if (d.kind === 'tty') {
     if (d.side === 'hungup') return `hung-up pty slave (was /dev/pts/${d.pty}; its master closed)`;

@@ -26,6 +26,7 @@ import type { ProcessState } from './state.js';
 import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, needsVmFlags, sameVmFlags, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
 import { TtyRestore } from './resources/tty.js';
+import { checkNetRights, checkNetPortsFree, firstHolder } from './resources/netdgram.js';
 import { dropRseq } from './resources/thread.js';
 import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
@@ -104,6 +105,8 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   try {
     checkLocksFree(tree.files, new Set(procs), tree.processes.map((p) => host(p.ids.pid)));
     ttys = new TtyRestore(tree, { host, kept: keptPids, all: procs }); // ptys still open are used again
+    checkNetRights(tree.files.descs, firstHolder(tree.processes), (pid) => (keptPids.has(host(pid)) ? host(pid) : undefined));
+    checkNetPortsFree(tree.files.descs, procs);
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();

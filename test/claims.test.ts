@@ -113,7 +113,7 @@ t.test('refused: a TCP socket; EOPNOTSUPP and one log line naming it, the progra
   const r = supervise([claims, 'refuse-tcp', path.join(dir, 'tcp.img')]);
   const [, pid, fd] = /^pid=(\d+) holds a tcp listener at fd (\d+)$/m.exec(r.stdout) ?? [];
   t.match(r.stdout, /^checkpoint ret=-1 errno=EOPNOTSUPP$/m);
-  t.match(r.stderr, new RegExp(`^ckpt-supervise: task ${pid}: checkpoint: EOPNOTSUPP: checkpoint:files: task ${pid}: fd ${fd} \\(socket:\\[\\d+\\]: a socket that is not a unix socket\\)$`, 'm'), 'the log names the task, the fd and why');
+  t.match(r.stderr, new RegExp(`^ckpt-supervise: task ${pid}: checkpoint: EOPNOTSUPP: checkpoint:netsock: task ${pid}: fd ${fd} \\(socket:\\[\\d+\\]: IPv4 TCP socket 127\\.0\\.0\\.1:\\d+: TCP sockets are not supported yet\\)$`, 'm'), 'the log names the task, the fd and why');
   programSays(t, r.stdout, ['the tcp listener still works after the refusal', 'no husk left as a child']);
   t.equal(r.status, 0);
 });

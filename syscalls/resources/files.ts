@@ -33,6 +33,7 @@ import { UnixSockets, sockName, peekQueue, printable, soloSockFields, sockPairSc
 import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
 import { TtyCapture, TtyRestore, isPtyDevice, ptySchema, terminalSchema, ttyDescFields, type TtyDesc, type PtyState, type TerminalState } from './tty.js';
+import { captureNetSock, makeNetSock, netSockSchema, NetDiag, type NetSockState } from './netdgram.js';
 import { eventSchema } from './events.js';
 import { z, int, id, fd, path, openFlags, base64, dec63, MANY, PID_MAX, type Same } from '../../lib/schema.js';
 
@@ -66,7 +67,8 @@ export type FileDesc =
   | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
   | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
   | { id: number; kind: 'event'; flags: number; ev: EventState }
-  | TtyDesc;
+  | TtyDesc
+  | { id: number; kind: 'net'; flags: number; net: NetSockState };
 
 export interface PipeState {
   id: number;
@@ -125,6 +127,7 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('usock'), ...soloSockFields }),
   z.strictObject({ ...fileFields, kind: z.literal('event'), ev: eventSchema }),
   z.strictObject({ ...fileFields, kind: z.literal('tty'), ...ttyDescFields }),
+  z.strictObject({ ...fileFields, kind: z.literal('net'), net: netSockSchema }),
 ]);
 export const pipeSchema = z.strictObject({ id: int(0, MANY), size: int(4096, PIPE_MAX), data: base64(PIPE_MAX) });
 export const fdRefSchema = z.union([
@@ -144,7 +147,7 @@ export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(M
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
-  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>] = [true, true, true, true, true, true, true, true, true, true, true];
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>] = [true, true, true, true, true, true, true, true, true, true, true, true];
 const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
 void [sameDescs, sameFiles];
 
@@ -168,6 +171,7 @@ const unsupported = (pid: number, fd: number, what: string) =>
 export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture, others: OutsideHolders): { table: FilesTable; perProc: Map<number, FilesState> } {
   const table: FilesTable = { descs: [], pipes: [], socks: [] };
   let diag: Map<number, UnixSockInfo> | undefined;
+  let netDiag: NetDiag | undefined;
   const pairIds = new Map<number, number>();
   const sockHolders = new Map<number, { pid: number; fd: number }>(); // by inode
   const perProc = new Map<number, FilesState>();
@@ -220,6 +224,11 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
         table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
         pipeHolders.push({ ino: pipe[1], pid, fd, end });
+      } else if (/^socket:\[(\d+)\]$/.test(target) && !(diag ??= unixSockets()).has(Number(target.slice(8, -1)))) {
+        // Not a unix socket: netdgram.ts (UDP, ping, raw, packet, netlink) keeps it or says why not.
+        const ext = others.sockHolder(Number(target.slice(8, -1)), new Set(procs));
+        if (ext !== undefined) throw unsupported(pid, fd, `${target}: a socket also held by process ${ext} outside the subtree`);
+        table.descs.push({ id, kind: 'net', flags, net: captureNetSock(pid, fd, Number(target.slice(8, -1)), (netDiag ??= new NetDiag())) });
       } else if (/^socket:\[(\d+)\]$/.test(target)) {
         const ino = Number(/^socket:\[(\d+)\]$/.exec(target)![1]);
         diag ??= unixSockets();
@@ -390,6 +399,8 @@ export class OutsideHolders {
   private readonly pipes = new Map<string, number[]>();
   /** Descriptors naming a path: a FIFO among them is only looked for when the subtree holds one. */
   private readonly paths: { pid: number; fd: string }[] = [];
+  /** Sockets, by inode: a network socket shared with one is refused. */
+  private readonly sockets = new Map<number, number[]>();
   constructor(readonly pids: number[]) {
     for (const pid of pids) {
       let fds: string[];
@@ -408,6 +419,7 @@ export class OutsideHolders {
         const m = /^pipe:\[(\d+)\]$/.exec(t);
         if (m) this.pipes.set(m[1], [...(this.pipes.get(m[1]) ?? []), pid]);
         else if (t.startsWith('/')) this.paths.push({ pid, fd });
+        else if (/^socket:\[\d+\]$/.test(t)) this.sockets.set(Number(t.slice(8, -1)), [...(this.sockets.get(Number(t.slice(8, -1))) ?? []), pid]);
       }
     }
   }
@@ -427,6 +439,11 @@ export class OutsideHolders {
       } catch { /* gone */ }
     }
     return undefined;
+  }
+
+  /** A process outside `inside` holding socket inode `ino`, if any. */
+  sockHolder(ino: number, inside: Set<number>): number | undefined {
+    return this.sockets.get(ino)?.find((p) => !inside.has(p));
   }
 
   /** A process outside `inside` holding one of these pipe or FIFO inodes, if any. */
@@ -551,6 +568,8 @@ export function restoreFiles(ctx: FilesRestore): void {
       } else if (d.kind === 'usock') {
         transfer(sockets.makeSolo(owner.pid, d), owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+      } else if (d.kind === 'net') {
+        moveFd(r, makeNetSock(r, ctx.host(owner.pid), d.net, `task ${owner.pid} fd ${owner.fd}`), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
       } else if (d.kind === 'event') {
         moveFd(r, makeEvent(r, ctx.host(owner.pid), d.ev), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
         if (d.ev.kind === 'epoll') epolls.push({ pid: owner.pid, fd: owner.fd, ev: d.ev });
