@@ -4,6 +4,7 @@ import { FdSource } from '../lib/stream.js';
 import type { ProcessState, TreeState } from '../syscalls/state.js';
 import { describeOwner } from '../syscalls/resources/fown.js';
 import { describeLocks } from '../syscalls/resources/locks.js';
+import { describeNotify } from '../syscalls/resources/notify.js';
 
 export interface ImageDescription {
   header: ImageHeader;
@@ -102,6 +103,7 @@ function describeKind(files: TreeState['files'], id: number): string {
     if (e.kind === 'timerfd') return `timerfd on clock ${e.clock}, ${e.left[0]}.${e.left[1].padStart(9, '0')} s left, every ${e.interval[0]}.${e.interval[1].padStart(9, '0')} s, ${e.ticks} expirations unread`;
     return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)}${w.desc !== undefined ? `; its file no longer there: ${describeDesc(files, w.desc)}` : ''})`).join(', ') || 'nothing'}`;
   }
+  if (d.kind === 'notify') return describeNotify(d.nt);
   if (d.kind === 'ghost') return `deleted file ${d.path} (contents kept) pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;

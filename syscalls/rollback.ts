@@ -29,6 +29,7 @@ import { dropRseq } from './resources/thread.js';
 import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
+import { dropAio } from './resources/aio.js';
 import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
@@ -124,6 +125,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     let copied = 0;
     const remapped = new Set<number>(); // processes with mappings the tracker does not cover yet
     for (const sh of shells.values()) {
+      if (sh.live) dropAio(sh.remote); // the contexts it has now go: the checkpoint's are made again (finishProcess)
       const husk = c.husks.get(sh.state.ids.pid)!;
       const mem = c.memory.get(sh.state.ids.pid)!;
       copied += sh.live ? rollbackMemory(sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), remapped, ph) : freshMemory(sh, husk, mem, shm);
