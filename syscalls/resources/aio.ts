@@ -29,6 +29,7 @@ import { RemoteMem } from '../../lib/mem.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { z, int, u32, pageAddr, base64, type Same } from '../../lib/schema.js';
 
+const SYS_mmap = 9, MAP_PRIVATE = 2, MAP_ANONYMOUS = 0x20, MAP_FIXED_NOREPLACE = 0x100000;
 const SYS_io_setup = 206, SYS_io_destroy = 207, SYS_io_submit = 209, SYS_openat = 257, SYS_close = 3, SYS_mremap = 25;
 const AT_FDCWD = -100, O_WRONLY = 1, O_CLOEXEC = 0o2000000, MREMAP_MAYMOVE = 1, MREMAP_FIXED = 2;
 const AIO_RING_MAGIC = 0xa10a10a1, HEADER = 32, EVENT = 32, IOCB_CMD_PWRITE = 1;
@@ -100,9 +101,12 @@ function restoreRing(r: Remote, a: AioRing): void {
   const b = new CallBatch(r);
   const ctxAt = b.put(Buffer.alloc(8));
   const devnull = b.put(Buffer.from('/dev/null\0'));
+  // The old place held by a placeholder meanwhile, so that the new ring
+  // cannot land on part of it (mremap cannot move a range onto itself).
+  b.add(what, SYS_mmap, BigInt(a.addr), a.len, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
   b.add(what, SYS_io_setup, Math.max(1, Math.floor((a.nr - 2) / 2)), ctxAt);
   b.add(what, SYS_openat, AT_FDCWD, devnull, O_WRONLY | O_CLOEXEC, 0);
-  const [, nul] = b.run();
+  const [, , nul] = b.run();
   const ctx = r.mem.read(ctxAt, 8).readBigUInt64LE(0);
   try {
     const nr = r.mem.read(ctx + 4n, 4).readUInt32LE(0);
