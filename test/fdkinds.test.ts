@@ -56,7 +56,6 @@ bothWays('epolldup', 'epoll watches whose files left their numbers (dup\'ed, the
 ], 'EPOLLDUP OK', false);
 
 const refusals: [string, RegExp][] = [
-  ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
   ['ptmx', /fd \d+ \(\/dev\/(pts\/)?ptmx: a descriptor of kind character device 5:2, not supported yet\)/],
   ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
   ['sharedfiles', /shares its descriptor table with process \d+ \(clone CLONE_FILES without CLONE_THREAD\)/],
