@@ -30,6 +30,7 @@ import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
 import { dropAio } from './resources/aio.js';
+import { checkNotifyPaths } from './resources/notify.js';
 import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
@@ -88,6 +89,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   let seccomp;
   try {
     checkLocksFree(tree.files, new Set(procs));
+    checkNotifyPaths(tree.files.descs);
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();

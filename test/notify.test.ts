@@ -73,6 +73,14 @@ const refusals: [string, RegExp][] = [
   ['uringmap', /checkpoint:memory: task \d+: mapping 0x[0-9a-f]+-0x[0-9a-f]+ of an io_uring instance \(io_uring is not kept/],
   ['deleted', /checkpoint:notify: task \d+: fd \d+ \(inotify watch 1 on the deleted inode \d+, which no process of the subtree holds open\)/],
 ];
+t.test('a rollback whose watched file is gone since is refused before it changes anything', async (t) => {
+  const r = supervise([fixture('notify'), 'refuse', 'rollback-gone', fs.mkdtempSync(path.join(dir, 'gone-'))], { timeout: 60_000 });
+  t.match(r.stdout, /rollback-gone: rollback ret=-1 errno=ENOENT/);
+  t.match(r.stderr, /restart:notify: inotify watch 1 on \S+\/w: no longer there/, 'one log line names the watch and why');
+  t.match(r.stdout, /rollback-gone: still works after: yes/);
+  t.equal(r.status, 0);
+});
+
 for (const [what, log] of refusals) {
   t.test(`refused with EOPNOTSUPP, the program unharmed: ${what}`, async (t) => {
     const r = supervise([fixture('notify'), 'refuse', what, fs.mkdtempSync(path.join(dir, `${what}-`))], { timeout: 60_000 });

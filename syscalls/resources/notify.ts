@@ -301,3 +301,27 @@ export function describeNotify(n: NotifyState): string {
   if (n.kind === 'inotify') return `inotify watching ${n.watches.map((w) => `${w.path ?? `deleted file (description ${w.desc})`} as ${w.wd} (mask 0x${w.mask.toString(16)})`).join(', ') || 'nothing'}`;
   return `fanotify (flags 0x${n.flags.toString(16)}, event flags 0${n.eventFlags.toString(8)}) marking ${n.marks.map((m) => `${m.on} ${m.path} (mask 0x${m.mask.toString(16)}, ignored 0x${m.ignored.toString(16)})`).join(', ') || 'nothing'}`;
 }
+
+/**
+ * Before a rollback changes anything: every watched or marked path must
+ * still lead to the inode it did at the checkpoint (a mount or filesystem
+ * mark: its path must still be there), else the rollback is refused now
+ * rather than fail half-way.
+ */
+export function checkNotifyPaths(descs: { kind: string; nt?: NotifyState }[]): void {
+  for (const d of descs) {
+    if (d.kind !== 'notify' || !d.nt) continue;
+    const items = d.nt.kind === 'inotify'
+      ? d.nt.watches.filter((w) => w.path !== undefined).map((w) => ({ path: w.path!, ino: w.ino, dev: w.dev, what: `inotify watch ${w.wd}` }))
+      : d.nt.marks.map((m) => ({ path: m.path, ino: m.ino, dev: m.dev, what: `fanotify ${m.on} mark` }));
+    for (const it of items) {
+      let st: fs.Stats | undefined;
+      try {
+        st = fs.lstatSync(it.path);
+      } catch { /* below */ }
+      if (!st || (it.ino !== undefined && (st.ino !== it.ino || st.dev !== it.dev))) {
+        throw new CkptError(errno(st ? 'ESTALE' : 'ENOENT'), 'restart:notify', `${it.what} on ${it.path}: ${st ? 'that path leads to another file than at the checkpoint' : 'no longer there'}`);
+      }
+    }
+  }
+}
