@@ -55,6 +55,7 @@ export function formatDescription(d: ImageDescription): string {
     const ITIMER = ['ITIMER_REAL', 'ITIMER_VIRTUAL', 'ITIMER_PROF'];
     for (const it of p.timers?.itimers ?? []) out.push(`  ${ITIMER[it.which]}: ${it.left[0]}.${it.left[1].padStart(6, '0')} s left, every ${it.interval[0]}.${it.interval[1].padStart(6, '0')} s`);
     for (const x of p.timers?.posix ?? []) out.push(`  timer ${x.id}: clock ${x.clock}, ${x.notify === 'none' ? 'no signal' : `signal ${x.signo}${x.notify === 'thread' ? ` to thread ${p.threads[x.thread ?? 0]?.tid}` : ''}`}, value 0x${x.value.replace(/^0+(?=.)/, '')}, ${x.left[0]}.${x.left[1].padStart(9, '0')} s left, every ${x.interval[0]}.${x.interval[1].padStart(9, '0')} s`);
+    for (const a of p.aio ?? []) out.push(`  AIO context ${a.addr}: ring of ${a.nr} events, head ${a.head}, tail ${a.tail} (${(a.tail - a.head + a.nr) % a.nr} completed, not reaped)`);
     out.push(`  memory: ${p.memory.length} mappings, ${size(p.pageBytes)} of page data`);
     for (const v of p.memory) {
       const len = Number(BigInt(v.end) - BigInt(v.start));

@@ -53,10 +53,10 @@ export const isAioRing = (m: MapEntry) => m.path === '/[aio] (deleted)' && m.per
 
 /** An io_uring mapping (its descriptor may be closed): refused, named. */
 export function refuseUringMapping(m: MapEntry, pid: number): void {
-  if (m.path === 'anon_inode:[io_uring]') throw unsupported(pid, `mapping 0x${m.start.toString(16)}-0x${m.end.toString(16)} of an io_uring instance (io_uring is not kept: its rings, registered files and buffers and requests in flight)`);
+  if (m.path === 'anon_inode:[io_uring]') throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:memory', `task ${pid}: mapping 0x${m.start.toString(16)}-0x${m.end.toString(16)} of an io_uring instance (io_uring is not kept: its rings, registered files and buffers and requests in flight)`);
 }
 
-/** An io_uring descriptor: refused, named (undefined for any other kind). */
+/** An io_uring descriptor: refused, named (nothing for any other kind). */
 export function refuseUring(pid: number, fd: number, target: string): void {
   if (target === 'anon_inode:[io_uring]') throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (an io_uring instance: io_uring is not kept: its rings, registered files and buffers and requests in flight)`);
 }

@@ -251,7 +251,8 @@ function addWatches(r: Remote, fd: number, watches: InotifyWatch[], fileOf: (des
     // Pairs of (SETNEXTWD, add_watch): each add must give its number back.
     expect.forEach((w, i) => {
       const got = res[2 * i + 1];
-      if (got !== BigInt(w.wd)) throw new CkptError(got < 0n ? Number(-got) : errno('EBUSY'), 'restart:notify', `task ${r.task.tid}: inotify watch ${w.wd} on ${w.path ?? `deleted inode ${w.ino}`}: ${got < 0n ? errnoName(Number(-got)) : `came back as watch ${got}`}`);
+      // A path this process may not read (EACCES): a watch it could not have made itself, EPERM.
+      if (got !== BigInt(w.wd)) throw new CkptError(got === -BigInt(errno('EACCES')) ? errno('EPERM') : got < 0n ? Number(-got) : errno('EBUSY'), 'restart:notify', `task ${r.task.tid}: inotify watch ${w.wd} on ${w.path ?? `deleted inode ${w.ino}`}: ${got < 0n ? errnoName(Number(-got)) : `came back as watch ${got}`}`);
     });
     b = new CallBatch(r);
     room = 3500;
