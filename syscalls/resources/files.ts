@@ -12,7 +12,8 @@
  * pipes and FIFOs with their unread data (read without consuming it, with
  * tee); descriptors that are the very files the supervisor was given by its
  * own parent ("outside": connected to the restarter's descriptor of the same
- * number). Anything else, or a pipe also held by a process outside the
+ * number); event files (events.ts), inotify and fanotify groups
+ * (notify.ts). Anything else, or a pipe also held by a process outside the
  * subtree, is refused with EOPNOTSUPP.
  */
 import fs from 'node:fs';
