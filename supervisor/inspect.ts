@@ -5,6 +5,7 @@ import { FdSource } from '../lib/stream.js';
 import type { ProcessState, TreeState } from '../syscalls/state.js';
 import { describeOwner } from '../syscalls/resources/fown.js';
 import { describeLocks } from '../syscalls/resources/locks.js';
+import { describeNotify } from '../syscalls/resources/notify.js';
 
 export interface ImageDescription {
   header: ImageHeader;
@@ -55,6 +56,7 @@ export function formatDescription(d: ImageDescription): string {
     const ITIMER = ['ITIMER_REAL', 'ITIMER_VIRTUAL', 'ITIMER_PROF'];
     for (const it of p.timers?.itimers ?? []) out.push(`  ${ITIMER[it.which]}: ${it.left[0]}.${it.left[1].padStart(6, '0')} s left, every ${it.interval[0]}.${it.interval[1].padStart(6, '0')} s`);
     for (const x of p.timers?.posix ?? []) out.push(`  timer ${x.id}: clock ${x.clock}, ${x.notify === 'none' ? 'no signal' : `signal ${x.signo}${x.notify === 'thread' ? ` to thread ${p.threads[x.thread ?? 0]?.tid}` : ''}`}, value 0x${x.value.replace(/^0+(?=.)/, '')}, ${x.left[0]}.${x.left[1].padStart(9, '0')} s left, every ${x.interval[0]}.${x.interval[1].padStart(9, '0')} s`);
+    for (const a of p.aio ?? []) out.push(`  AIO context ${a.addr}: ring of ${a.nr} events, head ${a.head}, tail ${a.tail} (${(a.tail - a.head + a.nr) % a.nr} completed, not reaped)`);
     out.push(`  memory: ${p.memory.length} mappings, ${size(p.pageBytes)} of page data`);
     for (const v of p.memory) {
       const len = Number(BigInt(v.end) - BigInt(v.start));
@@ -103,6 +105,7 @@ function describeKind(files: TreeState['files'], id: number): string {
     if (e.kind === 'timerfd') return `timerfd on clock ${e.clock}, ${e.left[0]}.${e.left[1].padStart(9, '0')} s left, every ${e.interval[0]}.${e.interval[1].padStart(9, '0')} s, ${e.ticks} expirations unread`;
     return `epoll watching ${e.watches.map((w) => `fd ${w.fd} (events 0x${w.events.toString(16)}${w.desc !== undefined ? `; its file no longer there: ${describeDesc(files, w.desc)}` : ''})`).join(', ') || 'nothing'}`;
   }
+  if (d.kind === 'notify') return describeNotify(d.nt);
   if (d.kind === 'ghost') return `deleted file ${d.path} (contents kept) pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;

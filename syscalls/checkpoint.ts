@@ -29,6 +29,7 @@ import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstacks, AltstackQuery, findTidAddress, peekPending, type ThreadState } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles, OutsideHolders } from './resources/files.js';
+import { captureAio } from './resources/aio.js';
 import { ShmCapture, nonZeroRuns } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
 import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resources/attrs.js';
@@ -171,6 +172,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
   threads.forEach((ts, i) => ts.forEach((t) => (t.attrs = captureThreadAttrs(t.tid, tracer.prctlNoted.has(procs[i]), t.tid === procs[i] ? statuses[i] : undefined))));
   for (const pid of procs) refuseFutureLocks(pid, tracer.lockFuture.has(pid));
   const maps = procs.map((pid, i) => checkMappings(pid, shm, statuses[i]));
+  processes.forEach((p, i) => (p.aio = captureAio(procs[i], maps[i]))); // AIO rings are shared with the kernel: read now
   shm.copy(); // every shared mapping and descriptor checked: now the bytes
   return { statuses, files, processes, zombies: findZombies(tracer, procs), maps, timers: procs.map(listTimers) };
 }

@@ -24,6 +24,7 @@ import { restoreAttrs } from './resources/attrs.js';
 import { restoreSeccomp } from './resources/seccomp.js';
 import { restoreTimers } from './resources/timers.js';
 import { tableFlags } from './resources/fdkinds.js';
+import { restoreAio } from './resources/aio.js';
 
 const SYS_process_vm_readv = 310, SYS_process_vm_writev = 311, SYS_setsid = 112, SYS_setpgid = 109, SYS_exit_group = 231, SIGCHLD = 17, SIGSTOP = 19, CLONE_NEWPID = 0x20000000;
 
@@ -196,6 +197,7 @@ export function finishProcess(tracer: Tracer, sh: Shell, setCreds: boolean): voi
       rt.mem.close();
     }
   }
+  restoreAio(r, p.aio);
   restoreTimers(tracer, r, p, sh.task.tgid, sh.live); // once every thread a timer may signal is there
   restoreAttrs(tracer, sh); // credentials (every thread's) among them, last: they may drop privileges
   // A SIGCHLD an injected call took since the freeze (on whichever thread)

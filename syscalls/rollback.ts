@@ -31,6 +31,8 @@ import { dropRseq } from './resources/thread.js';
 import { checkLocksFree } from './resources/locks.js';
 import { ShmRestore } from './resources/shm.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, copyChangedFromHusk, openShell, putBackFromHusk, type Shell } from './rebuild.js';
+import { dropAio } from './resources/aio.js';
+import { checkNotifyPaths } from './resources/notify.js';
 import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
@@ -107,6 +109,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     ttys = new TtyRestore(tree, { host, kept: keptPids, all: procs }); // ptys still open are used again
     checkNetRights(tree.files.descs, firstHolder(tree.processes), (pid) => (keptPids.has(host(pid)) ? host(pid) : undefined));
     checkNetPortsFree(tree.files.descs, procs);
+    checkNotifyPaths(tree.files.descs);
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();
@@ -147,6 +150,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     let copied = 0;
     const remapped = new Set<number>(); // processes with mappings the tracker does not cover yet
     for (const sh of shells.values()) {
+      if (sh.live) dropAio(sh.remote); // the contexts it has now go: the checkpoint's are made again (finishProcess)
       const husk = c.husks.get(sh.state.ids.pid)!;
       const mem = c.memory.get(sh.state.ids.pid)!;
       copied += sh.live ? rollbackMemory(sh, husk, mem, shm, c, ctx.sv.store.tracker(sh.task.tid), remapped, ph) : freshMemory(sh, husk, mem, shm);

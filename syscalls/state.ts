@@ -7,6 +7,7 @@ import type { ThreadState } from './resources/thread.js';
 import type { ShmObject } from './resources/shm.js';
 import { procAttrsSchema, type ProcAttrs } from './resources/attrs.js';
 import { timersSchema, type TimersState } from './resources/timers.js';
+import { aioSchema, type AioRing } from './resources/aio.js';
 import { CkptError, errno } from '../lib/errors.js';
 import { z, int, pid, pid0, siginfo, PID_MAX, MANY, type Same } from '../lib/schema.js';
 import { idsSchema, credsSchema, mmSchema } from './resources/process.js';
@@ -34,6 +35,8 @@ export interface ProcessState {
   attrs?: ProcAttrs;
   /** Interval and POSIX timers (see timers.ts); absent: none. */
   timers?: TimersState;
+  /** AIO contexts (io_setup rings), see aio.ts; absent: none. */
+  aio?: AioRing[];
 }
 
 /** A child that exited and was not reaped: it comes back as a zombie with the same status. */
@@ -79,6 +82,7 @@ const processSchema = z.strictObject({
   threads: z.array(threadSchema).min(1).max(MAX_THREADS),
   attrs: procAttrsSchema.optional(),
   timers: timersSchema.optional(),
+  aio: aioSchema.optional(),
 });
 const zombieSchema = z.strictObject({ pid, ppid: pid, pgid: pid0, sid: pid0, status: int(0, 0xffff) });
 

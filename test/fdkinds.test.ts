@@ -56,7 +56,6 @@ bothWays('epolldup', 'epoll watches whose files left their numbers (dup\'ed, the
 ], 'EPOLLDUP OK', false);
 
 const refusals: [string, RegExp][] = [
-  ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
   ['pty-outside', /\/dev\/ptmx: pty \/dev\/pts\/\d+ also held by process \d+ outside the subtree/],
   ['pty-pktstatus', /pty master of \/dev\/pts\/\d+ in packet mode with a status byte unread/],
   ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],

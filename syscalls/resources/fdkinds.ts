@@ -22,8 +22,9 @@
  *   with its mode, is the same to the program.
  * - Descriptors in flight (SCM_RIGHTS messages queued on a unix socket,
  *   fdinfo "scm_fds"): refused, naming the socket.
- * - Any other kind: refused with its kind named (inotify, fanotify,
- *   io_uring, perf_event, bpf-*, userfaultfd, namespaces...).
+ * - Any other kind: refused with its kind named (perf_event, bpf-*,
+ *   userfaultfd, namespaces...; io_uring with its reason, aio.ts).
+ *   inotify and fanotify groups are kept by notify.ts.
  */
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys } from '../../lib/libc.js';

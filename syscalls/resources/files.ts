@@ -12,7 +12,8 @@
  * pipes and FIFOs with their unread data (read without consuming it, with
  * tee); descriptors that are the very files the supervisor was given by its
  * own parent ("outside": connected to the restarter's descriptor of the same
- * number). Anything else, or a pipe also held by a process outside the
+ * number); event files (events.ts), inotify and fanotify groups
+ * (notify.ts). Anything else, or a pipe also held by a process outside the
  * subtree, is refused with EOPNOTSUPP.
  */
 import fs from 'node:fs';
@@ -35,6 +36,8 @@ import { inTaskRoot } from './attrs.js';
 import { TtyCapture, TtyRestore, isPtyDevice, ptySchema, terminalSchema, ttyDescFields, type TtyDesc, type PtyState, type TerminalState } from './tty.js';
 import { captureNetSock, makeNetSock, netSockSchema, NetDiag, type NetSockState } from './netdgram.js';
 import { eventSchema } from './events.js';
+import { refuseUring } from './aio.js';
+import { captureNotify, findWatchedGhosts, makeNotify, addMarks, notifySchema, type NotifyState } from './notify.js';
 import { z, int, id, fd, path, openFlags, base64, dec63, MANY, PID_MAX, type Same } from '../../lib/schema.js';
 
 export type { SockPairState } from './unixsock.js';
@@ -68,7 +71,8 @@ export type FileDesc =
   | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
   | { id: number; kind: 'event'; flags: number; ev: EventState }
   | TtyDesc
-  | { id: number; kind: 'net'; flags: number; net: NetSockState };
+  | { id: number; kind: 'net'; flags: number; net: NetSockState }
+  | { id: number; kind: 'notify'; flags: number; nt: NotifyState };
 
 export interface PipeState {
   id: number;
@@ -128,6 +132,7 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('event'), ev: eventSchema }),
   z.strictObject({ ...fileFields, kind: z.literal('tty'), ...ttyDescFields }),
   z.strictObject({ ...fileFields, kind: z.literal('net'), net: netSockSchema }),
+  z.strictObject({ ...fileFields, kind: z.literal('notify'), nt: notifySchema }),
 ]);
 export const pipeSchema = z.strictObject({ id: int(0, MANY), size: int(4096, PIPE_MAX), data: base64(PIPE_MAX) });
 export const fdRefSchema = z.union([
@@ -147,7 +152,7 @@ export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(M
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
-  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>] = [true, true, true, true, true, true, true, true, true, true, true, true];
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>, Same<SchemaOf<'notify'>, DescOf<'notify'>>] = [true, true, true, true, true, true, true, true, true, true, true, true, true];
 const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
 void [sameDescs, sameFiles];
 
@@ -289,9 +294,14 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       } else if ((st.isFile() || st.isDirectory() || (st.isCharacterDevice() && statelessDevice(st))) && target.startsWith('/') && !target.endsWith(' (deleted)') && !target.startsWith('/secretmem')) {
         table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
       } else {
-        const ev = captureEvent(pid, fd, target, info);
-        if (!ev) throw unknownKind(pid, fd, target, st);
-        table.descs.push({ id, kind: 'event', flags, ev });
+        const nt = captureNotify(pid, fd, target, info);
+        const ev = nt ? undefined : captureEvent(pid, fd, target, info);
+        if (nt) table.descs.push({ id, kind: 'notify', flags, nt });
+        else if (ev) table.descs.push({ id, kind: 'event', flags, ev });
+        else {
+          refuseUring(pid, fd, target); // named, with why
+          throw unknownKind(pid, fd, target, st);
+        }
       }
       seen.push({ key, pid, fd, desc: id });
       fds.push({ fd, cloexec, desc: id });
@@ -311,6 +321,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   for (const [pid, pty] of tt.ctty) perProc.get(pid)!.ctty = pty;
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
   findMovedWatches(table, seen);
+  findWatchedGhosts(table.descs, seen);
   for (const [lo, pair] of pairIds) {
     const peer = diag!.get(lo)!.peer;
     for (const [end, ino] of [[0, lo], [1, peer]] as const) {
@@ -533,6 +544,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   };
   const sockets = new UnixSockets({ remote, host: ctx.host, park, listeners: new Map() });
   const epolls: { pid: number; fd: number; ev: Extract<EventState, { kind: 'epoll' }> }[] = [];
+  const notifies: { pid: number; fd: number; nt: NotifyState }[] = [];
   // The first holder of each end of each socket pair: where that end is made.
   const pairHolder = (pair: number, end: 0 | 1) => {
     const d = table.descs.find((x) => x.kind === 'unix' && x.pair === pair && x.end === end);
@@ -573,6 +585,9 @@ export function restoreFiles(ctx: FilesRestore): void {
       } else if (d.kind === 'event') {
         moveFd(r, makeEvent(r, ctx.host(owner.pid), d.ev), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
         if (d.ev.kind === 'epoll') epolls.push({ pid: owner.pid, fd: owner.fd, ev: d.ev });
+      } else if (d.kind === 'notify') {
+        moveFd(r, makeNotify(r, d.nt), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
+        notifies.push({ pid: owner.pid, fd: owner.fd, nt: d.nt });
       } else if (d.kind === 'memfd') {
         const pos = BigInt(d.pos);
         // Opened again through its own /proc entry: a description of its
@@ -666,6 +681,14 @@ export function restoreFiles(ctx: FilesRestore): void {
       if (!own && src !== BigInt(w.fd)) r.call(SYS.close, src);
     }
   }
+  // Watches and marks: a watch on a deleted file is added through a copy of a descriptor of it.
+  const fileIn = (pid: number, desc: number): bigint => {
+    const own = holders.get(desc)?.find((h) => h.pid === pid), at = placed.get(desc);
+    if (own) return remote(pid).check('restart:files', SYS.fcntl, own.fd, F_DUPFD_CLOEXEC, tempBase);
+    if (!at) throw new CkptError(errno('EBADMSG'), 'image', `an inotify watch names description ${desc}, held by no process`);
+    return remote(pid).takeFd(at.pid, at.fd, tempBase);
+  };
+  for (const n of notifies) addMarks(remote(n.pid), n.fd, n.nt, (desc) => fileIn(n.pid, desc), (f) => void remote(n.pid).call(SYS.close, f));
 
   // Locks once every holder has its descriptors; owners after them (a lease makes its taker the owner).
   restoreLocks({ ...ctx, reused });

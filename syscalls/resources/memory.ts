@@ -17,6 +17,7 @@ import { SYS, sys } from '../../lib/libc.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { isShm, shmKeyOfMap, type ShmCapture, type ShmRestore } from './shm.js';
 import { z, int, path, pageAddr, hexBelow, MANY, type Same } from '../../lib/schema.js';
+import { isAioRing, refuseUringMapping } from './aio.js';
 
 const PAGE = 4096n;
 const PROT_READ = 1, PROT_WRITE = 2, PROT_EXEC = 4;
@@ -225,6 +226,8 @@ function describe(pid: number, m: MapEntry, shm?: ShmCapture, who = pid): VmaSta
   const range = `${base.start}-${base.end}`;
   if (m.path === '[vsyscall]') return null; // fixed by the kernel, same everywhere
   if (SPECIAL.includes(m.path)) return { ...base, kind: 'special', name: m.path };
+  if (isAioRing(m)) return null; // an AIO context's ring: aio.ts keeps it
+  refuseUringMapping(m, who);
   const sysv = sysvShm(m);
   if (sysv) throw unsupported(who, `mapping ${range} of SysV shm key ${sysv.key} id ${sysv.id} (SysV IPC is not kept)`);
   if (base.shared && isShm(m.path)) {
@@ -309,7 +312,7 @@ export function copyUnforked(pid: number, before: MapEntry[], husk: number): { v
   };
   try {
     for (const m of before) {
-      if (m.path === '[vsyscall]' || inHusk.has(`${m.start}-${m.end}`)) continue;
+      if (m.path === '[vsyscall]' || isAioRing(m) || inHusk.has(`${m.start}-${m.end}`)) continue;
       const v = describe(pid, m);
       if (!v || v.kind !== 'anon') throw unsupported(pid, `mapping 0x${m.start.toString(16)}-0x${m.end.toString(16)} ${m.path} is not inherited by fork (MADV_DONTFORK) and not anonymous`);
       v.dontfork = true;

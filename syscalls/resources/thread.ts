@@ -125,6 +125,8 @@ function robustList(tid: number): ThreadState['robustList'] {
  * checkpoint, so after a restart it must see that call return 0.
  * `callInFlight`: it is inside a ckpt call of its own that is in flight.
  */
+const ERESTART_RESTARTBLOCK = -516n, SYS_poll = 7n;
+
 export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: Regs, callInFlight = false): ThreadState {
   const regs = regsNow ?? getRegs(tid);
   if (inCheckpointCall) {
@@ -134,6 +136,14 @@ export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: 
     // Another thread inside a ckpt call in flight (its seccomp stop): it
     // comes back about to make that call again, as after a signal with
     // SA_RESTART.
+    regs.set('rax', regs.get('orig_rax'));
+    regs.set('rip', regs.get('rip') - 2n);
+    regs.set('orig_rax', -1n);
+  } else if (regs.getSigned('rax') === ERESTART_RESTARTBLOCK && regs.getSigned('orig_rax') === SYS_poll && BigInt.asIntN(32, regs.get('rdx')) < 0n) {
+    // poll() without a timeout, interrupted: its restart block is kernel
+    // state a new thread lacks (restart_syscall would give EINTR). Made
+    // the same call again, with the same arguments, it is restarted as the
+    // kernel would have (GNU tail -f waits in such a poll).
     regs.set('rax', regs.get('orig_rax'));
     regs.set('rip', regs.get('rip') - 2n);
     regs.set('orig_rax', -1n);
