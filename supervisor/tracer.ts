@@ -87,6 +87,14 @@ export class Tracer {
    * a stop. Kept across exec (so are the timers), not inherited by fork.
    */
   readonly itimers = new Set<number>();
+  /**
+   * SysV semaphore sets and message queues each process used (ids passed to
+   * semop, semctl, msgsnd, msgrcv, msgctl; keys passed to semget, msgget:
+   * the filter traps them), inherited by fork; and the sets it ever did a
+   * SEM_UNDO semop on (its undo list, which /proc does not show). See
+   * syscalls/resources/sysvipc.ts.
+   */
+  readonly sysvUsed = new Map<number, { used: Set<string>; undo: Set<number> }>();
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
@@ -165,6 +173,7 @@ export class Tracer {
       this.lockFuture.delete(ev.pid);
       this.prctlNoted.delete(ev.pid);
       this.itimers.delete(ev.pid);
+      this.sysvUsed.delete(ev.pid);
       this.execs.delete(ev.pid); // a later process with this pid starts again at 0
       if (this.exited.size >= this.exitedPruneAt) {
         for (const pid of this.exited) if (!fs.existsSync(`/proc/${pid}`)) this.exited.delete(pid);
@@ -204,6 +213,8 @@ export class Tracer {
     if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
     if (child.tgid !== task.tgid && this.vmAdvice.has(task.tgid)) this.vmAdvice.add(child.tgid);
     if (child.tgid !== task.tgid && this.prctlNoted.has(task.tgid)) this.prctlNoted.add(child.tgid);
+    const ipc = this.sysvUsed.get(task.tgid); // a child has no undo list of its own yet
+    if (child.tgid !== task.tgid && ipc) this.sysvUsed.set(child.tgid, { used: new Set(ipc.used), undo: new Set() });
     task.forkNoted = true;
     return pid;
   }

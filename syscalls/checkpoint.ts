@@ -32,6 +32,7 @@ import { captureIds, captureMm, parseCreds } from './resources/process.js';
 import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resources/attrs.js';
 import { captureSeccomp, SeccompSuspension } from './resources/seccomp.js';
 import { captureTimers, listTimers } from './resources/timers.js';
+import { captureSysv, detachInHusk, dropWithSubtree } from './resources/sysvipc.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -127,7 +128,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     procs.forEach((pid, i) => {
       if (tracer.forkAdvice.has(pid)) held.set(pid, copyUnforked(pid, maps[i], made.get(pid)!));
     });
-    const tree: TreeState = { root, processes, zombies, files: files.table, shm: shm.objects };
+    const tree: TreeState = { root, processes, zombies, files: files.table, shm: shm.objects, sysvipc: read!.sysvipc };
     const ns = toNamespace(tree);
     ph.mark('tree');
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
@@ -168,8 +169,9 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
   threads.forEach((ts, i) => ts.forEach((t) => (t.attrs = captureThreadAttrs(t.tid, tracer.prctlNoted.has(procs[i]), t.tid === procs[i] ? statuses[i] : undefined))));
   for (const pid of procs) refuseFutureLocks(pid, tracer.lockFuture.has(pid));
   const maps = procs.map((pid, i) => checkMappings(pid, shm, statuses[i]));
+  const sysvipc = captureSysv(tracer, procs, maps, shm); // its segments' bytes are copied with the rest
   shm.copy(); // every shared mapping and descriptor checked: now the bytes
-  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps, timers: procs.map(listTimers) };
+  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps, timers: procs.map(listTimers), sysvipc };
 }
 
 /**
@@ -349,6 +351,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         const husk = c.husks.get(p.ids.pid)!;
         finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
         const mem = captureMemory(husk, undefined, c.hostOf(p.ids.pid)); // a refusal names the process, not its husk
+        detachInHusk(tracer, husk, mem.vmas); // described: the husk lets its SysV segments go
         const held = cap.held.get(p.ids.pid);
         p.memory = [...mem.vmas, ...(held?.vmas ?? [])].sort((a, b) => (BigInt(a.start) < BigInt(b.start) ? -1 : 1));
         addLocks(p.ids.pid, p.memory, cap.locks.get(p.ids.pid)); // the husk has none: seen in the process during the stop
@@ -382,6 +385,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         // killed, waits for every process of its namespace, husks too).
         destroyHusks(tracer, c.husks, c.hostOf);
         c.husks.clear();
+        dropWithSubtree(c.tree.sysvipc, pid); // its SysV objects go with it
         killSubtree(tracer, procs);
         return new InFlight({ kind: 'raw', fd: out, data: o.value.trailer! }, done);
       });
@@ -392,6 +396,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     if (track) sv.later(() => sv.store.track(c, cap.uffds));
     if (kill) {
       freeze.tasks.length = 0;
+      dropWithSubtree(c.tree.sysvipc, pid);
       killSubtree(tracer, procs); // DEFER|KILL: nothing to write, memory is kept
     }
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);

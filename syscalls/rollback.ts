@@ -32,6 +32,7 @@ import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShell
 import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
+import { SysvRestore, type SysvRollback } from './resources/sysvipc.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
@@ -85,8 +86,10 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   }
   const callerInside = procs.includes(caller.tgid);
   let seccomp;
+  let ipc: SysvRollback | undefined;
   try {
     checkLocksFree(tree.files, new Set(procs));
+    ipc = SysvRestore.checkRollback(tracer, tree.sysvipc, procs);
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();
@@ -99,6 +102,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const shm = new ShmRestore(tree.shm);
   try {
     shm.fill(c.shmData);
+    ipc?.apply(shm); // SysV objects as at the checkpoint, before any process attaches a segment again
     // Processes born since the checkpoint go (and are reaped).
     for (const p of extra) sys.kill(p, SIGKILL);
     for (const p of extra) tracer.waitGone(p);
@@ -142,6 +146,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     });
     ph.mark('files');
     for (const sh of shells.values()) finishProcess(tracer, sh, false);
+    ipc?.finish(tracer, [...shells.values()].map((sh) => sh.task.tgid));
     ph.mark('threads');
     ctx.sv.store.rolledBack(c, remapped); // protect again what the copies wrote, before anything runs
     ph.mark('protect');
@@ -245,7 +250,7 @@ function splitByCurrent(current: MapEntry[], vmas: VmaState[]): { kept: Piece[];
 /** The part [start, end) of a VMA, as a VMA of its own (file offset moved along). */
 function pieceVma(p: Piece): VmaState {
   const hex = (x: bigint) => '0x' + x.toString(16);
-  const offset = p.v.kind === 'file' || p.v.kind === 'shm' ? hex(BigInt(p.v.offset!) + (p.start - vmaStart(p.v))) : p.v.offset;
+  const offset = p.v.kind === 'file' || p.v.kind === 'shm' || p.v.kind === 'sysv' ? hex(BigInt(p.v.offset!) + (p.start - vmaStart(p.v))) : p.v.offset;
   return { ...p.v, start: hex(p.start), end: hex(p.end), offset };
 }
 

@@ -15,6 +15,7 @@ import { filesStateSchema, filesTableSchema } from './resources/files.js';
 import { signalStateSchema } from './resources/signals.js';
 import { threadSchema } from './resources/thread.js';
 import { shmObjectSchema } from './resources/shm.js';
+import { sysvIpcSchema, type SysvIpcState } from './resources/sysvipc.js';
 
 export interface ProcessState {
   ids: ProcessIds;
@@ -52,6 +53,8 @@ export interface TreeState {
   files: FilesTable;
   /** Shared memory objects (their contents travel separately: SHM records or the checkpoint). */
   shm: ShmObject[];
+  /** SysV segments, semaphore sets and message queues of the subtree (sysvipc.ts); absent: none. */
+  sysvipc?: SysvIpcState;
   /** The root is the init of a pid namespace; ids are as seen inside it. */
   pidns?: boolean;
   /** Ids are as seen in the root's pid namespace (below the supervisor's); a restart reads them in the caller's. */
@@ -127,6 +130,7 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
     p.memory.forEach((v, j) => {
       if (BigInt(v.start) < end) issue(ctx, [...at, 'memory', j, 'start'], `mapping at ${v.start} overlaps or precedes the one before it`);
       end = BigInt(v.end);
+      if (v.kind === 'sysv' && !(t.sysvipc?.shm.some((s) => s.id === v.sysvId) && shmKeys.has(`sysv:${v.sysvId}`))) issue(ctx, [...at, 'memory', j, 'sysvId'], `mapping of no SysV segment (${v.sysvId})`);
       if (v.kind === 'shm' && !shmKeys.has(v.shmKey!)) issue(ctx, [...at, 'memory', j, 'shmKey'], `mapping of no shared object (${v.shmKey})`);
     });
   });
@@ -143,6 +147,7 @@ const treeShape = z.strictObject({
   zombies: z.array(zombieSchema).max(PID_MAX),
   files: filesTableSchema,
   shm: z.array(shmObjectSchema).max(MANY),
+  sysvipc: sysvIpcSchema.optional(),
   pidns: z.boolean().optional(),
   nsView: z.boolean().optional(),
 });

@@ -18,6 +18,7 @@ import { NOTED_MEMORY } from './madvise.js';
 import { noteSeccompMode } from './strict.js';
 import { noteItimer, SYS_alarm, SYS_setitimer } from './resources/timers.js';
 import { SYS } from '../lib/libc.js';
+import { NOTED_SYSV } from './resources/sysvipc.js';
 
 const SYS_seccomp = 317;
 import { collectYoung } from '../lib/gc.js';
@@ -33,6 +34,7 @@ export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
 /** Ordinary calls the filter traps only to take note of: they then run untouched. */
 export const NOTED: Record<number, (ctx: SyscallCtx) => void> = {
   ...NOTED_MEMORY,
+  ...NOTED_SYSV, // which SysV objects a tree uses; SEM_UNDO
   [SYS.prctl]: noteSeccompMode, // notes the prctl options attrs.ts keeps, and makes strict mode a filter
   [SYS_seccomp]: noteSeccompMode,
   [SYS_alarm]: noteItimer,
