@@ -105,6 +105,7 @@ function describeKind(files: TreeState['files'], id: number): string {
   if (d.kind === 'ghost') return `deleted file ${d.path} (contents kept) pos ${d.pos} flags 0${d.flags.toString(8)}`;
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;
+  if (d.kind === 'mqueue') return `message queue /${d.mq.name}${d.mq.deleted ? ' (unlinked)' : ''} (maxmsg ${d.mq.maxmsg}, msgsize ${d.mq.msgsize}${d.mq.messages ? `, ${d.mq.messages.length} messages` : ''}) flags 0${d.flags.toString(8)}`;
   if (d.kind === 'deldir') return `deleted directory ${d.path} (made again empty) mode 0${d.mode.toString(8)}`;
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;

@@ -385,7 +385,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         // killed, waits for every process of its namespace, husks too).
         destroyHusks(tracer, c.husks, c.hostOf);
         c.husks.clear();
-        dropWithSubtree(c.tree.sysvipc, pid); // its SysV objects go with it
+        dropWithSubtree(c.tree, pid); // its SysV objects go with it
         killSubtree(tracer, procs);
         return new InFlight({ kind: 'raw', fd: out, data: o.value.trailer! }, done);
       });
@@ -396,7 +396,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     if (track) sv.later(() => sv.store.track(c, cap.uffds));
     if (kill) {
       freeze.tasks.length = 0;
-      dropWithSubtree(c.tree.sysvipc, pid);
+      dropWithSubtree(c.tree, pid);
       killSubtree(tracer, procs); // DEFER|KILL: nothing to write, memory is kept
     }
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);

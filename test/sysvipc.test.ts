@@ -63,3 +63,29 @@ t.test('a process with SEM_UNDO adjustments is refused by name, the semaphore as
   t.match(r.stdout, /SEMUNDO OK/);
   t.equal(r.status, 0);
 });
+
+const MQ_CHECKS = [
+  'mqueue: attributes, four messages', 'mqueue: mode and owner', 'mqueue: the second description write-only, non-blocking', 'mqueue: the write-only one cannot receive',
+  'mqueue: found again by its name', 'mqueue: highest priority first', 'mqueue: then the next', 'mqueue: equal priorities in the order sent (1)',
+  'mqueue: equal priorities in the order sent (2)', 'mqueue: the one sent through the name is the same queue', 'unlinked queue: still without a name',
+  'unlinked queue: its message, its mode', 'unlinked queue: the message', 'mqueue: the child sent through its descriptor', "mqueue: the child's descriptor is the same queue",
+];
+const mq = bothWays(dir, 'mqueue');
+for (const mode of ['restart', 'undo'] as const) {
+  t.test(`POSIX message queues (named and unlinked, two descriptions, a child) across a ${mode}`, async (t) => {
+    const { first, r } = mq(mode);
+    if (mode === 'restart') t.equal(first.status, 137, `CKPT_KILL (${first.stdout.trim()} ${first.stderr.trim()})`);
+    else t.match(first.stdout, /spoiled, rolling back/, 'spoiled before the rollback');
+    for (const c of MQ_CHECKS) t.match(r.stdout, new RegExp(`^ok ${c.replace(/[()]/g, '\\$&')}$`, 'm'), c);
+    t.match(r.stdout, /MQUEUE OK/, r.stdout + r.stderr);
+    t.equal(r.status, 0);
+  });
+}
+
+t.test('a message queue with an mq_notify registration is refused by name, the registration kept', async (t) => {
+  const r = supervise([fixture('mqueue'), 'refuse-notify']);
+  t.match(r.stdout, /^ok a queue with an mq_notify registration is refused$/m);
+  t.match(r.stderr, /EOPNOTSUPP: checkpoint:files: task (\d+): fd \d+ \(message queue \/ckpt-notify-\d+ with an mq_notify registration of process \1: not kept\)/);
+  t.match(r.stdout, /MQNOTIFY OK/);
+  t.equal(r.status, 0);
+});

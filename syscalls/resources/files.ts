@@ -15,6 +15,7 @@
  * number). Anything else, or a pipe also held by a process outside the
  * subtree, is refused with EOPNOTSUPP.
  */
+import { isMqueue, captureMqueue, openMqueue, unlinkTemporaryQueues, mqueueSchema, type MqueueState, type MadeQueues } from './mqueue.js';
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { listFds, readFdinfo } from '../../lib/proc.js';
@@ -63,7 +64,8 @@ export type FileDesc =
   | { id: number; kind: 'deldir'; path: string; mode: number; flags: number }
   | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
   | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
-  | { id: number; kind: 'event'; flags: number; ev: EventState };
+  | { id: number; kind: 'event'; flags: number; ev: EventState }
+  | { id: number; kind: 'mqueue'; flags: number; mq: MqueueState };
 
 export interface PipeState {
   id: number;
@@ -110,6 +112,7 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('unix'), pair: int(0, MANY), end: z.union([z.literal(0), z.literal(1)]) }),
   z.strictObject({ ...fileFields, kind: z.literal('usock'), ...soloSockFields }),
   z.strictObject({ ...fileFields, kind: z.literal('event'), ev: eventSchema }),
+  z.strictObject({ ...fileFields, kind: z.literal('mqueue'), mq: mqueueSchema }),
 ]);
 export const pipeSchema = z.strictObject({ id: int(0, MANY), size: int(4096, PIPE_MAX), data: base64(PIPE_MAX) });
 export const fdRefSchema = z.union([
@@ -127,7 +130,7 @@ export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(M
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
-  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>] = [true, true, true, true, true, true, true, true, true, true];
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'mqueue'>, DescOf<'mqueue'>>] = [true, true, true, true, true, true, true, true, true, true, true];
 const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
 void [sameDescs, sameFiles];
 
@@ -161,6 +164,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const inTree = treeMember(new Set(procs));
   const level = procs.length ? nsLevel(procs[0]) : 0;
   const probes: FdProbe[] = [];
+  const queues = new Set<number>(); // message queues whose messages are recorded (mqueue.ts)
   for (const pid of procs) {
     const fds: FdRef[] = [];
     for (const fd of listFds(pid)) {
@@ -239,6 +243,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       } else if (isShm(target)) {
         shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
         table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
+      } else if (isMqueue(link, st)) {
+        table.descs.push({ id, kind: 'mqueue', flags, mq: captureMqueue(pid, fd, target, st, queues) });
       } else if (st.isFIFO() && target.startsWith('/')) {
         // A FIFO removed while open is still one pipe between its holders: made again under a temporary name.
         const gone = target.endsWith(' (deleted)') && st.nlink === 0;
@@ -464,6 +470,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   const filledFifos = new Set<string>();
   const deletedFifos = new Map<number, { pid: number; path: string }>(); // by inode: made under a temporary name
   const ghosts = new Map<string, Place>(); // deleted files made again, by shmKey: one inode each
+  const queues: MadeQueues = new Map(); // message queues made again, by their checkpoint inode
   const park = (pid: number, fd: bigint): Place => {
     const t = nextTemp++;
     moveFd(remote(pid), fd, t, true);
@@ -522,6 +529,8 @@ export function restoreFiles(ctx: FilesRestore): void {
           b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
           if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
         });
+      } else if (d.kind === 'mqueue') {
+        moveFd(r, openMqueue(r, ctx.host(owner.pid), d.mq, d.flags, ctx.live !== undefined, queues), owner.fd, owner.cloexec);
       } else if (d.kind === 'pidfd') {
         moveFd(r, makePidfd(r, d, d.flags), owner.fd, owner.cloexec);
       } else if (d.kind === 'deldir') {
@@ -583,6 +592,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     for (const h of hs.slice(1)) transfer(owner, h);
   }
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
+  unlinkTemporaryQueues(queues);
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
   for (const e of epolls) {

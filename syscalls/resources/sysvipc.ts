@@ -45,6 +45,7 @@ import type { SyscallCtx } from '../context.js';
 import type { ShmCapture, ShmRestore } from './shm.js';
 import type { VmaState } from './memory.js';
 import type { Creds } from './process.js';
+import { unlinkQueues } from './mqueue.js';
 import { z, int, MANY, type Same } from '../../lib/schema.js';
 
 const SYS_shmat = 30, SYS_shmctl = 31, SYS_semget = 64, SYS_semop = 65, SYS_semctl = 66, SYS_shmdt = 67;
@@ -577,12 +578,16 @@ export class SysvRollback {
 
 /**
  * CKPT_KILL: the subtree's objects go with it (while it is still frozen,
- * before it is killed), as its pids do, so that a restart finds their ids
- * and keys free. SysV objects would otherwise outlive their processes.
+ * before it is killed), as its pids do, so that a restart finds their ids,
+ * keys and names free: SysV objects and named POSIX message queues would
+ * otherwise outlive their processes.
  */
-export function dropWithSubtree(s: SysvIpcState | undefined, root: number): void {
-  if (!s) return;
+export function dropWithSubtree(tree: { sysvipc?: SysvIpcState; files: { descs: { kind: string; mq?: { name: string; deleted?: boolean } }[] } }, root: number): void {
+  const s = tree.sysvipc;
+  const queues = tree.files.descs.flatMap((d) => (d.kind === 'mqueue' && d.mq && !d.mq.deleted ? [d.mq.name] : []));
+  if (!s && !queues.length) return;
   inIpcNs(root, 'checkpoint:sysvipc', () => {
-    for (const kind of ['shm', 'sem', 'msg'] as const) for (const o of s[kind]) remove(kind, o.id);
+    for (const kind of ['shm', 'sem', 'msg'] as const) for (const o of s?.[kind] ?? []) remove(kind, o.id);
+    unlinkQueues(queues);
   });
 }
