@@ -32,7 +32,7 @@ import { captureIds, captureMm, parseCreds } from './resources/process.js';
 import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resources/attrs.js';
 import { captureSeccomp, SeccompSuspension } from './resources/seccomp.js';
 import { captureTimers, listTimers } from './resources/timers.js';
-import { captureSysv, detachInHusk, dropWithSubtree } from './resources/sysvipc.js';
+import { captureSysv, semUndoOf, detachInHusk, dropWithSubtree } from './resources/sysvipc.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -170,6 +170,7 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
   for (const pid of procs) refuseFutureLocks(pid, tracer.lockFuture.has(pid));
   const maps = procs.map((pid, i) => checkMappings(pid, shm, statuses[i]));
   const sysvipc = captureSysv(tracer, procs, maps, shm); // its segments' bytes are copied with the rest
+  processes.forEach((p, i) => (p.semUndo = semUndoOf(tracer, procs[i], sysvipc)));
   shm.copy(); // every shared mapping and descriptor checked: now the bytes
   return { statuses, files, processes, zombies: findZombies(tracer, procs), maps, timers: procs.map(listTimers), sysvipc };
 }

@@ -91,7 +91,7 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z);
     fill(shells, shm);
-    ipc?.fill(shm);
+    ipc?.fill(shm, tracer, [...shells.values()].map((sh) => ({ tgid: sh.task.tgid, r: sh.remote, undo: sh.state.semUndo })));
     restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm });
     for (const sh of shells.values()) finishProcess(tracer, sh, setCreds.get(sh.state.ids.pid)!);
     ipc?.finish(tracer, [...shells.values()].map((sh) => sh.task.tgid));

@@ -102,7 +102,6 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const shm = new ShmRestore(tree.shm);
   try {
     shm.fill(c.shmData);
-    ipc?.apply(shm); // SysV objects as at the checkpoint, before any process attaches a segment again
     // Processes born since the checkpoint go (and are reaped).
     for (const p of extra) sys.kill(p, SIGKILL);
     for (const p of extra) tracer.waitGone(p);
@@ -124,6 +123,8 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     });
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z);
+    // SysV objects as at the checkpoint once the processes born since are gone, before any process attaches a segment again.
+    ipc?.apply(shm, tracer, [...shells.values()].map((sh) => ({ tgid: sh.task.tgid, r: sh.remote, undo: sh.state.semUndo })));
     ph.mark('processes');
     let copied = 0;
     const remapped = new Set<number>(); // processes with mappings the tracker does not cover yet

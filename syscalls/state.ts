@@ -15,7 +15,7 @@ import { filesStateSchema, filesTableSchema } from './resources/files.js';
 import { signalStateSchema } from './resources/signals.js';
 import { threadSchema } from './resources/thread.js';
 import { shmObjectSchema } from './resources/shm.js';
-import { sysvIpcSchema, type SysvIpcState } from './resources/sysvipc.js';
+import { sysvIpcSchema, semUndoSchema, type SysvIpcState, type SemUndo } from './resources/sysvipc.js';
 
 export interface ProcessState {
   ids: ProcessIds;
@@ -33,6 +33,8 @@ export interface ProcessState {
   attrs?: ProcAttrs;
   /** Interval and POSIX timers (see timers.ts); absent: none. */
   timers?: TimersState;
+  /** SysV semaphore undo adjustments (SEM_UNDO; sysvipc.ts); absent: none. */
+  semUndo?: SemUndo[];
 }
 
 /** A child that exited and was not reaped: it comes back as a zombie with the same status. */
@@ -80,6 +82,7 @@ const processSchema = z.strictObject({
   threads: z.array(threadSchema).min(1).max(MAX_THREADS),
   attrs: procAttrsSchema.optional(),
   timers: timersSchema.optional(),
+  semUndo: semUndoSchema.optional(),
 });
 const zombieSchema = z.strictObject({ pid, ppid: pid, pgid: pid0, sid: pid0, status: int(0, 0xffff) });
 

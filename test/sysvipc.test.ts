@@ -12,7 +12,7 @@ const CHECKS = [
   'shm: id, key, size, mode, owner', 'shm: attached three times (parent, child twice)', 'shm: found by its key', 'shm: contents',
   'removed segment: still attached under its id, removed, contents', 'sem: id, key, mode, values', 'msg: id, key, mode, byte limit, count',
   'msg: messages by type, in order', "shm: the child's write is seen by the parent", "shm: the parent's write is seen by the child (both attaches)",
-  'removed segment: gone once detached',
+  'removed segment: gone once detached', "sem: the child's exit undid its SEM_UNDO adjustments",
 ];
 const ids = (kind: string) => fs.readFileSync(`/proc/sysvipc/${kind}`, 'utf8').split('\n').slice(1).filter((l) => l.trim()).map((l) => l.trim().split(/\s+/)).map((f) => ({ key: Number(f[0]), id: Number(f[1]) }));
 
@@ -56,10 +56,10 @@ for (const kind of ['shm', 'msg'] as const) {
   });
 }
 
-t.test('a process with SEM_UNDO adjustments is refused by name, the semaphore as it was', async (t) => {
+t.test('a process whose SEM_UNDO adjustments cannot be followed is refused by name, the semaphore as it was', async (t) => {
   const r = supervise([fixture('sysvipc'), 'refuse-undo']);
-  t.match(r.stdout, /^ok a process with a SEM_UNDO adjustment is refused$/m);
-  t.match(r.stderr, /EOPNOTSUPP: checkpoint:sysvipc: task \d+: semop with SEM_UNDO on semaphore set \d+ \(undo adjustments are not visible in \/proc: not kept\)/);
+  t.match(r.stdout, /^ok a process whose undo adjustments are not known is refused$/m);
+  t.match(r.stderr, /EOPNOTSUPP: checkpoint:sysvipc: task \d+: semop with SEM_UNDO on semaphore set \d+ whose operations could not be read \(its undo adjustments are not known\)/);
   t.match(r.stdout, /SEMUNDO OK/);
   t.equal(r.status, 0);
 });

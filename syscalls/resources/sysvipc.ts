@@ -40,8 +40,9 @@ import { CkptError, errno, errnoName } from '../../lib/errors.js';
 import { sys, errnoNow, addressOf } from '../../lib/libc.js';
 import type { MapEntry } from '../../lib/proc.js';
 import type { Tracer } from '../../supervisor/tracer.js';
-import { Remote } from '../../supervisor/remote.js';
+import { Remote, CallBatch } from '../../supervisor/remote.js';
 import type { SyscallCtx } from '../context.js';
+import { getRegs } from '../../lib/ptrace.js';
 import type { ShmCapture, ShmRestore } from './shm.js';
 import type { VmaState } from './memory.js';
 import type { Creds } from './process.js';
@@ -116,6 +117,15 @@ export const sysvIpcSchema = z.strictObject({
 const sameSysv: Same<z.infer<typeof sysvIpcSchema>, SysvIpcState> = true;
 void sameSysv;
 
+/** A process's undo adjustments of one set: [semaphore, semadj] pairs (what its exit will add to each value). */
+export interface SemUndo {
+  id: number;
+  adj: [number, number][];
+}
+export const semUndoSchema = z.array(z.strictObject({ id: ipcId, adj: z.array(z.tuple([int(0, 31999), int(-32768, 32767)])).min(1).max(32000) })).max(32000);
+const sameUndo: Same<z.infer<typeof semUndoSchema>, SemUndo[]> = true;
+void sameUndo;
+
 const hexKey = (k: number) => '0x' + (k >>> 0).toString(16).padStart(8, '0');
 const unsupported = (pid: number, what: string) => new CkptError(errno('EOPNOTSUPP'), 'checkpoint:sysvipc', `task ${pid}: ${what}`);
 
@@ -123,7 +133,7 @@ const unsupported = (pid: number, what: string) => new CkptError(errno('EOPNOTSU
 
 function notesOf(tracer: Tracer, tgid: number) {
   let n = tracer.sysvUsed.get(tgid);
-  if (!n) tracer.sysvUsed.set(tgid, (n = { used: new Set(), undo: new Set() }));
+  if (!n) tracer.sysvUsed.set(tgid, (n = { used: new Set(), undo: new Map() }));
   return n;
 }
 const arg32 = (v: bigint) => Number(BigInt.asIntN(32, v));
@@ -135,20 +145,75 @@ const noteKey = (kind: 'sem' | 'msg') => (ctx: SyscallCtx) => {
   const key = arg32(ctx.args[0]);
   if (key !== 0) notesOf(ctx.tracer, ctx.caller.tgid).used.add(`${kind}key:${key}`);
 };
-/** semop/semtimedop(id, sops, nsops): the id, and whether any operation asks for SEM_UNDO. */
-function noteSemop(ctx: SyscallCtx): void {
+/**
+ * semop/semtimedop(id, sops, nsops): the id and, when any operation asks
+ * for SEM_UNDO, the adjustments it makes (semadj -= sem_op), applied to
+ * the process's record if the call succeeds: it runs to its exit stop.
+ */
+function noteSemop(ctx: SyscallCtx): boolean {
   noteId('sem')(ctx);
   const id = arg32(ctx.args[0]);
-  const n = Math.min(Number(ctx.args[2] & 0xffffn), 4096);
-  if (id < 0 || n <= 0) return;
+  const n = Number(ctx.args[2] & 0xffffn);
+  if (id < 0 || n <= 0 || n > 4096) return false; // EINVAL or E2BIG: nothing done
   const buf = Buffer.alloc(6 * n);
-  // Unreadable (a bad pointer: the call fails with EFAULT): assume it asked for undo.
-  const ok = sys.vmRead(ctx.caller.tid, buf, ctx.args[1]) === buf.length;
+  if (sys.vmRead(ctx.caller.tid, buf, ctx.args[1]) !== buf.length) {
+    // Unreadable here (it may still be readable to the call): cannot follow it.
+    (notesOf(ctx.tracer, ctx.caller.tgid).unknown ??= new Set()).add(id);
+    return false;
+  }
+  const deltas = new Map<number, number>();
   for (let i = 0; i < n; i++) {
-    if (!ok || buf.readUInt16LE(i * 6 + 4) & SEM_UNDO) {
-      notesOf(ctx.tracer, ctx.caller.tgid).undo.add(id);
-      return;
+    if (!(buf.readUInt16LE(i * 6 + 4) & SEM_UNDO)) continue;
+    const num = buf.readUInt16LE(i * 6);
+    deltas.set(num, (deltas.get(num) ?? 0) - buf.readInt16LE(i * 6 + 2));
+  }
+  if (![...deltas.values()].some((d) => d !== 0)) return false;
+  const { tracer, caller } = ctx;
+  caller.atSyscallExit = () => {
+    if (!succeeded(caller.tid, [SYS_semop, SYS_semtimedop])) return;
+    const undo = notesOf(tracer, caller.tgid).undo;
+    let m = undo.get(id);
+    if (!m) undo.set(id, (m = new Map()));
+    for (const [num, d] of deltas) {
+      const v = (m.get(num) ?? 0) + d;
+      if (v) m.set(num, v);
+      else m.delete(num);
     }
+    if (!m.size) undo.delete(id);
+  };
+  return true;
+}
+
+/** Did the call the task is at the exit of (one of `nrs`) succeed? */
+function succeeded(tid: number, nrs: number[]): boolean {
+  try {
+    const regs = getRegs(tid);
+    return nrs.includes(Number(regs.getSigned('orig_rax'))) && regs.getSigned('rax') >= 0n;
+  } catch {
+    return false;
+  }
+}
+
+const SETVAL = 16;
+/** semctl SETVAL, SETALL, IPC_RMID clear the set's adjustments in every process (the kernel's rule): followed at its exit. */
+function noteSemctl(ctx: SyscallCtx): boolean {
+  noteId('sem')(ctx);
+  const id = arg32(ctx.args[0]), num = arg32(ctx.args[1]), cmd = arg32(ctx.args[2]) & ~0x100; // IPC_64
+  if (cmd !== SETVAL && cmd !== SETALL && cmd !== IPC_RMID) return false;
+  const { tracer, caller } = ctx;
+  caller.atSyscallExit = () => {
+    if (succeeded(caller.tid, [SYS_semctl])) clearAdjustments(tracer, id, cmd === SETVAL ? num : undefined);
+  };
+  return true;
+}
+
+/** Every process's adjustments of set `id` (of its semaphore `num` only) are gone. */
+function clearAdjustments(tracer: Tracer, id: number, num?: number): void {
+  for (const n of tracer.sysvUsed.values()) {
+    const m = n.undo.get(id);
+    if (!m) continue;
+    if (num !== undefined) m.delete(num);
+    if (num === undefined || !m.size) n.undo.delete(id);
   }
 }
 
@@ -157,7 +222,7 @@ export const NOTED_SYSV: Record<number, (ctx: SyscallCtx) => void> = {
   [SYS_semget]: noteKey('sem'),
   [SYS_semop]: noteSemop,
   [SYS_semtimedop]: noteSemop,
-  [SYS_semctl]: noteId('sem'),
+  [SYS_semctl]: noteSemctl,
   [SYS_msgget]: noteKey('msg'),
   [SYS_msgsnd]: noteId('msg'),
   [SYS_msgrcv]: noteId('msg'),
@@ -264,7 +329,7 @@ export function captureSysv(tracer: Tracer, procs: number[], maps: MapEntry[][],
   for (const pid of procs) {
     const n = tracer.sysvUsed.get(pid);
     if (!n) continue;
-    if (n.undo.size) throw unsupported(pid, `semop with SEM_UNDO on semaphore set ${[...n.undo].join(', ')} (undo adjustments are not visible in /proc: not kept)`);
+    if (n.unknown?.size) throw unsupported(pid, `semop on semaphore set ${[...n.unknown].join(', ')} whose operations could not be read (whether it made SEM_UNDO adjustments is not known)`);
     for (const u of n.used) used.add(u);
   }
   if (!attached.size && !used.size) return undefined;
@@ -298,6 +363,52 @@ export function captureSysv(tracer: Tracer, procs: number[], maps: MapEntry[][],
     return state.shm.length || state.sem.length || state.msg.length ? state : undefined;
   });
 }
+
+/** Process `pid`'s undo adjustments of the sets the capture keeps (undefined: none). */
+export function semUndoOf(tracer: Tracer, pid: number, s: SysvIpcState | undefined): SemUndo[] | undefined {
+  const undo = tracer.sysvUsed.get(pid)?.undo;
+  if (!undo?.size || !s) return undefined;
+  const out: SemUndo[] = [];
+  for (const set of s.sem) {
+    const m = undo.get(set.id);
+    if (m?.size) out.push({ id: set.id, adj: [...m].filter(([num]) => num < set.values.length).sort((a, b) => a[0] - b[0]) });
+  }
+  return out.length ? out : undefined;
+}
+
+/**
+ * Each process's undo adjustments made again, by the process itself: for
+ * each one, one semop of two operations on the semaphore, the one with
+ * SEM_UNDO (sem_op = -semadj) and its opposite without, the raising one
+ * first, so the value is unchanged and never negative. The sets must have
+ * no adjustments yet (new, or just given their values with SETALL).
+ */
+function restoreUndo(tracer: Tracer, procs: UndoHolder[]): void {
+  for (const p of procs) {
+    const n = notesOf(tracer, p.tgid);
+    n.undo = new Map();
+    if (!p.undo?.length) continue;
+    const b = new CallBatch(p.r);
+    for (const u of p.undo) {
+      const ops = Buffer.alloc(12 * u.adj.length);
+      u.adj.forEach(([num, a], i) => {
+        const withUndo = { op: -a, flg: SEM_UNDO }, plain = { op: a, flg: 0 };
+        [a < 0 ? withUndo : plain, a < 0 ? plain : withUndo].forEach((o, j) => {
+          ops.writeUInt16LE(num, 12 * i + 6 * j);
+          ops.writeInt16LE(o.op, 12 * i + 6 * j + 2);
+          ops.writeInt16LE(o.flg | IPC_NOWAIT, 12 * i + 6 * j + 4);
+        });
+      });
+      b.add(`restart:sysvipc task ${p.tgid}: semop (its SEM_UNDO adjustments of set ${u.id})`, SYS_semop, u.id, b.put(ops), 2 * u.adj.length);
+      n.undo.set(u.id, new Map(u.adj));
+      n.used.add(`sem:${u.id}`);
+    }
+    b.run();
+  }
+}
+
+/** A process that may hold undo adjustments: its host pid, a Remote into it, the checkpoint's adjustments. */
+export interface UndoHolder { tgid: number; r: Remote; undo?: SemUndo[] }
 
 /**
  * A husk holds every segment its process had attached: undo those
@@ -465,12 +576,13 @@ export class SysvRestore {
     }
   }
 
-  /** The segments' bytes, from the staged shared objects (image or checkpoint). */
-  fill(shm: ShmRestore): void {
+  /** The segments' bytes, from the staged shared objects (image or checkpoint); each process's undo adjustments. */
+  fill(shm: ShmRestore, tracer: Tracer, procs: UndoHolder[]): void {
     const fresh = new Set(this.made.filter((m) => m.kind === 'shm').map((m) => m.id));
     inIpcNs(this.nsPid, 'restart:sysvipc', () => {
       for (const seg of this.s.shm) fillSeg(seg, shm, !fresh.has(seg.id));
     });
+    restoreUndo(tracer, procs);
   }
 
   /** Everything attached again: segments removed at the checkpoint are removed again; the tree's processes noted as users. */
@@ -549,8 +661,13 @@ export class SysvRollback {
   private restore?: SysvRestore;
   constructor(private readonly s: SysvIpcState, private readonly nsPid: number, private readonly live: Set<string>, private readonly extra: { kind: Kind; id: number }[]) {}
 
-  /** After the checks, once the checkpoint's shared objects are staged in `shm`. */
-  apply(shm: ShmRestore): void {
+  /**
+   * After the checks, once the checkpoint's shared objects are staged in
+   * `shm` and the processes born since are gone (their exit applied their
+   * own adjustments): `procs`, every process of the tree.
+   */
+  apply(shm: ShmRestore, tracer: Tracer, procs: UndoHolder[]): void {
+    for (const o of this.s.sem) clearAdjustments(tracer, o.id); // SETALL (or a new set) clears them in the kernel
     inIpcNs(this.nsPid, 'restart:sysvipc', () => {
       for (const x of this.extra) remove(x.kind, x.id);
       for (const o of this.s.shm) if (this.live.has(`shm:${o.id}`)) ipcSet('shm', o.id, o);
@@ -568,7 +685,7 @@ export class SysvRollback {
     const gone = (kind: Kind) => this.s[kind].filter((o) => !this.live.has(`${kind}:${o.id}`));
     const r = (this.restore = new SysvRestore(this.s, this.nsPid));
     inIpcNs(this.nsPid, 'restart:sysvipc', () => r.makeAll(gone('shm') as SysvShmSeg[], gone('sem') as SysvSemSet[], gone('msg') as SysvMsgQueue[]));
-    r.fill(shm); // every segment's bytes: the live ones cleared first
+    r.fill(shm, tracer, procs); // every segment's bytes (the live ones cleared first), the adjustments
   }
 
   finish(tracer: Tracer, pids: number[]): void {
