@@ -32,7 +32,7 @@ import { captureIds, captureMm, parseCreds } from './resources/process.js';
 import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resources/attrs.js';
 import { captureSeccomp, SeccompSuspension } from './resources/seccomp.js';
 import { captureTimers, listTimers } from './resources/timers.js';
-import { captureSysv, semUndoOf, detachInHusk, dropWithSubtree } from './resources/sysvipc.js';
+import { captureSysv, semUndoOf, settleSyscallExits, detachInHusk, dropWithSubtree } from './resources/sysvipc.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -85,6 +85,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
   const rs: Remote[] = [];
   const seccomp = new SeccompSuspension();
   try {
+    settleSyscallExits(tracer, procs); // a SEM_UNDO semop caught at its exit stop: its adjustments noted now
     // Registers and pending signals first, before any injected syscall
     // touches them (a task resumed for one may take a signal on its way back).
     const threads = procs.map((pid) => listTids(pid).map((tid) => captureThread(tid, tid === caller.tid, undefined, tid !== caller.tid && tracer.tasks.get(tid)?.inFlight !== undefined)));

@@ -184,6 +184,22 @@ function noteSemop(ctx: SyscallCtx): boolean {
   return true;
 }
 
+/**
+ * A freeze may catch a task at the exit stop of a noted call before the
+ * loop has seen that stop: its result is taken in now (before any call is
+ * injected into it), so that the capture has it. Run first in every stop.
+ */
+export function settleSyscallExits(tracer: Tracer, procs: number[]): void {
+  for (const pid of procs) {
+    for (const t of tracer.threadsOf(pid)) {
+      const then = t.atSyscallExit;
+      if (!then || !(t.parked?.kind === 'stopped' && t.parked.syscallStop)) continue;
+      t.atSyscallExit = undefined;
+      then();
+    }
+  }
+}
+
 /** Did the call the task is at the exit of (one of `nrs`) succeed? */
 function succeeded(tid: number, nrs: number[]): boolean {
   try {
@@ -612,6 +628,8 @@ export class SysvRestore {
    * owner, mode, values, messages and bytes.
    */
   static checkRollback(tracer: Tracer, s: SysvIpcState | undefined, procs: number[]): SysvRollback | undefined {
+    settleSyscallExits(tracer, procs);
+    for (const pid of procs) for (const t of tracer.threadsOf(pid)) t.atSyscallExit = undefined; // their registers go back to the checkpoint's
     const now = captureUsed(tracer, procs);
     if (!s && !now.size) return undefined;
     const st = s ?? { shm: [], sem: [], msg: [] };
