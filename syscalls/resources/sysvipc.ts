@@ -715,14 +715,26 @@ export class SysvRollback {
  * CKPT_KILL: the subtree's objects go with it (while it is still frozen,
  * before it is killed), as its pids do, so that a restart finds their ids,
  * keys and names free: SysV objects and named POSIX message queues would
- * otherwise outlive their processes.
+ * otherwise outlive their processes. Only those a process of the subtree
+ * could remove itself (its euid the object's owner or creator, or 0): an
+ * object of someone else's it merely used stays (and a restart of the image
+ * is EBUSY while it does).
  */
-export function dropWithSubtree(tree: { sysvipc?: SysvIpcState; files: { descs: { kind: string; mq?: { name: string; deleted?: boolean } }[] } }, root: number): void {
+export function dropWithSubtree(tree: { sysvipc?: SysvIpcState; processes: { creds: Creds }[]; files: { descs: { kind: string; mq?: { name: string; deleted?: boolean; uid: number } }[] } }, root: number): void {
   const s = tree.sysvipc;
-  const queues = tree.files.descs.flatMap((d) => (d.kind === 'mqueue' && d.mq && !d.mq.deleted ? [d.mq.name] : []));
+  const euids = new Set(tree.processes.map((p) => p.creds.uid[1]));
+  const may = (...owners: number[]) => euids.has(0) || owners.some((u) => euids.has(u));
+  const queues = tree.files.descs.flatMap((d) => (d.kind === 'mqueue' && d.mq && !d.mq.deleted && may(d.mq.uid) ? [d.mq.name] : []));
   if (!s && !queues.length) return;
   inIpcNs(root, 'checkpoint:sysvipc', () => {
-    for (const kind of ['shm', 'sem', 'msg'] as const) for (const o of s?.[kind] ?? []) remove(kind, o.id);
+    for (const kind of ['shm', 'sem', 'msg'] as const) {
+      if (!s?.[kind].length) continue;
+      const rows = new Map(table(kind).map((r) => [r.id, r]));
+      for (const o of s[kind]) {
+        const r = rows.get(o.id);
+        if (r && may(r.uid, r.cuid)) remove(kind, o.id);
+      }
+    }
     unlinkQueues(queues);
   });
 }
