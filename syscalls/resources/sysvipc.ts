@@ -301,8 +301,8 @@ function semValues(id: number, nsems: number): number[] {
 const msgMax = () => Number(fs.readFileSync('/proc/sys/kernel/msgmax', 'utf8'));
 
 /** A queue's messages, in order, read without taking them (MSG_COPY: the n-th message). */
-function msgMessages(id: number, qnum: number): { type: number; data: string }[] {
-  const max = msgMax();
+function msgMessages(id: number, qnum: number, cbytes: number): { type: number; data: string }[] {
+  const max = Math.max(1, Math.min(msgMax(), cbytes)); // no message is larger than the queue's bytes
   const buf = Buffer.alloc(8 + max);
   const out: { type: number; data: string }[] = [];
   for (let i = 0; i < qnum; i++) {
@@ -374,7 +374,7 @@ export function captureSysv(tracer: Tracer, procs: number[], maps: MapEntry[][],
     }
     const pick = (rows: Row[], kind: 'sem' | 'msg') => rows.filter((r) => used.has(`${kind}:${r.id}`) || (r.key !== 0 && used.has(`${kind}key:${r.key}`)));
     for (const r of pick(table('sem'), 'sem')) state.sem.push({ key: r.key, id: r.id, uid: r.uid, gid: r.gid, mode: r.perms & 0o777, values: semValues(r.id, r.nsems) });
-    for (const r of pick(table('msg'), 'msg')) state.msg.push({ key: r.key, id: r.id, uid: r.uid, gid: r.gid, mode: r.perms & 0o777, qbytes: msgQbytes(r.id), messages: msgMessages(r.id, r.qnum) });
+    for (const r of pick(table('msg'), 'msg')) state.msg.push({ key: r.key, id: r.id, uid: r.uid, gid: r.gid, mode: r.perms & 0o777, qbytes: msgQbytes(r.id), messages: msgMessages(r.id, r.qnum, r.cbytes) });
     // The contents are copied with the other shared memory (ShmCapture.copy).
     return state.shm.length || state.sem.length || state.msg.length ? state : undefined;
   });
@@ -493,9 +493,8 @@ function setSem(s: SysvSemSet): void {
 
 /** A queue's messages: any it has now are taken first (rollback), then the checkpoint's are sent in order. */
 function setMsgs(q: SysvMsgQueue): void {
-  const max = msgMax();
-  const buf = Buffer.alloc(8 + max);
-  while (sys.syscall(SYS_msgrcv, q.id, addressOf(buf), max, 0, IPC_NOWAIT | 0o10000 /* MSG_NOERROR */) >= 0);
+  const buf = Buffer.alloc(8 + 64);
+  while (sys.syscall(SYS_msgrcv, q.id, addressOf(buf), 64, 0, IPC_NOWAIT | 0o10000 /* MSG_NOERROR: what is dropped may be cut */) >= 0);
   for (const m of q.messages) {
     const data = Buffer.from(m.data, 'base64');
     const b = Buffer.alloc(8 + data.length);
