@@ -23,6 +23,13 @@ for (const mode of ['restart', 'undo'] as const) {
   });
 }
 
+t.test('shared memory rolled back in a process of another uid: it may not take the supervisor\'s memfd, which is handed over a socket', async (t) => {
+  const r = supervise(['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups', fixture('shmfast'), 'undo']);
+  t.match(r.stdout, /spoiled, rolling back/);
+  t.match(r.stdout, /SHMFAST OK/, r.stdout + r.stderr);
+  t.equal(r.status, 0);
+});
+
 t.test('a locked SysV shm segment is refused at once, named by key and id, the program unharmed', async (t) => {
   const r = supervise([fixture('sysvshm')]);
   const seg = /segment key=(0x[0-9a-f]+) id=(\d+)/.exec(r.stdout);

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, SYS, errnoNow } from '../../lib/libc.js';
 import type { MapEntry } from '../../lib/proc.js';
-import type { Remote } from '../../supervisor/remote.js';
+import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { viewPid } from '../../supervisor/pidns.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { openIn } from './memory.js';
@@ -236,10 +236,18 @@ export class ShmRestore {
     const mine = this.fds.get(key);
     if (mine === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
     this.sealOnce(key);
-    if (viewPid(r.task.tgid, process.pid)) return r.takeFd(process.pid, mine, minFd);
-    // In a pid namespace that cannot name the supervisor: open the same
-    // object again through its /proc entry (procfs as mounted here is ours).
-    return r.raise(openIn(r, `/proc/${process.pid}/fd/${mine}`, O_RDWR | O_CLOEXEC, 'restart:shm'), minFd);
+    try {
+      if (viewPid(r.task.tgid, process.pid)) return r.takeFd(process.pid, mine, minFd);
+      // In a pid namespace that cannot name the supervisor: open the same
+      // object again through its /proc entry (procfs as mounted here is ours).
+      return r.raise(openIn(r, `/proc/${process.pid}/fd/${mine}`, O_RDWR | O_CLOEXEC, 'restart:shm'), minFd);
+    } catch (e) {
+      // A tracee that may not ptrace the supervisor (a live process of
+      // another uid, rolled back; a restart by such a caller) cannot take
+      // it: the supervisor hands it over a socket instead.
+      if (!(e instanceof CkptError) || e.errno !== errno('EPERM')) throw e;
+      return pushFd(r, mine, minFd);
+    }
   }
   /**
    * A memfd's seals, once its contents are written and before it is first
@@ -280,3 +288,60 @@ export class ShmRestore {
 }
 
 import { addressOf as sysAddr } from '../../lib/libc.js';
+
+const SYS_socketpair = 53, SYS_sendmsg = 46, SYS_recvmsg = 47, AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, MSG_CMSG_CLOEXEC = 0x40000000;
+const SOL_SOCKET = 1, SCM_RIGHTS = 1;
+
+/**
+ * The supervisor's descriptor `fd` as a descriptor of tracee `r` (>= min),
+ * passed in an SCM_RIGHTS message: the tracee makes a socket pair, the
+ * supervisor takes one end (it may take from any tracee) and sends on it,
+ * the tracee receives on the other.
+ */
+function pushFd(r: Remote, fd: number, min: number): bigint {
+  const b = new CallBatch(r);
+  const sv = Buffer.alloc(8);
+  const at = b.put(sv);
+  b.add('restart:shm socketpair', SYS_socketpair, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, at);
+  b.run();
+  const pair = r.mem.read(at, 8);
+  const [mine, theirs] = [pair.readInt32LE(0), pair.readInt32LE(4)];
+  try {
+    const end = sys.takeFd(r.task.tgid, theirs);
+    if (end < 0) throw new CkptError(errnoNow(), 'restart:shm', `task ${r.task.tid}: cannot take its socket`);
+    try {
+      const data = Buffer.from([0]);
+      const iov = Buffer.alloc(16), cmsg = Buffer.alloc(24), msg = Buffer.alloc(56);
+      iov.writeBigUInt64LE(sysAddr(data), 0);
+      iov.writeBigUInt64LE(1n, 8);
+      cmsg.writeBigUInt64LE(20n, 0); // CMSG_LEN(sizeof(int))
+      cmsg.writeInt32LE(SOL_SOCKET, 8);
+      cmsg.writeInt32LE(SCM_RIGHTS, 12);
+      cmsg.writeInt32LE(fd, 16);
+      msg.writeBigUInt64LE(sysAddr(iov), 16);
+      msg.writeBigUInt64LE(1n, 24);
+      msg.writeBigUInt64LE(sysAddr(cmsg), 32);
+      msg.writeBigUInt64LE(24n, 40);
+      if (sys.syscall(SYS_sendmsg, end, sysAddr(msg), 0) < 0) throw new CkptError(errnoNow(), 'restart:shm', `task ${r.task.tid}: cannot send it a descriptor`);
+    } finally {
+      fs.closeSync(end);
+    }
+    // The receiving side, laid out in the tracee: msghdr, iovec, one byte, the control message.
+    const rb = new CallBatch(r);
+    const blob = Buffer.alloc(104);
+    const base = rb.put(blob);
+    blob.writeBigUInt64LE(base + 56n, 16); // msg_iov
+    blob.writeBigUInt64LE(1n, 24);
+    blob.writeBigUInt64LE(base + 80n, 32); // msg_control
+    blob.writeBigUInt64LE(24n, 40);
+    blob.writeBigUInt64LE(base + 72n, 56); // iov_base
+    blob.writeBigUInt64LE(1n, 64);
+    rb.add('restart:shm recvmsg', SYS_recvmsg, mine, base, MSG_CMSG_CLOEXEC);
+    rb.run();
+    const got = r.mem.read(base + 80n, 24);
+    if (got.readInt32LE(8) !== SOL_SOCKET || got.readInt32LE(12) !== SCM_RIGHTS) throw new CkptError(errno('EIO'), 'restart:shm', `task ${r.task.tid}: no descriptor came`);
+    return r.raise(BigInt(got.readInt32LE(16)), min);
+  } finally {
+    r.batch([[SYS.close, mine], [SYS.close, theirs]]);
+  }
+}
