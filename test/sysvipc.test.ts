@@ -56,6 +56,24 @@ for (const kind of ['shm', 'msg'] as const) {
   });
 }
 
+t.test('restart: a SysV semaphore id taken meanwhile (under another key) is EBUSY', async (t) => {
+  const img = path.join(dir, 'busy-id.img');
+  const first = supervise([fixture('sysvipc'), img]);
+  t.equal(first.status, 137, 'CKPT_KILL');
+  const m = /sem key=(0x[0-9a-f]+) id=(\d+)/.exec(first.stdout);
+  t.ok(m, 'the set was made');
+  if (!m) return;
+  const other = '0x7e7e' + m[1].slice(-4);
+  fs.writeFileSync('/proc/sys/kernel/sem_next_id', m[2]); // the next set gets that id
+  const took = supervise([fixture('sysvipc'), 'take', 'sem', other]);
+  t.match(took.stdout, new RegExp(`^took sem key=${other} id=${m[2]}$`, 'm'), 'another program holds the id');
+  const r = supervise([...CKPT, 'restart', '-i', img]);
+  t.not(r.status, 0, 'the restart fails');
+  t.match(r.stderr, new RegExp(`restart: EBUSY: restart:sysvipc: SysV sem id ${m[2]} key ${m[1]}: the id is in use \\(key ${other}\\)`), 'EBUSY naming the object and who holds the id');
+  supervise([fixture('sysvipc'), 'drop', 'sem', other]);
+  t.match(supervise([...CKPT, 'restart', '-i', img]).stdout, /SYSVIPC OK/, 'once the id is free again, the same image restarts');
+});
+
 t.test('a process whose SEM_UNDO adjustments cannot be followed is refused by name, the semaphore as it was', async (t) => {
   const r = supervise([fixture('sysvipc'), 'refuse-undo']);
   t.match(r.stdout, /^ok a process whose undo adjustments are not known is refused$/m);
