@@ -56,6 +56,13 @@ for (const kind of ['shm', 'msg'] as const) {
   });
 }
 
+t.test('rollback: SysV segments destroyed since the checkpoint come back under their ids (one removed while attached, one with its key)', async (t) => {
+  const r = supervise([fixture('sysvipc'), 'gone']);
+  for (const c of ['gone: both segments destroyed', 'gone: the removed segment is back under its id, removed, attached, its bytes', 'gone: the keyed segment is back under its id and key', 'gone: still attached read-only']) t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+  t.match(r.stdout, /GONE OK/, r.stdout + r.stderr);
+  t.equal(r.status, 0);
+});
+
 t.test('restart: a SysV semaphore id taken meanwhile (under another key) is EBUSY', async (t) => {
   const img = path.join(dir, 'busy-id.img');
   const first = supervise([fixture('sysvipc'), img]);
