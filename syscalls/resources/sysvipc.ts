@@ -13,9 +13,15 @@
  *   Tracer.sysvUsed). Restored objects are noted for every restored process.
  * An object made with IPC_PRIVATE and never used yet is not seen.
  *
- * Semaphore undo lists (SEM_UNDO) are not visible in /proc: a process that
- * ever did a SEM_UNDO semop (noted at the trap, from its sembuf array) is
- * refused by name.
+ * Semaphore undo lists (SEM_UNDO) are not visible in /proc, so the
+ * supervisor follows them: a semop asking for SEM_UNDO (seen at the trap,
+ * from its sembuf array) runs to its exit stop, and if it succeeded its
+ * adjustments are added to the process's record; semctl SETVAL, SETALL and
+ * IPC_RMID clear them (in every process, as the kernel does); exit drops
+ * them, fork starts empty. They are made again in each restored or
+ * rolled-back process by paired semops (restoreUndo). Adjustments cleared
+ * by a process outside the tree (its SETVAL) are not seen. A semop whose
+ * operations cannot be read is refused by name.
  *
  * Capture runs during the stop, from /proc/sysvipc/* and calls the
  * supervisor makes itself (semctl GETALL, msgrcv MSG_COPY|IPC_NOWAIT, which
@@ -33,7 +39,11 @@
  * creator stays the supervisor, cuid/cgid are not kept), contents, values,
  * messages. Each process attaches its segments again at their addresses
  * (memory.ts, shmat SHM_REMAP). A segment removed (IPC_RMID) while attached
- * is removed again once every process has attached it.
+ * is removed again once every process has attached it. An id or key
+ * taken at restart is EBUSY (nothing made is left behind). With CKPT_KILL
+ * the objects go with the subtree (dropWithSubtree). Not kept: SHM_LOCK,
+ * SHM_HUGETLB, an attach only in part (partial munmap, mremap): refused by
+ * name; cuid/cgid, shm_lpid/sempid/lspid/lrpid and the time stamps.
  */
 import fs from 'node:fs';
 import { CkptError, errno, errnoName } from '../../lib/errors.js';
