@@ -15,7 +15,9 @@
  * made a filter (syscalls/strict.ts). And alarm
  * and setitimer (set once, or now and then, by the programs that use
  * interval timers), so that only the processes that ever armed one have
- * them read during a stop.
+ * them read during a stop. And the SysV semaphore and message queue calls,
+ * so that a checkpoint knows which of those objects its tree uses and who
+ * holds semaphore undo adjustments (syscalls/resources/sysvipc.ts).
  */
 const BPF_LD_W_ABS = 0x20;
 const BPF_JEQ_K = 0x15;
@@ -38,6 +40,8 @@ export type Insn = [code: number, jt: number, jf: number, k: number];
 export const MADV_VM_STATE = [1 /* RANDOM */, 2 /* SEQUENTIAL */, 12 /* MERGEABLE */, 14 /* HUGEPAGE */, 15 /* NOHUGEPAGE */, 16 /* DONTDUMP */, 102 /* GUARD_INSTALL */, 103 /* GUARD_REMOVE */];
 /** mlock, mlockall, munlockall, mlock2: always trapped (rare, and a fork does not pass the locks on). */
 export const SYS_LOCKS = [149, 151, 152, 325];
+/** semget, semop, semctl, msgget, msgsnd, msgrcv, msgctl, semtimedop: noted (which objects a tree uses; SEM_UNDO). */
+export const SYS_SYSV = [64, 65, 66, 68, 69, 70, 71, 220];
 
 /** A jump to a label (TRACE, ALLOW, RANGE: the ckpt numbers' check, next, or one of the program's), or a label. */
 type Step = Insn | ['JEQ', number, string, string] | ['LABEL', string];
@@ -52,7 +56,7 @@ export function buildTrapFilter(first: number, last: number): Buffer {
     [BPF_LD_W_ABS, 0, 0, DATA_ARCH],
     ['JEQ', AUDIT_ARCH_X86_64, 'next', 'ALLOW'], // other arch -> allow
     [BPF_LD_W_ABS, 0, 0, DATA_NR],
-    ...anyOf([...SYS_LOCKS, SYS_alarm, SYS_setitimer], 'TRACE', 'next'),
+    ...anyOf([...SYS_LOCKS, ...SYS_SYSV, SYS_alarm, SYS_setitimer], 'TRACE', 'next'),
     ['JEQ', SYS_seccomp, 'next', 'PRCTL'],
     [BPF_LD_W_ABS, 0, 0, DATA_ARG0], // the operation
     ['JEQ', SECCOMP_SET_MODE_STRICT, 'TRACE', 'ALLOW'],

@@ -13,6 +13,7 @@ export interface ImageDescription {
   zombies: TreeState['zombies'];
   files: TreeState['files'];
   shm: TreeState['shm'];
+  sysvipc?: TreeState['sysvipc'];
   shmBytes: number;
   bytes: number;
 }
@@ -39,7 +40,7 @@ export function describeImage(fd: number): ImageDescription {
     } else if (rec.type === REC.PAGES && cur) cur.pageBytes += splitPages(rec.payload).data.length;
     else if (rec.type === REC.SHM) shmBytes += splitShm(rec.payload).data.length;
   }
-  return { header, processes, zombies: tree.zombies, files: tree.files, shm: tree.shm.map((o) => ({ ...o })), shmBytes, bytes: source.bytes };
+  return { header, processes, zombies: tree.zombies, files: tree.files, shm: tree.shm.map((o) => ({ ...o })), sysvipc: tree.sysvipc, shmBytes, bytes: source.bytes };
 }
 
 const size = (n: number) => (n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`);
@@ -66,11 +67,16 @@ export function formatDescription(d: ImageDescription): string {
     for (const f of p.files.fds) {
       out.push(`    fd ${f.fd}${f.cloexec ? ' (cloexec)' : ''}: ${'outside' in f ? "outside the tree (connected to the restarter's fd)" : describeDesc(d.files, f.desc)}`);
     }
+    for (const u of p.semUndo ?? []) out.push(`  SEM_UNDO adjustments of semaphore set ${u.id}: ${u.adj.map(([n, a]) => `#${n} ${a > 0 ? '+' : ''}${a}`).join(', ')}`);
     const sigs = Object.keys(p.signals);
     if (sigs.length) out.push(`  signal handlers: ${sigs.join(', ')}`);
   }
   for (const o of d.shm) out.push(o.key.startsWith('ghost:') ? `deleted file contents ${o.name}, ${size(o.size)}` : `shared memory object ${o.key} (${o.name}), ${size(o.size)}${o.mode !== undefined ? `, mode 0${o.mode.toString(8)}` : ''}${o.seals ? `, seals 0x${o.seals.toString(16)}` : ''}`);
   if (d.shm.length) out.push(`  ${size(d.shmBytes)} of shared memory and deleted file data`);
+  const owner = (o: { key: number; id: number; uid: number; gid: number; mode: number }) => `id ${o.id} key 0x${(o.key >>> 0).toString(16).padStart(8, '0')}, uid ${o.uid} gid ${o.gid} mode 0${o.mode.toString(8)}`;
+  for (const o of d.sysvipc?.shm ?? []) out.push(`SysV shm segment ${owner(o)}, ${size(o.size)}${o.removed ? ', removed (IPC_RMID) while attached' : ''}`);
+  for (const o of d.sysvipc?.sem ?? []) out.push(`SysV semaphore set ${owner(o)}, values ${o.values.join(' ')}`);
+  for (const o of d.sysvipc?.msg ?? []) out.push(`SysV message queue ${owner(o)}, ${o.messages.length} messages (types ${[...new Set(o.messages.map((m) => m.type))].join(', ') || '-'}), byte limit ${o.qbytes}`);
   for (const z of d.zombies) out.push(`zombie ${z.pid} (child of ${z.ppid}), wait status ${z.status}`);
   return out.join('\n') + '\n';
 }
@@ -110,6 +116,7 @@ function describeKind(files: TreeState['files'], id: number): string {
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;
   if (d.kind === 'net') return describeNetSock(d.net);
+  if (d.kind === 'mqueue') return `message queue /${d.mq.name}${d.mq.deleted ? ' (unlinked)' : ''} (maxmsg ${d.mq.maxmsg}, msgsize ${d.mq.msgsize}${d.mq.messages ? `, ${d.mq.messages.length} messages` : ''}) flags 0${d.flags.toString(8)}`;
   if (d.kind === 'deldir') return `deleted directory ${d.path} (made again empty) mode 0${d.mode.toString(8)}`;
   if (d.kind === 'tty') {
     if (d.side === 'hungup') return `hung-up pty slave (was /dev/pts/${d.pty}; its master closed)`;

@@ -274,9 +274,23 @@ export class Remote {
 
   /** Give this tracee fd `fd` of `pid` by SCM_RIGHTS from the supervisor (see takeFd). */
   private handOver(pid: number, fd: number, min: number): bigint {
-    const own = pid === process.pid;
-    const mine = own ? fd : sys.takeFd(pid, fd);
+    if (pid === process.pid) return this.receiveFd(fd, min);
+    const mine = sys.takeFd(pid, fd);
     if (mine < 0) throw new CkptError(errnoNow(), 'remote:fd', `task ${this.task.tid}: fd ${fd} of ${pid} cannot be taken`);
+    try {
+      return this.receiveFd(mine, min);
+    } finally {
+      fs.closeSync(mine);
+    }
+  }
+
+  /**
+   * The supervisor's descriptor `mine`, given to this tracee (numbered >=
+   * `min`) through a socket pair made in it: the supervisor takes one end
+   * (it may take from any tracee) and sends on it, the tracee receives on
+   * the other. Needs no right over the supervisor, nor a pid that names it.
+   */
+  receiveFd(mine: number, min = 0): bigint {
     const at = this.scratch();
     const ends: bigint[] = [];
     try {
@@ -288,7 +302,7 @@ export class Remote {
       const sent = sys.sendFd(sender, mine);
       const sendErr = errnoNow();
       fs.closeSync(sender);
-      if (sent < 0) throw new CkptError(sendErr, 'remote:fd sendmsg', `task ${this.task.tid}: fd ${fd} of ${pid}`);
+      if (sent < 0) throw new CkptError(sendErr, 'remote:fd sendmsg', `task ${this.task.tid}: cannot send it a descriptor`);
       // msghdr at +64 (iov at +128 -> one byte at +160, control at +192, CMSG_SPACE(4) = 24)
       const msg = Buffer.alloc(56);
       msg.writeBigUInt64LE(at + 128n, 16);
@@ -307,7 +321,6 @@ export class Remote {
       return this.raise(BigInt(cmsg.readInt32LE(16)), min);
     } finally {
       for (const e of ends) this.call(SYS.close, e);
-      if (!own) fs.closeSync(mine);
     }
   }
 

@@ -41,6 +41,8 @@ export interface Task {
    */
   vforkChild?: number;
   vforkParent?: number;
+  /** Run at its next syscall-exit stop (it was resumed with PTRACE_SYSCALL from a noted call's seccomp stop, to see the call's result). */
+  atSyscallExit?: () => void;
 }
 
 export type SeccompHandler = (tracer: Tracer, task: Task) => void;
@@ -94,6 +96,15 @@ export class Tracer {
    * a stop. Kept across exec (so are the timers), not inherited by fork.
    */
   readonly itimers = new Set<number>();
+  /**
+   * SysV semaphore sets and message queues each process used (ids passed to
+   * semop, semctl, msgsnd, msgrcv, msgctl; keys passed to semget, msgget:
+   * the filter traps them), inherited by fork; and its semaphore undo
+   * adjustments (semadj by set id and semaphore, which /proc does not show:
+   * followed from each SEM_UNDO semop that succeeded), not inherited. See
+   * syscalls/resources/sysvipc.ts.
+   */
+  readonly sysvUsed = new Map<number, { used: Set<string>; undo: Map<number, Map<number, number>>; unknown?: Set<number> }>();
   /** Injected runs so far (each a resume and a wait): what stop and restart times are made of. */
   roundTrips = 0;
   rootPid = 0;
@@ -172,6 +183,7 @@ export class Tracer {
       this.lockFuture.delete(ev.pid);
       this.prctlNoted.delete(ev.pid);
       this.itimers.delete(ev.pid);
+      this.sysvUsed.delete(ev.pid);
       this.execs.delete(ev.pid); // a later process with this pid starts again at 0
       if (this.exited.size >= this.exitedPruneAt) {
         for (const pid of this.exited) if (!fs.existsSync(`/proc/${pid}`)) this.exited.delete(pid);
@@ -215,6 +227,8 @@ export class Tracer {
     if (child.tgid !== task.tgid && this.forkAdvice.has(task.tgid)) this.forkAdvice.add(child.tgid);
     if (child.tgid !== task.tgid && this.vmAdvice.has(task.tgid)) this.vmAdvice.add(child.tgid);
     if (child.tgid !== task.tgid && this.prctlNoted.has(task.tgid)) this.prctlNoted.add(child.tgid);
+    const ipc = this.sysvUsed.get(task.tgid); // a child has no undo list of its own yet
+    if (child.tgid !== task.tgid && ipc) this.sysvUsed.set(child.tgid, { used: new Set(ipc.used), undo: new Map() });
     task.forkNoted = true;
     return pid;
   }
@@ -383,6 +397,11 @@ export class Tracer {
         else this.resume(task);
         return;
       default:
+        if (ev.syscallStop && task.atSyscallExit) {
+          const then = task.atSyscallExit;
+          task.atSyscallExit = undefined;
+          then();
+        }
         if (ev.syscallStop || (ev.signal === SIGTRAP && ev.event !== 0)) this.resume(task);
         else this.resume(task, ev.signal); // a real signal: deliver it
     }

@@ -35,6 +35,7 @@ import { captureIds, captureMm, parseCreds } from './resources/process.js';
 import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resources/attrs.js';
 import { captureSeccomp, SeccompSuspension } from './resources/seccomp.js';
 import { captureTimers, listTimers } from './resources/timers.js';
+import { captureSysv, semUndoOf, settleSyscallExits, detachInHusk, dropWithSubtree } from './resources/sysvipc.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -88,6 +89,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
   const seccomp = new SeccompSuspension();
   refuseSharedMm(procs);
   try {
+    settleSyscallExits(tracer, procs); // a SEM_UNDO semop caught at its exit stop: its adjustments noted now
     // Registers and pending signals first, before any injected syscall
     // touches them (a task resumed for one may take a signal on its way back).
     const threads = procs.map((pid) => listTids(pid).map((tid) => captureThread(tid, tid === caller.tid, undefined, tid !== caller.tid && tracer.tasks.get(tid)?.inFlight !== undefined)));
@@ -131,7 +133,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     procs.forEach((pid, i) => {
       if (tracer.forkAdvice.has(pid)) held.set(pid, copyUnforked(pid, maps[i], made.get(pid)!));
     });
-    const tree: TreeState = { root, processes, zombies, files: files.table, shm: shm.objects };
+    const tree: TreeState = { root, processes, zombies, files: files.table, shm: shm.objects, sysvipc: read!.sysvipc };
     const ns = toNamespace(tree);
     ph.mark('tree');
     const rekey = <V>(m: Map<number, V>) => new Map([...m].map(([k, v]) => [ns.toNs(k), v]));
@@ -173,8 +175,10 @@ function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sh
   for (const pid of procs) refuseFutureLocks(pid, tracer.lockFuture.has(pid));
   const maps = procs.map((pid, i) => checkMappings(pid, shm, statuses[i]));
   processes.forEach((p, i) => (p.aio = captureAio(procs[i], maps[i]))); // AIO rings are shared with the kernel: read now
+  const sysvipc = captureSysv(tracer, procs, maps, shm); // its segments' bytes are copied with the rest
+  processes.forEach((p, i) => (p.semUndo = semUndoOf(tracer, procs[i], sysvipc)));
   shm.copy(); // every shared mapping and descriptor checked: now the bytes
-  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps, timers: procs.map(listTimers) };
+  return { statuses, files, processes, zombies: findZombies(tracer, procs), maps, timers: procs.map(listTimers), sysvipc };
 }
 
 /**
@@ -356,6 +360,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         refuseOwnNamespaces(husk, c.hostOf(p.ids.pid), ours);
         finishHusk(tracer, husk, (r) => captureProcessWide(r, p, readStatus(husk), (tid) => tid)); // ids already as seen inside
         const mem = captureMemory(husk, undefined, c.hostOf(p.ids.pid)); // a refusal names the process, not its husk
+        detachInHusk(tracer, husk, mem.vmas); // described: the husk lets its SysV segments go
         const held = cap.held.get(p.ids.pid);
         p.memory = [...mem.vmas, ...(held?.vmas ?? [])].sort((a, b) => (BigInt(a.start) < BigInt(b.start) ? -1 : 1));
         addLocks(p.ids.pid, p.memory, cap.locks.get(p.ids.pid)); // the husk has none: seen in the process during the stop
@@ -390,6 +395,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         // killed, waits for every process of its namespace, husks too).
         destroyHusks(tracer, c.husks, c.hostOf);
         c.husks.clear();
+        dropWithSubtree(c.tree, pid); // its SysV objects go with it
         killSubtree(tracer, procs);
         return new InFlight({ kind: 'raw', fd: out, data: o.value.trailer! }, done);
       });
@@ -400,6 +406,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     if (track) sv.later(() => sv.store.track(c, cap.uffds));
     if (kill) {
       freeze.tasks.length = 0;
+      dropWithSubtree(c.tree, pid);
       killSubtree(tracer, procs); // DEFER|KILL: nothing to write, memory is kept
     }
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);

@@ -36,6 +36,7 @@ import { checkAttrs } from './resources/attrs.js';
 import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShells, copyFromHusk, allIds, type Shell } from './rebuild.js';
 import { usableCheckpoint, type MemCheckpoint } from './memckpt.js';
 import { rollback, treeAlive } from './rollback.js';
+import { SysvRestore } from './resources/sysvipc.js';
 
 export function restart(ctx: SyscallCtx): HandlerResult {
   const { tracer, caller } = ctx;
@@ -85,7 +86,9 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
   const made: number[] = [];
   const shm = new ShmRestore(tree.shm);
   const ttys = new TtyRestore(tree);
+  let ipc: SysvRestore | undefined;
   try {
+    ipc = SysvRestore.restore(tree.sysvipc, caller.tgid, callerCreds); // before any process: EPERM, EBUSY
     const done = new Set<number>();
     const opts = { ready: (p: ProcessState) => !inheritsMemory(p) || done.has(p.ids.ppid), onSession: (r: Remote, pid: number, live: boolean) => ttys.session(r, pid, live) };
     const callerRemote = new Remote(tracer, caller);
@@ -102,9 +105,12 @@ export function restoreTree(tracer: Tracer, caller: Task, tree: TreeState, fill:
     const zombies = makeZombies(tracer, tree, shells, made, () => false);
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z);
+    ipc?.fill(shm, tracer, [...shells.values()].map((sh) => ({ tgid: sh.task.tgid, r: sh.remote, undo: sh.state.semUndo })));
     restoreFiles({ remote: (pid) => shells.get(pid)!.remote, host: (pid) => shells.get(pid)!.task.tid, table: tree.files, perProc: new Map(tree.processes.map((p) => [p.ids.pid, p.files])), order: tree.processes.map((p) => p.ids.pid), shm, ttys });
     for (const sh of shells.values()) finishProcess(tracer, sh, setCreds.get(sh.state.ids.pid)!);
+    ipc?.finish(tracer, [...shells.values()].map((sh) => sh.task.tgid));
   } catch (e) {
+    ipc?.undo();
     for (const sh of shells.values()) sh.remote.mem.close();
     destroyShells(tracer, caller, made.length ? viewPid(caller.tgid, made[0]) : undefined, made.slice().reverse());
     throw e;

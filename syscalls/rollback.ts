@@ -37,6 +37,7 @@ import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
 import { tablesToRemake } from './resources/fdkinds.js';
+import { SysvRestore, type SysvRollback } from './resources/sysvipc.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
@@ -104,12 +105,14 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   }
   const callerInside = procs.includes(caller.tgid);
   let seccomp, ttys: TtyRestore;
+  let ipc: SysvRollback | undefined;
   try {
     checkLocksFree(tree.files, new Set(procs), tree.processes.map((p) => host(p.ids.pid)));
     ttys = new TtyRestore(tree, { host, kept: keptPids, all: procs }); // ptys still open are used again
     checkNetRights(tree.files.descs, firstHolder(tree.processes), (pid) => (keptPids.has(host(pid)) ? host(pid) : undefined));
     checkNetPortsFree(tree.files.descs, procs);
     checkNotifyPaths(tree.files.descs);
+    ipc = SysvRestore.checkRollback(tracer, tree.sysvipc, procs);
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {
     freeze.thaw();
@@ -146,6 +149,8 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     });
     setGroups(tracer, tree, shells, zombies);
     for (const { z, task } of zombies) makeZombie(tracer, task, z);
+    // SysV objects as at the checkpoint once the processes born since are gone, before any process attaches a segment again.
+    ipc?.apply(shm, tracer, [...shells.values()].map((sh) => ({ tgid: sh.task.tgid, r: sh.remote, undo: sh.state.semUndo })));
     ph.mark('processes');
     let copied = 0;
     const remapped = new Set<number>(); // processes with mappings the tracker does not cover yet
@@ -170,6 +175,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     });
     ph.mark('files');
     for (const sh of shells.values()) finishProcess(tracer, sh, false);
+    ipc?.finish(tracer, [...shells.values()].map((sh) => sh.task.tgid));
     ph.mark('threads');
     ctx.sv.store.rolledBack(c, remapped); // protect again what the copies wrote, before anything runs
     ph.mark('protect');
@@ -274,7 +280,7 @@ function splitByCurrent(current: MapEntry[], vmas: VmaState[]): { kept: Piece[];
 /** The part [start, end) of a VMA, as a VMA of its own (file offset moved along). */
 function pieceVma(p: Piece): VmaState {
   const hex = (x: bigint) => '0x' + x.toString(16);
-  const offset = p.v.kind === 'file' || p.v.kind === 'shm' ? hex(BigInt(p.v.offset!) + (p.start - vmaStart(p.v))) : p.v.offset;
+  const offset = p.v.kind === 'file' || p.v.kind === 'shm' || p.v.kind === 'sysv' ? hex(BigInt(p.v.offset!) + (p.start - vmaStart(p.v))) : p.v.offset;
   return { ...p.v, start: hex(p.start), end: hex(p.end), offset };
 }
 

@@ -18,6 +18,7 @@ import { threadSchema } from './resources/thread.js';
 import { shmObjectSchema } from './resources/shm.js';
 import { inheritIssue } from './resources/cowshare.js';
 import { sharedTableIssues } from './resources/fdkinds.js';
+import { sysvIpcSchema, semUndoSchema, type SysvIpcState, type SemUndo } from './resources/sysvipc.js';
 
 export interface ProcessState {
   ids: ProcessIds;
@@ -37,6 +38,8 @@ export interface ProcessState {
   timers?: TimersState;
   /** AIO contexts (io_setup rings), see aio.ts; absent: none. */
   aio?: AioRing[];
+  /** SysV semaphore undo adjustments (SEM_UNDO; sysvipc.ts); absent: none. */
+  semUndo?: SemUndo[];
 }
 
 /** A child that exited and was not reaped: it comes back as a zombie with the same status. */
@@ -57,6 +60,8 @@ export interface TreeState {
   files: FilesTable;
   /** Shared memory objects (their contents travel separately: SHM records or the checkpoint). */
   shm: ShmObject[];
+  /** SysV segments, semaphore sets and message queues of the subtree (sysvipc.ts); absent: none. */
+  sysvipc?: SysvIpcState;
   /** The root is the init of a pid namespace; ids are as seen inside it. */
   pidns?: boolean;
   /** Ids are as seen in the root's pid namespace (below the supervisor's); a restart reads them in the caller's. */
@@ -83,6 +88,7 @@ const processSchema = z.strictObject({
   attrs: procAttrsSchema.optional(),
   timers: timersSchema.optional(),
   aio: aioSchema.optional(),
+  semUndo: semUndoSchema.optional(),
 });
 const zombieSchema = z.strictObject({ pid, ppid: pid, pgid: pid0, sid: pid0, status: int(0, 0xffff) });
 
@@ -135,6 +141,7 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
     p.memory.forEach((v, j) => {
       if (BigInt(v.start) < end) issue(ctx, [...at, 'memory', j, 'start'], `mapping at ${v.start} overlaps or precedes the one before it`);
       end = BigInt(v.end);
+      if (v.kind === 'sysv' && !(t.sysvipc?.shm.some((s) => s.id === v.sysvId) && shmKeys.has(`sysv:${v.sysvId}`))) issue(ctx, [...at, 'memory', j, 'sysvId'], `mapping of no SysV segment (${v.sysvId})`);
       if (v.kind === 'shm' && !shmKeys.has(v.shmKey!)) issue(ctx, [...at, 'memory', j, 'shmKey'], `mapping of no shared object (${v.shmKey})`);
       const bad = inheritIssue(v, byPid.get(p.ids.ppid));
       if (bad) issue(ctx, [...at, 'memory', j, 'inherit'], bad);
@@ -154,6 +161,7 @@ const treeShape = z.strictObject({
   zombies: z.array(zombieSchema).max(PID_MAX),
   files: filesTableSchema,
   shm: z.array(shmObjectSchema).max(MANY),
+  sysvipc: sysvIpcSchema.optional(),
   pidns: z.boolean().optional(),
   nsView: z.boolean().optional(),
 });

@@ -5,7 +5,7 @@
  */
 import { NR, type SyscallName } from './abi.js';
 import { CkptError, asCkptError, errno, errnoName } from '../lib/errors.js';
-import { getRegs, setRegs } from '../lib/ptrace.js';
+import { getRegs, setRegs, PT } from '../lib/ptrace.js';
 import { log, logError } from '../lib/log.js';
 import type { Tracer, Task } from '../supervisor/tracer.js';
 import { NO_RETURN, InFlight, type Handler, type HandlerResult, type Supervisor, type SyscallCtx } from './context.js';
@@ -18,6 +18,7 @@ import { NOTED_MEMORY } from './madvise.js';
 import { noteSeccompMode } from './strict.js';
 import { noteItimer, SYS_alarm, SYS_setitimer } from './resources/timers.js';
 import { SYS } from '../lib/libc.js';
+import { NOTED_SYSV } from './resources/sysvipc.js';
 
 const SYS_seccomp = 317;
 import { collectYoung } from '../lib/gc.js';
@@ -30,9 +31,10 @@ export const TABLE: Record<number, { name: SyscallName; handler: Handler }> = {
   [NR.ckpt_query]: { name: 'ckpt_query', handler: query },
 };
 
-/** Ordinary calls the filter traps only to take note of: they then run untouched. */
-export const NOTED: Record<number, (ctx: SyscallCtx) => void> = {
+/** Ordinary calls the filter traps only to take note of: they then run untouched (true: to their exit stop, Task.atSyscallExit). */
+export const NOTED: Record<number, (ctx: SyscallCtx) => void | boolean> = {
   ...NOTED_MEMORY,
+  ...NOTED_SYSV, // which SysV objects a tree uses; SEM_UNDO
   [SYS.prctl]: noteSeccompMode, // notes the prctl options attrs.ts keeps, and makes strict mode a filter
   [SYS_seccomp]: noteSeccompMode,
   [SYS_alarm]: noteItimer,
@@ -47,8 +49,8 @@ export function serve(sv: Supervisor, tracer: Tracer, caller: Task): void {
   const args = ARG_REGS.map((r) => regs.get(r));
   const note = NOTED[nr];
   if (note) {
-    note({ sv, tracer, caller, args });
-    tracer.resume(caller); // from the seccomp stop: the call itself runs now
+    const toExit = note({ sv, tracer, caller, args });
+    tracer.resume(caller, 0, toExit === true ? PT.SYSCALL : PT.CONT); // from the seccomp stop: the call itself runs now
     return;
   }
   const entry = TABLE[nr];

@@ -16,6 +16,7 @@
  * (notify.ts). Anything else, or a pipe also held by a process outside the
  * subtree, is refused with EOPNOTSUPP.
  */
+import { isMqueue, captureMqueue, openMqueue, unlinkTemporaryQueues, mqueueSchema, type MqueueState, type MadeQueues } from './mqueue.js';
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { listFds, readFdinfo, readStat } from '../../lib/proc.js';
@@ -72,7 +73,8 @@ export type FileDesc =
   | { id: number; kind: 'event'; flags: number; ev: EventState }
   | TtyDesc
   | { id: number; kind: 'net'; flags: number; net: NetSockState }
-  | { id: number; kind: 'notify'; flags: number; nt: NotifyState };
+  | { id: number; kind: 'notify'; flags: number; nt: NotifyState }
+  | { id: number; kind: 'mqueue'; flags: number; mq: MqueueState };
 
 export interface PipeState {
   id: number;
@@ -133,6 +135,7 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('tty'), ...ttyDescFields }),
   z.strictObject({ ...fileFields, kind: z.literal('net'), net: netSockSchema }),
   z.strictObject({ ...fileFields, kind: z.literal('notify'), nt: notifySchema }),
+  z.strictObject({ ...fileFields, kind: z.literal('mqueue'), mq: mqueueSchema }),
 ]);
 export const pipeSchema = z.strictObject({ id: int(0, MANY), size: int(4096, PIPE_MAX), data: base64(PIPE_MAX) });
 export const fdRefSchema = z.union([
@@ -152,7 +155,7 @@ export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(M
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
-  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>, Same<SchemaOf<'notify'>, DescOf<'notify'>>] = [true, true, true, true, true, true, true, true, true, true, true, true, true];
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>, Same<SchemaOf<'notify'>, DescOf<'notify'>>, Same<SchemaOf<'mqueue'>, DescOf<'mqueue'>>] = [true, true, true, true, true, true, true, true, true, true, true, true, true, true];
 const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
 void [sameDescs, sameFiles];
 
@@ -189,6 +192,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const tableOf = sharedTables(procs, others.pids, (p) => Number(readStat(p).field(4)));
   const probes: FdProbe[] = [];
   const ttys = new TtyCapture(level);
+  const queues = new Set<number>(); // message queues whose messages are recorded (mqueue.ts)
   for (const pid of procs) {
     const fds: FdRef[] = [];
     const owner = tableOf.get(pid);
@@ -273,6 +277,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       } else if (isShm(target)) {
         shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
         table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
+      } else if (isMqueue(link, st)) {
+        table.descs.push({ id, kind: 'mqueue', flags, mq: captureMqueue(pid, fd, target, st, queues) });
       } else if (st.isFIFO() && target.startsWith('/')) {
         // A FIFO removed while open is still one pipe between its holders: made again under a temporary name.
         const gone = target.endsWith(' (deleted)') && st.nlink === 0;
@@ -536,6 +542,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   const filledFifos = new Set<string>();
   const deletedFifos = new Map<number, { pid: number; path: string }>(); // by inode: made under a temporary name
   const ghosts = new Map<string, Place>(); // deleted files made again, by shmKey: one inode each
+  const queues: MadeQueues = new Map(); // message queues made again, by their checkpoint inode
   const park = (pid: number, fd: bigint): Place => {
     const t = nextTemp++;
     moveFd(remote(pid), fd, t, true);
@@ -600,6 +607,8 @@ export function restoreFiles(ctx: FilesRestore): void {
           b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
           if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
         });
+      } else if (d.kind === 'mqueue') {
+        moveFd(r, openMqueue(r, ctx.host(owner.pid), d.mq, d.flags, ctx.live !== undefined, queues), owner.fd, owner.cloexec);
       } else if (d.kind === 'pidfd') {
         moveFd(r, makePidfd(r, d, d.flags), owner.fd, owner.cloexec);
       } else if (d.kind === 'tty') {
@@ -664,6 +673,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   }
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   ttys.finish(remote, ctx.host, (pty, side) => table.descs.filter((x) => x.kind === 'tty' && x.pty === pty && x.side === side).flatMap((x) => holders.get(x.id) ?? []));
+  unlinkTemporaryQueues(queues);
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
   for (const e of epolls) {

@@ -34,9 +34,11 @@ export interface VmaState {
   end: string;
   prot: number;
   shared: boolean;
-  kind: 'anon' | 'file' | 'special' | 'shm';
+  kind: 'anon' | 'file' | 'special' | 'shm' | 'sysv';
   /** kind 'shm': the shared memory object ("dev:ino", see shm.ts). */
   shmKey?: string;
+  /** kind 'sysv': the SysV shm segment's id (attached again with shmat; see sysvipc.ts). */
+  sysvId?: number;
   name?: string; // "[heap]", "[stack]", "[vdso]" ...
   path?: string;
   offset?: string;
@@ -76,8 +78,9 @@ export const vmaSchema = z.strictObject({
   end: pageAddr,
   prot: int(0, 7),
   shared: z.boolean(),
-  kind: z.enum(['anon', 'file', 'special', 'shm']),
+  kind: z.enum(['anon', 'file', 'special', 'shm', 'sysv']),
   shmKey: z.string().min(1).max(64).optional(),
+  sysvId: int(0, 2 ** 31 - 1).optional(),
   name: z.string().max(4096).optional(),
   path: path.optional(),
   offset: hexBelow(1n << 63n).optional(),
@@ -96,6 +99,7 @@ export const vmaSchema = z.strictObject({
   if (len <= 0n) ctx.addIssue({ code: 'custom', path: ['end'], message: `mapping ends at ${v.end}, not after its start ${v.start}` });
   else if (BigInt(v.pages) * PAGE > len) ctx.addIssue({ code: 'custom', path: ['pages'], message: `${v.pages} pages in a mapping of ${len} bytes` });
   if (v.kind === 'file' && v.path === undefined) ctx.addIssue({ code: 'custom', path: ['path'], message: 'a file mapping without its path' });
+  if (v.kind === 'sysv' && (v.sysvId === undefined || v.offset === undefined || BigInt(v.offset) % PAGE !== 0n)) ctx.addIssue({ code: 'custom', path: ['sysvId'], message: 'a SysV shm mapping without its segment or offset' });
   if (v.kind === 'shm' && v.shmKey === undefined) ctx.addIssue({ code: 'custom', path: ['shmKey'], message: 'a shared memory mapping without its object' });
   if (v.kind === 'special' && !SPECIAL.includes(v.name ?? '')) ctx.addIssue({ code: 'custom', path: ['name'], message: `no special mapping ${v.name}` });
 });
@@ -152,6 +156,7 @@ function adviceCalls(pid: number, v: VmaState): (number | bigint)[][] {
 }
 
 const MADV_GUARD_INSTALL = 102, MAP_DROPPABLE = 0x08;
+const SYS_shmat = 30, SHM_RDONLY = 0o10000, SHM_REMAP = 0o40000, SHM_EXEC = 0o100000;
 
 /** The runs of guard pages among a VMA's pagemap flag bytes. */
 function guardRuns(start: bigint, entries: Uint8Array): [string, string][] | undefined {
@@ -229,7 +234,12 @@ function describe(pid: number, m: MapEntry, shm?: ShmCapture, who = pid): VmaSta
   if (isAioRing(m)) return null; // an AIO context's ring: aio.ts keeps it
   refuseUringMapping(m, who);
   const sysv = sysvShm(m);
-  if (sysv) throw unsupported(who, `mapping ${range} of SysV shm key ${sysv.key} id ${sysv.id} (SysV IPC is not kept)`);
+  if (sysv) {
+    // Kept by sysvipc.ts (the segment, its bytes); here the attach.
+    if (m.flags?.includes('ht')) throw unsupported(who, `mapping ${range} of SysV shm key ${sysv.key} id ${sysv.id}: huge pages (SHM_HUGETLB) are not kept`);
+    const mayWrite = !(base.prot & PROT_WRITE) && m.flags?.includes('mw') ? true : undefined;
+    return { ...base, kind: 'sysv', sysvId: sysv.id, name: m.path.replace(/ \(deleted\)$/, ''), offset: hex(m.offset), mayWrite };
+  }
   if (base.shared && isShm(m.path)) {
     const key = shm ? shm.addMapping(pid, m) : shmKeyOfMap(m);
     return { ...base, kind: 'shm', shmKey: key, name: m.path.replace(/ \(deleted\)$/, ''), offset: hex(m.offset) };
@@ -543,9 +553,23 @@ export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
       fds.set(files[i], fd);
     });
     const calls: { call: (number | bigint)[]; what: string }[] = [];
+    // SysV attaches: each whole segment once at its place (shmat SHM_REMAP), writable if any part of it may be; each part then gets its own protection.
+    const attachWrite = new Map<string, boolean>();
+    const originOf = (v: VmaState) => `${v.sysvId}@${vmaStart(v) - BigInt(v.offset!)}`;
+    for (const v of vmas) if (v.kind === 'sysv') attachWrite.set(originOf(v), attachWrite.get(originOf(v)) || !!(v.prot & PROT_WRITE) || !!v.mayWrite);
+    const attached = new Set<string>();
     for (const v of vmas) {
       const len = vmaEnd(v) - vmaStart(v);
       const what = `task ${pid}: mmap ${v.start}-${v.end} ${v.path ?? v.name ?? ''}`;
+      if (v.kind === 'sysv') {
+        const o = originOf(v), writable = attachWrite.get(o)!;
+        if (!attached.has(o)) {
+          attached.add(o);
+          calls.push({ call: [SYS_shmat, v.sysvId!, vmaStart(v) - BigInt(v.offset!), SHM_REMAP | (writable ? 0 : SHM_RDONLY) | (v.prot & PROT_EXEC ? SHM_EXEC : 0)], what: `task ${pid}: shmat SysV shm id ${v.sysvId} at ${v.start}` });
+        }
+        calls.push({ call: [SYS.mprotect, vmaStart(v), len, v.prot], what: `task ${pid}: mprotect SysV shm id ${v.sysvId} ${v.start}-${v.end}` });
+        continue;
+      }
       if (v.kind === 'shm') {
         if (!shm) throw new CkptError(errno('EBADMSG'), 'restart:memory', `shared object ${v.shmKey} has no contents`);
         const key = `shm:${v.shmKey}`;

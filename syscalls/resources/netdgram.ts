@@ -47,7 +47,7 @@ import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { logError } from '../../lib/log.js';
 import { sys, SYS } from '../../lib/libc.js';
-import { getsockopt, getsockoptInt, setsockopt, sockname, peername, recvfrom, recvmsgFull, sendto, socketFilter, getsockoptWith, readMapped, inetSockets, packetSockets, type PacketDiag } from '../../lib/netsock.js';
+import { getsockopt, getsockoptInt, sockname, peername, recvfrom, recvmsgFull, sendto, socketFilter, getsockoptWith, readMapped, inetSockets, packetSockets, type PacketDiag } from '../../lib/netsock.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, u32, base64, MANY, type Same } from '../../lib/schema.js';

@@ -8,7 +8,7 @@
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
-import { sys, SYS, errnoNow } from '../../lib/libc.js';
+import { sys, SYS, errnoNow, addressOf as sysAddr } from '../../lib/libc.js';
 import type { MapEntry } from '../../lib/proc.js';
 import type { Remote } from '../../supervisor/remote.js';
 import { viewPid } from '../../supervisor/pidns.js';
@@ -204,26 +204,31 @@ export class ShmRestore {
   }
   /** Copy the object's contents into descriptor `fd` of process `host` (a file made to hold them). */
   copyTo(key: string, host: number, fd: bigint): void {
+    withTraceeFd(host, fd, 'restart:files', (mine) => {
+      this.copyInto(key, mine);
+      fs.ftruncateSync(mine, this.sizes.get(key)!); // holes at the end stay holes
+    });
+  }
+
+  /** Copy the object's data into the supervisor's descriptor `dst` (same offsets; holes are skipped). */
+  copyInto(key: string, dst: number): void {
     const src = this.fds.get(key);
     if (src === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
-    withTraceeFd(host, fd, 'restart:files', (mine) => {
-      const size = fs.fstatSync(src).size;
-      const buf = Buffer.allocUnsafe(1 << 20);
-      // Only the data: what was never written (a sparse file's holes) stays a hole.
-      for (let at = 0; at < size; ) {
-        const data = sys.syscall(SYS.lseek, src, at, SEEK_DATA);
-        if (data < 0) break; // ENXIO: nothing but a hole is left
-        const hole = Math.min(size, Math.max(data + 1, sys.syscall(SYS.lseek, src, data, SEEK_HOLE)));
-        for (let off = data; off < hole; ) {
-          const n = fs.readSync(src, buf, 0, Math.min(buf.length, hole - off), off);
-          if (n <= 0) break;
-          for (let done = 0; done < n; ) done += fs.writeSync(mine, buf, done, n - done, off + done);
-          off += n;
-        }
-        at = hole;
+    const size = fs.fstatSync(src).size;
+    const buf = Buffer.allocUnsafe(1 << 20);
+    // Only the data: what was never written (a sparse file's holes) stays a hole.
+    for (let at = 0; at < size; ) {
+      const data = sys.syscall(SYS.lseek, src, at, SEEK_DATA);
+      if (data < 0) break; // ENXIO: nothing but a hole is left
+      const hole = Math.min(size, Math.max(data + 1, sys.syscall(SYS.lseek, src, data, SEEK_HOLE)));
+      for (let off = data; off < hole; ) {
+        const n = fs.readSync(src, buf, 0, Math.min(buf.length, hole - off), off);
+        if (n <= 0) break;
+        for (let done = 0; done < n; ) done += fs.writeSync(dst, buf, done, n - done, off + done);
+        off += n;
       }
-      fs.ftruncateSync(mine, size); // holes at the end stay holes
-    });
+      at = hole;
+    }
   }
 
   /** The object as a descriptor of tracee `r` (>= minFd), from the supervisor's. */
@@ -231,10 +236,17 @@ export class ShmRestore {
     const mine = this.fds.get(key);
     if (mine === undefined) throw new CkptError(errno('EBADMSG'), 'image', `unknown shared object ${key}`);
     this.sealOnce(key);
+    // takeFd hands the object over a socket where the tracee may not take
+    // it (a live process of another uid, rolled back).
     if (viewPid(r.task.tgid, process.pid)) return r.takeFd(process.pid, mine, minFd);
-    // In a pid namespace that cannot name the supervisor: open the same
-    // object again through its /proc entry (procfs as mounted here is ours).
-    return r.raise(openIn(r, `/proc/${process.pid}/fd/${mine}`, O_RDWR | O_CLOEXEC, 'restart:shm'), minFd);
+    try {
+      // In a pid namespace that cannot name the supervisor: open the same
+      // object again through its /proc entry (procfs as mounted here is ours).
+      return r.raise(openIn(r, `/proc/${process.pid}/fd/${mine}`, O_RDWR | O_CLOEXEC, 'restart:shm'), minFd);
+    } catch (e) {
+      if (!(e instanceof CkptError) || e.errno !== errno('EPERM')) throw e;
+      return r.receiveFd(mine, minFd);
+    }
   }
   /**
    * A memfd's seals, once its contents are written and before it is first
@@ -274,4 +286,3 @@ export class ShmRestore {
   }
 }
 
-import { addressOf as sysAddr } from '../../lib/libc.js';
