@@ -4,6 +4,7 @@ import { FdSource } from '../lib/stream.js';
 import type { ProcessState, TreeState } from '../syscalls/state.js';
 import { describeOwner } from '../syscalls/resources/fown.js';
 import { describeLocks } from '../syscalls/resources/locks.js';
+import { describeTcp } from '../syscalls/resources/tcp.js';
 
 export interface ImageDescription {
   header: ImageHeader;
@@ -106,6 +107,7 @@ function describeKind(files: TreeState['files'], id: number): string {
   if (d.kind === 'memfd') return `shared memory object ${d.shmKey} pos ${d.pos}`;
   if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;
   if (d.kind === 'deldir') return `deleted directory ${d.path} (made again empty) mode 0${d.mode.toString(8)}`;
+  if (d.kind === 'tcp') return describeTcp(d);
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;
 }

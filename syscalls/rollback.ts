@@ -32,6 +32,7 @@ import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShell
 import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
+import { checkTcpRollback } from './resources/tcp.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
@@ -93,6 +94,12 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     throw e;
   }
   checkRollbackAttrs(tracer, kept, host, caller.tgid, () => freeze.thaw());
+  try {
+    checkTcpRollback(tree.files.descs, procs, c.crid); // last: it holds outside peers' packets until the restore
+  } catch (e) {
+    freeze.thaw();
+    throw e;
+  }
   ph.mark('freeze');
 
   const shells = new Map<number, Shell>();

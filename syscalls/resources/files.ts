@@ -31,6 +31,7 @@ import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.
 import { UnixSockets, sockName, peekQueue, printable, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
+import { TcpCapture, TcpRestore, silenceLiveTcp, tcpFields, type TcpState } from './tcp.js';
 import { eventSchema } from './events.js';
 import { z, int, id, fd, path, openFlags, base64, dec63, MANY, PID_MAX, type Same } from '../../lib/schema.js';
 
@@ -63,7 +64,8 @@ export type FileDesc =
   | { id: number; kind: 'deldir'; path: string; mode: number; flags: number }
   | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
   | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
-  | { id: number; kind: 'event'; flags: number; ev: EventState };
+  | { id: number; kind: 'event'; flags: number; ev: EventState }
+  | ({ id: number; kind: 'tcp'; flags: number } & TcpState);
 
 export interface PipeState {
   id: number;
@@ -110,6 +112,7 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('unix'), pair: int(0, MANY), end: z.union([z.literal(0), z.literal(1)]) }),
   z.strictObject({ ...fileFields, kind: z.literal('usock'), ...soloSockFields }),
   z.strictObject({ ...fileFields, kind: z.literal('event'), ev: eventSchema }),
+  z.strictObject({ ...fileFields, kind: z.literal('tcp'), ...tcpFields }),
 ]);
 export const pipeSchema = z.strictObject({ id: int(0, MANY), size: int(4096, PIPE_MAX), data: base64(PIPE_MAX) });
 export const fdRefSchema = z.union([
@@ -127,7 +130,7 @@ export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(M
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
-  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>] = [true, true, true, true, true, true, true, true, true, true];
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tcp'>, DescOf<'tcp'>>] = [true, true, true, true, true, true, true, true, true, true, true];
 const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
 void [sameDescs, sameFiles];
 
@@ -148,7 +151,7 @@ const unsupported = (pid: number, fd: number, what: string) =>
  * the processes outside it hold, read before the freeze (a pipe shared with
  * one is refused).
  */
-export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture, others: OutsideHolders): { table: FilesTable; perProc: Map<number, FilesState> } {
+export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture, others: OutsideHolders, tcp = new TcpCapture()): { table: FilesTable; perProc: Map<number, FilesState> } {
   const table: FilesTable = { descs: [], pipes: [], socks: [] };
   let diag: Map<number, UnixSockInfo> | undefined;
   const pairIds = new Map<number, number>();
@@ -200,6 +203,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
         table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
         pipeHolders.push({ ino: pipe[1], pid, fd, end });
+      } else if (/^socket:\[(\d+)\]$/.test(target) && tcp.has(pid, fd, Number(target.slice(8, -1)))) {
+        table.descs.push(tcp.add(pid, fd, Number(target.slice(8, -1)), { id, kind: 'tcp' as const, flags })); // read by tcp.finish()
       } else if (/^socket:\[(\d+)\]$/.test(target)) {
         const ino = Number(/^socket:\[(\d+)\]$/.exec(target)![1]);
         diag ??= unixSockets();
@@ -272,6 +277,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       umask: parseInt(statusOf(pid).get('Umask') ?? '022', 8),
     });
   }
+  tcp.finish();
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
   findMovedWatches(table, seen);
   for (const [lo, pair] of pairIds) {
@@ -447,6 +453,7 @@ export function restoreFiles(ctx: FilesRestore): void {
       }
     }
   }
+  if (ctx.live) silenceLiveTcp(table.descs, [...ctx.live].map(ctx.host)); // closed below without a packet
   // Per process, one batch first: what must go is closed (in a live process
   // what it still holds as at the checkpoint stays, its offset set back),
   // close-on-exec of the inherited descriptors, cwd, umask (before any
@@ -471,6 +478,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     return { pid, fd: t };
   };
   const sockets = new UnixSockets({ remote, host: ctx.host, park, listeners: new Map() });
+  const tcp = new TcpRestore({ remote, host: ctx.host, park });
   const epolls: { pid: number; fd: number; ev: Extract<EventState, { kind: 'epoll' }> }[] = [];
   // The first holder of each end of each socket pair: where that end is made.
   const pairHolder = (pair: number, end: 0 | 1) => {
@@ -482,7 +490,7 @@ export function restoreFiles(ctx: FilesRestore): void {
 
   // Sockets on their own first (those connected to others after them):
   // listeners are what connected pairs are remade through.
-  const rank = (x: FileDesc) => (x.kind !== 'usock' ? 2 : x.connectTo !== undefined ? 1 : 0);
+  const rank = (x: FileDesc) => (x.kind === 'tcp' ? (x.backlog !== undefined ? 0 : 2) : x.kind !== 'usock' ? 2 : x.connectTo !== undefined ? 1 : 0); // TCP listeners before connections on their port
   for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y))) {
     const hs = holders.get(d.id);
     if (!hs?.length) continue;
@@ -503,6 +511,9 @@ export function restoreFiles(ctx: FilesRestore): void {
           sockEnds.set(d.pair, ends);
         }
         transfer(ends[d.end], owner);
+        r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+      } else if (d.kind === 'tcp') {
+        transfer(tcp.make(owner.pid, d, owner), owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'usock') {
         transfer(sockets.makeSolo(owner.pid, d), owner);
@@ -582,6 +593,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     }
     for (const h of hs.slice(1)) transfer(owner, h);
   }
+  tcp.finish(); // every TCP socket made: out of repair mode together
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
