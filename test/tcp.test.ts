@@ -1,0 +1,83 @@
+// TCP sockets: kept across a restart and a rollback, with the peer in the
+// tree (the fixture checks every byte and option itself) or outside it (an
+// echo peer run outside the supervisor checks it saw every byte once, in
+// order, and no reset); netfilter rules held for the restart are gone after.
+import t from 'tap';
+import path from 'node:path';
+import fs from 'node:fs';
+import { spawn, execFileSync } from 'node:child_process';
+import { supervise, fixture, CKPT, tmpdir } from './helpers.js';
+
+const dir = tmpdir('tcp');
+const restart = (img: string) => supervise([...CKPT, 'restart', '-i', img]);
+const rules = () => {
+  try {
+    return execFileSync('iptables', ['-w', '-S'], { encoding: 'utf8' }).split('\n').filter((l) => l.includes('ckpt-tcp'));
+  } catch {
+    return [];
+  }
+};
+
+const insideChecks = [
+  'listener: same port, listening', 'listener: SO_REUSEADDR', 'listener: accepts a new connection',
+  'options: TCP_NODELAY, SO_KEEPALIVE', 'options: keepalive idle, interval, count', 'options: SO_LINGER', 'options: IP_TOS, IP_TTL', 'options: O_NONBLOCK',
+  'half-closed: C still shut down for writing (FIN_WAIT1)', 'queues: C reads what S had sent, once',
+  'queues: S reads all C sent (received, unacknowledged, never sent), in order, then EOF',
+  'half-closed: C still receives', 'half-closed: C sees the end', 'IPv6: both queues', 'IPv6: carries on',
+  'bound IPv6-only socket: port, IPV6_V6ONLY', 'unbound socket: TCP, no port',
+];
+
+for (const mode of ['restart', 'undo']) {
+  t.test(`a listener, connections with data both ways (one stuck in its send queue, then FIN_WAIT1), IPv6, bound and unbound sockets, peers in the tree, across a ${mode}`, async (t) => {
+    const img = path.join(dir, 'inside.img');
+    const first = supervise([fixture('tcp'), 'inside', mode === 'undo' ? 'undo' : img], { timeout: 120_000 });
+    t.match(first.stdout, /setup: \d+ bytes sent, \d+ in C's send queue \([1-9]\d* never sent\), [1-9]\d* in S's receive queue, C state 4/, 'bytes stuck in the send queue, unread on the other side, FIN_WAIT1');
+    if (mode === 'restart') t.equal(first.status, 137, `CKPT_KILL (${first.stderr.trim()})`);
+    else t.match(first.stdout, /spoiled, rolling back/, 'spoiled before the rollback');
+    const r = mode === 'undo' ? first : restart(img);
+    for (const c of insideChecks) t.match(r.stdout, new RegExp(`^ok ${c.replace(/[()]/g, '\\$&')}$`, 'm'), c);
+    t.match(r.stdout, /TCP INSIDE OK/, r.stdout + r.stderr);
+    t.equal(r.status, 0);
+  });
+}
+
+/** The echo peer, outside any supervisor; its port. */
+async function startPeer(tag: string): Promise<{ port: number; log: string; done: Promise<void> }> {
+  const portFile = path.join(dir, `${tag}.port`), log = path.join(dir, `${tag}.log`);
+  for (const f of [portFile, log]) fs.rmSync(f, { force: true });
+  const p = spawn(fixture('tcp'), ['peer', portFile, log], { stdio: 'ignore' });
+  const done = new Promise<void>((res) => p.on('exit', () => res()));
+  for (let i = 0; i < 100 && !fs.existsSync(portFile); i++) await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 20));
+  return { port: Number(fs.readFileSync(portFile, 'utf8')), log, done };
+}
+
+t.test('a connection to a peer outside the tree survives CKPT_KILL and a restart: no byte lost, repeated or reordered, no reset', async (t) => {
+  const peer = await startPeer('kill');
+  const img = path.join(dir, 'outside.img');
+  const first = supervise([fixture('tcp'), 'outside', String(peer.port), img], { timeout: 60_000 });
+  t.equal(first.status, 137, `CKPT_KILL (${first.stdout.trim()} ${first.stderr.trim()})`);
+  t.ok(rules().some((l) => l.includes(`:${peer.port}`)), 'its packets are held while it is down');
+  const r = restart(img);
+  t.match(r.stdout, /^ok after: the 600 echoed bytes unread at the checkpoint, once, in order$/m);
+  t.match(r.stdout, /^ok after: 1000 more bytes echoed$/m);
+  t.match(r.stdout, /TCP OUTSIDE OK 2000/, r.stdout + r.stderr);
+  t.equal(r.status, 0);
+  await peer.done;
+  t.equal(fs.readFileSync(peer.log, 'utf8').trim(), 'PEER OK 2000', 'the peer saw every byte in order, then a clean end');
+  t.same(rules().filter((l) => l.includes(`:${peer.port}`)), [], 'the rules are gone');
+});
+
+t.test('a rollback keeps a connection to a peer outside when nothing was sent or received since (what was read comes back), and refuses one after sending', async (t) => {
+  const peer = await startPeer('undo');
+  const r = supervise([fixture('tcp'), 'outside', String(peer.port), 'undo'], { timeout: 60_000 });
+  t.match(r.stdout, /^ok undo: refused after sending to the outside peer \(EOPNOTSUPP\)$/m);
+  t.match(r.stderr, /EOPNOTSUPP: restart:tcp: checkpoint \d+: the TCP connection 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ \(peer outside the subtree\): 10 bytes sent since the checkpoint/, 'the log names the connection and why');
+  t.match(r.stdout, /^ok undo: the stream goes on after the refusal$/m);
+  t.match(r.stdout, /^ok undo: what was read since the checkpoint is there again, once$/m);
+  t.match(r.stdout, /TCP OUTSIDE OK 2060/, r.stdout + r.stderr);
+  t.equal(r.status, 0);
+  await peer.done;
+  t.equal(fs.readFileSync(peer.log, 'utf8').trim(), 'PEER OK 2060', 'the peer saw every byte in order, then a clean end');
+  t.same(rules().filter((l) => l.includes(`:${peer.port}`)), [], 'no rule left');
+});
