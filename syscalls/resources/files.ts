@@ -478,7 +478,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     return { pid, fd: t };
   };
   const sockets = new UnixSockets({ remote, host: ctx.host, park, listeners: new Map() });
-  const tcp = new TcpRestore({ remote, host: ctx.host, park });
+  const tcp = new TcpRestore({ remote, host: ctx.host, park, live: !!ctx.live, descs: table.descs });
   const epolls: { pid: number; fd: number; ev: Extract<EventState, { kind: 'epoll' }> }[] = [];
   // The first holder of each end of each socket pair: where that end is made.
   const pairHolder = (pair: number, end: 0 | 1) => {

@@ -189,7 +189,7 @@ const INT_OPTS = {
 } as const satisfies Record<string, readonly [number, number, number, boolean]>;
 type IntOpt = keyof typeof INT_OPTS;
 const OPT_NAMES = Object.keys(INT_OPTS) as IntOpt[];
-const SO_TYPE = 3, SO_PROTOCOL = 38, SO_DOMAIN = 39, SO_LINGER = 13, SO_RCVTIMEO = 20, SO_SNDTIMEO = 21, SO_BINDTODEVICE = 25, SO_MARK = 36, IP_TRANSPARENT = 19, TCP_CONGESTION = 13, TCP_MD5SIG = 14, TCP_ULP = 31;
+const SO_SNDBUFFORCE = 32, SO_TYPE = 3, SO_PROTOCOL = 38, SO_DOMAIN = 39, SO_LINGER = 13, SO_RCVTIMEO = 20, SO_SNDTIMEO = 21, SO_BINDTODEVICE = 25, SO_MARK = 36, IP_TRANSPARENT = 19, TCP_CONGESTION = 13, TCP_MD5SIG = 14, TCP_ULP = 31;
 const TCP_MSS_DEFAULT = 536;
 
 /** Options as kept: the integers that differ from a new socket's are set again. */
@@ -701,6 +701,10 @@ export interface TcpRestoreCtx {
   remote: (pid: number) => Remote;
   host: (pid: number) => number;
   park: (pid: number, fd: bigint) => TcpPlace;
+  /** A rollback: checkTcpRollback holds every connection to a peer outside (else only those the image says are held). */
+  live?: boolean;
+  /** Every description of the tree (sockets sharing a port are looked for among them). */
+  descs: { kind: string }[];
 }
 
 const tupleOf = (st: TcpState): Tuple => ({ local: st.local!, remote: st.conn!.remote });
@@ -713,7 +717,26 @@ const tupleOf = (st: TcpState): Tuple => ({ local: st.local!, remote: st.conn!.r
  */
 export class TcpRestore {
   private readonly made: { place: TcpPlace; st: TcpState; where: string }[] = [];
+  private shared?: Set<number>;
   constructor(private readonly ctx: TcpRestoreCtx) {}
+
+  /**
+   * Ports two sockets of the tree bind without a connection (listeners,
+   * bound ones): a program may have cleared SO_REUSEPORT after binding the
+   * second, so they are bound with it and given their own value after.
+   */
+  private sharedPort(st: TcpState): boolean {
+    if (!this.shared) {
+      const seen = new Set<number>();
+      this.shared = new Set();
+      for (const d of this.ctx.descs as (Partial<TcpState> & { kind: string })[]) {
+        if (d.kind !== 'tcp' || d.conn || !d.local?.port) continue;
+        if (seen.has(d.local.port)) this.shared.add(d.local.port);
+        seen.add(d.local.port);
+      }
+    }
+    return !st.conn && !!st.local && this.shared.has(st.local.port);
+  }
 
   /** Make socket `st` in process `pid`; its final place will be `owner`. Returns where it is parked. */
   make(pid: number, st: TcpState, owner: TcpPlace): TcpPlace {
@@ -723,6 +746,7 @@ export class TcpRestore {
     const host = this.ctx.host(pid);
     withTraceeFd(host, at.fd, 'restart:tcp', (mine) => {
       restoreOpts(mine, st.family, st.opts, 'bind', w);
+      if (this.sharedPort(st)) setsockopt(mine, SOL_SOCKET, INT_OPTS.reuseport[1], intBuf(1));
       // Before bind, after SO_REUSEADDR (which would undo it): repair mode forces address reuse, so it can share its listener's port.
       if (st.conn) repair(mine, 1, w);
     }, 'socket fd');
@@ -736,6 +760,7 @@ export class TcpRestore {
       }
       if (st.conn) this.connect(mine, st, w);
       else restoreOpts(mine, st.family, st.opts, 'after', w);
+      if (this.sharedPort(st)) setsockopt(mine, SOL_SOCKET, INT_OPTS.reuseport[1], intBuf(st.opts.ints.reuseport ?? 0));
     }, 'socket fd');
     this.made.push({ place: owner, st, where: w });
     return at;
@@ -814,14 +839,19 @@ export class TcpRestore {
         repair(mine, 0, m.where);
         const outq = Buffer.from(m.st.conn!.outq, 'base64');
         const unsent = outq.subarray(outq.length - m.st.conn!.unsent);
-        if (unsent.length) sendAll(mine, unsent, m.where, 'not yet sent');
+        if (unsent.length) {
+          // The bytes restored as sent take more room than they did (one buffer per send): room for these (the supervisor's SO_SNDBUFFORCE), then the program's size again below.
+          const queued = ioctlInt(mine, SIOCOUTQ);
+          setsockopt(mine, SOL_SOCKET, SO_SNDBUFFORCE, intBuf(Math.min(2 ** 30, 4 * (queued + unsent.length) + (1 << 20))));
+          sendAll(mine, unsent, m.where, 'not yet sent');
+        }
         if (m.st.conn!.finUnsent && sys.syscall(SYS_shutdown, mine, 1) < 0) throw new CkptError(errnoNow(), 'restart:tcp', `${m.where}: shutdown(SHUT_WR) for FIN_WAIT1`);
         restoreOpts(mine, m.st.family, m.st.opts, 'after', m.where);
         // Repair mode forced address reuse and leaving it cleared it: as the program had it.
         if (m.st.opts.ints.reuseaddr) setsockopt(mine, SOL_SOCKET, INT_OPTS.reuseaddr[1], intBuf(m.st.opts.ints.reuseaddr));
       }, 'socket fd');
     }
-    const locked = this.made.filter((m) => m.st.conn?.outside).map((m) => tupleOf(m.st));
+    const locked = this.made.filter((m) => m.st.conn?.outside && (this.ctx.live || m.st.conn.locked)).map((m) => tupleOf(m.st));
     if (locked.length) unlockConnections(locked);
   }
 }
