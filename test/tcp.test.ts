@@ -23,14 +23,16 @@ const insideChecks = [
   'options: TCP_NODELAY, SO_KEEPALIVE', 'options: keepalive idle, interval, count', 'options: SO_LINGER', 'options: IP_TOS, IP_TTL', 'options: O_NONBLOCK',
   'half-closed: C still shut down for writing (FIN_WAIT1)', 'queues: C reads what S had sent, once',
   'queues: S reads all C sent (received, unacknowledged, never sent), in order, then EOF',
-  'half-closed: C still receives', 'half-closed: C sees the end', 'IPv6: both queues', 'IPv6: carries on',
+  'half-closed: C still receives', 'half-closed: C sees the end',
+  'half-closed: FIN_WAIT2 and CLOSE_WAIT', 'half-closed: CLOSE_WAIT reads the data, then EOF', 'half-closed: FIN_WAIT2 still receives', 'half-closed: then the end (LAST_ACK closed)', 'IPv6: both queues', 'IPv6: carries on',
   'bound IPv6-only socket: port, IPV6_V6ONLY', 'unbound socket: TCP, no port',
 ];
 
 for (const mode of ['restart', 'undo']) {
-  t.test(`a listener, connections with data both ways (one stuck in its send queue, then FIN_WAIT1), IPv6, bound and unbound sockets, peers in the tree, across a ${mode}`, async (t) => {
+  t.test(`a listener, connections with data both ways (one stuck in its send queue, then FIN_WAIT1; FIN_WAIT2 and CLOSE_WAIT), IPv6, bound and unbound sockets, peers in the tree, across a ${mode}`, async (t) => {
     const img = path.join(dir, 'inside.img');
     const first = supervise([fixture('tcp'), 'inside', mode === 'undo' ? 'undo' : img], { timeout: 120_000 });
+    t.match(first.stdout, /setup: half-closed pair in states 5 and 8/, 'FIN_WAIT2 and CLOSE_WAIT');
     t.match(first.stdout, /setup: \d+ bytes sent, \d+ in C's send queue \([1-9]\d* never sent\), [1-9]\d* in S's receive queue, C state 4/, 'bytes stuck in the send queue, unread on the other side, FIN_WAIT1');
     if (mode === 'restart') t.equal(first.status, 137, `CKPT_KILL (${first.stderr.trim()})`);
     else t.match(first.stdout, /spoiled, rolling back/, 'spoiled before the rollback');

@@ -85,9 +85,13 @@ const EADDRINUSE = 98, EADDRNOTAVAIL = 99, EACCES = 13, EPERM = 1, EINPROGRESS =
 export const TCP = { ESTABLISHED: 1, SYN_SENT: 2, SYN_RECV: 3, FIN_WAIT1: 4, FIN_WAIT2: 5, TIME_WAIT: 6, CLOSE: 7, CLOSE_WAIT: 8, LAST_ACK: 9, LISTEN: 10, CLOSING: 11 } as const;
 const stateName = (s: number) => Object.entries(TCP).find(([, v]) => v === s)?.[0] ?? `state ${s}`;
 /** States whose send queue ends with our FIN (counted in the sequence, not data). */
-const FIN_SENT = new Set<number>([TCP.FIN_WAIT1]);
+const FIN_SENT = new Set<number>([TCP.FIN_WAIT1, TCP.FIN_WAIT2, TCP.CLOSING, TCP.LAST_ACK]);
+/** ... whose FIN is our first (shut down before the peer's came) / the peer's acknowledged it. */
+const FIN_FIRST = new Set<number>([TCP.FIN_WAIT1, TCP.FIN_WAIT2, TCP.CLOSING]);
+/** States whose receive sequence ends with the peer's FIN. */
+const FIN_RECEIVED = new Set<number>([TCP.CLOSE_WAIT, TCP.LAST_ACK, TCP.CLOSING]);
 /** States a connection is kept in. */
-const KEPT_CONN = new Set<number>([TCP.ESTABLISHED, TCP.FIN_WAIT1]);
+const KEPT_CONN = new Set<number>([TCP.ESTABLISHED, TCP.FIN_WAIT1, TCP.FIN_WAIT2, TCP.CLOSE_WAIT, TCP.LAST_ACK, TCP.CLOSING]);
 
 // ---------------------------------------------------------------- inet helpers (shared)
 
@@ -485,7 +489,7 @@ export interface TcpState {
 /** A queue of at most 64 MiB (the kernel's buffers are bounded by rmem_max/wmem_max anyway). */
 const QUEUE_MAX = 64 << 20;
 export const tcpConnSchema = z.strictObject({
-  state: z.union([z.literal(TCP.ESTABLISHED), z.literal(TCP.FIN_WAIT1)]),
+  state: z.union([TCP.ESTABLISHED, TCP.FIN_WAIT1, TCP.FIN_WAIT2, TCP.CLOSE_WAIT, TCP.LAST_ACK, TCP.CLOSING].map((v) => z.literal(v)) as [z.ZodLiteral<number>, z.ZodLiteral<number>]),
   remote: inetAddrSchema,
   inqSeq: u32, outqSeq: u32,
   inq: base64(QUEUE_MAX), outq: base64(QUEUE_MAX),
@@ -537,8 +541,9 @@ function readConn(fd: number, where: string): Omit<TcpConn, 'remote'> {
     const ti = getsockopt(fd, IPPROTO_TCP, TCP_INFO, 104);
     if (!ti || ti.length < 8) throw new CkptError(errnoNow(), 'checkpoint:tcp', `${where}: TCP_INFO`);
     const state = ti[0];
-    if (!KEPT_CONN.has(state)) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${where}: a connection in state ${stateName(state)}: not supported (only ESTABLISHED and FIN_WAIT1 are made again without a packet from the peer)`);
-    let outqLen = ioctlInt(fd, SIOCOUTQ), unsent = ioctlInt(fd, SIOCOUTQNSD);
+    if (!KEPT_CONN.has(state)) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${where}: a connection in state ${stateName(state)}: not supported`);
+    const rawOutq = ioctlInt(fd, SIOCOUTQ);
+    let outqLen = rawOutq, unsent = ioctlInt(fd, SIOCOUTQNSD);
     const inqLen = ioctlInt(fd, SIOCINQ);
     const finUnsent = FIN_SENT.has(state) && unsent > 0;
     if (FIN_SENT.has(state)) {
@@ -553,7 +558,7 @@ function readConn(fd: number, where: string): Omit<TcpConn, 'remote'> {
     const again = getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4)!.readUInt32LE(0);
     setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, intBuf(TCP_RECV_QUEUE));
     const rAgain = getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4)!.readUInt32LE(0);
-    if ((again !== sq.seq || rAgain !== rq.seq || ioctlInt(fd, SIOCOUTQ) !== outqLen + (FIN_SENT.has(state) ? 1 : 0)) && tries < 8) continue;
+    if ((again !== sq.seq || rAgain !== rq.seq || ioctlInt(fd, SIOCOUTQ) !== rawOutq) && tries < 8) continue;
     const mss = getsockoptInt(fd, IPPROTO_TCP, TCP_MAXSEG) ?? 0;
     const optMask = ti[5];
     const conn: Omit<TcpConn, 'remote'> = {
@@ -637,7 +642,7 @@ export class TcpCapture {
       }
       if (info.state === TCP.CLOSE) continue;
       if (info.state === TCP.SYN_SENT || info.state === TCP.SYN_RECV) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: a connection being opened (${stateName(info.state)}): not supported`);
-      if (!KEPT_CONN.has(info.state)) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: a connection in state ${stateName(info.state)}: not supported (only ESTABLISHED and FIN_WAIT1 are made again without a packet from the peer)`);
+      if (!KEPT_CONN.has(info.state)) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: a connection in state ${stateName(info.state)}: not supported`);
       const peer = byTuple.get(tupleKey(info.remote, info.local));
       conns.push({ m, info, outside: !peer || !ours.has(peer.ino) });
     }
@@ -788,7 +793,8 @@ export class TcpRestore {
     const setSeq = (q: number, seq: number) => {
       if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, intBuf(q)) || setsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, intBuf(seq | 0))) fail('TCP_QUEUE_SEQ');
     };
-    setSeq(TCP_RECV_QUEUE, (c.inqSeq - inq.length) >>> 0);
+    const finIn = FIN_RECEIVED.has(c.state) ? 1 : 0;
+    setSeq(TCP_RECV_QUEUE, (c.inqSeq - finIn - inq.length) >>> 0);
     setSeq(TCP_SEND_QUEUE, (c.outqSeq - finSent - outq.length) >>> 0);
     const sa = sockaddr(st.family, c.remote);
     if (sys.syscall(SYS_connect, fd, addressOf(sa), sa.length) < 0 && errnoNow() !== EINPROGRESS) {
@@ -820,14 +826,32 @@ export class TcpRestore {
     }
     if (c.window) {
       const wb = Buffer.alloc(20);
-      c.window.forEach((v, i) => wb.writeUInt32LE(v, i * 4));
+      const win = [...c.window];
+      if (finIn) {
+        // The peer's FIN is not in the sequence yet: the window as it was before it.
+        win[4] = (win[4] - 1) >>> 0;
+        win[3] = (win[3] + 1) >>> 0;
+      }
+      win.forEach((v, i) => wb.writeUInt32LE(v, i * 4));
       if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, wb)) fail('TCP_REPAIR_WINDOW');
     }
-    if (finSent && !c.finUnsent) {
-      // Our FIN, sent and not acknowledged: queued as sent (one behind unsent bytes goes in finish()).
+    // The FINs, in the order they came. Ours is queued as sent (shutdown
+    // with the send queue chosen; one behind bytes never sent goes in
+    // finish()). The peer's cannot be queued by any call: a FIN (and, for
+    // FIN_WAIT2, the ACK of ours) is forged from the peer's address on a
+    // raw socket, as CRIU does; its mark lets it past the rules.
+    const ourFin = () => {
+      if (c.finUnsent) return;
       setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, intBuf(TCP_SEND_QUEUE));
-      if (sys.syscall(SYS_shutdown, fd, 1) < 0) fail('shutdown(SHUT_WR) for FIN_WAIT1');
-    }
+      if (sys.syscall(SYS_shutdown, fd, 1) < 0) fail(`shutdown(SHUT_WR) for ${stateName(c.state)}`);
+      setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, intBuf(0));
+    };
+    const sndUna = (c.outqSeq - finSent - outq.length) >>> 0;
+    const wnd = Math.min(65535, (c.window?.[1] ?? 65535) >>> c.sndWscale);
+    if (FIN_FIRST.has(c.state)) ourFin();
+    if (finIn) forge(fd, st, w, { seq: (c.inqSeq - 1) >>> 0, ack: sndUna, fin: true, wnd }, c.state === TCP.CLOSING ? TCP.CLOSING : TCP.CLOSE_WAIT);
+    if (c.state === TCP.LAST_ACK) ourFin();
+    if (c.state === TCP.FIN_WAIT2) forge(fd, st, w, { seq: c.inqSeq, ack: (c.outqSeq - outq.length) >>> 0, fin: false, wnd }, TCP.FIN_WAIT2);
     setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, intBuf(0));
   }
 
@@ -854,6 +878,74 @@ export class TcpRestore {
     const locked = this.made.filter((m) => m.st.conn?.outside && (this.ctx.live || m.st.conn.locked)).map((m) => tupleOf(m.st));
     if (locked.length) unlockConnections(locked);
   }
+}
+
+const IPPROTO_RAW = 255, SYS_sendto = 44, SO_MARK_OPT = 36, TH_FIN = 1, TH_ACK = 0x10;
+
+/** The Internet checksum of some buffers. */
+function csum(parts: Buffer[]): number {
+  let sum = 0;
+  for (const b of parts) {
+    for (let i = 0; i + 1 < b.length; i += 2) sum += b.readUInt16BE(i);
+    if (b.length & 1) sum += b[b.length - 1] << 8;
+  }
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  return ~sum & 0xffff;
+}
+
+/**
+ * A segment from the connection's peer to socket `fd` (in repair mode,
+ * which still takes in what arrives), sent on a raw socket of the
+ * supervisor; then wait until the socket is in state `want`.
+ */
+function forge(fd: number, st: TcpState, w: string, seg: { seq: number; ack: number; fin: boolean; wnd: number }, want: number): void {
+  const c = st.conn!;
+  const src = v4mapped(c.remote.ip) ?? c.remote.ip, dst = v4mapped(st.local!.ip) ?? st.local!.ip;
+  const v4 = src.length === 8;
+  const tcp = Buffer.alloc(20);
+  tcp.writeUInt16BE(c.remote.port, 0);
+  tcp.writeUInt16BE(st.local!.port, 2);
+  tcp.writeUInt32BE(seg.seq >>> 0, 4);
+  tcp.writeUInt32BE(seg.ack >>> 0, 8);
+  tcp[12] = 5 << 4;
+  tcp[13] = TH_ACK | (seg.fin ? TH_FIN : 0);
+  tcp.writeUInt16BE(seg.wnd, 14);
+  const s = Buffer.from(src, 'hex'), d = Buffer.from(dst, 'hex');
+  const pseudo = v4 ? Buffer.concat([s, d, Buffer.from([0, IPPROTO_TCP, 0, 20])]) : Buffer.concat([s, d, Buffer.from([0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP])]);
+  tcp.writeUInt16BE(csum([pseudo, tcp]), 16);
+  let ip: Buffer;
+  if (v4) {
+    ip = Buffer.alloc(20);
+    ip[0] = 0x45;
+    ip.writeUInt16BE(40, 2);
+    ip[8] = 64;
+    ip[9] = IPPROTO_TCP;
+    s.copy(ip, 12);
+    d.copy(ip, 16);
+  } else {
+    ip = Buffer.alloc(40);
+    ip.writeUInt32BE(0x60000000, 0);
+    ip.writeUInt16BE(20, 4);
+    ip[6] = IPPROTO_TCP;
+    ip[7] = 64;
+    s.copy(ip, 8);
+    d.copy(ip, 24);
+  }
+  const pkt = Buffer.concat([ip, tcp]);
+  const to = sockaddr(v4 ? AF_INET : AF_INET6, { ip: dst, port: 0 });
+  const raw = sys.socket(v4 ? AF_INET : AF_INET6, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW);
+  try {
+    setsockopt(raw, SOL_SOCKET, SO_MARK_OPT, intBuf(Number(CKPT_MARK)));
+    if (sys.syscall(SYS_sendto, raw, addressOf(pkt), pkt.length, 0, addressOf(to), to.length) !== pkt.length) throw new CkptError(errnoNow(), 'restart:tcp', `${w}: cannot forge the peer's ${seg.fin ? 'FIN' : 'ACK'}`);
+  } finally {
+    fs.closeSync(raw);
+  }
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
+  for (let i = 0; i < 200; i++) {
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, 8)?.[0] === want) return;
+    Atomics.wait(sleeper, 0, 0, 1);
+  }
+  throw new CkptError(errno('EIO'), 'restart:tcp', `${w}: the peer's forged ${seg.fin ? 'FIN' : 'ACK'} was not taken (state ${stateName(getsockopt(fd, IPPROTO_TCP, TCP_INFO, 8)?.[0] ?? 0)}, not ${stateName(want)})`);
 }
 
 /** Queue bytes on a socket (repair mode: into the queue chosen), in chunks the kernel takes. */
