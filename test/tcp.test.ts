@@ -6,7 +6,7 @@ import t from 'tap';
 import path from 'node:path';
 import fs from 'node:fs';
 import { spawn, execFileSync } from 'node:child_process';
-import { supervise, fixture, CKPT, tmpdir } from './helpers.js';
+import { supervise, fixture, CKPT, SUPERVISE, tmpdir } from './helpers.js';
 
 const dir = tmpdir('tcp');
 const restart = (img: string) => supervise([...CKPT, 'restart', '-i', img]);
@@ -82,4 +82,78 @@ t.test('a rollback keeps a connection to a peer outside when nothing was sent or
   await peer.done;
   t.equal(fs.readFileSync(peer.log, 'utf8').trim(), 'PEER OK 2060', 'the peer saw every byte in order, then a clean end');
   t.same(rules().filter((l) => l.includes(`:${peer.port}`)), [], 'no rule left');
+});
+
+/** Run a command to its end without blocking the loop (a client's socket lives in it meanwhile). */
+function runAsync(cmd: string[], env = process.env): Promise<{ status: number | null; out: string }> {
+  return new Promise((res) => {
+    const p = spawn(cmd[0], cmd.slice(1), { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (out += d));
+    p.on('exit', (status) => res({ status, out }));
+  });
+}
+
+function haveRedis(): boolean {
+  const has = () => {
+    try {
+      execFileSync('sh', ['-c', 'command -v redis-server && command -v redis-cli'], { stdio: 'ignore' });
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (has()) return true;
+  try {
+    execFileSync('apt-get', ['install', '-y', 'redis-server'], { stdio: 'ignore', timeout: 300_000 });
+  } catch { /* no network, no apt */ }
+  return has();
+}
+
+t.test('redis-server with a client connected from outside: CKPT_KILL, restart, and the client\'s next command on the same connection is answered with the data set before', { skip: haveRedis() ? false : 'redis-server not installed and apt-get failed' }, async (t) => {
+  const { default: net } = await import('node:net');
+  const rd = fs.mkdtempSync(path.join(dir, 'redis-'));
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const img = path.join(rd, 'redis.img'), trigger = path.join(rd, 'trigger');
+  const ckpt = CKPT.map((a) => `'${a}'`).join(' ');
+  // A shell in the tree starts redis, then checkpoints it (the ckpt tool runs inside the tree) when told.
+  const script = `redis-server --port ${port} --bind 127.0.0.1 --save '' --appendonly no --daemonize no >${rd}/redis.log 2>&1 & R=$!; while [ ! -e ${trigger} ]; do sleep 0.05; done; ${ckpt} checkpoint $R --kill -o ${img}; echo "checkpoint status $?"; wait`;
+  const tree = runAsync([...SUPERVISE, '--', 'sh', '-c', script]);
+  const client = await (async () => {
+    for (let i = 0; i < 100; i++) {
+      const s = await new Promise<import('node:net').Socket | null>((res) => {
+        const c = net.connect(port, '127.0.0.1');
+        c.once('connect', () => res(c));
+        c.once('error', () => res(null));
+      });
+      if (s) return s;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error('redis did not start');
+  })();
+  let got = '', trouble = '';
+  client.on('data', (d) => (got += d));
+  client.on('error', (e) => (trouble += `error ${e.message} `));
+  client.on('end', () => (trouble += 'end '));
+  const answer = async (cmd: string, want: string) => {
+    got = '';
+    client.write(cmd);
+    for (let i = 0; i < 200 && !got.includes(want); i++) await new Promise((r) => setTimeout(r, 25));
+    return got;
+  };
+  t.equal(await answer('SET greeting "kept across a restart"\r\n', '+OK'), '+OK\r\n', 'SET answered before the checkpoint');
+  fs.writeFileSync(trigger, '');
+  const first = await tree;
+  t.match(first.out, /checkpoint status 0/, first.out);
+  t.equal(trouble, '', 'the client saw no reset and no end while redis was down');
+  const restarted = runAsync([...SUPERVISE, '--', ...CKPT, 'restart', '-i', img]);
+  t.equal(await answer('GET greeting\r\n', 'restart\r\n'), '$21\r\nkept across a restart\r\n', 'the same connection: GET answered with the value set before');
+  t.equal(await answer('INCR counter\r\n', ':1'), ':1\r\n', 'and it goes on');
+  client.write('SHUTDOWN NOSAVE\r\n');
+  const r = await restarted;
+  t.equal(r.status, 0, r.out);
+  t.match(trouble, /^end $/, 'the client sees the end only when redis shuts down');
+  client.destroy();
+  t.same(rules().filter((l) => l.includes(`:${port}`)), [], 'no rule left');
 });
