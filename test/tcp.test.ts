@@ -139,7 +139,7 @@ t.test('redis-server with a client connected from outside: CKPT_KILL, restart, a
   const answer = async (cmd: string, want: string) => {
     got = '';
     client.write(cmd);
-    for (let i = 0; i < 200 && !got.includes(want); i++) await new Promise((r) => setTimeout(r, 25));
+    for (let i = 0; i < 1200 && !got.includes(want); i++) await new Promise((r) => setTimeout(r, 25)); // its retransmission timer backed off while redis was down
     return got;
   };
   t.equal(await answer('SET greeting "kept across a restart"\r\n', '+OK'), '+OK\r\n', 'SET answered before the checkpoint');
@@ -156,4 +156,21 @@ t.test('redis-server with a client connected from outside: CKPT_KILL, restart, a
   t.match(trouble, /^end $/, 'the client sees the end only when redis shuts down');
   client.destroy();
   t.same(rules().filter((l) => l.includes(`:${port}`)), [], 'no rule left');
+});
+
+t.test('a port taken at restart is EBUSY; once free, the listener comes back on it', async (t) => {
+  const { default: net } = await import('node:net');
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const img = path.join(dir, 'listen.img');
+  const first = supervise([fixture('tcp'), 'listen', String(port), img]);
+  t.equal(first.status, 137, `CKPT_KILL (${first.stdout.trim()} ${first.stderr.trim()})`);
+  const holder = net.createServer();
+  await new Promise<void>((res) => holder.listen(port, '127.0.0.1', () => res()));
+  const busy = restart(img);
+  t.not(busy.status, 0, 'refused');
+  t.match(busy.stderr, new RegExp(`EBUSY: restart:tcp bind: task \\d+: fd \\d+ \\(TCP port ${port}\\): 127\\.0\\.0\\.1 port ${port} is in use`), 'EBUSY naming the port');
+  await new Promise<void>((res) => holder.close(() => res()));
+  const ok = restart(img);
+  t.match(ok.stdout, /LISTEN OK/, ok.stdout + ok.stderr);
+
 });
