@@ -32,7 +32,7 @@ import { makeShells, makeZombies, setGroups, makeZombie, finishProcess, runShell
 import type { MemCheckpoint } from './memckpt.js';
 import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
-import { checkTcpRollback } from './resources/tcp.js';
+import { checkTcpRollback, unlockTcpRollback } from './resources/tcp.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
@@ -155,6 +155,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     log.syscall('rollback of checkpoint %d: %d kept, %d made, %d killed, %d bytes copied, %s', c.crid, kept.length, made.length, extra.length, copied, ph);
   } catch (e) {
     // Past the checks: never leave the subtree half-restored.
+    unlockTcpRollback(tree.files.descs);
     for (const sh of shells.values()) sh.remote.mem.close();
     for (const p of subtree(tracer, root)) sys.kill(p, SIGKILL);
     sys.kill(root, SIGKILL);

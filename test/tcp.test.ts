@@ -174,3 +174,26 @@ t.test('a port taken at restart is EBUSY; once free, the listener comes back on 
   t.match(ok.stdout, /LISTEN OK/, ok.stdout + ok.stderr);
 
 });
+
+t.test('a port the restarting caller could not bind itself (below 1024, no CAP_NET_BIND_SERVICE) is EPERM', async (t) => {
+  // Port 80, bound with CAP_NET_BIND_SERVICE (ambient) by uid 65534, which then drops it: the image asks for no capability.
+  const pdir = fs.mkdtempSync('/tmp/ckpt-tcppriv-'); // reachable by uid 65534
+  fs.chmodSync(pdir, 0o777);
+  const pimg = path.join(pdir, 'priv.img');
+  const held = supervise(['setpriv', '--reuid', '65534', '--regid', '65534', '--clear-groups', '--inh-caps', '+net_bind_service', '--ambient-caps', '+net_bind_service', fixture('tcp'), 'listen', '80', pimg]);
+  if (!/listening on 80/.test(held.stdout)) {
+    t.comment(`skipped: port 80 could not be had (${held.stdout.trim()} ${held.stderr.trim()})`);
+    return;
+  }
+  t.equal(held.status, 137, 'checkpointed and killed');
+  // The restarter: root (it may give the image's uid and choose pids) with every capability but CAP_NET_BIND_SERVICE.
+  const bnd = fs.readFileSync('/proc/self/status', 'utf8').match(/^CapBnd:\s*([0-9a-f]+)$/m)![1];
+  const names = execFileSync('capsh', [`--decode=${bnd}`], { encoding: 'utf8' }).trim().replace(/^0x[0-9a-f]+=/, '').split(',').filter((c) => c !== 'cap_net_bind_service').join(',');
+  const denied = supervise(['capsh', `--inh=${names}`, '--secbits=1', `--addamb=${names}`, '--', '-c', `exec ${CKPT.map((a) => `'${a}'`).join(' ')} restart -i '${pimg}'`]);
+  t.not(denied.status, 0, 'refused');
+  t.match(denied.stderr, /EPERM: restart:tcp bind: task \d+: fd \d+ \(TCP port 80\): the restarting process may not bind port 80/, 'EPERM naming the port');
+  t.notMatch(denied.stdout, /LISTEN OK/, 'nothing runs');
+  const allowed = restart(pimg);
+  t.match(allowed.stdout, /LISTEN OK/, `a caller with CAP_NET_BIND_SERVICE restarts it (${allowed.stderr.trim()})`);
+  fs.rmSync(pdir, { recursive: true, force: true });
+});

@@ -203,7 +203,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
         table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
         pipeHolders.push({ ino: pipe[1], pid, fd, end });
-      } else if (/^socket:\[(\d+)\]$/.test(target) && tcp.has(pid, fd, Number(target.slice(8, -1)))) {
+      } else if (/^socket:\[(\d+)\]$/.test(target) && !(diag ??= unixSockets()).has(Number(target.slice(8, -1))) && tcp.has(pid, fd, Number(target.slice(8, -1)))) {
         table.descs.push(tcp.add(pid, fd, Number(target.slice(8, -1)), { id, kind: 'tcp' as const, flags })); // read by tcp.finish()
       } else if (/^socket:\[(\d+)\]$/.test(target)) {
         const ino = Number(/^socket:\[(\d+)\]$/.exec(target)![1]);

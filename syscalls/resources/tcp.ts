@@ -1030,6 +1030,12 @@ export function checkTcpRollback(descs: Desc[], pids: number[], crid: number): v
   }
 }
 
+/** A rollback failed after checkTcpRollback (the subtree is killed): its rules go. */
+export function unlockTcpRollback(descs: Desc[]): void {
+  const outside = connsOf(descs).filter((d) => d.conn.outside);
+  if (outside.length) unlockConnections(outside.map(tupleOf));
+}
+
 /**
  * A rollback, before the live descriptors are closed: every live socket of
  * a connection the checkpoint holds is put in repair mode, so that closing
