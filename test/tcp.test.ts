@@ -197,3 +197,11 @@ t.test('a port the restarting caller could not bind itself (below 1024, no CAP_N
   t.match(allowed.stdout, /LISTEN OK/, `a caller with CAP_NET_BIND_SERVICE restarts it (${allowed.stderr.trim()})`);
   fs.rmSync(pdir, { recursive: true, force: true });
 });
+
+t.test('refused: a TCP connection also held by a process outside the subtree; EOPNOTSUPP naming it, the connection unharmed', async (t) => {
+  const r = supervise([fixture('tcp'), 'shared']);
+  t.match(r.stdout, /^shared: checkpoint ret=-1 errno=EOPNOTSUPP$/m);
+  t.match(r.stderr, /EOPNOTSUPP: checkpoint:tcp: task \d+: fd \d+ \(socket:\[\d+\], TCP\): also held by process \d+ outside the subtree/, 'the log names the socket and the other holder');
+  t.match(r.stdout, /^ok shared: the connection works after the refusal$/m);
+  t.equal(r.status, 0);
+});

@@ -277,7 +277,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       umask: parseInt(statusOf(pid).get('Umask') ?? '022', 8),
     });
   }
-  tcp.finish();
+  tcp.finish((ino) => others.socketHolder(ino, new Set(procs)));
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
   findMovedWatches(table, seen);
   for (const [lo, pair] of pairIds) {
@@ -366,6 +366,8 @@ function peekPipe(pid: number, fd: number): { data: Buffer; size: number } {
  */
 export class OutsideHolders {
   private readonly pipes = new Map<string, number[]>();
+  /** Sockets, by inode (a TCP socket shared with one is refused). */
+  private readonly sockets = new Map<number, number[]>();
   /** Descriptors naming a path: a FIFO among them is only looked for when the subtree holds one. */
   private readonly paths: { pid: number; fd: string }[] = [];
   constructor(others: number[]) {
@@ -384,7 +386,9 @@ export class OutsideHolders {
           continue;
         }
         const m = /^pipe:\[(\d+)\]$/.exec(t);
+        const so = /^socket:\[(\d+)\]$/.exec(t);
         if (m) this.pipes.set(m[1], [...(this.pipes.get(m[1]) ?? []), pid]);
+        else if (so) this.sockets.set(Number(so[1]), [...(this.sockets.get(Number(so[1])) ?? []), pid]);
         else if (t.startsWith('/')) this.paths.push({ pid, fd });
       }
     }
@@ -393,6 +397,11 @@ export class OutsideHolders {
   /** A process outside `inside` holding the very description fd `fd` of `pid` is (by path), if any. */
   sharing(pid: number, fd: number, inside: Set<number>): number | undefined {
     return this.paths.find((p) => !inside.has(p.pid) && kcmpFile(p.pid, Number(p.fd), pid, fd))?.pid;
+  }
+
+  /** A process outside `inside` holding socket inode `ino`, if any. */
+  socketHolder(ino: number, inside: Set<number>): number | undefined {
+    return this.sockets.get(ino)?.find((p) => !inside.has(p));
   }
 
   /** A process outside `inside` holding one of these pipe or FIFO inodes, if any. */

@@ -4,23 +4,26 @@
  * Kinds kept:
  * - not connected (bound or not) and listening sockets: family, address,
  *   port, backlog and options (below);
- * - connections (ESTABLISHED, FIN_WAIT1) through TCP_REPAIR: in repair mode
- *   a socket's sequence numbers and both queues can be read (MSG_PEEK on
- *   the receive queue and, with TCP_REPAIR_QUEUE = send, on the send
- *   queue: bytes sent but not acknowledged, then bytes never sent), and a
- *   new socket can be given them back and "connected" without a packet;
- *   the window (TCP_REPAIR_WINDOW), MSS, window scale, SACK and timestamps
- *   (TCP_REPAIR_OPTIONS, TCP_TIMESTAMP) go with them.
+ * - connections (ESTABLISHED and the half-closed FIN_WAIT1, FIN_WAIT2,
+ *   CLOSE_WAIT, LAST_ACK, CLOSING) through TCP_REPAIR: in repair mode a
+ *   socket's sequence numbers and both queues can be read (MSG_PEEK on the
+ *   receive queue and, with TCP_REPAIR_QUEUE = send, on the send queue:
+ *   bytes sent but not acknowledged, then bytes never sent), and a new
+ *   socket can be given them back and "connected" without a packet; the
+ *   window (TCP_REPAIR_WINDOW), MSS, window scale, SACK and timestamps
+ *   (TCP_REPAIR_OPTIONS, TCP_TIMESTAMP) go with them. Our FIN is queued
+ *   again by shutdown in repair mode; the peer's FIN (and its ACK of ours,
+ *   for FIN_WAIT2) cannot be queued by any call: it is forged from the
+ *   peer's address on a raw socket of the supervisor (CRIU does the same).
  *
- * Refused by name: SYN_SENT (a connect in flight), the states that need a
- * FIN or an ACK from the peer to be made again (FIN_WAIT2, CLOSE_WAIT,
- * LAST_ACK, CLOSING: the kernel has no call that queues a received FIN;
- * CRIU forges the peer's packet on a raw socket), a listener with
- * connections not yet accepted (no process holds them: the kernel gives
- * no way to read one without accepting it, nor to queue one again),
- * TCP-MD5 signatures and upper-layer protocols (kTLS...), SO_MARK,
- * IP_TRANSPARENT and SO_PRIORITY above 6 (a restart would set them with
- * the supervisor's privileges).
+ * Refused by name: SYN_SENT and SYN_RECV (a connection being opened), a
+ * listener with connections not yet accepted (no process holds them: the
+ * kernel gives no way to read one's received bytes without accepting it,
+ * which would take it from the program, nor to queue a socket in an
+ * accept queue again), TCP-MD5 signatures and upper-layer protocols
+ * (kTLS...), SO_MARK, IP_TRANSPARENT and SO_PRIORITY above 6 (a restart
+ * would set them with the supervisor's privileges), TCP_REPAIR refused by
+ * the kernel (no CAP_NET_ADMIN for the supervisor).
  *
  * The peer must see nothing. A socket in repair mode sends nothing, even
  * when it is closed, so:
@@ -625,9 +628,18 @@ export class TcpCapture {
     return st;
   }
 
-  /** Read every socket met (the subtree is frozen). */
-  finish(): void {
+  /**
+   * Read every socket met (the subtree is frozen). `heldOutside`: a
+   * supervised process outside the subtree holding that socket inode (it
+   * would be left with a socket in repair mode, or two sockets with one
+   * 4-tuple after a restart): refused.
+   */
+  finish(heldOutside: (ino: number) => number | undefined = () => undefined): void {
     if (!this.met.length) return;
+    for (const m of this.met) {
+      const other = heldOutside(m.ino);
+      if (other !== undefined) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${where(m.pid, m.fd, m.ino)}: also held by process ${other} outside the subtree`);
+    }
     const ours = new Set(this.met.map((m) => m.ino));
     const byTuple = new Map(this.diag!.map((d) => [tupleKey(d.local, d.remote), d]));
     const conns: { m: Met; info: InetSockInfo; outside: boolean }[] = [];
