@@ -19,7 +19,8 @@ const rules = () => {
 };
 
 const insideChecks = [
-  'listener: same port, listening', 'listener: SO_REUSEADDR', 'listener: accepts a new connection',
+  'listener: same port, listening', 'listener: SO_REUSEADDR', 'listener: the connection that waited is accepted now, from its client',
+  'listener: the connection that waited carries data both ways', 'listener: accepts a new connection',
   'options: TCP_NODELAY, SO_KEEPALIVE', 'options: keepalive idle, interval, count', 'options: SO_LINGER', 'options: IP_TOS, IP_TTL', 'options: O_NONBLOCK',
   'half-closed: C still shut down for writing (FIN_WAIT1)', 'queues: C reads what S had sent, once',
   'queues: S reads all C sent (received, unacknowledged, never sent), in order, then EOF',
@@ -29,7 +30,7 @@ const insideChecks = [
 ];
 
 for (const mode of ['restart', 'undo']) {
-  t.test(`a listener, connections with data both ways (one stuck in its send queue, then FIN_WAIT1; FIN_WAIT2 and CLOSE_WAIT), IPv6, bound and unbound sockets, peers in the tree, across a ${mode}`, async (t) => {
+  t.test(`a listener with a connection not yet accepted, connections with data both ways (one stuck in its send queue, then FIN_WAIT1; FIN_WAIT2 and CLOSE_WAIT), IPv6, bound and unbound sockets, peers in the tree, across a ${mode}`, async (t) => {
     const img = path.join(dir, 'inside.img');
     const first = supervise([fixture('tcp'), 'inside', mode === 'undo' ? 'undo' : img], { timeout: 120_000 });
     t.match(first.stdout, /setup: half-closed pair in states 5 and 8/, 'FIN_WAIT2 and CLOSE_WAIT');

@@ -477,6 +477,8 @@ export interface TcpConn {
   outside?: boolean;
   /** Its packets are dropped (netfilter) from the checkpoint until a restore takes over. */
   locked?: boolean;
+  /** Waiting in a listener of the subtree to be accepted: made again by connecting (pendingOf). */
+  accept?: boolean;
 }
 
 export interface TcpState {
@@ -504,6 +506,7 @@ export const tcpConnSchema = z.strictObject({
   window: z.tuple([u32, u32, u32, u32, u32]).optional(),
   outside: z.boolean().optional(),
   locked: z.boolean().optional(),
+  accept: z.boolean().optional(),
 });
 /** The fields of a 'tcp' description (files.ts adds id, kind and flags). */
 export const tcpFields = {
@@ -642,21 +645,23 @@ export class TcpCapture {
     }
     const ours = new Set(this.met.map((m) => m.ino));
     const byTuple = new Map(this.diag!.map((d) => [tupleKey(d.local, d.remote), d]));
-    const conns: { m: Met; info: InetSockInfo; outside: boolean }[] = [];
+    const conns: { m: Met; info: InetSockInfo; outside: boolean; later: boolean }[] = [];
+    for (const m of this.met) {
+      const info = this.byIno!.get(m.ino)!;
+      if (info.state === TCP.LISTEN && info.rqueue) this.pendingOf(m, info, ours, byTuple);
+    }
     for (const m of this.met) {
       const info = this.byIno!.get(m.ino)!;
       const w = where(m.pid, m.fd, m.ino);
       if (info.md5) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: TCP-MD5 signatures (TCP_MD5SIG): not kept`);
       if (info.ulp) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: an upper-layer protocol (TCP_ULP, kTLS...): not kept`);
-      if (info.state === TCP.LISTEN) {
-        if (info.rqueue) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: listening on port ${info.local.port} with ${info.rqueue} connections not yet accepted (no process holds them: the kernel cannot give them back to the accept queue)`);
-        continue;
-      }
+      if (info.state === TCP.LISTEN) continue; // its waiting connections: above
       if (info.state === TCP.CLOSE) continue;
       if (info.state === TCP.SYN_SENT || info.state === TCP.SYN_RECV) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: a connection being opened (${stateName(info.state)}): not supported`);
       if (!KEPT_CONN.has(info.state)) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: a connection in state ${stateName(info.state)}: not supported`);
       const peer = byTuple.get(tupleKey(info.remote, info.local));
-      conns.push({ m, info, outside: !peer || !ours.has(peer.ino) });
+      const later = !!peer && this.acceptLater.has(peer);
+      conns.push({ m, info, outside: !later && (!peer || !ours.has(peer.ino)), later });
     }
     // The peers outside: their packets held before anything is read (or it could change after).
     if (this.kill) {
@@ -680,7 +685,8 @@ export class TcpCapture {
         const remote = sockName(mine, SYS_getpeername) ?? info.remote;
         let keep = false;
         try {
-          m.st.conn = { ...readConn(mine, w), remote, ...(c.outside ? { outside: true } : {}), ...(c.outside && this.kill ? { locked: true } : {}) };
+          m.st.conn = { ...readConn(mine, w), remote, ...(c.outside ? { outside: true } : {}), ...(c.outside && this.kill ? { locked: true } : {}), ...(c.later ? { accept: true } : {}) };
+          if (c.later && (m.st.conn.state !== TCP.ESTABLISHED || m.st.conn.inq)) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: a connection not yet accepted by its listener in state ${stateName(m.st.conn.state)}${m.st.conn.inq ? ' with bytes received' : ''}: not supported`);
           if (this.kill) {
             // Left in repair mode: it dies silently with the subtree.
             this.held.push({ fd: sys.fcntl(mine, 1030 /* F_DUPFD_CLOEXEC */, 3), where: w });
@@ -691,6 +697,34 @@ export class TcpCapture {
         }
       }, 'socket fd');
     }
+  }
+
+  /** Connections waiting in a listener of the subtree, whose clients are in it too: remade by connecting again. */
+  private readonly acceptLater = new Set<InetSockInfo>();
+
+  /**
+   * A listener with connections waiting to be accepted. No process holds
+   * them, and the kernel can neither show what one has received without
+   * accepting it (which would take it from the program) nor put a socket
+   * into an accept queue. One whose client is in the subtree and which has
+   * received nothing yet is kept all the same: at restart its client
+   * connects again (a real handshake through the listener made again, so
+   * it waits to be accepted as before) and sends again what it had not
+   * got acknowledged; the sequence numbers differ, which only the two
+   * ends, both in the subtree, could tell. Any other is refused.
+   */
+  private pendingOf(m: Met, info: InetSockInfo, ours: Set<number>, byTuple: Map<string, InetSockInfo>): void {
+    const w = where(m.pid, m.fd, m.ino);
+    const mine = this.diag!.filter((d) => d.ino === 0 && d.state === TCP.ESTABLISHED && d.family === info.family && d.local.port === info.local.port && (isAny(info.local.ip) || d.local.ip === info.local.ip));
+    let found = 0;
+    for (const child of mine) {
+      const client = byTuple.get(tupleKey(child.remote, child.local));
+      if (!client || !ours.has(client.ino)) continue;
+      if (child.rqueue) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: listening on port ${info.local.port}: a connection not yet accepted holds ${child.rqueue} bytes its client sent (they cannot be read without accepting it)`);
+      this.acceptLater.add(child);
+      found++;
+    }
+    if (found < info.rqueue) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:tcp', `${w}: listening on port ${info.local.port} with ${info.rqueue - found} connections not yet accepted from clients outside the subtree (no process holds them: the kernel cannot put them back in the accept queue)`);
   }
 
   /** The checkpoint failed or the subtree runs on: repair mode off (no window probe), rules removed. */
@@ -761,6 +795,10 @@ export class TcpRestore {
     const w = `task ${r.task.tid}: fd ${owner.fd} (TCP${st.local ? ` port ${st.local.port}` : ''})`;
     const at = this.ctx.park(pid, r.check('restart:tcp socket', SYS_socket, st.family, SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_TCP));
     const host = this.ctx.host(pid);
+    if (st.conn?.accept) {
+      this.connectAgain(r, at, st, w);
+      return at;
+    }
     withTraceeFd(host, at.fd, 'restart:tcp', (mine) => {
       restoreOpts(mine, st.family, st.opts, 'bind', w);
       if (this.sharedPort(st)) setsockopt(mine, SOL_SOCKET, INT_OPTS.reuseport[1], intBuf(1));
@@ -781,6 +819,24 @@ export class TcpRestore {
     }, 'socket fd');
     this.made.push({ place: owner, st, where: w });
     return at;
+  }
+
+  /** A connection that waited to be accepted: it connects again to its listener (made already) and sends again what was not acknowledged. */
+  private connectAgain(r: Remote, at: TcpPlace, st: TcpState, w: string): void {
+    const c = st.conn!;
+    const host = this.ctx.host(at.pid);
+    withTraceeFd(host, at.fd, 'restart:tcp', (mine) => restoreOpts(mine, st.family, st.opts, 'bind', w), 'socket fd');
+    this.bind(r, at.fd, st, w);
+    const b = new CallBatch(r);
+    const sa = sockaddr(st.family, c.remote);
+    b.add(undefined, SYS_connect, at.fd, b.put(sa), sa.length);
+    const [res] = b.run();
+    if (res < 0n) throw new CkptError(Number(-res), 'restart:tcp connect', `${w}: connecting again to its listener ${ipText(c.remote.ip)} port ${c.remote.port}`);
+    withTraceeFd(host, at.fd, 'restart:tcp', (mine) => {
+      const outq = Buffer.from(c.outq, 'base64');
+      if (outq.length) sendAll(mine, outq, w, 'not acknowledged');
+      restoreOpts(mine, st.family, st.opts, 'after', w);
+    }, 'socket fd');
   }
 
   /** bind by the process itself: its own right to the port. */
@@ -870,7 +926,7 @@ export class TcpRestore {
   /** Every socket is there: out of repair mode, the bytes never sent sent now, the other options, rules gone. */
   finish(): void {
     for (const m of this.made) {
-      if (!m.st.conn) continue;
+      if (!m.st.conn || m.st.conn.accept) continue;
       withTraceeFd(this.ctx.host(m.place.pid), m.place.fd, 'restart:tcp', (mine) => {
         repair(mine, 0, m.where);
         const outq = Buffer.from(m.st.conn!.outq, 'base64');
@@ -1057,7 +1113,8 @@ export function unlockTcpRollback(descs: Desc[]): void {
 export function silenceLiveTcp(descs: Desc[], pids: number[]): void {
   const conns = connsOf(descs);
   if (!conns.length) return;
-  const want = new Set(conns.map((d) => tupleKey(d.local, d.conn.remote)));
+  // (and the accepted end of one that waited to be accepted: its 4-tuple is made again by the connect)
+  const want = new Set(conns.flatMap((d) => [tupleKey(d.local, d.conn.remote), ...(d.conn.accept ? [tupleKey(d.conn.remote, d.local)] : [])]));
   const holders = liveHolders(pids);
   for (const s of tcpSockets()) {
     const h = s.ino && want.has(tupleKey(s.local, s.remote)) ? holders.get(s.ino) : undefined;
