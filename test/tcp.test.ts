@@ -206,3 +206,10 @@ t.test('refused: a TCP connection also held by a process outside the subtree; EO
   t.match(r.stdout, /^ok shared: the connection works after the refusal$/m);
   t.equal(r.status, 0);
 });
+
+t.test('refused: a TCP socket with a socket filter (nothing keeps it); EOPNOTSUPP naming it', async (t) => {
+  const r = supervise([fixture('tcp'), 'filter']);
+  t.match(r.stdout, /^filter: checkpoint ret=-1 errno=EOPNOTSUPP$/m);
+  t.match(r.stderr, /EOPNOTSUPP: checkpoint:tcp: task \d+: fd \d+ \(socket:\[\d+\], TCP\): a socket filter \(SO_ATTACH_FILTER\): not kept/, 'the log names it');
+  t.equal(r.status, 0);
+});

@@ -188,7 +188,8 @@ const INT_OPTS = {
   keepintvl: [IPPROTO_TCP, 5, 0, false], keepcnt: [IPPROTO_TCP, 6, 0, false], syncnt: [IPPROTO_TCP, 7, 0, false],
   linger2: [IPPROTO_TCP, 8, 0, false], deferaccept: [IPPROTO_TCP, 9, 0, false], windowclamp: [IPPROTO_TCP, 10, 0, false],
   usertimeout: [IPPROTO_TCP, 18, 0, false], notsentlowat: [IPPROTO_TCP, 25, 0, false], fastopen: [IPPROTO_TCP, 23, 0, false],
-  thinlto: [IPPROTO_TCP, 16, 0, false],
+  thinlto: [IPPROTO_TCP, 16, 0, false], inq: [IPPROTO_TCP, 36, 0, false], savesyn: [IPPROTO_TCP, 27, 0, false],
+  timestamp: [SOL_SOCKET, 29, 0, false], timestampns: [SOL_SOCKET, 35, 0, false], pacing: [SOL_SOCKET, 47, 0, false],
   tos: [SOL_IP, 1, AF_INET, false], ttl: [SOL_IP, 2, AF_INET, false], mtudisc: [SOL_IP, 10, AF_INET, false],
   recverr: [SOL_IP, 11, AF_INET, false], freebind: [SOL_IP, 15, AF_INET, true], nobindport: [SOL_IP, 24, AF_INET, true],
   v6only: [SOL_IPV6, 26, AF_INET6, true], hops: [SOL_IPV6, 16, AF_INET6, false], tclass: [SOL_IPV6, 67, AF_INET6, false],
@@ -196,7 +197,7 @@ const INT_OPTS = {
 } as const satisfies Record<string, readonly [number, number, number, boolean]>;
 type IntOpt = keyof typeof INT_OPTS;
 const OPT_NAMES = Object.keys(INT_OPTS) as IntOpt[];
-const SO_SNDBUFFORCE = 32, SO_TYPE = 3, SO_PROTOCOL = 38, SO_DOMAIN = 39, SO_LINGER = 13, SO_RCVTIMEO = 20, SO_SNDTIMEO = 21, SO_BINDTODEVICE = 25, SO_MARK = 36, IP_TRANSPARENT = 19, TCP_CONGESTION = 13, TCP_MD5SIG = 14, TCP_ULP = 31;
+const SO_GET_FILTER = 26, SO_SNDBUFFORCE = 32, SO_TYPE = 3, SO_PROTOCOL = 38, SO_DOMAIN = 39, SO_LINGER = 13, SO_RCVTIMEO = 20, SO_SNDTIMEO = 21, SO_BINDTODEVICE = 25, SO_MARK = 36, IP_TRANSPARENT = 19, TCP_CONGESTION = 13, TCP_MD5SIG = 14, TCP_ULP = 31;
 const TCP_MSS_DEFAULT = 536;
 
 /** Options as kept: the integers that differ from a new socket's are set again. */
@@ -240,6 +241,12 @@ export function captureOpts(fd: number, family: number, where: string, connected
   if ((getsockoptInt(fd, SOL_SOCKET, SO_MARK) ?? 0) !== 0) throw refuse('SO_MARK (a restart would set it with the supervisor\'s CAP_NET_ADMIN)');
   if (family === AF_INET && (getsockoptInt(fd, SOL_IP, IP_TRANSPARENT) ?? 0) !== 0) throw refuse('IP_TRANSPARENT');
   if ((o.ints.priority ?? 0) > 6) throw refuse(`SO_PRIORITY ${o.ints.priority} (above 6 needs CAP_NET_ADMIN)`);
+  // What nothing here keeps is refused, not dropped: a socket filter, SO_TIMESTAMPING, busy polling, TCP_TX_DELAY (the last two need CAP_NET_ADMIN).
+  const flen = Buffer.alloc(4);
+  if (sys.syscall(SYS_getsockopt, fd, SOL_SOCKET, SO_GET_FILTER, addressOf(Buffer.alloc(8)), addressOf(flen)) === 0 && flen.readUInt32LE(0)) throw refuse('a socket filter (SO_ATTACH_FILTER)');
+  for (const [name, level, opt] of [['SO_TIMESTAMPING', SOL_SOCKET, 37], ['SO_BUSY_POLL', SOL_SOCKET, 46], ['TCP_TX_DELAY', IPPROTO_TCP, 37]] as const) {
+    if ((getsockoptInt(fd, level, opt) ?? 0) !== 0) throw refuse(name);
+  }
   const l = getsockopt(fd, SOL_SOCKET, SO_LINGER, 8);
   if (l && l.readInt32LE(0)) o.linger = l.readInt32LE(4);
   for (const [key, opt] of [['rcvtimeo', SO_RCVTIMEO], ['sndtimeo', SO_SNDTIMEO]] as const) {
