@@ -90,8 +90,12 @@ export class Freeze {
     return [...procs].filter(alive);
   }
 
+  /** Called by thaw(), before the tasks go on (what a capture held for them is given back). */
+  onThaw?: () => void;
+
   /** Let every frozen task go on as it would have. */
   thaw(): void {
+    this.onThaw?.();
     for (const t of this.tasks.splice(0)) {
       if (!this.tracer.tasks.has(t.tid) || !t.parked) continue;
       this.tracer.release(t.parked);

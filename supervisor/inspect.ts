@@ -6,6 +6,7 @@ import type { ProcessState, TreeState } from '../syscalls/state.js';
 import { describeOwner } from '../syscalls/resources/fown.js';
 import { describeLocks } from '../syscalls/resources/locks.js';
 import { describeNotify } from '../syscalls/resources/notify.js';
+import { describeTcp } from '../syscalls/resources/tcp.js';
 
 export interface ImageDescription {
   header: ImageHeader;
@@ -123,6 +124,7 @@ function describeKind(files: TreeState['files'], id: number): string {
     const t = files.ptys?.[d.pty];
     return `pty ${d.side} of /dev/pts/${t?.index ?? '?'}${t?.session !== undefined ? `, controlling terminal of session ${t.session}` : ''}${t ? `, ${Buffer.byteLength(t.output, 'base64')} bytes unread by the master, ${t.input.lines.length} lines and ${Buffer.byteLength(t.input.rest, 'base64')} bytes unread by the slave` : ''}`;
   }
+  if (d.kind === 'tcp') return describeTcp(d);
   const p = files.pipes[d.pipe];
   return `pipe #${d.pipe} ${d.end === 'r' ? 'read' : 'write'} end (${Buffer.from(p.data, 'base64').length} bytes unread)`;
 }

@@ -36,6 +36,7 @@ import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resour
 import { captureSeccomp, SeccompSuspension } from './resources/seccomp.js';
 import { captureTimers, listTimers } from './resources/timers.js';
 import { captureSysv, semUndoOf, settleSyscallExits, detachInHusk, dropWithSubtree } from './resources/sysvipc.js';
+import { TcpCapture } from './resources/tcp.js';
 
 const KNOWN_FLAGS = BigInt(CKPT.DEFER | CKPT.KEEP | CKPT.KILL | CKPT.HANDLE);
 const CAP_SYS_PTRACE = 19n;
@@ -68,6 +69,8 @@ export function checkpoint(ctx: SyscallCtx): HandlerResult {
 export interface HuskOptions {
   /** Should a dirty-page tracker be started in this (host) process? */
   track: (pid: number) => boolean;
+  /** The TCP sockets' capture (it knows whether the subtree is killed after: tcp.ts). */
+  tcp?: TcpCapture;
 }
 
 /**
@@ -109,7 +112,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     let res: bigint[];
     try {
       res = callEach(rs, (_, i) => (i < leaders.length ? HUSK_CLONE : alt.call(i - leaders.length)), () => {
-        read = readProcs(tracer, procs, threads, sharedPending, outside, others, shm);
+        read = readProcs(tracer, procs, threads, sharedPending, outside, others, shm, husks.tcp);
       });
       alt.answers(res.slice(leaders.length)).forEach((a, i) => (others1[i].altstack = a));
     } catch (e) {
@@ -157,9 +160,9 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
  * process-wide state a husk shares (mm, handlers, the leader's alternate
  * stack, tid addresses) is read from the husk after the thaw.
  */
-function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sharedPending: (string[] | undefined)[], outside: number[], others: OutsideHolders, shm: ShmCapture) {
+function readProcs(tracer: Tracer, procs: number[], threads: ThreadState[][], sharedPending: (string[] | undefined)[], outside: number[], others: OutsideHolders, shm: ShmCapture, tcp?: TcpCapture) {
   const statuses = procs.map((pid) => readStatus(pid));
-  const files = captureFiles(procs, outside, (p) => statuses[procs.indexOf(p)], shm, others);
+  const files = captureFiles(procs, outside, (p) => statuses[procs.indexOf(p)], shm, others, tcp);
   const processes: ProcessState[] = procs.map((pid, i) => ({
     ids: captureIds(pid),
     creds: parseCreds(statuses[i]),
@@ -326,6 +329,8 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     const tracked = new Set(track ? procs0.filter((p) => sv.store.tracker(p)) : []);
     const others = outsideHolders(tracer, procs0);
     const freeze = new Freeze(tracer);
+    const tcp = new TcpCapture(kill);
+    freeze.onThaw = () => tcp.release(); // the subtree runs on: its connections as they were
     const t0 = performance.now();
     const ph = new Phases();
     let procs = procs0;
@@ -333,7 +338,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
     try {
       procs = freezeSubtree(freeze, tracer, caller, pid, procs);
       ph.mark('freeze');
-      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, others, { track: (p) => track && !tracked.has(p) }, ph);
+      cap = captureTree(tracer, pid, procs, caller, sv.options.outsideFds, others, { track: (p) => track && !tracked.has(p), tcp }, ph);
     } catch (e) {
       freeze.thaw();
       throw e;
@@ -397,6 +402,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
         c.husks.clear();
         dropWithSubtree(c.tree, pid); // its SysV objects go with it
         killSubtree(tracer, procs);
+        tcp.commit();
         return new InFlight({ kind: 'raw', fd: out, data: o.value.trailer! }, done);
       });
     }
@@ -408,6 +414,7 @@ function checkpointInMemory(ctx: SyscallCtx, pid: number, procs0: number[], f: n
       freeze.tasks.length = 0;
       dropWithSubtree(c.tree, pid);
       killSubtree(tracer, procs); // DEFER|KILL: nothing to write, memory is kept
+      tcp.commit();
     }
     log.syscall('checkpoint %d of %d in memory: stopped %s ms, %d husks', c.crid, pid, stopMs.toFixed(2), c.husks.size);
     const answer = () => (f & CKPT.HANDLE ? makeHandle(ctx, c) : c.crid);

@@ -38,6 +38,7 @@ import { checkRollbackAttrs } from './resources/attrs.js';
 import { checkSeccompRollback } from './resources/seccomp.js';
 import { tablesToRemake } from './resources/fdkinds.js';
 import { SysvRestore, type SysvRollback } from './resources/sysvipc.js';
+import { checkTcpRollback, unlockTcpRollback } from './resources/tcp.js';
 
 const SIGKILL = 9, WALL = 0x40000000, MADV_DONTNEED = 4, SYS_exit = 60;
 const SPECIAL = ['[vvar]', '[vvar_vclock]', '[vdso]'];
@@ -122,6 +123,13 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     ttys.close();
     freeze.thaw();
   });
+  try {
+    checkTcpRollback(tree.files.descs, procs, c.crid); // last: it holds outside peers' packets until the restore
+  } catch (e) {
+    ttys.close();
+    freeze.thaw();
+    throw e;
+  }
   ph.mark('freeze');
 
   const shells = new Map<number, Shell>();
@@ -182,6 +190,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     log.syscall('rollback of checkpoint %d: %d kept, %d made, %d killed, %d bytes copied, %s', c.crid, kept.length, made.length, extra.length, copied, ph);
   } catch (e) {
     // Past the checks: never leave the subtree half-restored.
+    unlockTcpRollback(tree.files.descs);
     for (const sh of shells.values()) sh.remote.mem.close();
     for (const p of subtree(tracer, root)) sys.kill(p, SIGKILL);
     sys.kill(root, SIGKILL);

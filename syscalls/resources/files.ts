@@ -36,6 +36,7 @@ import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidf
 import { inTaskRoot } from './attrs.js';
 import { TtyCapture, TtyRestore, isPtyDevice, ptySchema, terminalSchema, ttyDescFields, type TtyDesc, type PtyState, type TerminalState } from './tty.js';
 import { captureNetSock, makeNetSock, netSockSchema, NetDiag, type NetSockState } from './netdgram.js';
+import { TcpCapture, TcpRestore, silenceLiveTcp, tcpFields, type TcpState } from './tcp.js';
 import { eventSchema } from './events.js';
 import { refuseUring } from './aio.js';
 import { captureNotify, findWatchedGhosts, makeNotify, addMarks, notifySchema, type NotifyState } from './notify.js';
@@ -74,7 +75,8 @@ export type FileDesc =
   | TtyDesc
   | { id: number; kind: 'net'; flags: number; net: NetSockState }
   | { id: number; kind: 'notify'; flags: number; nt: NotifyState }
-  | { id: number; kind: 'mqueue'; flags: number; mq: MqueueState };
+  | { id: number; kind: 'mqueue'; flags: number; mq: MqueueState }
+  | ({ id: number; kind: 'tcp'; flags: number } & TcpState);
 
 export interface PipeState {
   id: number;
@@ -136,6 +138,7 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('net'), net: netSockSchema }),
   z.strictObject({ ...fileFields, kind: z.literal('notify'), nt: notifySchema }),
   z.strictObject({ ...fileFields, kind: z.literal('mqueue'), mq: mqueueSchema }),
+  z.strictObject({ ...fileFields, kind: z.literal('tcp'), ...tcpFields }),
 ]);
 export const pipeSchema = z.strictObject({ id: int(0, MANY), size: int(4096, PIPE_MAX), data: base64(PIPE_MAX) });
 export const fdRefSchema = z.union([
@@ -155,7 +158,7 @@ export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(M
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
-  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>, Same<SchemaOf<'notify'>, DescOf<'notify'>>, Same<SchemaOf<'mqueue'>, DescOf<'mqueue'>>] = [true, true, true, true, true, true, true, true, true, true, true, true, true, true];
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>, Same<SchemaOf<'notify'>, DescOf<'notify'>>, Same<SchemaOf<'mqueue'>, DescOf<'mqueue'>>, Same<SchemaOf<'tcp'>, DescOf<'tcp'>>] = [true, true, true, true, true, true, true, true, true, true, true, true, true, true, true];
 const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
 void [sameDescs, sameFiles];
 
@@ -176,7 +179,7 @@ const unsupported = (pid: number, fd: number, what: string) =>
  * the processes outside it hold, read before the freeze (a pipe shared with
  * one is refused).
  */
-export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture, others: OutsideHolders): { table: FilesTable; perProc: Map<number, FilesState> } {
+export function captureFiles(procs: number[], outside: number[], statusOf: (pid: number) => Map<string, string>, shm: ShmCapture, others: OutsideHolders, tcp = new TcpCapture()): { table: FilesTable; perProc: Map<number, FilesState> } {
   const table: FilesTable = { descs: [], pipes: [], socks: [] };
   let diag: Map<number, UnixSockInfo> | undefined;
   let netDiag: NetDiag | undefined;
@@ -233,7 +236,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
         table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
         pipeHolders.push({ ino: pipe[1], pid, fd, end });
-      } else if (/^socket:\[(\d+)\]$/.test(target) && !(diag ??= unixSockets()).has(Number(target.slice(8, -1)))) {
+      } else if (/^socket:\[(\d+)\]$/.test(target) && !(diag ??= unixSockets()).has(Number(target.slice(8, -1))) && tcp.has(pid, fd, Number(target.slice(8, -1)))) {
+        table.descs.push(tcp.add(pid, fd, Number(target.slice(8, -1)), { id, kind: 'tcp' as const, flags })); // read by tcp.finish()
+      } else if (/^socket:\[(\d+)\]$/.test(target) && !diag!.has(Number(target.slice(8, -1)))) {
         // Not a unix socket: netdgram.ts (UDP, ping, raw, packet, netlink) keeps it or says why not.
         const ext = others.sockHolder(Number(target.slice(8, -1)), new Set(procs));
         if (ext !== undefined) throw unsupported(pid, fd, `${target}: a socket also held by process ${ext} outside the subtree`);
@@ -325,6 +330,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     (pid, fd, rdev) => others.sharing(pid, fd, new Set(procs)) ?? (rdev === undefined ? undefined : others.holdingDevice(rdev, new Set(procs))));
   Object.assign(table, { ...(tt.ptys ? { ptys: tt.ptys } : {}), ...(tt.terminal ? { terminal: tt.terminal } : {}) });
   for (const [pid, pty] of tt.ctty) perProc.get(pid)!.ctty = pty;
+  tcp.finish((ino) => others.sockHolder(ino, new Set(procs)));
   capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
   findMovedWatches(table, seen);
   findWatchedGhosts(table.descs, seen);
@@ -434,9 +440,10 @@ export class OutsideHolders {
           continue;
         }
         const m = /^pipe:\[(\d+)\]$/.exec(t);
+        const so = /^socket:\[(\d+)\]$/.exec(t);
         if (m) this.pipes.set(m[1], [...(this.pipes.get(m[1]) ?? []), pid]);
+        else if (so) this.sockets.set(Number(so[1]), [...(this.sockets.get(Number(so[1])) ?? []), pid]);
         else if (t.startsWith('/')) this.paths.push({ pid, fd });
-        else if (/^socket:\[\d+\]$/.test(t)) this.sockets.set(Number(t.slice(8, -1)), [...(this.sockets.get(Number(t.slice(8, -1))) ?? []), pid]);
       }
     }
   }
@@ -525,6 +532,7 @@ export function restoreFiles(ctx: FilesRestore): void {
       }
     }
   }
+  if (ctx.live) silenceLiveTcp(table.descs, [...ctx.live].map(ctx.host)); // closed below without a packet
   // Per process, one batch first: what must go is closed (in a live process
   // what it still holds as at the checkpoint stays, its offset set back),
   // close-on-exec of the inherited descriptors, cwd, umask (before any
@@ -550,6 +558,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     return { pid, fd: t };
   };
   const sockets = new UnixSockets({ remote, host: ctx.host, park, listeners: new Map() });
+  const tcp = new TcpRestore({ remote, host: ctx.host, park, live: !!ctx.live, descs: table.descs });
   const epolls: { pid: number; fd: number; ev: Extract<EventState, { kind: 'epoll' }> }[] = [];
   const notifies: { pid: number; fd: number; nt: NotifyState }[] = [];
   // The first holder of each end of each socket pair: where that end is made.
@@ -562,7 +571,7 @@ export function restoreFiles(ctx: FilesRestore): void {
 
   // Sockets on their own first (those connected to others after them):
   // listeners are what connected pairs are remade through.
-  const rank = (x: FileDesc) => (x.kind !== 'usock' ? 2 : x.connectTo !== undefined ? 1 : 0);
+  const rank = (x: FileDesc) => (x.kind === 'tcp' ? (x.backlog !== undefined ? 0 : 2) : x.kind !== 'usock' ? 2 : x.connectTo !== undefined ? 1 : 0); // TCP listeners before connections on their port
   for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y))) {
     const hs = holders.get(d.id);
     if (!hs?.length) continue;
@@ -583,6 +592,9 @@ export function restoreFiles(ctx: FilesRestore): void {
           sockEnds.set(d.pair, ends);
         }
         transfer(ends[d.end], owner);
+        r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
+      } else if (d.kind === 'tcp') {
+        transfer(tcp.make(owner.pid, d, owner), owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'usock') {
         transfer(sockets.makeSolo(owner.pid, d), owner);
@@ -671,6 +683,7 @@ export function restoreFiles(ctx: FilesRestore): void {
     }
     for (const h of hs.slice(1)) transfer(owner, h);
   }
+  tcp.finish(); // every TCP socket made: out of repair mode together
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   ttys.finish(remote, ctx.host, (pty, side) => table.descs.filter((x) => x.kind === 'tty' && x.pty === pty && x.side === side).flatMap((x) => holders.get(x.id) ?? []));
   unlinkTemporaryQueues(queues);
