@@ -84,6 +84,11 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   const alive = tree.processes.filter((p) => sameProcess(host(p.ids.pid), p));
   let remake: Set<number>;
   try {
+    // A process whose parent exited since went to a reaper outside the
+    // subtree: it was not frozen, and a live process cannot be given its
+    // parent back.
+    const gone = alive.find((p) => p.ids.pid !== tree.root && !procs.includes(host(p.ids.pid)));
+    if (gone) throw new CkptError(errno('EOPNOTSUPP'), 'restart', `task ${host(gone.ids.pid)}: its parent ${gone.ids.ppid} exited since the checkpoint, so it left the subtree: a rollback cannot give it its parent back`);
     remake = tablesToRemake(tree, alive, host, caller.tgid); // sharers whose table is no longer the checkpoint's: made again
   } catch (e) {
     freeze.thaw();

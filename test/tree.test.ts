@@ -2,7 +2,7 @@
 import t from 'tap';
 import path from 'node:path';
 import fs from 'node:fs';
-import { supervise, run, fixture, CKPT, SUPERVISE, tmpdir, q } from './helpers.js';
+import { supervise, run, fixture, CKPT, SUPERVISE, tmpdir, q, bothWays } from './helpers.js';
 
 const dir = tmpdir('tree');
 const restart = (img: string) => supervise([...CKPT, 'restart', '-i', img]);
@@ -346,3 +346,23 @@ for (const kind of ['uts', 'mnt', 'net', 'ipc', 'cgroup']) {
     t.equal(r.status, 0);
   });
 }
+
+// No handler runs at a checkpoint: calls the kernel restarts through
+// restart_syscall go on after a restart or rollback, never EINTR.
+for (const mode of ['restart', 'undo'] as const) {
+  t.test(`threads blocked in poll, nanosleep and futex waits (all signals blocked) go on (${mode})`, async (t) => {
+    const { first, r } = bothWays(tmpdir('blocked'), 'blocked')(mode);
+    if (mode === 'restart') t.equal(first.status, 137, 'CKPT_KILL');
+    for (const c of ['poll with a timeout goes on and sees the byte', 'nanosleep goes on to its end', 'a futex wait with a timeout goes on and is woken']) t.match(r.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
+    t.match(r.stdout, /BLOCKED OK/);
+    t.equal(r.status, 0, r.stderr);
+  });
+}
+
+t.test('a rollback after a process lost its parent (it left the subtree) is refused, nothing changed', async (t) => {
+  const r = supervise([fixture('orphan')], { timeout: 60_000 });
+  t.match(r.stdout, /^ok the rollback is refused$/m);
+  t.match(r.stdout, /^ok the orphaned grandchild still runs$/m);
+  t.match(r.stderr, /restart: EOPNOTSUPP: restart: task \d+: its parent \d+ exited since the checkpoint, so it left the subtree/, 'the log names it');
+  t.equal(r.status, 0);
+});

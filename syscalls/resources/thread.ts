@@ -125,7 +125,7 @@ function robustList(tid: number): ThreadState['robustList'] {
  * checkpoint, so after a restart it must see that call return 0.
  * `callInFlight`: it is inside a ckpt call of its own that is in flight.
  */
-const ERESTART_RESTARTBLOCK = -516n, SYS_poll = 7n;
+const ERESTART_RESTARTBLOCK = -516n;
 
 export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: Regs, callInFlight = false): ThreadState {
   const regs = regsNow ?? getRegs(tid);
@@ -139,11 +139,15 @@ export function captureThread(tid: number, inCheckpointCall: boolean, regsNow?: 
     regs.set('rax', regs.get('orig_rax'));
     regs.set('rip', regs.get('rip') - 2n);
     regs.set('orig_rax', -1n);
-  } else if (regs.getSigned('rax') === ERESTART_RESTARTBLOCK && regs.getSigned('orig_rax') === SYS_poll && BigInt.asIntN(32, regs.get('rdx')) < 0n) {
-    // poll() without a timeout, interrupted: its restart block is kernel
-    // state a new thread lacks (restart_syscall would give EINTR). Made
-    // the same call again, with the same arguments, it is restarted as the
-    // kernel would have (GNU tail -f waits in such a poll).
+  } else if (regs.getSigned('rax') === ERESTART_RESTARTBLOCK && regs.getSigned('orig_rax') >= 0n) {
+    // A call the kernel would go on with through restart_syscall (poll,
+    // nanosleep, clock_nanosleep, futex waits with a timeout...): its
+    // restart block is kernel state a new thread lacks, and restart_syscall
+    // there gives EINTR, which a program that blocked every signal never
+    // expects (GNU tail -f, script). No handler ran, so the kernel would
+    // have restarted it: it is made again with the same arguments (they are
+    // still in their registers). A relative timeout starts afresh (the time
+    // already waited is not known); an absolute one is exact.
     regs.set('rax', regs.get('orig_rax'));
     regs.set('rip', regs.get('rip') - 2n);
     regs.set('orig_rax', -1n);
