@@ -105,6 +105,14 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
     if (Buffer.byteLength(p.data, 'base64') > p.size) issue(ctx, ['files', 'pipes', i, 'data'], `more data than the pipe holds (${p.size})`);
   });
   socks.forEach((p, i) => void (p.id !== i && issue(ctx, ['files', 'socks', i, 'id'], `socket pair ${i} says it is ${p.id}`)));
+  socks.forEach((p, i) => p.inflight?.forEach((x, j) => {
+    if (x.msg >= p.queues[x.end].length) issue(ctx, ['files', 'socks', i, 'inflight', j, 'msg'], `files in flight on message ${x.msg} of a queue of ${p.queues[x.end].length}`);
+    if (x.descs.some((d) => d >= descs.length)) issue(ctx, ['files', 'socks', i, 'inflight', j, 'descs'], 'a file in flight of no description');
+  }));
+  t.files.flying?.forEach((f, i) => {
+    if (f.desc >= descs.length) issue(ctx, ['files', 'flying', i, 'desc'], `a description in flight of no description (${f.desc})`);
+    if (!t.processes.some((p) => p.ids.pid === f.pid)) issue(ctx, ['files', 'flying', i, 'pid'], `a description in flight made in no process (${f.pid})`);
+  });
   const pids = new Set<number>(), tids = new Set<number>();
   t.processes.forEach((p, i) => {
     const at = ['processes', i];

@@ -26,9 +26,11 @@ import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
-import { captureOwners, restoreOwners, ownerSchema, type OwnerState } from './fown.js';
+import { captureOwners, restoreOwners, hasOwner, ownerSchema, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
 import { UnixSockets, sockName, peekQueue, printable, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { peekWithFds } from './inflight.js';
+import { nsPids } from '../../supervisor/pidns.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
 import { eventSchema } from './events.js';
@@ -40,7 +42,7 @@ const O_ACCMODE = 3, O_RDONLY = 0, O_WRONLY = 1, O_RDWR = 2, O_NONBLOCK = 0o4000
 const O_CLOEXEC = 0o2000000, O_CREAT = 0o100, O_EXCL = 0o200, O_TRUNC = 0o1000, O_NOCTTY = 0o400;
 const F_SETFD = 2, F_SETFL = 4, F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032, SEEK_SET = 0;
 const SYS_kcmp = 312, KCMP_FILE = 0, SPLICE_F_NONBLOCK = 2;
-const SOCK_DGRAM = 2;
+const SOCK_STREAM = 1, SOCK_DGRAM = 2;
 const SYS_pipe2 = 293;
 /** Status flags F_SETFL can change. */
 const SETFL_MASK = 0o2000 | O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000; // APPEND NONBLOCK ASYNC DIRECT NOATIME
@@ -82,6 +84,8 @@ export interface FilesTable {
   owners?: OwnerState[];
   /** Locks and leases held by the subtree: locks.ts. */
   locks?: LockState[];
+  /** Descriptions held only in flight (SCM_RIGHTS): made at a temporary number of process `pid` (the receiver). */
+  flying?: { desc: number; pid: number }[];
 }
 
 /** A descriptor as captureFiles met it (not part of the image): for what fown.ts and locks.ts read. */
@@ -122,6 +126,7 @@ export const filesTableSchema = z.strictObject({
   socks: z.array(sockPairSchema).max(MANY),
   owners: z.array(ownerSchema).max(MANY).optional(),
   locks: z.array(lockSchema).max(MANY).optional(),
+  flying: z.array(z.strictObject({ desc: descId, pid: int(1, PID_MAX) })).max(MANY).optional(),
 });
 export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(MANY), cwd: path, cwdDeleted: z.strictObject({ mode: int(0, 0o7777) }).optional(), umask: int(0, 0o777) });
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
@@ -161,133 +166,185 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const inTree = treeMember(new Set(procs));
   const level = procs.length ? nsLevel(procs[0]) : 0;
   const probes: FdProbe[] = [];
+  const flyingHolder = new Map<number, number>(); // a supervisor's copy of a file in flight -> the process it is made in
+  /** One descriptor of `pid` (the supervisor itself for files in flight) into `fds` and the table. */
+  const captureFd = (pid: number, fd: number, fds: FdRef[]): void => {
+    const link = `/proc/${pid}/fd/${fd}`;
+    let target: string, st: fs.Stats;
+    try {
+      target = fs.readlinkSync(link);
+      st = fs.statSync(link);
+    } catch {
+      return; // closed meanwhile
+    }
+    const info = readFdinfo(pid, fd);
+    const cloexec = (info.flags & O_CLOEXEC) !== 0;
+    const flags = info.flags & ~O_CLOEXEC;
+    const key = `${st.dev}:${st.ino}`;
+    const twin = seen.find((s) => s.key === key && kcmpFile(s.pid, s.fd, pid, fd));
+    if (twin) {
+      fds.push({ fd, cloexec, desc: twin.desc });
+      if (pid !== process.pid) probes.push({ pid, fd, desc: twin.desc, first: false, text: info.text });
+      return;
+    }
+    const sfd = outside.find((s) => !(pid === process.pid && s === fd) && kcmpFile(process.pid, s, pid, fd)); // (a copy of a file in flight is not itself outside)
+    if (sfd !== undefined) {
+      fds.push({ fd, cloexec, outside: true, sfd });
+      probes.push({ pid, fd, desc: 'outside', first: false, text: info.text });
+      return;
+    }
+    const id = table.descs.length;
+    const pipe = /^pipe:\[(\d+)\]$/.exec(target);
+    if (pipe) {
+      let pid2 = pipeIds.get(pipe[1]);
+      if (pid2 === undefined) {
+        pid2 = table.pipes.length;
+        pipeIds.set(pipe[1], pid2);
+        table.pipes.push({ id: pid2, size: 0, data: '' });
+      }
+      const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
+      table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
+      pipeHolders.push({ ino: pipe[1], pid, fd, end });
+    } else if (/^socket:\[(\d+)\]$/.test(target)) {
+      const ino = Number(/^socket:\[(\d+)\]$/.exec(target)![1]);
+      diag ??= unixSockets();
+      const info = diag.get(ino);
+      if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
+      const name = sockName(pid, info.name);
+      const peer = info.peer ? diag.get(info.peer) : undefined;
+      // A pair (its other end may be outside: refused below); a datagram
+      // socket connected to its own name is one socket, below.
+      if (info.peer && info.peer !== ino && (!peer || peer.peer === ino)) {
+        const lo = Math.min(ino, info.peer);
+        let pair = pairIds.get(lo);
+        if (pair === undefined) {
+          pair = table.socks.length;
+          pairIds.set(lo, pair);
+          table.socks.push({ id: pair, type: info.type, queues: [[], []], names: [{}, {}] });
+        }
+        const end = ino === lo ? 0 : 1;
+        table.socks[pair].names![end] = name;
+        if (info.shutdown) (table.socks[pair].shutdown ??= [0, 0])[end] = info.shutdown;
+        table.descs.push({ id, kind: 'unix', pair, end, flags });
+        if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
+      } else if (info.state === 10) {
+        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        // Connections not yet accepted would need their clients remade: refused.
+        if (info.rqueue) throw unsupported(pid, fd, `${target}: listening unix socket ${printable(info.name)} with ${info.rqueue} connections not yet accepted`);
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...name });
+      } else if (info.state === 7 || info.type === SOCK_DGRAM) {
+        // Not connected (bound or not), or a datagram one connected to a
+        // named socket (in the tree or not: /dev/log...) that is not
+        // connected back; a datagram one keeps what was sent to it.
+        if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one`);
+        refuseInFlight(pid, fd, target, readFdinfo(pid, fd)); // only a pair's queues are sent again with their files
+        const queue = info.type === SOCK_DGRAM && info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
+        if (queue?.length && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket`);
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
+      } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} whose peer is gone`);
+    } else if (isShm(target)) {
+      shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
+      table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
+    } else if (st.isFIFO() && target.startsWith('/')) {
+      // A FIFO removed while open is still one pipe between its holders: made again under a temporary name.
+      const gone = target.endsWith(' (deleted)') && st.nlink === 0;
+      table.descs.push({ id, kind: 'fifo', path: gone ? target.slice(0, -10) : target, flags, data: '', ino: st.ino, ...(gone ? { deleted: { mode: st.mode & 0o7777 } } : {}) });
+      pipeHolders.push({ ino: String(st.ino), pid, fd, end: (flags & O_ACCMODE) === O_WRONLY ? 'w' : 'r' });
+    } else if (st.isFile() && target.startsWith('/') && target.endsWith(' (deleted)')) {
+      // Unlinked while open, it cannot be opened again by its path: its
+      // contents are kept (as shared memory's are), up to GHOST_MAX.
+      if (st.size > GHOST_MAX) throw unsupported(pid, fd, `${target}: a deleted file of ${st.size} bytes (up to ${GHOST_MAX} are kept)`);
+      const path = target.replace(/ \(deleted\)$/, '');
+      shm.add(`ghost:${key}`, path, link);
+      table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString(), uid: st.uid, gid: st.gid });
+    } else if (st.isDirectory() && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
+      table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
+    } else if (target === 'anon_inode:[pidfd]') {
+      table.descs.push({ id, kind: 'pidfd', flags, ...capturePidfd(pid, fd, info, inTree, level) });
+    } else if ((st.isFile() || st.isDirectory() || (st.isCharacterDevice() && statelessDevice(st))) && target.startsWith('/') && !target.endsWith(' (deleted)') && !target.startsWith('/secretmem')) {
+      table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
+    } else {
+      const ev = captureEvent(pid, fd, target, info);
+      if (!ev) throw unknownKind(pid, fd, target, st);
+      table.descs.push({ id, kind: 'event', flags, ev });
+    }
+    seen.push({ key, pid, fd, desc: id });
+    fds.push({ fd, cloexec, desc: id });
+    // A file held only in flight has no holder to own or lock it again: refused if it has either.
+    if (pid === process.pid && (hasOwner(fd) || /^lock:/m.test(info.text))) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `a file in flight in an SCM_RIGHTS message (${target}) has an owner or a lock and no holder in the subtree`);
+    if (pid !== process.pid) probes.push({ pid, fd, desc: id, first: true, text: info.text });
+  };
   for (const pid of procs) {
     const fds: FdRef[] = [];
-    for (const fd of listFds(pid)) {
-      const link = `/proc/${pid}/fd/${fd}`;
-      let target: string, st: fs.Stats;
-      try {
-        target = fs.readlinkSync(link);
-        st = fs.statSync(link);
-      } catch {
-        continue; // closed meanwhile
-      }
-      const info = readFdinfo(pid, fd);
-      const cloexec = (info.flags & O_CLOEXEC) !== 0;
-      const flags = info.flags & ~O_CLOEXEC;
-      const key = `${st.dev}:${st.ino}`;
-      const twin = seen.find((s) => s.key === key && kcmpFile(s.pid, s.fd, pid, fd));
-      if (twin) {
-        fds.push({ fd, cloexec, desc: twin.desc });
-        probes.push({ pid, fd, desc: twin.desc, first: false, text: info.text });
-        continue;
-      }
-      const sfd = outside.find((s) => kcmpFile(process.pid, s, pid, fd));
-      if (sfd !== undefined) {
-        fds.push({ fd, cloexec, outside: true, sfd });
-        probes.push({ pid, fd, desc: 'outside', first: false, text: info.text });
-        continue;
-      }
-      const id = table.descs.length;
-      const pipe = /^pipe:\[(\d+)\]$/.exec(target);
-      if (pipe) {
-        let pid2 = pipeIds.get(pipe[1]);
-        if (pid2 === undefined) {
-          pid2 = table.pipes.length;
-          pipeIds.set(pipe[1], pid2);
-          table.pipes.push({ id: pid2, size: 0, data: '' });
-        }
-        const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
-        table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
-        pipeHolders.push({ ino: pipe[1], pid, fd, end });
-      } else if (/^socket:\[(\d+)\]$/.test(target)) {
-        const ino = Number(/^socket:\[(\d+)\]$/.exec(target)![1]);
-        diag ??= unixSockets();
-        const info = diag.get(ino);
-        if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
-        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
-        const name = sockName(pid, info.name);
-        const peer = info.peer ? diag.get(info.peer) : undefined;
-        // A pair (its other end may be outside: refused below); a datagram
-        // socket connected to its own name is one socket, below.
-        if (info.peer && info.peer !== ino && (!peer || peer.peer === ino)) {
-          const lo = Math.min(ino, info.peer);
-          let pair = pairIds.get(lo);
-          if (pair === undefined) {
-            pair = table.socks.length;
-            pairIds.set(lo, pair);
-            table.socks.push({ id: pair, type: info.type, queues: [[], []], names: [{}, {}] });
-          }
-          const end = ino === lo ? 0 : 1;
-          table.socks[pair].names![end] = name;
-          if (info.shutdown) (table.socks[pair].shutdown ??= [0, 0])[end] = info.shutdown;
-          table.descs.push({ id, kind: 'unix', pair, end, flags });
-          if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
-        } else if (info.state === 10) {
-          // Connections not yet accepted would need their clients remade: refused.
-          if (info.rqueue) throw unsupported(pid, fd, `${target}: listening unix socket ${printable(info.name)} with ${info.rqueue} connections not yet accepted`);
-          table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...name });
-        } else if (info.state === 7 || info.type === SOCK_DGRAM) {
-          // Not connected (bound or not), or a datagram one connected to a
-          // named socket (in the tree or not: /dev/log...) that is not
-          // connected back; a datagram one keeps what was sent to it.
-          if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one`);
-          const queue = info.type === SOCK_DGRAM && info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
-          if (queue?.length && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket`);
-          table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
-        } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} whose peer is gone`);
-      } else if (isShm(target)) {
-        shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
-        table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
-      } else if (st.isFIFO() && target.startsWith('/')) {
-        // A FIFO removed while open is still one pipe between its holders: made again under a temporary name.
-        const gone = target.endsWith(' (deleted)') && st.nlink === 0;
-        table.descs.push({ id, kind: 'fifo', path: gone ? target.slice(0, -10) : target, flags, data: '', ino: st.ino, ...(gone ? { deleted: { mode: st.mode & 0o7777 } } : {}) });
-        pipeHolders.push({ ino: String(st.ino), pid, fd, end: (flags & O_ACCMODE) === O_WRONLY ? 'w' : 'r' });
-      } else if (st.isFile() && target.startsWith('/') && target.endsWith(' (deleted)')) {
-        // Unlinked while open, it cannot be opened again by its path: its
-        // contents are kept (as shared memory's are), up to GHOST_MAX.
-        if (st.size > GHOST_MAX) throw unsupported(pid, fd, `${target}: a deleted file of ${st.size} bytes (up to ${GHOST_MAX} are kept)`);
-        const path = target.replace(/ \(deleted\)$/, '');
-        shm.add(`ghost:${key}`, path, link);
-        table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString(), uid: st.uid, gid: st.gid });
-      } else if (st.isDirectory() && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
-        table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
-      } else if (target === 'anon_inode:[pidfd]') {
-        table.descs.push({ id, kind: 'pidfd', flags, ...capturePidfd(pid, fd, info, inTree, level) });
-      } else if ((st.isFile() || st.isDirectory() || (st.isCharacterDevice() && statelessDevice(st))) && target.startsWith('/') && !target.endsWith(' (deleted)') && !target.startsWith('/secretmem')) {
-        table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
-      } else {
-        const ev = captureEvent(pid, fd, target, info);
-        if (!ev) throw unknownKind(pid, fd, target, st);
-        table.descs.push({ id, kind: 'event', flags, ev });
-      }
-      seen.push({ key, pid, fd, desc: id });
-      fds.push({ fd, cloexec, desc: id });
-      probes.push({ pid, fd, desc: id, first: true, text: info.text });
-    }
+    for (const fd of listFds(pid)) captureFd(pid, fd, fds);
     perProc.set(pid, {
       fds,
       ...captureCwd(pid),
       umask: parseInt(statusOf(pid).get('Umask') ?? '022', 8),
     });
   }
-  capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
-  findMovedWatches(table, seen);
-  for (const [lo, pair] of pairIds) {
-    const peer = diag!.get(lo)!.peer;
-    for (const [end, ino] of [[0, lo], [1, peer]] as const) {
-      const h = sockHolders.get(ino);
-      if (!h) {
-        const other = sockHolders.get(end === 0 ? peer : lo)!;
-        throw unsupported(other.pid, other.fd, `unix socket connected to a process outside the subtree`);
+  // Each pair's queues; files in flight in them are captured too (they may
+  // be sockets of pairs with queues of their own: until none is left).
+  const flying: number[] = []; // the supervisor's copies, closed at the end
+  try {
+    const peeked = new Set<number>();
+    for (let more = true; more; ) {
+      more = false;
+      for (const [lo, pair] of pairIds) {
+        if (peeked.has(pair)) continue;
+        peeked.add(pair);
+        const peer = diag!.get(lo)!.peer;
+        for (const [end, ino] of [[0, lo], [1, peer]] as const) {
+          const h = sockHolders.get(ino);
+          if (!h) {
+            const other = sockHolders.get(end === 0 ? peer : lo)!;
+            throw unsupported(other.pid, other.fd, `unix socket connected to a process outside the subtree`);
+          }
+          if (!inFlight(h.pid, h.fd)) {
+            table.socks[pair].queues[end] = peekQueue(h.pid, h.fd).map((b) => b.toString('base64'));
+            continue;
+          }
+          const other = sockHolders.get(end === 0 ? peer : lo);
+          const msgs = peekWithFds(h.pid, h.fd, table.socks[pair].type === SOCK_STREAM ? other : undefined);
+          for (const m of msgs) flying.push(...m.fds);
+          table.socks[pair].queues[end] = msgs.map((m) => m.data.toString('base64'));
+          // Made, if nothing else holds them, in the process that will receive them.
+          const receiver = h.pid === process.pid ? flyingHolder.get(h.fd)! : (nsPids(h.pid)[level] ?? h.pid);
+          msgs.forEach((m, msg) => {
+            if (!m.fds.length) return;
+            const descs = m.fds.map((mine) => {
+              const ref: FdRef[] = [];
+              const known = table.descs.length;
+              captureFd(process.pid, mine, ref);
+              const f = ref[0];
+              if (!f || !('desc' in f)) throw unsupported(h.pid, h.fd, `a descriptor in flight in an SCM_RIGHTS message that is one the supervisor was given`);
+              if (f.desc >= known) (table.flying ??= []).push({ desc: f.desc, pid: receiver });
+              flyingHolder.set(mine, receiver);
+              return f.desc;
+            });
+            (table.socks[pair].inflight ??= []).push({ end, msg, descs });
+          });
+          more = true;
+        }
       }
-      table.socks[pair].queues[end] = peekQueue(h.pid, h.fd).map((b) => b.toString('base64'));
     }
+    capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
+    findMovedWatches(table, seen);
+  } finally {
+    for (const f of flying) fs.closeSync(f);
   }
   captureOwners(table, probes, procs);
   captureLocks(table, probes, procs, others);
   return { table, perProc };
+}
+
+/** Does this unix socket hold files in flight (fdinfo scm_fds)? */
+function inFlight(pid: number, fd: number): boolean {
+  try {
+    return Number(readFdinfo(pid, fd).extra.get('scm_fds') ?? 0) > 0;
+  } catch {
+    return false;
+  }
 }
 
 /**
@@ -447,6 +504,13 @@ export function restoreFiles(ctx: FilesRestore): void {
       }
     }
   }
+  // A file held only in flight is made at a temporary number of its receiver (closed once it is sent).
+  for (const f of table.flying ?? []) {
+    if (!perProc.has(f.pid) || holders.has(f.desc)) throw new CkptError(errno('EBADMSG'), 'image', `description ${f.desc} in flight: no process ${f.pid}, or held`);
+    const at = { pid: f.pid, fd: nextTemp++ };
+    holders.set(f.desc, [{ ...at, cloexec: true }]);
+    temps.push(at);
+  }
   // Per process, one batch first: what must go is closed (in a live process
   // what it still holds as at the checkpoint stays, its offset set back),
   // close-on-exec of the inherited descriptors, cwd, umask (before any
@@ -581,6 +645,16 @@ export function restoreFiles(ctx: FilesRestore): void {
       placed.set(d.id, owner);
     }
     for (const h of hs.slice(1)) transfer(owner, h);
+  }
+  // Every description exists: the queues with files in flight can be sent.
+  for (const [pair, ends] of sockEnds) {
+    if (!table.socks[pair].inflight?.length) continue;
+    sockets.finishPair(table.socks[pair], ends, (desc) => {
+      const at = placed.get(desc);
+      const mine = at ? sys.takeFd(ctx.host(at.pid), at.fd) : -1;
+      if (mine < 0) throw new CkptError(errno('EBADMSG'), 'restart:files', `description ${desc}, in flight, was not made`);
+      return mine;
+    });
   }
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));

@@ -28,6 +28,7 @@ import { unixSockets } from '../../lib/sockdiag.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, base64, MANY, type Same } from '../../lib/schema.js';
+import { sendWithFds } from './inflight.js';
 
 const AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, EADDRINUSE = 98;
 const SOL_SOCKET = 1, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
@@ -49,6 +50,8 @@ export interface SockPairState {
   names?: [SockName, SockName];
   /** Per end, what is shut down (1 receiving, 2 sending, 3 both), if anything. */
   shutdown?: [number, number];
+  /** Files in flight: message `msg` of end `end`'s queue carries these descriptions (SCM_RIGHTS). */
+  inflight?: { end: 0 | 1; msg: number; descs: number[] }[];
 }
 
 /**
@@ -65,6 +68,8 @@ export interface SoloSockState extends SockName {
   shutdown?: number;
 }
 
+/** At most this many descriptors ride in one message (the kernel's SCM_MAX_FD). */
+const SCM_MAX_FD = 253;
 /** sun_path is 108 bytes; a path name keeps its NUL. */
 const sockNameString = z.string().min(1).max(109);
 /** A message is at most what one peek reads (1 MiB). */
@@ -77,6 +82,7 @@ export const sockPairSchema = z.strictObject({
   queues: z.tuple([queueSchema, queueSchema]),
   names: z.tuple([sockNameSchema, sockNameSchema]).optional(),
   shutdown: z.tuple([int(0, 3), int(0, 3)]).optional(),
+  inflight: z.array(z.strictObject({ end: z.union([z.literal(0), z.literal(1)]), msg: int(0, MANY), descs: z.array(int(0, MANY)).min(1).max(SCM_MAX_FD) })).max(MANY).optional(),
 });
 /** The fields of a socket on its own (a 'usock' description adds id, kind and flags). */
 export const soloSockFields = {
@@ -236,11 +242,41 @@ export class UnixSockets {
       if (names[c].name !== undefined && isPath(names[c].name!) && !names[c].fileThere) this.unlink(where[c], names[c].name!);
       ends = s === 0 ? [server, client] : [client, server];
     }
-    // Each end's queue is refilled by sending from the other end.
-    p.queues.forEach((q, e) => sendInto(this.ctx.host(ends[1 - e].pid), ends[1 - e].fd, q));
-    // Once the queues are refilled (an end shut for sending could not refill its peer's).
-    p.shutdown?.forEach((how, e) => how && shutDown(this.ctx.remote(ends[e].pid), ends[e].fd, how));
+    // Each end's queue is refilled by sending from the other end; one with
+    // files in flight once every description exists (finishPair).
+    const late = new Set((p.inflight ?? []).map((x) => x.end));
+    p.queues.forEach((q, e) => !late.has(e as 0 | 1) && sendInto(this.ctx.host(ends[1 - e].pid), ends[1 - e].fd, q));
+    if (!late.size) this.shutDownPair(p, ends);
     return ends;
+  }
+
+  /**
+   * The queues of a pair with files in flight: each message sent again with
+   * its files attached (`take`: a description as a descriptor of the
+   * supervisor, closed here), then what was shut down is shut down.
+   */
+  finishPair(p: SockPairState, ends: [Place, Place], take: (desc: number) => number): void {
+    for (const e of [0, 1] as const) {
+      const carried = (p.inflight ?? []).filter((x) => x.end === e);
+      if (!carried.length) continue;
+      const from = ends[1 - e];
+      withTraceeFd(this.ctx.host(from.pid), from.fd, 'restart:files', (mine) => {
+        p.queues[e].forEach((m, i) => {
+          const fds = carried.filter((x) => x.msg === i).flatMap((x) => x.descs).map(take);
+          try {
+            sendWithFds(mine, Buffer.from(m, 'base64'), fds, `task ${from.pid}`);
+          } finally {
+            for (const f of fds) fs.closeSync(f);
+          }
+        });
+      }, 'socket fd');
+    }
+    this.shutDownPair(p, ends);
+  }
+
+  /** Once the queues are refilled (an end shut for sending could not refill its peer's). */
+  private shutDownPair(p: SockPairState, ends: [Place, Place]): void {
+    p.shutdown?.forEach((how, e) => how && shutDown(this.ctx.remote(ends[e].pid), ends[e].fd, how));
   }
 
   /** Bind fd of `pid` to `name`; a stale socket file in the way goes first. */
