@@ -97,6 +97,13 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
     if (d.id !== i) issue(ctx, [...at, 'id'], `description ${i} says it is ${d.id}`);
     if (d.kind === 'pipe' && d.pipe >= pipes.length) issue(ctx, [...at, 'pipe'], `pipe end of no pipe (${d.pipe})`);
     if (d.kind === 'unix' && d.pair >= socks.length) issue(ctx, [...at, 'pair'], `socket end of no pair (${d.pair})`);
+    if (d.kind === 'usock') {
+      const sock = (x: number) => x !== i && (descs[x]?.kind === 'usock' || descs[x]?.kind === 'unix');
+      if (d.peerDesc !== undefined && !sock(d.peerDesc)) issue(ctx, [...at, 'peerDesc'], `connected to no socket (${d.peerDesc})`);
+      if (d.pendingOn !== undefined && descs[d.pendingOn]?.kind !== 'usock') issue(ctx, [...at, 'pendingOn'], `waiting on no listener (${d.pendingOn})`);
+      if (d.waiting?.some((x) => !sock(x))) issue(ctx, [...at, 'waiting'], 'a connection waiting from no socket');
+      if (d.from && d.from.length !== (d.queue?.length ?? 0)) issue(ctx, [...at, 'from'], 'senders and datagrams do not match');
+    }
     if ((d.kind === 'memfd' || d.kind === 'ghost') && !shmKeys.has(d.shmKey)) issue(ctx, [...at, 'shmKey'], `contents of no shared object (${d.shmKey})`);
     if (d.kind === 'event' && d.ev.kind === 'epoll') d.ev.watches.forEach((w, j) => void (w.desc !== undefined && (w.desc >= descs.length || w.desc === i) && issue(ctx, [...at, 'ev', 'watches', j, 'desc'], `a watch of no description (${w.desc})`)));
   });

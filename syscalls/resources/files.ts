@@ -28,7 +28,7 @@ import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
 import { captureOwners, restoreOwners, hasOwner, ownerSchema, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
-import { UnixSockets, sockName, peekQueue, printable, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { UnixSockets, sockName, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { peekWithFds } from './inflight.js';
 import { nsPids } from '../../supervisor/pidns.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
@@ -166,6 +166,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const inTree = treeMember(new Set(procs));
   const level = procs.length ? nsLevel(procs[0]) : 0;
   const probes: FdProbe[] = [];
+  let pendingOf: Map<number, number> | undefined; // client of a connection not yet accepted -> its listener (inodes)
+  const sockDescs = new Map<number, number>(); // socket inode -> its description
+  const sockFix: SockFix[] = []; // references between sockets, by inode until every one is met
   const flyingHolder = new Map<number, number>(); // a supervisor's copy of a file in flight -> the process it is made in
   /** One descriptor of `pid` (the supervisor itself for files in flight) into `fds` and the table. */
   const captureFd = (pid: number, fd: number, fds: FdRef[]): void => {
@@ -210,8 +213,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       diag ??= unixSockets();
       const info = diag.get(ino);
       if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
-      const name = sockName(pid, info.name);
+      const name = sockName(pid, info.name, info.fileIno);
       const peer = info.peer ? diag.get(info.peer) : undefined;
+      const listenerOf = (pendingOf ??= waitingClients(diag)).get(ino);
       // A pair (its other end may be outside: refused below); a datagram
       // socket connected to its own name is one socket, below.
       if (info.peer && info.peer !== ino && (!peer || peer.peer === ino)) {
@@ -229,19 +233,36 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
       } else if (info.state === 10) {
         refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
-        // Connections not yet accepted would need their clients remade: refused.
-        if (info.rqueue) throw unsupported(pid, fd, `${target}: listening unix socket ${printable(info.name)} with ${info.rqueue} connections not yet accepted`);
+        // Connections not yet accepted: their clients connect again, in order, once it listens.
+        const waiting = info.rqueue ? waitingOn(pid, fd, target, info, diag) : undefined;
+        if (waiting) sockFix.push({ desc: id, waiting });
         table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...name });
+      } else if (listenerOf !== undefined) {
+        // The client of a connection not yet accepted: connected again to its listener, after it.
+        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        sockFix.push({ desc: id, pendingOn: listenerOf });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
+      } else if (info.hasPeer && !info.peer) {
+        // Its peer is gone: a stream reads what it has, then EOF; a datagram one sends into nothing.
+        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        const queue = info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
       } else if (info.state === 7 || info.type === SOCK_DGRAM) {
         // Not connected (bound or not), or a datagram one connected to a
         // named socket (in the tree or not: /dev/log...) that is not
-        // connected back; a datagram one keeps what was sent to it.
-        if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one`);
+        // connected back; a datagram one keeps what was sent to it, with
+        // each sender's name.
+        if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one that is connected elsewhere`);
         refuseInFlight(pid, fd, target, readFdinfo(pid, fd)); // only a pair's queues are sent again with their files
-        const queue = info.type === SOCK_DGRAM && info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
-        if (queue?.length && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket`);
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
-      } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} whose peer is gone`);
+        const got = info.type === SOCK_DGRAM && info.rqueue ? peekDatagrams(pid, fd, true) : [];
+        const queue = got.length ? got.map((m) => m.data.toString('base64')) : undefined;
+        const from = got.some((m) => m.from) ? got.map((m) => m.from) : undefined;
+        if (from && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams from named sockets queued to an unnamed unix socket`);
+        if (from) sockFix.push({ desc: id, from });
+        if (info.peer && info.peer !== ino) sockFix.push({ desc: id, peer: info.peer });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, from, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
+      } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} in a state of its own (${info.state})`);
+      sockDescs.set(ino, id);
     } else if (isShm(target)) {
       shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
       table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
@@ -298,7 +319,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
           const h = sockHolders.get(ino);
           if (!h) {
             const other = sockHolders.get(end === 0 ? peer : lo)!;
-            throw unsupported(other.pid, other.fd, `unix socket connected to a process outside the subtree`);
+            throw unsupported(other.pid, other.fd, `unix socket connected to ${holderOf(ino)}, outside the subtree`);
           }
           if (!inFlight(h.pid, h.fd)) {
             table.socks[pair].queues[end] = peekQueue(h.pid, h.fd).map((b) => b.toString('base64'));
@@ -330,6 +351,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     }
     capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
     findMovedWatches(table, seen);
+    if (sockFix.length) linkSockets(table, sockFix, sockDescs, diag!, (desc) => seen.find((x) => x.desc === desc));
   } finally {
     for (const f of flying) fs.closeSync(f);
   }
@@ -546,10 +568,17 @@ export function restoreFiles(ctx: FilesRestore): void {
 
   // Sockets on their own first (those connected to others after them):
   // listeners are what connected pairs are remade through.
-  const rank = (x: FileDesc) => (x.kind !== 'usock' ? 2 : x.connectTo !== undefined ? 1 : 0);
-  for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y))) {
+  // A socket's dependents (those connected to it, its waiting clients, the
+  // senders of its datagrams) are made right after it, before its name,
+  // if it was gone, goes again: another may be bound to it next.
+  const rank = (x: FileDesc) => (x.kind !== 'usock' ? 2 : x.connectTo !== undefined || x.peerDesc !== undefined || x.pendingOn !== undefined ? 1 : 0);
+  const sockets2 = sockDependents(table);
+  const done = new Set<number>();
+  const makeOne = (d: FileDesc): void => {
+    if (done.has(d.id)) return;
+    done.add(d.id);
     const hs = holders.get(d.id);
-    if (!hs?.length) continue;
+    if (!hs?.length) return;
     const owner = hs[0];
     const r = remote(owner.pid);
     if (!placed.has(d.id)) {
@@ -569,7 +598,14 @@ export function restoreFiles(ctx: FilesRestore): void {
         transfer(ends[d.end], owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'usock') {
-        transfer(sockets.makeSolo(owner.pid, d), owner);
+        const at = d.peerGone ? sockets.makeOrphan(owner.pid, d) : sockets.makeSolo(owner.pid, d);
+        if (!d.peerGone) {
+          for (const dep of sockets2.dependents(d)) makeOne(table.descs[dep]);
+          const to = d.peerDesc ?? d.pendingOn;
+          if (to !== undefined) makeOne(table.descs[to]); // bound before this one connects to it
+          sockets.finishSolo(at, d, to === undefined ? undefined : sockets2.nameOf(to));
+        }
+        transfer(at, owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'event') {
         moveFd(r, makeEvent(r, ctx.host(owner.pid), d.ev), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
@@ -645,7 +681,10 @@ export function restoreFiles(ctx: FilesRestore): void {
       placed.set(d.id, owner);
     }
     for (const h of hs.slice(1)) transfer(owner, h);
-  }
+  };
+  // A name whose file a socket gone (or replaced) left is bound before the one holding the file now.
+  const gone = (x: FileDesc) => (x.kind === 'usock' && x.fileThere === false ? 0 : 1);
+  for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y) || gone(x) - gone(y))) makeOne(d);
   // Every description exists: the queues with files in flight can be sent.
   for (const [pair, ends] of sockEnds) {
     if (!table.socks[pair].inflight?.length) continue;
@@ -656,6 +695,7 @@ export function restoreFiles(ctx: FilesRestore): void {
       return mine;
     });
   }
+  sockets.finish(); // every socket is made: names gone at the checkpoint go again
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
