@@ -100,7 +100,9 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
     if (d.kind === 'usock') {
       const sock = (x: number) => x !== i && (descs[x]?.kind === 'usock' || descs[x]?.kind === 'unix');
       if (d.peerDesc !== undefined && !sock(d.peerDesc)) issue(ctx, [...at, 'peerDesc'], `connected to no socket (${d.peerDesc})`);
-      if (d.pendingOn !== undefined && descs[d.pendingOn]?.kind !== 'usock') issue(ctx, [...at, 'pendingOn'], `waiting on no listener (${d.pendingOn})`);
+      const l = d.pendingOn === undefined ? undefined : descs[d.pendingOn];
+      if (l && (l.kind !== 'usock' || !l.waiting?.includes(i))) issue(ctx, [...at, 'pendingOn'], `waiting on a listener that does not list it (${d.pendingOn})`);
+      if (d.pendingOn !== undefined && !l) issue(ctx, [...at, 'pendingOn'], `waiting on no listener (${d.pendingOn})`);
       if (d.waiting?.some((x) => !sock(x))) issue(ctx, [...at, 'waiting'], 'a connection waiting from no socket');
       if (d.from && d.from.length !== (d.queue?.length ?? 0)) issue(ctx, [...at, 'from'], 'senders and datagrams do not match');
     }

@@ -568,8 +568,8 @@ export function restoreFiles(ctx: FilesRestore): void {
 
   // Sockets on their own first (those connected to others after them):
   // listeners are what connected pairs are remade through.
-  // A socket's dependents (those connected to it, its waiting clients, the
-  // senders of its datagrams) are made right after it, before its name,
+  // A socket's dependents (those connected to it, the senders of its
+  // datagrams) are made right after it, before its name,
   // if it was gone, goes again: another may be bound to it next.
   const rank = (x: FileDesc) => (x.kind !== 'usock' ? 2 : x.connectTo !== undefined || x.peerDesc !== undefined || x.pendingOn !== undefined ? 1 : 0);
   const sockets2 = sockDependents(table);
@@ -684,7 +684,11 @@ export function restoreFiles(ctx: FilesRestore): void {
   };
   // A name whose file a socket gone (or replaced) left is bound before the one holding the file now.
   const gone = (x: FileDesc) => (x.kind === 'usock' && x.fileThere === false ? 0 : 1);
-  for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y) || gone(x) - gone(y))) makeOne(d);
+  // The clients of connections not yet accepted connect last, in order: a
+  // pair made through the same listener is accepted before them.
+  const waits = (x: FileDesc) => x.kind === 'usock' && x.pendingOn !== undefined;
+  for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y) || gone(x) - gone(y))) if (!waits(d)) makeOne(d);
+  for (const l of table.descs) if (l.kind === 'usock') for (const c of l.waiting ?? []) makeOne(table.descs[c]);
   // Every description exists: the queues with files in flight can be sent.
   for (const [pair, ends] of sockEnds) {
     if (!table.socks[pair].inflight?.length) continue;

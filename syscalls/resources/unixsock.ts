@@ -301,10 +301,10 @@ export function sockDependents(table: FilesTable) {
   }
   return {
     nameOf,
-    /** Made after `d` and before it is finished: its waiting clients in order, those connected to it, the senders of its datagrams. */
+    /** Made after `d` and before it is finished: those connected to it, the senders of its datagrams. */
     dependents(d: SoloSockState & { id: number }): number[] {
       const senders = (d.from ?? []).flatMap((n) => (n ? (byName.get(n) ?? []) : []));
-      return [...new Set([...(d.waiting ?? []), ...(connected.get(d.id) ?? []), ...senders])].filter((x) => x !== d.id);
+      return [...new Set([...(connected.get(d.id) ?? []), ...senders])].filter((x) => x !== d.id);
     },
   };
 }
@@ -367,7 +367,8 @@ export class UnixSockets {
     const at = this.ctx.park(pid, fd);
     if (s.name !== undefined) this.bind(pid, at.fd, s);
     if (s.backlog !== undefined) r.check('restart:files listen', SYS_listen, at.fd, s.backlog);
-    if (s.backlog !== undefined && s.name !== undefined && (!isPath(s.name) || s.fileThere)) this.ctx.listeners.set(s.name, at);
+    // A name gone at the checkpoint is still there until every socket is made: connections are made through it.
+    if (s.backlog !== undefined && s.name !== undefined) this.ctx.listeners.set(s.name, at);
     return at;
   }
 
@@ -533,6 +534,7 @@ export class UnixSockets {
       if (ours >= 0) {
         this.unlink(pid, there);
         this.unlinks.splice(ours, 1);
+        this.ctx.listeners.delete(name); // unreachable now: a connection to it goes through a temporary one
       }
       let ino: number | undefined;
       try {
