@@ -105,6 +105,10 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
       if (d.pendingOn !== undefined && !l) issue(ctx, [...at, 'pendingOn'], `waiting on no listener (${d.pendingOn})`);
       if (d.waiting?.some((x) => !sock(x))) issue(ctx, [...at, 'waiting'], 'a connection waiting from no socket');
       if (d.from && d.from.length !== (d.queue?.length ?? 0)) issue(ctx, [...at, 'from'], 'senders and datagrams do not match');
+      d.inflight?.forEach((x, j) => {
+        if (x.msg >= (d.queue?.length ?? 0)) issue(ctx, [...at, 'inflight', j, 'msg'], `files in flight on datagram ${x.msg} of a queue of ${d.queue?.length ?? 0}`);
+        if (x.descs.some((e) => e >= descs.length)) issue(ctx, [...at, 'inflight', j, 'descs'], 'a file in flight of no description');
+      });
     }
     if ((d.kind === 'memfd' || d.kind === 'ghost') && !shmKeys.has(d.shmKey)) issue(ctx, [...at, 'shmKey'], `contents of no shared object (${d.shmKey})`);
     if (d.kind === 'event' && d.ev.kind === 'epoll') d.ev.watches.forEach((w, j) => void (w.desc !== undefined && (w.desc >= descs.length || w.desc === i) && issue(ctx, [...at, 'ev', 'watches', j, 'desc'], `a watch of no description (${w.desc})`)));

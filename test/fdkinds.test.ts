@@ -65,7 +65,7 @@ bothWays('scm', 'files in flight in SCM_RIGHTS messages on a stream pair (one he
 const refusals: [string, RegExp][] = [
   ['inotify', /fd \d+ \(anon_inode:inotify: a descriptor of kind inotify, not supported yet\)/],
   ['ptmx', /fd \d+ \(\/dev\/(pts\/)?ptmx: a descriptor of kind character device 5:2, not supported yet\)/],
-  ['scm-dgram', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
+  ['scm-gone', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
   ['sharedfiles', /shares its descriptor table with process \d+ \(clone CLONE_FILES without CLONE_THREAD\)/],
   ['pidfd-outside', /a pidfd of process \d+, outside the subtree/],
   ['epoll-outside', /fd \d+ \(epoll watching a file that no process of the subtree holds \(added as descriptor \d+\)\)/],

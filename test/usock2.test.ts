@@ -53,6 +53,12 @@ bothWays('names', 'names: relative, in subdirectories with their mode, unlinked,
   'names: two sockets of one name: the path reaches the one whose file it is',
 ], 'NAMES OK');
 
+bothWays('scm', 'files in flight in datagrams queued to a named socket (one held only there, one also held), a plain one between', [
+  'scm: the first datagram, from an unnamed sender, carries its file', 'scm: the write end held only in flight, of the pipe the process reads',
+  'scm: a plain datagram between, from its named sender', 'scm: the third carries the read end the process holds, from its named sender',
+  'scm: no other write end left anywhere (EOF once it is closed)',
+], 'SCM OK');
+
 t.test('a unix socket connected to a process outside the subtree is refused, the log naming that process', async (t) => {
   const r = supervise([fixture('usock2'), 'outside']);
   const parent = /outside: parent (\d+)/.exec(r.stdout)?.[1];

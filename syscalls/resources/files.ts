@@ -29,7 +29,7 @@ import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type E
 import { captureOwners, restoreOwners, hasOwner, ownerSchema, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
 import { UnixSockets, sockName, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
-import { peekWithFds } from './inflight.js';
+import { peekWithFds, peekDatagramsWithFds } from './inflight.js';
 import { nsPids } from '../../supervisor/pidns.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
@@ -169,6 +169,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   let pendingOf: Map<number, number> | undefined; // client of a connection not yet accepted -> its listener (inodes)
   const sockDescs = new Map<number, number>(); // socket inode -> its description
   const sockFix: SockFix[] = []; // references between sockets, by inode until every one is met
+  const soloFlying: { desc: number; pid: number; fd: number }[] = []; // datagram sockets on their own with files in flight
   const flyingHolder = new Map<number, number>(); // a supervisor's copy of a file in flight -> the process it is made in
   /** One descriptor of `pid` (the supervisor itself for files in flight) into `fds` and the table. */
   const captureFd = (pid: number, fd: number, fds: FdRef[]): void => {
@@ -253,8 +254,11 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         // connected back; a datagram one keeps what was sent to it, with
         // each sender's name.
         if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one that is connected elsewhere`);
-        refuseInFlight(pid, fd, target, readFdinfo(pid, fd)); // only a pair's queues are sent again with their files
-        const got = info.type === SOCK_DGRAM && info.rqueue ? peekDatagrams(pid, fd, true) : [];
+        // One with files in flight is read once every descriptor is captured (below).
+        const flies = info.type === SOCK_DGRAM && inFlight(pid, fd);
+        if (flies) soloFlying.push({ desc: id, pid, fd });
+        else refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        const got = info.type === SOCK_DGRAM && info.rqueue && !flies ? peekDatagrams(pid, fd, true) : [];
         const queue = got.length ? got.map((m) => m.data.toString('base64')) : undefined;
         const from = got.some((m) => m.from) ? got.map((m) => m.from) : undefined;
         if (from && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams from named sockets queued to an unnamed unix socket`);
@@ -347,6 +351,33 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
           });
           more = true;
         }
+      }
+      for (const f of soloFlying.splice(0)) {
+        more = true;
+        const msgs = peekDatagramsWithFds(f.pid, f.fd);
+        for (const m of msgs) flying.push(...m.fds);
+        const d = table.descs[f.desc] as Extract<FileDesc, { kind: 'usock' }>;
+        if (msgs.length && d.name === undefined) throw unsupported(f.pid, f.fd, 'datagrams with files in flight queued to an unnamed unix socket');
+        d.queue = msgs.map((m) => m.data.toString('base64'));
+        if (msgs.some((m) => m.from)) {
+          d.from = msgs.map((m) => m.from);
+          sockFix.push({ desc: f.desc, from: d.from });
+        }
+        const receiver = f.pid === process.pid ? flyingHolder.get(f.fd)! : (nsPids(f.pid)[level] ?? f.pid);
+        msgs.forEach((m, msg) => {
+          if (!m.fds.length) return;
+          const descs = m.fds.map((mine) => {
+            const ref: FdRef[] = [];
+            const known = table.descs.length;
+            captureFd(process.pid, mine, ref);
+            const g = ref[0];
+            if (!g || !('desc' in g)) throw unsupported(f.pid, f.fd, `a descriptor in flight in an SCM_RIGHTS message that is one the supervisor was given`);
+            if (g.desc >= known) (table.flying ??= []).push({ desc: g.desc, pid: receiver });
+            flyingHolder.set(mine, receiver);
+            return g.desc;
+          });
+          (d.inflight ??= []).push({ msg, descs });
+        });
       }
     }
     capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
@@ -574,6 +605,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   const rank = (x: FileDesc) => (x.kind !== 'usock' ? 2 : x.connectTo !== undefined || x.peerDesc !== undefined || x.pendingOn !== undefined ? 1 : 0);
   const sockets2 = sockDependents(table);
   const done = new Set<number>();
+  const lateSolos: { at: Place; d: Extract<FileDesc, { kind: 'usock' }>; target?: ReturnType<typeof sockets2.nameOf> }[] = [];
   const makeOne = (d: FileDesc): void => {
     if (done.has(d.id)) return;
     done.add(d.id);
@@ -603,7 +635,9 @@ export function restoreFiles(ctx: FilesRestore): void {
           for (const dep of sockets2.dependents(d)) makeOne(table.descs[dep]);
           const to = d.peerDesc ?? d.pendingOn;
           if (to !== undefined) makeOne(table.descs[to]); // bound before this one connects to it
-          sockets.finishSolo(at, d, to === undefined ? undefined : sockets2.nameOf(to));
+          const target = to === undefined ? undefined : sockets2.nameOf(to);
+          if (d.inflight?.length) lateSolos.push({ at, d, target }); // its datagrams carry files: once every description exists
+          else sockets.finishSolo(at, d, target);
         }
         transfer(at, owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
@@ -690,15 +724,14 @@ export function restoreFiles(ctx: FilesRestore): void {
   for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y) || gone(x) - gone(y))) if (!waits(d)) makeOne(d);
   for (const l of table.descs) if (l.kind === 'usock') for (const c of l.waiting ?? []) makeOne(table.descs[c]);
   // Every description exists: the queues with files in flight can be sent.
-  for (const [pair, ends] of sockEnds) {
-    if (!table.socks[pair].inflight?.length) continue;
-    sockets.finishPair(table.socks[pair], ends, (desc) => {
-      const at = placed.get(desc);
-      const mine = at ? sys.takeFd(ctx.host(at.pid), at.fd) : -1;
-      if (mine < 0) throw new CkptError(errno('EBADMSG'), 'restart:files', `description ${desc}, in flight, was not made`);
-      return mine;
-    });
-  }
+  const take = (desc: number) => {
+    const at = placed.get(desc);
+    const mine = at ? sys.takeFd(ctx.host(at.pid), at.fd) : -1;
+    if (mine < 0) throw new CkptError(errno('EBADMSG'), 'restart:files', `description ${desc}, in flight, was not made`);
+    return mine;
+  };
+  for (const [pair, ends] of sockEnds) if (table.socks[pair].inflight?.length) sockets.finishPair(table.socks[pair], ends, take);
+  for (const l of lateSolos) sockets.finishSolo(l.at, l.d, l.target, take);
   sockets.finish(); // every socket is made: names gone at the checkpoint go again
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));

@@ -25,11 +25,15 @@ const CONTROL = 4096; // room for SCM_MAX_FD (253) descriptors and more
 /** One queued message: its bytes and the supervisor's copies of the files it carries. */
 export interface PeekedMessage { data: Buffer; fds: number[] }
 
-/** A struct msghdr for one buffer and a control buffer (both kept alive by the caller). */
-function msghdr(iov: Buffer, data: Buffer, control: Buffer | null, controlLen: number): Buffer {
+/** A struct msghdr for one buffer, a control buffer and a name (all kept alive by the caller). */
+function msghdr(iov: Buffer, data: Buffer, control: Buffer | null, controlLen: number, name?: Buffer): Buffer {
   iov.writeBigUInt64LE(addressOf(data), 0);
   iov.writeBigUInt64LE(BigInt(data.length), 8);
   const m = Buffer.alloc(56);
+  if (name) {
+    m.writeBigUInt64LE(addressOf(name), 0);
+    m.writeUInt32LE(name.length, 8);
+  }
   m.writeBigUInt64LE(addressOf(iov), 16); // msg_iov (no name)
   m.writeBigUInt64LE(1n, 24); // msg_iovlen
   if (control) {
@@ -87,10 +91,36 @@ export function peekWithFds(pid: number, fd: number, peer?: { pid: number; fd: n
   }, 'socket fd');
 }
 
-/** One recvmsg: its bytes and files (the supervisor's, close-on-exec), or undefined when nothing is queued. */
-function recvOne(sock: number, data: Buffer, control: Buffer, iov: Buffer, flags: number, what: string, len = data.length): PeekedMessage | undefined {
+/**
+ * The datagrams queued on a socket on its own, each with the files it
+ * carries (the supervisor's copies) and its sender's name ('' for none),
+ * as peekDatagrams gives names.
+ */
+export function peekDatagramsWithFds(pid: number, fd: number): (PeekedMessage & { from: string })[] {
+  return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
+    if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd}: cannot peek at its queue`);
+    const out: (PeekedMessage & { from: string })[] = [];
+    try {
+      const data = Buffer.alloc(1 << 20), control = Buffer.alloc(CONTROL), iov = Buffer.alloc(16), name = Buffer.alloc(112);
+      for (;;) {
+        const got = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`, data.length, name);
+        if (!got) break;
+        out.push(got as PeekedMessage & { from: string });
+      }
+    } catch (e) {
+      for (const m of out) for (const f of m.fds) fs.closeSync(f);
+      throw e;
+    } finally {
+      sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, -1);
+    }
+    return out;
+  }, 'socket fd');
+}
+
+/** One recvmsg: its bytes and files (the supervisor's, close-on-exec), or undefined when nothing is queued; with `name`, the sender's name too. */
+function recvOne(sock: number, data: Buffer, control: Buffer, iov: Buffer, flags: number, what: string, len = data.length, name?: Buffer): (PeekedMessage & { from?: string }) | undefined {
   control.fill(0);
-  const m = msghdr(iov, data.subarray(0, len), control, CONTROL);
+  const m = msghdr(iov, data.subarray(0, len), control, CONTROL, name);
   const n = sys.syscall(SYS_recvmsg, sock, addressOf(m), flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
   if (n < 0 && errnoNow() === EAGAIN) return undefined;
   if (n < 0) throw new CkptError(errnoNow(), 'checkpoint:files', `${what}: cannot read its queue`);
@@ -99,7 +129,13 @@ function recvOne(sock: number, data: Buffer, control: Buffer, iov: Buffer, flags
     for (const f of fds) fs.closeSync(f);
     throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `${what}: a message carries more descriptors than can be read`);
   }
-  return { data: Buffer.from(data.subarray(0, n)), fds };
+  if (!name) return { data: Buffer.from(data.subarray(0, n)), fds };
+  // sun_path after the family, as sock_diag gives names (a path keeps its NUL).
+  const nlen = Math.min(m.readUInt32LE(8), name.length);
+  let from = nlen > 2 ? name.subarray(2, nlen).toString('latin1') : '';
+  if (from && !from.startsWith('\0') && from.includes('\0')) from = from.slice(0, from.indexOf('\0') + 1);
+  else if (from && !from.startsWith('\0')) from += '\0';
+  return { data: Buffer.from(data.subarray(0, n)), fds, from };
 }
 
 /**
@@ -151,7 +187,7 @@ function rotate(mine: number, chunks: PeekedMessage[], peer: { pid: number; fd: 
 }
 
 /** Send one message with files attached (`fds`: the supervisor's) through the supervisor's socket `mine`. */
-export function sendWithFds(mine: number, data: Buffer, fds: number[], what: string): void {
+export function sendWithFds(mine: number, data: Buffer, fds: number[], what: string, to?: Buffer): void {
   const clen = 16 + 4 * fds.length;
   const control = Buffer.alloc((clen + 7) & ~7);
   control.writeBigUInt64LE(BigInt(clen), 0);
@@ -159,7 +195,7 @@ export function sendWithFds(mine: number, data: Buffer, fds: number[], what: str
   control.writeInt32LE(SCM_RIGHTS, 12);
   fds.forEach((f, i) => control.writeInt32LE(f, 16 + 4 * i));
   const iov = Buffer.alloc(16);
-  const m = msghdr(iov, data, fds.length ? control : null, fds.length ? control.length : 0);
+  const m = msghdr(iov, data, fds.length ? control : null, fds.length ? control.length : 0, to);
   const n = sys.syscall(SYS_sendmsg, mine, addressOf(m), MSG_DONTWAIT);
   if (n !== data.length) throw new CkptError(n < 0 ? errnoNow() : errno('ENOMEM'), 'restart:files', `${what}: cannot queue a message of ${data.length} bytes with ${fds.length} descriptors`);
 }

@@ -81,6 +81,8 @@ export interface SoloSockState extends SockName {
   waiting?: number[];
   pendingOn?: number;
   peerGone?: boolean;
+  /** Files in flight: datagram `msg` of its queue carries these descriptions (SCM_RIGHTS). */
+  inflight?: { msg: number; descs: number[] }[];
   /** What is shut down (1 receiving, 2 sending), if anything. */
   shutdown?: number;
 }
@@ -114,6 +116,7 @@ export const soloSockFields = {
   waiting: z.array(int(0, MANY)).min(1).max(MANY).optional(),
   pendingOn: int(0, MANY).optional(),
   peerGone: z.literal(true).optional(),
+  inflight: z.array(z.strictObject({ msg: int(0, MANY), descs: z.array(int(0, MANY)).min(1).max(SCM_MAX_FD) })).max(MANY).optional(),
   shutdown: int(0, 3).optional(),
 };
 const samePair: Same<z.infer<typeof sockPairSchema>, SockPairState> = true;
@@ -378,12 +381,20 @@ export class UnixSockets {
    * else a temporary one binds it), then connected to `target` (the socket
    * it sends to, or the listener it waits on), then shut down as it was.
    */
-  finishSolo(at: Place, s: SoloSockState, target?: SockName): void {
+  finishSolo(at: Place, s: SoloSockState, target?: SockName, take?: (desc: number) => number): void {
     const r = this.ctx.remote(at.pid);
     if (s.queue?.length) {
       if (s.name === undefined) throw new CkptError(errno('EOPNOTSUPP'), 'restart:files', `task ${at.pid}: datagrams queued to an unnamed socket`);
+      if (s.inflight?.length && !take) throw new CkptError(errno('EBADMSG'), 'restart:files', `task ${at.pid}: files in flight to a socket, sent before they exist`);
       const to = this.address(at.pid, s);
-      s.queue.forEach((m, i) => this.sendFrom(at.pid, s.from?.[i] ?? '', to, Buffer.from(m, 'base64')));
+      s.queue.forEach((m, i) => {
+        const fds = (s.inflight ?? []).filter((x) => x.msg === i).flatMap((x) => x.descs).map((d) => take!(d));
+        try {
+          this.sendFrom(at.pid, s.from?.[i] ?? '', to, Buffer.from(m, 'base64'), fds);
+        } finally {
+          for (const f of fds) fs.closeSync(f);
+        }
+      });
     }
     // Connected only once its queue is back: a datagram socket connected to
     // another (itself, say) refuses what anyone else sends it (EPERM).
@@ -488,14 +499,14 @@ export class UnixSockets {
   }
 
   /** Send one datagram to `to` from a socket named `from` ('' unnamed): the tree's socket of that name, else a temporary one. */
-  private sendFrom(pid: number, from: string, to: string, data: Buffer): void {
+  private sendFrom(pid: number, from: string, to: string, data: Buffer, fds: number[]): void {
     const own = from ? this.named.get(from) : undefined;
-    if (own) return sendTo(this.ctx.host(own.pid), own.fd, to, data, pid);
+    if (own) return sendTo(this.ctx.host(own.pid), own.fd, to, data, pid, fds);
     const r = this.ctx.remote(pid);
     const tmp = r.check('restart:files socket', SYS_socket, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     try {
       if (from) this.bindRaw(pid, Number(tmp), { name: from, fileThere: false }, true);
-      sendTo(this.ctx.host(pid), tmp, to, data, pid);
+      sendTo(this.ctx.host(pid), tmp, to, data, pid, fds);
     } finally {
       r.call(SYS.close, tmp);
       if (from && isPath(from)) this.unlink(pid, this.processPath(pid, { name: from }));
@@ -650,9 +661,10 @@ function sockaddr(name: string): Buffer {
 }
 
 /** sendto from a tracee's socket (through the supervisor's duplicate of it). */
-function sendTo(host: number, fd: number | bigint, to: string, data: Buffer, pid: number): void {
+function sendTo(host: number, fd: number | bigint, to: string, data: Buffer, pid: number, fds: number[]): void {
   withTraceeFd(host, fd, 'restart:files', (mine) => {
     const addr = sockaddr(to);
+    if (fds.length) return sendWithFds(mine, data, fds, `task ${pid}`, addr);
     const n = sys.syscall(SYS_sendto, mine, addressOf(data), data.length, MSG_DONTWAIT, addressOf(addr), addr.length);
     if (n !== data.length) throw new CkptError(n < 0 ? errnoNow() : errno('ENOMEM'), 'restart:files', `task ${pid}: cannot queue a datagram of ${data.length} bytes to ${printable(to)} again`);
   }, 'socket fd');
