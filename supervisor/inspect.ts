@@ -96,8 +96,13 @@ function describeKind(files: TreeState['files'], id: number): string {
   }
   if (d.kind === 'usock') {
     const q = (d.queue ?? []).map((m) => Buffer.from(m, 'base64').length);
-    const state = d.backlog !== undefined ? `listening, backlog ${d.backlog}` : d.connectTo !== undefined ? `connected to ${shown(d.connectTo)}` : 'not connected';
-    return `unix socket${named(d.name)} (${type(d.type)}; ${state}${q.length ? `, ${q.length} queued` : ''}${shut(d.shutdown)})`;
+    const state = d.backlog !== undefined ? `listening, backlog ${d.backlog}${d.waiting ? `, ${d.waiting.length} connections not yet accepted` : ''}`
+      : d.pendingOn !== undefined ? `waiting to be accepted by description ${d.pendingOn}`
+      : d.peerGone ? 'its peer gone'
+      : d.connectTo !== undefined ? `connected to ${shown(d.connectTo)}` : 'not connected';
+    const files = (d.inflight ?? []).reduce((a, x) => a + x.descs.length, 0);
+    const gone = d.name !== undefined && !d.name.startsWith('\0') && d.fileThere === false ? ', its file unlinked' : '';
+    return `unix socket${named(d.name)}${gone} (${type(d.type)}; ${state}${q.length ? `, ${q.length} queued` : ''}${files ? `, ${files} descriptors in flight` : ''}${shut(d.shutdown)})`;
   }
   if (d.kind === 'event') {
     const e = d.ev;

@@ -76,3 +76,11 @@ t.test('a connection not yet accepted whose client sent data is refused, the pro
   t.match(r.stdout, /refuse-sent: still works after: yes/);
   t.equal(r.status, 0);
 });
+
+t.test('a relative name bound in a directory its holder has left is refused, the program unharmed', async (t) => {
+  const r = supervise([fixture('usock2'), 'refuse-rel', fs.mkdtempSync(path.join(dir, 'rel-'))]);
+  t.match(r.stdout, /refuse-rel: checkpoint ret=-1 errno=EOPNOTSUPP/);
+  t.match(r.stderr, /fd \d+ \(unix socket bound to the relative name x\.sock, whose file is neither in the cwd nor in the root of its holder: bound elsewhere, or unlinked\)/, 'the log line says why');
+  t.match(r.stdout, /refuse-rel: still works after: yes/);
+  t.equal(r.status, 0);
+});

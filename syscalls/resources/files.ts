@@ -214,7 +214,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       diag ??= unixSockets();
       const info = diag.get(ino);
       if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
-      const name = sockName(pid, info.name, info.fileIno);
+      const name = sockName(pid, fd, info.name, info.fileIno);
       const peer = info.peer ? diag.get(info.peer) : undefined;
       const listenerOf = (pendingOf ??= waitingClients(diag)).get(ino);
       // A pair (its other end may be outside: refused below); a datagram

@@ -43,8 +43,8 @@ const SYS_rename = 82, SYS_chmod = 90, SYS_lchown = 94, SYS_recvfrom = 45, SYS_s
  * socket file was there at the checkpoint (one unlinked since, or replaced
  * by another socket's, is not made: the socket is bound but unreachable by
  * its path, as it was). A relative name also keeps the directory it lives
- * in (the holder's cwd, where it was found; bound elsewhere and not found
- * there, it is taken for one unlinked).
+ * in (the holder's cwd or root, where it was found; found in neither, it is
+ * refused: bound elsewhere or unlinked, the kernel does not say which).
  */
 export interface SockName { name?: string; fileThere?: boolean; dir?: string; file?: { mode: number; uid: number; gid: number } }
 
@@ -141,23 +141,23 @@ function sockPath(pid: number, name: string): string {
  * another socket bound to the same path since holds another file), and for
  * a relative one the directory: the holder's cwd.
  */
-export function sockName(pid: number, name: string | undefined, fileIno?: number): SockName {
+export function sockName(pid: number, fd: number, name: string | undefined, fileIno?: number): SockName {
   if (name === undefined || name === '') return {};
   if (!isPath(name)) return { name };
-  let fileThere = false;
-  let file: SockName['file'];
-  try {
-    const st = fs.lstatSync(sockPath(pid, name), { bigint: true });
-    fileThere = st.isSocket() && fileIno !== undefined && (st.ino & 0xffffffffn) === BigInt(fileIno);
-    // Its mode and owner, made again as the binder's umask and ids would not.
-    if (fileThere) file = { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid) };
-  } catch { /* unlinked since it was bound */ }
-  if (name.startsWith('/')) return { name, fileThere, ...(file ? { file } : {}) };
-  let dir: string | undefined;
-  try {
-    dir = fs.readlinkSync(`/proc/${pid}/cwd`).replace(/ \(deleted\)$/, '');
-  } catch { /* gone: no directory to name */ }
-  return { name, fileThere, ...(dir ? { dir } : {}), ...(file ? { file } : {}) };
+  const rel = !name.startsWith('/');
+  // A relative name is looked for where the holder is (its cwd, its root), as the kernel cannot say where it was bound.
+  const dirs = rel ? ['cwd', 'root'].map((l) => { try { return fs.readlinkSync(`/proc/${pid}/${l}`).replace(/ \(deleted\)$/, ''); } catch { return undefined; } }).filter((d): d is string => d !== undefined) : [''];
+  for (const dir of dirs) {
+    try {
+      const st = fs.lstatSync(rel ? `${dir === '/' ? '' : dir}/${name.replace(/\0$/, '')}` : sockPath(pid, name), { bigint: true });
+      if (!st.isSocket() || fileIno === undefined || (st.ino & 0xffffffffn) !== BigInt(fileIno)) continue;
+      // Its mode and owner, made again as the binder's umask and ids would not.
+      const file = { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid) };
+      return { name, fileThere: true, ...(rel ? { dir } : {}), file };
+    } catch { /* not there */ }
+  }
+  if (rel) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd} (unix socket bound to the relative name ${printable(name)}, whose file is neither in the cwd nor in the root of its holder: bound elsewhere, or unlinked)`);
+  return { name, fileThere: false }; // unlinked since it was bound, or its path now another file's
 }
 
 /**
