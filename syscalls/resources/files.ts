@@ -261,7 +261,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const got = info.type === SOCK_DGRAM && info.rqueue && !flies ? peekDatagrams(pid, fd, true) : [];
         const queue = got.length ? got.map((m) => m.data.toString('base64')) : undefined;
         const from = got.some((m) => m.from) ? got.map((m) => m.from) : undefined;
-        if (from && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams from named sockets queued to an unnamed unix socket`);
+        // (The kernel purges a datagram socket's queue when it disconnects: an unnamed one has none on its own.)
+        if (queue && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket on its own`);
         if (from) sockFix.push({ desc: id, from });
         if (info.peer && info.peer !== ino) sockFix.push({ desc: id, peer: info.peer });
         table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, from, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
