@@ -3,23 +3,36 @@
  * each kind is made again.
  *
  * - A connected pair, both ends in the tree, with what each end has yet to
- *   read. Unnamed: socketpair. If an end has a name (an accepted
- *   connection has its listener's; a client may have bound one), the pair
- *   is made the way it was: the client end binds its own name if any and
- *   connects to the other's name, where the restored listener of that name
- *   (or, if it is gone, a temporary one) accepts it. A datagram pair is a
- *   socketpair whose named ends bind their names.
- * - A socket on its own: listening (with no connection waiting to be
- *   accepted: those would need their clients), or not connected, or a
- *   datagram one connected one way to a named socket, in the tree or not
- *   (such as /dev/log), connected again by that name; bound to its own
- *   name or not; a datagram one keeps the datagrams sent to it. Those
- *   connected to others are made after the others.
+ *   read (and the files in flight in it: inflight.ts). Unnamed: socketpair.
+ *   If an end has a name (an accepted connection has its listener's; a
+ *   client may have bound one), the pair is made the way it was: the client
+ *   end binds its own name if any and connects to the other's name, where
+ *   the restored listener of that name (or, if it is gone, a temporary one)
+ *   accepts it. A datagram pair is a socketpair whose named ends bind their
+ *   names.
+ * - A socket on its own: listening, or not connected, or a datagram one
+ *   connected one way to a named socket, in the tree or not (such as
+ *   /dev/log), connected again by that name; bound to its own name or not;
+ *   a datagram one keeps the datagrams sent to it, each sent again from its
+ *   sender's name (the tree's socket of that name, else a temporary one
+ *   bound to it), with the files they carry. Those connected to a socket
+ *   and the senders of its datagrams are made right after it.
+ * - A listener's connections not yet accepted (sock_diag UNIX_DIAG_ICONS
+ *   names their clients): each client connects again, in accept order, once
+ *   every pair made through that listener is made. A client that sent
+ *   anything, or closed, is refused: what it sent is in the connection's
+ *   server end, which only accept() could read.
+ * - A socket whose peer is gone: made as a pair whose other end is closed
+ *   (a stream reads its queue, then EOF; a datagram one gets ECONNREFUSED).
  *
  * Names are the kernel's bytes (a path with its NUL, or NUL and an abstract
  * name). A path's socket file that a socket now gone left behind is
- * unlinked before binding (a live socket holding it: EBUSY); a file the
- * program had unlinked by the checkpoint is unlinked again after.
+ * unlinked before binding (a live socket holding it: EBUSY). A name whose
+ * file was unlinked (or replaced by another socket's) by the checkpoint is
+ * bound again, in directories made for it if they are gone too, and
+ * unlinked once every socket is made (so that those connected to it can
+ * connect); a relative one is bound from its directory. A socket file keeps
+ * its mode and owner.
  */
 import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
