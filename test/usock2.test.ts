@@ -42,7 +42,7 @@ bothWays('gone', 'sockets whose peer is gone (stream, seqpacket, datagram)', [
 
 bothWays('dgram', 'datagrams with their senders\' names; a socketpair\'s; senders to a socket whose name and directory were removed', [
   "dgram: datagram 1, with its sender's name", "dgram: datagram 2, with its sender's name", "dgram: datagram 3, with its sender's name",
-  "dgram: datagram 4, with its sender's name", 'dgram: nothing more queued', 'dgram: the named socket still reachable by its name',
+  "dgram: datagram 4, with its sender's name", "dgram: datagram 5, with its sender's name", 'dgram: the socket file a gone sender left is still there', 'dgram: nothing more queued', 'dgram: the named socket still reachable by its name',
   'dgram: an autobound socket keeps its name and what its connected senders sent', 'dgram: its senders still reach it', "dgram: a socketpair's datagrams both ways", 'dgram: three senders still connected to the socket whose name was removed',
   'dgram: it keeps its name, still removed with its directory',
 ], 'DGRAM OK');

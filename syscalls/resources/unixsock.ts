@@ -516,13 +516,15 @@ export class UnixSockets {
     const own = from ? this.named.get(from) : undefined;
     if (own) return sendTo(this.ctx.host(own.pid), own.fd, to, data, pid, fds);
     const r = this.ctx.remote(pid);
+    // A socket file the sender left (it is gone) stays, as a socket file no one holds; one made here goes.
+    const left = !!from && isPath(from) && fs.existsSync(this.supervisorPath(pid, { name: from }));
     const tmp = r.check('restart:files socket', SYS_socket, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     try {
       if (from) this.bindRaw(pid, Number(tmp), { name: from, fileThere: false }, true);
       sendTo(this.ctx.host(pid), tmp, to, data, pid, fds);
     } finally {
       r.call(SYS.close, tmp);
-      if (from && isPath(from)) this.unlink(pid, this.processPath(pid, { name: from }));
+      if (from && isPath(from) && !left) this.unlink(pid, this.processPath(pid, { name: from }));
     }
   }
 
