@@ -735,7 +735,6 @@ export function restoreFiles(ctx: FilesRestore): void {
   for (const l of lateSolos) sockets.finishSolo(l.at, l.d, l.target, take);
   sockets.finish(); // every socket is made: names gone at the checkpoint go again
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
-  for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
   for (const e of epolls) {
     const r = remote(e.pid);
@@ -753,6 +752,8 @@ export function restoreFiles(ctx: FilesRestore): void {
     }
   }
 
+  // Temporaries last: a file held only in flight is watched from its temporary place.
+  for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Locks once every holder has its descriptors; owners after them (a lease makes its taker the owner).
   restoreLocks({ ...ctx, reused });
   restoreOwners(table, perProc, order, remote, ctx.host, reused);

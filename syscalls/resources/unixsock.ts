@@ -647,10 +647,18 @@ export class UnixSockets {
 
   /** bind or connect with a sockaddr_un holding `name`; EADDRINUSE means the name is taken. */
   private callWithName(r: Remote, what: string, nr: number, fd: number | bigint, name: string, inProgress = false): void {
-    const b = new CallBatch(r);
     const addr = sockaddr(name);
-    b.add(undefined, nr, fd, b.put(addr), addr.length);
-    const [res] = b.run();
+    let res = 0n;
+    // An abstract name may still be held by a socket of the checkpointed tree that only
+    // files in flight kept alive (a loop the kernel's unix garbage collector frees soon after): a few short waits.
+    for (let tries = 0; ; tries++) {
+      const b = new CallBatch(r);
+      b.add(undefined, nr, fd, b.put(addr), addr.length);
+      [res] = b.run();
+      if (res !== -BigInt(EADDRINUSE) || nr !== SYS_bind || isPath(name) || tries >= 10) break;
+      kickUnixGc();
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+    }
     if (inProgress && res === -BigInt(EINPROGRESS)) return;
     if (res === -BigInt(EADDRINUSE)) throw new CkptError(errno('EBUSY'), `restart:files ${what}`, `task ${r.task.tid}: unix socket name ${printable(name)} is in use`);
     if (res < 0n) throw new CkptError(Number(-res), `restart:files ${what}`, `task ${r.task.tid}: unix socket name ${printable(name)}`);
@@ -667,6 +675,24 @@ export class UnixSockets {
     const b = new CallBatch(this.ctx.remote(pid));
     b.add(undefined, SYS_unlink, b.put(Buffer.from(p.replace(/\0$/, '') + '\0', 'latin1')));
     b.run();
+  }
+}
+
+/**
+ * Have the kernel's unix garbage collector run: a socket released while
+ * files are in flight schedules it. One of ours is sent in flight to its
+ * own pair and both are closed.
+ */
+function kickUnixGc(): void {
+  const a = sys.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (a < 0) return;
+  const b = sys.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  try {
+    const name = Buffer.concat([Buffer.from([AF_UNIX, 0, 0]), Buffer.from(`ckpt-gc-${process.pid}`)]);
+    if (b >= 0 && sys.syscall(SYS_bind, b, addressOf(name), name.length) === 0) sendWithFds(a, Buffer.from('g'), [a], 'gc', name);
+  } catch { /* only a nudge */ } finally {
+    fs.closeSync(a);
+    if (b >= 0) fs.closeSync(b);
   }
 }
 
