@@ -56,7 +56,7 @@ bothWays('names', 'names: relative, in subdirectories with their mode, unlinked,
 bothWays('scm', 'files in flight in datagrams queued to a named socket (one held only there, one also held), a plain one between', [
   'scm: the first datagram, from an unnamed sender, carries its file', 'scm: the write end held only in flight, of the pipe the process reads',
   'scm: a plain datagram between, from its named sender', 'scm: the third carries the read end the process holds, from its named sender',
-  'scm: no other write end left anywhere (EOF once it is closed)',
+  'scm: no other write end left anywhere (EOF once it is closed)', 'scm: a seqpacket socket whose peer is gone reads its file in flight', 'scm: then EOF',
 ], 'SCM OK');
 
 t.test('a unix socket connected to a process outside the subtree is refused, the log naming that process', async (t) => {

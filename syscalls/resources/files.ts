@@ -28,7 +28,7 @@ import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
 import { captureOwners, restoreOwners, hasOwner, ownerSchema, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
-import { UnixSockets, sockName, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { UnixSockets, sockName, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, type Orphan, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { peekWithFds, peekDatagramsWithFds } from './inflight.js';
 import { nsPids } from '../../supervisor/pidns.js';
 import { refuseSharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
@@ -245,8 +245,12 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         table.descs.push({ id, kind: 'usock', type: info.type, flags, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
       } else if (info.hasPeer && !info.peer) {
         // Its peer is gone: a stream reads what it has, then EOF; a datagram one sends into nothing.
-        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
-        const queue = info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
+        // Files in flight in its messages (not a stream's: where they attach in the bytes
+        // is seen only by reading them back through the peer) are read once every descriptor is captured.
+        const flies = info.type !== SOCK_STREAM && inFlight(pid, fd);
+        if (flies) soloFlying.push({ desc: id, pid, fd });
+        else refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        const queue = info.rqueue && !flies ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
         table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
       } else if (info.state === 7 || info.type === SOCK_DGRAM) {
         // Not connected (bound or not), or a datagram one connected to a
@@ -358,9 +362,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const msgs = peekDatagramsWithFds(f.pid, f.fd);
         for (const m of msgs) flying.push(...m.fds);
         const d = table.descs[f.desc] as Extract<FileDesc, { kind: 'usock' }>;
-        if (msgs.length && d.name === undefined) throw unsupported(f.pid, f.fd, 'datagrams with files in flight queued to an unnamed unix socket');
+        if (msgs.length && d.name === undefined && !d.peerGone) throw unsupported(f.pid, f.fd, 'datagrams with files in flight queued to an unnamed unix socket');
         d.queue = msgs.map((m) => m.data.toString('base64'));
-        if (msgs.some((m) => m.from)) {
+        if (msgs.some((m) => m.from) && !d.peerGone) { // (a socket whose peer is gone gets its queue from a stand-in for it)
           d.from = msgs.map((m) => m.from);
           sockFix.push({ desc: f.desc, from: d.from });
         }
@@ -606,6 +610,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   const rank = (x: FileDesc) => (x.kind !== 'usock' ? 2 : x.connectTo !== undefined || x.peerDesc !== undefined || x.pendingOn !== undefined ? 1 : 0);
   const sockets2 = sockDependents(table);
   const done = new Set<number>();
+  const lateOrphans: Orphan[] = [];
   const lateSolos: { at: Place; d: Extract<FileDesc, { kind: 'usock' }>; target?: ReturnType<typeof sockets2.nameOf> }[] = [];
   const makeOne = (d: FileDesc): void => {
     if (done.has(d.id)) return;
@@ -631,7 +636,7 @@ export function restoreFiles(ctx: FilesRestore): void {
         transfer(ends[d.end], owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'usock') {
-        const at = d.peerGone ? sockets.makeOrphan(owner.pid, d) : sockets.makeSolo(owner.pid, d);
+        const at = d.peerGone ? sockets.makeOrphan(owner.pid, d, lateOrphans) : sockets.makeSolo(owner.pid, d);
         if (!d.peerGone) {
           for (const dep of sockets2.dependents(d)) makeOne(table.descs[dep]);
           const to = d.peerDesc ?? d.pendingOn;
@@ -733,6 +738,7 @@ export function restoreFiles(ctx: FilesRestore): void {
   };
   for (const [pair, ends] of sockEnds) if (table.socks[pair].inflight?.length) sockets.finishPair(table.socks[pair], ends, take);
   for (const l of lateSolos) sockets.finishSolo(l.at, l.d, l.target, take);
+  for (const o of lateOrphans) sockets.finishOrphan(o, take);
   sockets.finish(); // every socket is made: names gone at the checkpoint go again
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   // Every descriptor is in place: what each epoll watched can be named again.

@@ -105,6 +105,8 @@ export function peekDatagramsWithFds(pid: number, fd: number): (PeekedMessage & 
       for (;;) {
         const got = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`, data.length, name);
         if (!got) break;
+        // Nothing and no file: EOF (a seqpacket peer gone), or an empty datagram the peek offset cannot step over.
+        if (!got.data.length && !got.fds.length) break;
         out.push(got as PeekedMessage & { from: string });
       }
     } catch (e) {

@@ -348,6 +348,9 @@ function shutDown(r: Remote, fd: number, how: number): void {
 /** Where a restored socket lives (a process, a descriptor number in it). */
 export interface Place { pid: number; fd: number }
 
+/** A socket whose peer is gone, made with a stand-in peer that goes once its queue is sent. */
+export interface Orphan { pair: SockPairState; ends: [Place, Place] }
+
 /** What making sockets needs from the files restore. */
 export interface SockRestore {
   remote: (pid: number) => Remote;
@@ -421,12 +424,21 @@ export class UnixSockets {
    * closed. A stream one reads its queue, then EOF (the closed end shut
    * it down); a datagram one is connected to a socket that is no more.
    */
-  makeOrphan(pid: number, s: SoloSockState): Place {
+  makeOrphan(pid: number, s: SoloSockState, late: Orphan[]): Place {
     const pair: SockPairState = { id: 0, type: s.type, queues: [s.queue ?? [], []], names: [{ name: s.name, fileThere: s.fileThere, dir: s.dir, file: s.file }, {}] };
     if (s.type === SOCK_DGRAM && s.shutdown) pair.shutdown = [s.shutdown, 0];
-    const [mine, other] = this.makePair(pair, [pid, pid]);
-    this.ctx.remote(other.pid).call(SYS.close, other.fd); // its parked number is closed again at the end: nothing there by then
-    return mine;
+    if (s.inflight?.length) pair.inflight = s.inflight.map((x) => ({ end: 0, ...x }));
+    const ends = this.makePair(pair, [pid, pid]);
+    // With files in flight its queue is sent once every description exists (finishOrphan), its stand-in peer closed then.
+    if (pair.inflight) late.push({ pair, ends });
+    else this.ctx.remote(ends[1].pid).call(SYS.close, ends[1].fd); // its parked number is closed again at the end: nothing there by then
+    return ends[0];
+  }
+
+  /** The queue of a socket whose peer is gone, with its files in flight; then its stand-in peer goes. */
+  finishOrphan(o: Orphan, take: (desc: number) => number): void {
+    this.finishPair(o.pair, o.ends, take);
+    this.ctx.remote(o.ends[1].pid).call(SYS.close, o.ends[1].fd);
   }
 
   /**
