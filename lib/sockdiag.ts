@@ -9,14 +9,22 @@ import { CkptError } from './errors.js';
 
 const AF_NETLINK = 16, SOCK_RAW = 3, SOCK_CLOEXEC = 0o2000000, NETLINK_SOCK_DIAG = 4;
 const SOCK_DIAG_BY_FAMILY = 20, NLM_F_REQUEST = 1, NLM_F_DUMP = 0x300, NLMSG_DONE = 3, NLMSG_ERROR = 2;
-const AF_UNIX = 1, UDIAG_SHOW_NAME = 1, UDIAG_SHOW_VFS = 2, UDIAG_SHOW_PEER = 4, UDIAG_SHOW_RQLEN = 0x10;
-const UNIX_DIAG_NAME = 0, UNIX_DIAG_VFS = 1, UNIX_DIAG_PEER = 2, UNIX_DIAG_RQLEN = 4, UNIX_DIAG_SHUTDOWN = 6;
+const AF_UNIX = 1, UDIAG_SHOW_NAME = 1, UDIAG_SHOW_VFS = 2, UDIAG_SHOW_PEER = 4, UDIAG_SHOW_ICONS = 8, UDIAG_SHOW_RQLEN = 0x10;
+const UNIX_DIAG_NAME = 0, UNIX_DIAG_VFS = 1, UNIX_DIAG_PEER = 2, UNIX_DIAG_ICONS = 3, UNIX_DIAG_RQLEN = 4, UNIX_DIAG_SHUTDOWN = 6;
 
 export interface UnixSockInfo {
   ino: number;
   type: number; // SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_SEQPACKET 5
   state: number; // 1 established, 10 listening, 7 unconnected
   peer: number; // 0: none
+  /**
+   * It has a peer pointer (UNIX_DIAG_PEER was sent): with `peer` 0 that
+   * peer has no inode, being gone (closed) or an embryo (the server end of a
+   * connection not yet accepted).
+   */
+  hasPeer?: boolean;
+  /** For a listener: the clients of the connections not yet accepted, in accept order (0: a client closed since). */
+  icons?: number[];
   /** Bound name (latin1 bytes as the kernel keeps them: a path with its NUL, or NUL and an abstract name). */
   name?: string;
   /** Bytes queued to read; for a listener, connections not yet accepted. */
@@ -41,7 +49,7 @@ export function unixSockets(): Map<number, UnixSockInfo> {
     req.writeUInt32LE(1, 8); // seq
     req.writeUInt8(AF_UNIX, 16);
     req.writeUInt32LE(0xffffffff, 20); // all states
-    req.writeUInt32LE(UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN, 28);
+    req.writeUInt32LE(UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN, 28);
     if (sys.send(fd, req, 0) !== req.length) throw new CkptError(errnoNow(), 'sock_diag', 'send');
     const buf = Buffer.alloc(1 << 16);
     for (;;) {
@@ -57,7 +65,13 @@ export function unixSockets(): Map<number, UnixSockInfo> {
         for (let a = m + 16; a + 4 <= off + len; ) {
           const alen = buf.readUInt16LE(a), atype = buf.readUInt16LE(a + 2);
           if (alen < 4) break;
-          if (atype === UNIX_DIAG_PEER) info.peer = buf.readUInt32LE(a + 4);
+          if (atype === UNIX_DIAG_PEER) {
+            info.peer = buf.readUInt32LE(a + 4);
+            info.hasPeer = true;
+          } else if (atype === UNIX_DIAG_ICONS) {
+            info.icons = [];
+            for (let i = a + 4; i + 4 <= a + alen; i += 4) info.icons.push(buf.readUInt32LE(i));
+          }
           else if (atype === UNIX_DIAG_RQLEN) {
             info.rqueue = buf.readUInt32LE(a + 4);
             info.wqueue = buf.readUInt32LE(a + 8);

@@ -94,16 +94,25 @@ function describeKind(files: TreeState['files'], id: number): string {
   const type = (t: number) => ['', 'stream', 'dgram', '', '', 'seqpacket'][t] ?? String(t);
   const shown = (n: string) => (n.startsWith('\0') ? '@' + n.slice(1) : n.replace(/\0$/, ''));
   const named = (n?: string) => (n === undefined ? '' : ` named ${shown(n)}`);
+  const flying = (f: { end: number; descs: number[] }[] | undefined, end: number) => {
+    const n = (f ?? []).filter((x) => x.end === end).reduce((a, x) => a + x.descs.length, 0);
+    return n ? `, ${n} descriptors in flight` : '';
+  };
   const shut = (how?: number) => (how ? `; shut down for ${['', 'reading', 'writing', 'reading and writing'][how & 3]}` : '');
   if (d.kind === 'unix') {
     const p = files.socks[d.pair];
     const q = p.queues[d.end].map((m) => Buffer.from(m, 'base64').length);
-    return `unix socket pair #${d.pair} end ${d.end}${named(p.names?.[d.end].name)} (${type(p.type)}; ${q.length} queued, ${q.reduce((a, b) => a + b, 0)} bytes${shut(p.shutdown?.[d.end])})`;
+    return `unix socket pair #${d.pair} end ${d.end}${named(p.names?.[d.end].name)} (${type(p.type)}; ${q.length} queued, ${q.reduce((a, b) => a + b, 0)} bytes${flying(p.inflight, d.end)}${shut(p.shutdown?.[d.end])})`;
   }
   if (d.kind === 'usock') {
     const q = (d.queue ?? []).map((m) => Buffer.from(m, 'base64').length);
-    const state = d.backlog !== undefined ? `listening, backlog ${d.backlog}` : d.connectTo !== undefined ? `connected to ${shown(d.connectTo)}` : 'not connected';
-    return `unix socket${named(d.name)} (${type(d.type)}; ${state}${q.length ? `, ${q.length} queued` : ''}${shut(d.shutdown)})`;
+    const state = d.backlog !== undefined ? `listening, backlog ${d.backlog}${d.waiting ? `, ${d.waiting.length} connections not yet accepted` : ''}`
+      : d.pendingOn !== undefined ? `waiting to be accepted by description ${d.pendingOn}`
+      : d.peerGone ? 'its peer gone'
+      : d.connectTo !== undefined ? `connected to ${shown(d.connectTo)}` : 'not connected';
+    const files = (d.inflight ?? []).reduce((a, x) => a + x.descs.length, 0);
+    const gone = d.name !== undefined && !d.name.startsWith('\0') && d.fileThere === false ? ', its file unlinked' : '';
+    return `unix socket${named(d.name)}${gone} (${type(d.type)}; ${state}${q.length ? `, ${q.length} queued` : ''}${files ? `, ${files} descriptors in flight` : ''}${shut(d.shutdown)})`;
   }
   if (d.kind === 'event') {
     const e = d.ev;

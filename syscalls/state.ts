@@ -109,6 +109,19 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
     if (d.id !== i) issue(ctx, [...at, 'id'], `description ${i} says it is ${d.id}`);
     if (d.kind === 'pipe' && d.pipe >= pipes.length) issue(ctx, [...at, 'pipe'], `pipe end of no pipe (${d.pipe})`);
     if (d.kind === 'unix' && d.pair >= socks.length) issue(ctx, [...at, 'pair'], `socket end of no pair (${d.pair})`);
+    if (d.kind === 'usock') {
+      const sock = (x: number) => x !== i && (descs[x]?.kind === 'usock' || descs[x]?.kind === 'unix');
+      if (d.peerDesc !== undefined && !sock(d.peerDesc)) issue(ctx, [...at, 'peerDesc'], `connected to no socket (${d.peerDesc})`);
+      const l = d.pendingOn === undefined ? undefined : descs[d.pendingOn];
+      if (l && (l.kind !== 'usock' || !l.waiting?.includes(i))) issue(ctx, [...at, 'pendingOn'], `waiting on a listener that does not list it (${d.pendingOn})`);
+      if (d.pendingOn !== undefined && !l) issue(ctx, [...at, 'pendingOn'], `waiting on no listener (${d.pendingOn})`);
+      if (d.waiting?.some((x) => !sock(x))) issue(ctx, [...at, 'waiting'], 'a connection waiting from no socket');
+      if (d.from && d.from.length !== (d.queue?.length ?? 0)) issue(ctx, [...at, 'from'], 'senders and datagrams do not match');
+      d.inflight?.forEach((x, j) => {
+        if (x.msg >= (d.queue?.length ?? 0)) issue(ctx, [...at, 'inflight', j, 'msg'], `files in flight on datagram ${x.msg} of a queue of ${d.queue?.length ?? 0}`);
+        if (x.descs.some((e) => e >= descs.length)) issue(ctx, [...at, 'inflight', j, 'descs'], 'a file in flight of no description');
+      });
+    }
     if ((d.kind === 'memfd' || d.kind === 'ghost') && !shmKeys.has(d.shmKey)) issue(ctx, [...at, 'shmKey'], `contents of no shared object (${d.shmKey})`);
     if (d.kind === 'event' && d.ev.kind === 'epoll') d.ev.watches.forEach((w, j) => void (w.desc !== undefined && (w.desc >= descs.length || w.desc === i) && issue(ctx, [...at, 'ev', 'watches', j, 'desc'], `a watch of no description (${w.desc})`)));
   });
@@ -117,6 +130,14 @@ function crossCheck(t: z.infer<typeof treeShape>, ctx: Ctx): void {
     if (Buffer.byteLength(p.data, 'base64') > p.size) issue(ctx, ['files', 'pipes', i, 'data'], `more data than the pipe holds (${p.size})`);
   });
   socks.forEach((p, i) => void (p.id !== i && issue(ctx, ['files', 'socks', i, 'id'], `socket pair ${i} says it is ${p.id}`)));
+  socks.forEach((p, i) => p.inflight?.forEach((x, j) => {
+    if (x.msg >= p.queues[x.end].length) issue(ctx, ['files', 'socks', i, 'inflight', j, 'msg'], `files in flight on message ${x.msg} of a queue of ${p.queues[x.end].length}`);
+    if (x.descs.some((d) => d >= descs.length)) issue(ctx, ['files', 'socks', i, 'inflight', j, 'descs'], 'a file in flight of no description');
+  }));
+  t.files.flying?.forEach((f, i) => {
+    if (f.desc >= descs.length) issue(ctx, ['files', 'flying', i, 'desc'], `a description in flight of no description (${f.desc})`);
+    if (!t.processes.some((p) => p.ids.pid === f.pid)) issue(ctx, ['files', 'flying', i, 'pid'], `a description in flight made in no process (${f.pid})`);
+  });
   const pids = new Set<number>(), tids = new Set<number>();
   const byPid = new Map<number, ProcessState>();
   t.processes.forEach((p, i) => {

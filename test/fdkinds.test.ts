@@ -10,7 +10,7 @@ const dir = tmpdir('fdkinds');
 const restart = (img: string) => supervise([...CKPT, 'restart', '-i', img]);
 
 /** Run `fdkinds WHAT [DIR] IMAGE|undo` both ways; every check it names must pass. */
-function bothWays(what: string, title: string, checks: string[], done: string, withDir: boolean) {
+function bothWays(what: string, title: string, checks: string[], done: string, withDir: boolean, beforeUndo: string[] = []) {
   for (const mode of ['restart', 'undo']) {
     t.test(`${title} across a ${mode}`, async (t) => {
       const img = path.join(dir, `${what}.img`);
@@ -18,6 +18,7 @@ function bothWays(what: string, title: string, checks: string[], done: string, w
       const first = supervise(args);
       if (mode === 'restart') t.equal(first.status, 137, `CKPT_KILL (${first.stdout.trim()} ${first.stderr.trim()})`);
       else t.match(first.stdout, /spoiled, rolling back/, 'spoiled before the rollback');
+      if (mode === 'undo') for (const c of beforeUndo) t.match(first.stdout, new RegExp(`^ok ${c}$`, 'm'), c);
       const r = mode === 'undo' ? first : restart(img);
       for (const c of checks) t.match(r.stdout, new RegExp(`^ok ${c.replace(/[()]/g, '\\$&')}$`, 'm'), c);
       t.match(r.stdout, new RegExp(done), r.stdout.includes(done) ? done : r.stdout + r.stderr);
@@ -55,10 +56,16 @@ bothWays('epolldup', 'epoll watches whose files left their numbers (dup\'ed, the
   'epoll: the watch is not under the new number', 'epoll: the numbers hold what they held',
 ], 'EPOLLDUP OK', false);
 
+bothWays('scm', 'files in flight in SCM_RIGHTS messages on a stream pair (one held only there, one also held), plain bytes between', [
+  'SCM_RIGHTS: the first message carries its file', "SCM_RIGHTS: a pipe's write end held only in flight", 'SCM_RIGHTS: it is the write end of the pipe the process reads',
+  'SCM_RIGHTS: the plain bytes between, with no file', 'SCM_RIGHTS: the third carries the read end the process holds', 'SCM_RIGHTS: one pipe through both',
+  'SCM_RIGHTS: no other write end left anywhere (EOF once it is closed)',
+], 'SCM OK', false, ['SCM_RIGHTS: the queue left as it was by the checkpoint']);
+
 const refusals: [string, RegExp][] = [
   ['pty-outside', /\/dev\/ptmx: pty \/dev\/pts\/\d+ also held by process \d+ outside the subtree/],
   ['pty-pktstatus', /pty master of \/dev\/pts\/\d+ in packet mode with a status byte unread/],
-  ['scm', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
+  ['scm-gone', /1 descriptors in flight in SCM_RIGHTS messages queued on this unix socket/],
   ['sharedfiles', /task \d+: shares its descriptor table with process \d+ outside the subtree \(clone CLONE_FILES without CLONE_THREAD\)/],
   ['sharedfiles-sibling', /task \d+: shares its descriptor table with process \d+ but its parent \d+ does not \(clone CLONE_FILES of a process that is not its parent\): not supported/],
   ['pidfd-outside', /a pidfd of process \d+, outside the subtree/],

@@ -213,10 +213,10 @@ for (const mode of ['restart', 'undo']) {
   });
 }
 
-t.test('a listener with a connection not yet accepted is refused, the program unharmed', async (t) => {
+t.test('a listener with a connection not yet accepted whose client sent data is refused, the program unharmed', async (t) => {
   const r = supervise([fixture('callabi'), 'pending-accept', path.join(dir, 'pending.sock')]);
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
-  t.match(r.stderr, /listening unix socket \S+pending\.sock with 1 connections not yet accepted/);
+  t.match(r.stderr, /listening unix socket \S+pending\.sock with 1 connections not yet accepted: the client socket:\[\d+\] has sent data/);
   t.match(r.stdout, /connection still usable after the refusal: yes/);
 });
 
@@ -225,7 +225,8 @@ t.test('a socket connected outside the subtree is refused, the program unharmed'
   t.match(r.stdout, /checkpoint ret=-1 errno=EOPNOTSUPP/);
   const child = /^child pid=(\d+) holds fd (\d+)$/m.exec(r.stdout);
   t.ok(child, 'the fixture says which task and fd hold the socket');
-  t.match(r.stderr, new RegExp(`task \\d+: checkpoint: EOPNOTSUPP: checkpoint:files: task ${child?.[1]}: fd ${child?.[2]} \\(unix socket connected to a process outside the subtree\\)`), 'the log names the task and the fd that hold it');
+  const holder = /^peer held by pid=(\d+)$/m.exec(r.stdout)?.[1];
+  t.match(r.stderr, new RegExp(`task \\d+: checkpoint: EOPNOTSUPP: checkpoint:files: task ${child?.[1]}: fd ${child?.[2]} \\(unix socket connected to process ${holder} \\(callabi\\), outside the subtree\\)`), 'the log names the task and the fd that hold it, and the process outside (pid, command)');
   t.match(r.stdout, /child alive after the refusal: yes/);
 });
 

@@ -29,9 +29,10 @@ import { openIn } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
-import { captureOwners, restoreOwners, ownerSchema, type OwnerState } from './fown.js';
+import { captureOwners, restoreOwners, hasOwner, ownerSchema, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
-import { UnixSockets, sockName, peekQueue, printable, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { UnixSockets, sockName, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, type Orphan, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { peekWithFds, peekDatagramsWithFds } from './inflight.js';
 import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
 import { TtyCapture, TtyRestore, isPtyDevice, ptySchema, terminalSchema, ttyDescFields, type TtyDesc, type PtyState, type TerminalState } from './tty.js';
@@ -48,7 +49,7 @@ const O_ACCMODE = 3, O_RDONLY = 0, O_WRONLY = 1, O_RDWR = 2, O_NONBLOCK = 0o4000
 const O_CLOEXEC = 0o2000000, O_CREAT = 0o100, O_EXCL = 0o200, O_TRUNC = 0o1000, O_NOCTTY = 0o400;
 const F_SETFD = 2, F_SETFL = 4, F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032, SEEK_SET = 0;
 const SYS_kcmp = 312, KCMP_FILE = 0, SPLICE_F_NONBLOCK = 2;
-const SOCK_DGRAM = 2;
+const SOCK_STREAM = 1, SOCK_DGRAM = 2;
 const SYS_pipe2 = 293;
 /** Status flags F_SETFL can change. */
 const SETFL_MASK = 0o2000 | O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000; // APPEND NONBLOCK ASYNC DIRECT NOATIME
@@ -98,6 +99,8 @@ export interface FilesTable {
   /** Pty pairs whose master the subtree holds, and the terminal outside it: tty.ts. */
   ptys?: PtyState[];
   terminal?: TerminalState;
+  /** Descriptions held only in flight (SCM_RIGHTS): made at a temporary number of process `pid` (the receiver). */
+  flying?: { desc: number; pid: number }[];
 }
 
 /** A descriptor as captureFiles met it (not part of the image): for what fown.ts and locks.ts read. */
@@ -153,6 +156,7 @@ export const filesTableSchema = z.strictObject({
   locks: z.array(lockSchema).max(MANY).optional(),
   ptys: z.array(ptySchema).max(MANY).optional(),
   terminal: terminalSchema.optional(),
+  flying: z.array(z.strictObject({ desc: descId, pid: int(1, PID_MAX) })).max(MANY).optional(),
 });
 export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(MANY), cwd: path, cwdDeleted: z.strictObject({ mode: int(0, 0o7777) }).optional(), umask: int(0, 0o777), filesOf: int(1, PID_MAX).optional(), ctty: int(0, MANY).optional() });
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
@@ -196,128 +200,164 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const probes: FdProbe[] = [];
   const ttys = new TtyCapture(level);
   const queues = new Set<number>(); // message queues whose messages are recorded (mqueue.ts)
+  let pendingOf: Map<number, number> | undefined; // client of a connection not yet accepted -> its listener (inodes)
+  const sockDescs = new Map<number, number>(); // socket inode -> its description
+  const sockFix: SockFix[] = []; // references between sockets, by inode until every one is met
+  const soloFlying: { desc: number; pid: number; fd: number }[] = []; // datagram sockets on their own with files in flight
+  const flyingHolder = new Map<number, number>(); // a supervisor's copy of a file in flight -> the process it is made in
+  /** One descriptor of `pid` (the supervisor itself for files in flight) into `fds` and the table. */
+  const captureFd = (pid: number, fd: number, fds: FdRef[]): void => {
+    const link = `/proc/${pid}/fd/${fd}`;
+    let target: string, st: fs.Stats;
+    try {
+      target = fs.readlinkSync(link);
+      st = fs.statSync(link);
+    } catch {
+      return; // closed meanwhile
+    }
+    const info = readFdinfo(pid, fd);
+    const cloexec = (info.flags & O_CLOEXEC) !== 0;
+    const flags = info.flags & ~O_CLOEXEC;
+    const key = `${st.dev}:${st.ino}`;
+    const twin = seen.find((s) => s.key === key && kcmpFile(s.pid, s.fd, pid, fd));
+    if (twin) {
+      fds.push({ fd, cloexec, desc: twin.desc });
+      if (pid !== process.pid) probes.push({ pid, fd, desc: twin.desc, first: false, text: info.text });
+      return;
+    }
+    const sfd = outside.find((s) => !(pid === process.pid && s === fd) && kcmpFile(process.pid, s, pid, fd)); // (a copy of a file in flight is not itself outside)
+    if (sfd !== undefined) {
+      fds.push({ fd, cloexec, outside: true, sfd });
+      probes.push({ pid, fd, desc: 'outside', first: false, text: info.text });
+      return;
+    }
+    const id = table.descs.length;
+    const pipe = /^pipe:\[(\d+)\]$/.exec(target);
+    if (pipe) {
+      let pid2 = pipeIds.get(pipe[1]);
+      if (pid2 === undefined) {
+        pid2 = table.pipes.length;
+        pipeIds.set(pipe[1], pid2);
+        table.pipes.push({ id: pid2, size: 0, data: '' });
+      }
+      const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
+      table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
+      pipeHolders.push({ ino: pipe[1], pid, fd, end });
+    } else if (/^socket:\[(\d+)\]$/.test(target) && !(diag ??= unixSockets()).has(Number(target.slice(8, -1))) && tcp.has(pid, fd, Number(target.slice(8, -1)))) {
+      table.descs.push(tcp.add(pid, fd, Number(target.slice(8, -1)), { id, kind: 'tcp' as const, flags })); // read by tcp.finish()
+    } else if (/^socket:\[(\d+)\]$/.test(target) && !diag!.has(Number(target.slice(8, -1)))) {
+      // Not a unix socket: netdgram.ts (UDP, ping, raw, packet, netlink) keeps it or says why not.
+      const ext = others.sockHolder(Number(target.slice(8, -1)), new Set(procs));
+      if (ext !== undefined) throw unsupported(pid, fd, `${target}: a socket also held by process ${ext} outside the subtree`);
+      table.descs.push({ id, kind: 'net', flags, net: captureNetSock(pid, fd, Number(target.slice(8, -1)), (netDiag ??= new NetDiag())) });
+    } else if (/^socket:\[(\d+)\]$/.test(target)) {
+      const ino = Number(/^socket:\[(\d+)\]$/.exec(target)![1]);
+      diag ??= unixSockets();
+      const info = diag.get(ino);
+      if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
+      const name = sockName(pid, fd, info.name, info.fileIno);
+      const peer = info.peer ? diag.get(info.peer) : undefined;
+      const listenerOf = (pendingOf ??= waitingClients(diag)).get(ino);
+      // A pair (its other end may be outside: refused below); a datagram
+      // socket connected to its own name is one socket, below.
+      if (info.peer && info.peer !== ino && (!peer || peer.peer === ino)) {
+        const lo = Math.min(ino, info.peer);
+        let pair = pairIds.get(lo);
+        if (pair === undefined) {
+          pair = table.socks.length;
+          pairIds.set(lo, pair);
+          table.socks.push({ id: pair, type: info.type, queues: [[], []], names: [{}, {}] });
+        }
+        const end = ino === lo ? 0 : 1;
+        table.socks[pair].names![end] = name;
+        if (info.shutdown) (table.socks[pair].shutdown ??= [0, 0])[end] = info.shutdown;
+        table.descs.push({ id, kind: 'unix', pair, end, flags });
+        if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
+      } else if (info.state === 10) {
+        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        // Connections not yet accepted: their clients connect again, in order, once it listens.
+        const waiting = info.rqueue ? waitingOn(pid, fd, target, info, diag) : undefined;
+        if (waiting) sockFix.push({ desc: id, waiting });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...name });
+      } else if (listenerOf !== undefined) {
+        // The client of a connection not yet accepted: connected again to its listener, after it.
+        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        sockFix.push({ desc: id, pendingOn: listenerOf });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
+      } else if (info.hasPeer && !info.peer) {
+        // Its peer is gone: a stream reads what it has, then EOF; a datagram one sends into nothing.
+        // Files in flight in its messages (not a stream's: where they attach in the bytes
+        // is seen only by reading them back through the peer) are read once every descriptor is captured.
+        const flies = info.type !== SOCK_STREAM && inFlight(pid, fd);
+        if (flies) soloFlying.push({ desc: id, pid, fd });
+        else refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        const queue = info.rqueue && !flies ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
+      } else if (info.state === 7 || info.type === SOCK_DGRAM) {
+        // Not connected (bound or not), or a datagram one connected to a
+        // named socket (in the tree or not: /dev/log...) that is not
+        // connected back; a datagram one keeps what was sent to it, with
+        // each sender's name.
+        if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one that is connected elsewhere`);
+        // One with files in flight is read once every descriptor is captured (below).
+        const flies = info.type === SOCK_DGRAM && inFlight(pid, fd);
+        if (flies) soloFlying.push({ desc: id, pid, fd });
+        else refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
+        const got = info.type === SOCK_DGRAM && info.rqueue && !flies ? peekDatagrams(pid, fd, true) : [];
+        const queue = got.length ? got.map((m) => m.data.toString('base64')) : undefined;
+        const from = got.some((m) => m.from) ? got.map((m) => m.from) : undefined;
+        // (The kernel purges a datagram socket's queue when it disconnects: an unnamed one has none on its own.)
+        if (queue && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket on its own`);
+        if (from) sockFix.push({ desc: id, from });
+        if (info.peer && info.peer !== ino) sockFix.push({ desc: id, peer: info.peer });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, from, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
+      } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} in a state of its own (${info.state})`);
+      sockDescs.set(ino, id);
+    } else if (isShm(target)) {
+      shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
+      table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
+    } else if (isMqueue(link, st)) {
+      table.descs.push({ id, kind: 'mqueue', flags, mq: captureMqueue(pid, fd, target, st, queues) });
+    } else if (st.isFIFO() && target.startsWith('/')) {
+      // A FIFO removed while open is still one pipe between its holders: made again under a temporary name.
+      const gone = target.endsWith(' (deleted)') && st.nlink === 0;
+      table.descs.push({ id, kind: 'fifo', path: gone ? target.slice(0, -10) : target, flags, data: '', ino: st.ino, ...(gone ? { deleted: { mode: st.mode & 0o7777 } } : {}) });
+      pipeHolders.push({ ino: String(st.ino), pid, fd, end: (flags & O_ACCMODE) === O_WRONLY ? 'w' : 'r' });
+    } else if (st.isFile() && target.startsWith('/') && target.endsWith(' (deleted)')) {
+      // Unlinked while open, it cannot be opened again by its path: its
+      // contents are kept (as shared memory's are), up to GHOST_MAX.
+      if (st.size > GHOST_MAX) throw unsupported(pid, fd, `${target}: a deleted file of ${st.size} bytes (up to ${GHOST_MAX} are kept)`);
+      const path = target.replace(/ \(deleted\)$/, '');
+      shm.add(`ghost:${key}`, path, link);
+      table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString(), uid: st.uid, gid: st.gid });
+    } else if (st.isDirectory() && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
+      table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
+    } else if (target === 'anon_inode:[pidfd]') {
+      table.descs.push({ id, kind: 'pidfd', flags, ...capturePidfd(pid, fd, info, inTree, level) });
+    } else if (isPtyDevice(st) && target.startsWith('/')) {
+      table.descs.push(ttys.describe(pid, fd, target, st, info, id, flags));
+    } else if ((st.isFile() || st.isDirectory() || (st.isCharacterDevice() && statelessDevice(st))) && target.startsWith('/') && !target.endsWith(' (deleted)') && !target.startsWith('/secretmem')) {
+      table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
+    } else {
+      const nt = captureNotify(pid, fd, target, info);
+      const ev = nt ? undefined : captureEvent(pid, fd, target, info);
+      if (nt) table.descs.push({ id, kind: 'notify', flags, nt });
+      else if (ev) table.descs.push({ id, kind: 'event', flags, ev });
+      else {
+        refuseUring(pid, fd, target); // named, with why
+        throw unknownKind(pid, fd, target, st);
+      }
+    }
+    seen.push({ key, pid, fd, desc: id });
+    fds.push({ fd, cloexec, desc: id });
+    // A file held only in flight has no holder to own or lock it again: refused if it has either.
+    if (pid === process.pid && (hasOwner(fd) || /^lock:/m.test(info.text))) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `a file in flight in an SCM_RIGHTS message (${target}) has an owner or a lock and no holder in the subtree`);
+    if (pid !== process.pid) probes.push({ pid, fd, desc: id, first: true, text: info.text });
+  };
   for (const pid of procs) {
     const fds: FdRef[] = [];
     const owner = tableOf.get(pid);
-    for (const fd of owner === undefined ? listFds(pid) : []) {
-      const link = `/proc/${pid}/fd/${fd}`;
-      let target: string, st: fs.Stats;
-      try {
-        target = fs.readlinkSync(link);
-        st = fs.statSync(link);
-      } catch {
-        continue; // closed meanwhile
-      }
-      const info = readFdinfo(pid, fd);
-      const cloexec = (info.flags & O_CLOEXEC) !== 0;
-      const flags = info.flags & ~O_CLOEXEC;
-      const key = `${st.dev}:${st.ino}`;
-      const twin = seen.find((s) => s.key === key && kcmpFile(s.pid, s.fd, pid, fd));
-      if (twin) {
-        fds.push({ fd, cloexec, desc: twin.desc });
-        probes.push({ pid, fd, desc: twin.desc, first: false, text: info.text });
-        continue;
-      }
-      const sfd = outside.find((s) => kcmpFile(process.pid, s, pid, fd));
-      if (sfd !== undefined) {
-        fds.push({ fd, cloexec, outside: true, sfd });
-        probes.push({ pid, fd, desc: 'outside', first: false, text: info.text });
-        continue;
-      }
-      const id = table.descs.length;
-      const pipe = /^pipe:\[(\d+)\]$/.exec(target);
-      if (pipe) {
-        let pid2 = pipeIds.get(pipe[1]);
-        if (pid2 === undefined) {
-          pid2 = table.pipes.length;
-          pipeIds.set(pipe[1], pid2);
-          table.pipes.push({ id: pid2, size: 0, data: '' });
-        }
-        const end = (flags & O_ACCMODE) === O_RDONLY ? 'r' : 'w';
-        table.descs.push({ id, kind: 'pipe', pipe: pid2, end, flags });
-        pipeHolders.push({ ino: pipe[1], pid, fd, end });
-      } else if (/^socket:\[(\d+)\]$/.test(target) && !(diag ??= unixSockets()).has(Number(target.slice(8, -1))) && tcp.has(pid, fd, Number(target.slice(8, -1)))) {
-        table.descs.push(tcp.add(pid, fd, Number(target.slice(8, -1)), { id, kind: 'tcp' as const, flags })); // read by tcp.finish()
-      } else if (/^socket:\[(\d+)\]$/.test(target) && !diag!.has(Number(target.slice(8, -1)))) {
-        // Not a unix socket: netdgram.ts (UDP, ping, raw, packet, netlink) keeps it or says why not.
-        const ext = others.sockHolder(Number(target.slice(8, -1)), new Set(procs));
-        if (ext !== undefined) throw unsupported(pid, fd, `${target}: a socket also held by process ${ext} outside the subtree`);
-        table.descs.push({ id, kind: 'net', flags, net: captureNetSock(pid, fd, Number(target.slice(8, -1)), (netDiag ??= new NetDiag())) });
-      } else if (/^socket:\[(\d+)\]$/.test(target)) {
-        const ino = Number(/^socket:\[(\d+)\]$/.exec(target)![1]);
-        diag ??= unixSockets();
-        const info = diag.get(ino);
-        if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
-        refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
-        const name = sockName(pid, info.name);
-        const peer = info.peer ? diag.get(info.peer) : undefined;
-        // A pair (its other end may be outside: refused below); a datagram
-        // socket connected to its own name is one socket, below.
-        if (info.peer && info.peer !== ino && (!peer || peer.peer === ino)) {
-          const lo = Math.min(ino, info.peer);
-          let pair = pairIds.get(lo);
-          if (pair === undefined) {
-            pair = table.socks.length;
-            pairIds.set(lo, pair);
-            table.socks.push({ id: pair, type: info.type, queues: [[], []], names: [{}, {}] });
-          }
-          const end = ino === lo ? 0 : 1;
-          table.socks[pair].names![end] = name;
-          if (info.shutdown) (table.socks[pair].shutdown ??= [0, 0])[end] = info.shutdown;
-          table.descs.push({ id, kind: 'unix', pair, end, flags });
-          if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
-        } else if (info.state === 10) {
-          // Connections not yet accepted would need their clients remade: refused.
-          if (info.rqueue) throw unsupported(pid, fd, `${target}: listening unix socket ${printable(info.name)} with ${info.rqueue} connections not yet accepted`);
-          table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...name });
-        } else if (info.state === 7 || info.type === SOCK_DGRAM) {
-          // Not connected (bound or not), or a datagram one connected to a
-          // named socket (in the tree or not: /dev/log...) that is not
-          // connected back; a datagram one keeps what was sent to it.
-          if (peer && peer.name === undefined) throw unsupported(pid, fd, `${target}: a datagram unix socket connected to an unnamed one`);
-          const queue = info.type === SOCK_DGRAM && info.rqueue ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
-          if (queue?.length && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket`);
-          table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
-        } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} whose peer is gone`);
-      } else if (isShm(target)) {
-        shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
-        table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
-      } else if (isMqueue(link, st)) {
-        table.descs.push({ id, kind: 'mqueue', flags, mq: captureMqueue(pid, fd, target, st, queues) });
-      } else if (st.isFIFO() && target.startsWith('/')) {
-        // A FIFO removed while open is still one pipe between its holders: made again under a temporary name.
-        const gone = target.endsWith(' (deleted)') && st.nlink === 0;
-        table.descs.push({ id, kind: 'fifo', path: gone ? target.slice(0, -10) : target, flags, data: '', ino: st.ino, ...(gone ? { deleted: { mode: st.mode & 0o7777 } } : {}) });
-        pipeHolders.push({ ino: String(st.ino), pid, fd, end: (flags & O_ACCMODE) === O_WRONLY ? 'w' : 'r' });
-      } else if (st.isFile() && target.startsWith('/') && target.endsWith(' (deleted)')) {
-        // Unlinked while open, it cannot be opened again by its path: its
-        // contents are kept (as shared memory's are), up to GHOST_MAX.
-        if (st.size > GHOST_MAX) throw unsupported(pid, fd, `${target}: a deleted file of ${st.size} bytes (up to ${GHOST_MAX} are kept)`);
-        const path = target.replace(/ \(deleted\)$/, '');
-        shm.add(`ghost:${key}`, path, link);
-        table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString(), uid: st.uid, gid: st.gid });
-      } else if (st.isDirectory() && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
-        table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
-      } else if (target === 'anon_inode:[pidfd]') {
-        table.descs.push({ id, kind: 'pidfd', flags, ...capturePidfd(pid, fd, info, inTree, level) });
-      } else if (isPtyDevice(st) && target.startsWith('/')) {
-        table.descs.push(ttys.describe(pid, fd, target, st, info, id, flags));
-      } else if ((st.isFile() || st.isDirectory() || (st.isCharacterDevice() && statelessDevice(st))) && target.startsWith('/') && !target.endsWith(' (deleted)') && !target.startsWith('/secretmem')) {
-        table.descs.push({ id, kind: 'path', path: target, flags, pos: info.pos.toString() });
-      } else {
-        const nt = captureNotify(pid, fd, target, info);
-        const ev = nt ? undefined : captureEvent(pid, fd, target, info);
-        if (nt) table.descs.push({ id, kind: 'notify', flags, nt });
-        else if (ev) table.descs.push({ id, kind: 'event', flags, ev });
-        else {
-          refuseUring(pid, fd, target); // named, with why
-          throw unknownKind(pid, fd, target, st);
-        }
-      }
-      seen.push({ key, pid, fd, desc: id });
-      fds.push({ fd, cloexec, desc: id });
-      probes.push({ pid, fd, desc: id, first: true, text: info.text });
-    }
+    for (const fd of owner === undefined ? listFds(pid) : []) captureFd(pid, fd, fds);
     perProc.set(pid, {
       fds,
       ...captureCwd(pid),
@@ -331,23 +371,96 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   Object.assign(table, { ...(tt.ptys ? { ptys: tt.ptys } : {}), ...(tt.terminal ? { terminal: tt.terminal } : {}) });
   for (const [pid, pty] of tt.ctty) perProc.get(pid)!.ctty = pty;
   tcp.finish((ino) => others.sockHolder(ino, new Set(procs)));
-  capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
-  findMovedWatches(table, seen);
-  findWatchedGhosts(table.descs, seen);
-  for (const [lo, pair] of pairIds) {
-    const peer = diag!.get(lo)!.peer;
-    for (const [end, ino] of [[0, lo], [1, peer]] as const) {
-      const h = sockHolders.get(ino);
-      if (!h) {
-        const other = sockHolders.get(end === 0 ? peer : lo)!;
-        throw unsupported(other.pid, other.fd, `unix socket connected to a process outside the subtree`);
+  // Each pair's queues; files in flight in them are captured too (they may
+  // be sockets of pairs with queues of their own: until none is left).
+  const flying: number[] = []; // the supervisor's copies, closed at the end
+  try {
+    const peeked = new Set<number>();
+    for (let more = true; more; ) {
+      more = false;
+      for (const [lo, pair] of pairIds) {
+        if (peeked.has(pair)) continue;
+        peeked.add(pair);
+        const peer = diag!.get(lo)!.peer;
+        for (const [end, ino] of [[0, lo], [1, peer]] as const) {
+          const h = sockHolders.get(ino);
+          if (!h) {
+            const other = sockHolders.get(end === 0 ? peer : lo)!;
+            throw unsupported(other.pid, other.fd, `unix socket connected to ${holderOf(ino)}, outside the subtree`);
+          }
+          if (!inFlight(h.pid, h.fd)) {
+            table.socks[pair].queues[end] = peekQueue(h.pid, h.fd).map((b) => b.toString('base64'));
+            continue;
+          }
+          const other = sockHolders.get(end === 0 ? peer : lo);
+          const msgs = peekWithFds(h.pid, h.fd, table.socks[pair].type === SOCK_STREAM ? other : undefined);
+          for (const m of msgs) flying.push(...m.fds);
+          table.socks[pair].queues[end] = msgs.map((m) => m.data.toString('base64'));
+          // Made, if nothing else holds them, in the process that will receive them.
+          const receiver = h.pid === process.pid ? flyingHolder.get(h.fd)! : (nsPids(h.pid)[level] ?? h.pid);
+          msgs.forEach((m, msg) => {
+            if (!m.fds.length) return;
+            const descs = m.fds.map((mine) => {
+              const ref: FdRef[] = [];
+              const known = table.descs.length;
+              captureFd(process.pid, mine, ref);
+              const f = ref[0];
+              if (!f || !('desc' in f)) throw unsupported(h.pid, h.fd, `a descriptor in flight in an SCM_RIGHTS message that is one the supervisor was given`);
+              if (f.desc >= known) (table.flying ??= []).push({ desc: f.desc, pid: receiver });
+              flyingHolder.set(mine, receiver);
+              return f.desc;
+            });
+            (table.socks[pair].inflight ??= []).push({ end, msg, descs });
+          });
+          more = true;
+        }
       }
-      table.socks[pair].queues[end] = peekQueue(h.pid, h.fd).map((b) => b.toString('base64'));
+      for (const f of soloFlying.splice(0)) {
+        more = true;
+        const msgs = peekDatagramsWithFds(f.pid, f.fd);
+        for (const m of msgs) flying.push(...m.fds);
+        const d = table.descs[f.desc] as Extract<FileDesc, { kind: 'usock' }>;
+        if (msgs.length && d.name === undefined && !d.peerGone) throw unsupported(f.pid, f.fd, 'datagrams with files in flight queued to an unnamed unix socket');
+        d.queue = msgs.map((m) => m.data.toString('base64'));
+        if (msgs.some((m) => m.from) && !d.peerGone) { // (a socket whose peer is gone gets its queue from a stand-in for it)
+          d.from = msgs.map((m) => m.from);
+          sockFix.push({ desc: f.desc, from: d.from });
+        }
+        const receiver = f.pid === process.pid ? flyingHolder.get(f.fd)! : (nsPids(f.pid)[level] ?? f.pid);
+        msgs.forEach((m, msg) => {
+          if (!m.fds.length) return;
+          const descs = m.fds.map((mine) => {
+            const ref: FdRef[] = [];
+            const known = table.descs.length;
+            captureFd(process.pid, mine, ref);
+            const g = ref[0];
+            if (!g || !('desc' in g)) throw unsupported(f.pid, f.fd, `a descriptor in flight in an SCM_RIGHTS message that is one the supervisor was given`);
+            if (g.desc >= known) (table.flying ??= []).push({ desc: g.desc, pid: receiver });
+            flyingHolder.set(mine, receiver);
+            return g.desc;
+          });
+          (d.inflight ??= []).push({ msg, descs });
+        });
+      }
     }
+    capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
+    findMovedWatches(table, seen);
+    if (sockFix.length) linkSockets(table, sockFix, sockDescs, diag!, (desc) => seen.find((x) => x.desc === desc));
+  } finally {
+    for (const f of flying) fs.closeSync(f);
   }
   captureOwners(table, probes, procs);
   captureLocks(table, probes, procs, others);
   return { table, perProc };
+}
+
+/** Does this unix socket hold files in flight (fdinfo scm_fds)? */
+function inFlight(pid: number, fd: number): boolean {
+  try {
+    return Number(readFdinfo(pid, fd).extra.get('scm_fds') ?? 0) > 0;
+  } catch {
+    return false;
+  }
 }
 
 /**
@@ -533,6 +646,13 @@ export function restoreFiles(ctx: FilesRestore): void {
     }
   }
   if (ctx.live) silenceLiveTcp(table.descs, [...ctx.live].map(ctx.host)); // closed below without a packet
+  // A file held only in flight is made at a temporary number of its receiver (closed once it is sent).
+  for (const f of table.flying ?? []) {
+    if (!perProc.has(f.pid) || holders.has(f.desc)) throw new CkptError(errno('EBADMSG'), 'image', `description ${f.desc} in flight: no process ${f.pid}, or held`);
+    const at = { pid: f.pid, fd: nextTemp++ };
+    holders.set(f.desc, [{ ...at, cloexec: true }]);
+    temps.push(at);
+  }
   // Per process, one batch first: what must go is closed (in a live process
   // what it still holds as at the checkpoint stays, its offset set back),
   // close-on-exec of the inherited descriptors, cwd, umask (before any
@@ -571,10 +691,19 @@ export function restoreFiles(ctx: FilesRestore): void {
 
   // Sockets on their own first (those connected to others after them):
   // listeners are what connected pairs are remade through.
-  const rank = (x: FileDesc) => (x.kind === 'tcp' ? (x.backlog !== undefined ? 0 : 2) : x.kind !== 'usock' ? 2 : x.connectTo !== undefined ? 1 : 0); // TCP listeners before connections on their port
-  for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y))) {
+  // TCP listeners before connections on their port. A socket's dependents (those connected to it, the senders of its
+  // datagrams) are made right after it, before its name,
+  // if it was gone, goes again: another may be bound to it next.
+  const rank = (x: FileDesc) => (x.kind === 'tcp' ? (x.backlog !== undefined ? 0 : 2) : x.kind !== 'usock' ? 2 : x.connectTo !== undefined || x.peerDesc !== undefined || x.pendingOn !== undefined ? 1 : 0);
+  const sockets2 = sockDependents(table);
+  const done = new Set<number>();
+  const lateOrphans: Orphan[] = [];
+  const lateSolos: { at: Place; d: Extract<FileDesc, { kind: 'usock' }>; target?: ReturnType<typeof sockets2.nameOf> }[] = [];
+  const makeOne = (d: FileDesc): void => {
+    if (done.has(d.id)) return;
+    done.add(d.id);
     const hs = holders.get(d.id);
-    if (!hs?.length) continue;
+    if (!hs?.length) return;
     const owner = hs[0];
     const r = remote(owner.pid);
     if (!placed.has(d.id)) {
@@ -597,7 +726,16 @@ export function restoreFiles(ctx: FilesRestore): void {
         transfer(tcp.make(owner.pid, d, owner), owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'usock') {
-        transfer(sockets.makeSolo(owner.pid, d), owner);
+        const at = d.peerGone ? sockets.makeOrphan(owner.pid, d, lateOrphans) : sockets.makeSolo(owner.pid, d);
+        if (!d.peerGone) {
+          for (const dep of sockets2.dependents(d)) makeOne(table.descs[dep]);
+          const to = d.peerDesc ?? d.pendingOn;
+          if (to !== undefined) makeOne(table.descs[to]); // bound before this one connects to it
+          const target = to === undefined ? undefined : sockets2.nameOf(to);
+          if (d.inflight?.length) lateSolos.push({ at, d, target }); // its datagrams carry files: once every description exists
+          else sockets.finishSolo(at, d, target);
+        }
+        transfer(at, owner);
         r.check('restart:files', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK);
       } else if (d.kind === 'net') {
         moveFd(r, makeNetSock(r, ctx.host(owner.pid), d.net, `task ${owner.pid} fd ${owner.fd}`), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
@@ -682,12 +820,29 @@ export function restoreFiles(ctx: FilesRestore): void {
       placed.set(d.id, owner);
     }
     for (const h of hs.slice(1)) transfer(owner, h);
-  }
+  };
+  // A name whose file a socket gone (or replaced) left is bound before the one holding the file now.
+  const gone = (x: FileDesc) => (x.kind === 'usock' && x.fileThere === false ? 0 : 1);
+  // The clients of connections not yet accepted connect last, in order: a
+  // pair made through the same listener is accepted before them.
+  const waits = (x: FileDesc) => x.kind === 'usock' && x.pendingOn !== undefined;
+  for (const d of [...table.descs].sort((x, y) => rank(x) - rank(y) || gone(x) - gone(y))) if (!waits(d)) makeOne(d);
+  for (const l of table.descs) if (l.kind === 'usock') for (const c of l.waiting ?? []) makeOne(table.descs[c]);
+  // Every description exists: the queues with files in flight can be sent.
+  const take = (desc: number) => {
+    const at = placed.get(desc);
+    const mine = at ? sys.takeFd(ctx.host(at.pid), at.fd) : -1;
+    if (mine < 0) throw new CkptError(errno('EBADMSG'), 'restart:files', `description ${desc}, in flight, was not made`);
+    return mine;
+  };
+  for (const [pair, ends] of sockEnds) if (table.socks[pair].inflight?.length) sockets.finishPair(table.socks[pair], ends, take);
+  for (const l of lateSolos) sockets.finishSolo(l.at, l.d, l.target, take);
+  for (const o of lateOrphans) sockets.finishOrphan(o, take);
+  sockets.finish(); // every socket is made: names gone at the checkpoint go again
   tcp.finish(); // every TCP socket made: out of repair mode together
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   ttys.finish(remote, ctx.host, (pty, side) => table.descs.filter((x) => x.kind === 'tty' && x.pty === pty && x.side === side).flatMap((x) => holders.get(x.id) ?? []));
   unlinkTemporaryQueues(queues);
-  for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Every descriptor is in place: what each epoll watched can be named again.
   for (const e of epolls) {
     const r = remote(e.pid);
@@ -713,6 +868,8 @@ export function restoreFiles(ctx: FilesRestore): void {
   };
   for (const n of notifies) addMarks(remote(n.pid), n.fd, n.nt, (desc) => fileIn(n.pid, desc), (f) => void remote(n.pid).call(SYS.close, f));
 
+  // Temporaries last: a file held only in flight is watched from its temporary place.
+  for (const pid of new Set(temps.map((t) => t.pid))) remote(pid).batch(temps.filter((t) => t.pid === pid).map((t) => [SYS.close, t.fd]));
   // Locks once every holder has its descriptors; owners after them (a lease makes its taker the owner).
   restoreLocks({ ...ctx, reused });
   restoreOwners(table, perProc, order, remote, ctx.host, reused);

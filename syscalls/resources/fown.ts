@@ -49,6 +49,9 @@ export const ownerSchema = z.strictObject({ desc: int(0, MANY), type: int(0, 2),
 const sameOwner: Same<z.infer<typeof ownerSchema>, OwnerState> = true;
 void sameOwner;
 
+/** Does the supervisor's descriptor `mine` have an owner or a signal set? */
+export const hasOwner = (mine: number): boolean => readOwner(mine) !== null;
+
 /** The owner and signal of one description, read through a duplicate of it; null if none. */
 function readOwner(mine: number): { type: number; pid: number; sig: number } | null {
   const ex = Buffer.alloc(8);
