@@ -6,10 +6,10 @@
  * shutdown state, a packet socket's rings, multicast list and fanout).
  * No policy here: syscalls/resources/netdgram.ts decides what is kept.
  */
-import fs from 'node:fs';
 import koffi from 'koffi';
-import { sys, errnoNow } from './libc.js';
+import { errnoNow } from './libc.js';
 import { CkptError } from './errors.js';
+import { diagDump } from './sockdiag.js';
 
 const libc = koffi.load('libc.so.6');
 const _getsockopt = libc.func('int getsockopt(int fd, int level, int name, _Inout_ void *val, _Inout_ uint32_t *len)');
@@ -155,38 +155,7 @@ export function sendto(fd: number, buf: Buffer, flags: number, to: Buffer): numb
   return n < 0 ? -errnoNow() : n;
 }
 
-const AF_NETLINK = 16, SOCK_RAW = 3, SOCK_CLOEXEC = 0o2000000, NETLINK_SOCK_DIAG = 4;
-const SOCK_DIAG_BY_FAMILY = 20, NLM_F_REQUEST = 1, NLM_F_DUMP = 0x300, NLMSG_DONE = 3, NLMSG_ERROR = 2;
 
-/** One sock_diag dump: each answer's payload (after its netlink header). */
-function diagDump(body: Buffer): Buffer[] {
-  const fd = sys.socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-  const out: Buffer[] = [];
-  try {
-    const req = Buffer.alloc(16 + body.length);
-    req.writeUInt32LE(req.length, 0);
-    req.writeUInt16LE(SOCK_DIAG_BY_FAMILY, 4);
-    req.writeUInt16LE(NLM_F_REQUEST | NLM_F_DUMP, 6);
-    req.writeUInt32LE(1, 8);
-    body.copy(req, 16);
-    if (sys.send(fd, req, 0) !== req.length) throw new CkptError(errnoNow(), 'sock_diag', 'send');
-    const buf = Buffer.alloc(1 << 16);
-    for (;;) {
-      const n = sys.recv(fd, buf, 0);
-      if (n <= 0) throw new CkptError(errnoNow(), 'sock_diag', 'recv');
-      for (let off = 0; off + 16 <= n; ) {
-        const len = buf.readUInt32LE(off), type = buf.readUInt16LE(off + 4);
-        if (type === NLMSG_DONE) return out;
-        if (type === NLMSG_ERROR) throw new CkptError(-buf.readInt32LE(off + 16), 'sock_diag', 'netlink error');
-        if (len < 16) return out;
-        out.push(Buffer.from(buf.subarray(off + 16, off + len)));
-        off += (len + 3) & ~3;
-      }
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 /** The attributes after a fixed header: type -> payload. */
 function attrs(msg: Buffer, from: number): Map<number, Buffer> {

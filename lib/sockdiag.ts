@@ -37,56 +37,68 @@ export interface UnixSockInfo {
   shutdown?: number;
 }
 
-/** Every unix socket of the system, by inode. */
-export function unixSockets(): Map<number, UnixSockInfo> {
+/**
+ * One sock_diag dump (SOCK_DIAG_BY_FAMILY, `body` the request after the
+ * netlink header): the payload of each answer, after its netlink header.
+ * The one netlink loop for unix (here), TCP (tcp.ts) and the other inet,
+ * packet and netlink sockets (netsock.ts).
+ */
+export function diagDump(body: Buffer): Buffer[] {
   const fd = sys.socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-  const out = new Map<number, UnixSockInfo>();
+  const out: Buffer[] = [];
   try {
-    const req = Buffer.alloc(16 + 24);
+    const req = Buffer.alloc(16 + body.length);
     req.writeUInt32LE(req.length, 0);
     req.writeUInt16LE(SOCK_DIAG_BY_FAMILY, 4);
     req.writeUInt16LE(NLM_F_REQUEST | NLM_F_DUMP, 6);
     req.writeUInt32LE(1, 8); // seq
-    req.writeUInt8(AF_UNIX, 16);
-    req.writeUInt32LE(0xffffffff, 20); // all states
-    req.writeUInt32LE(UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN, 28);
+    body.copy(req, 16);
     if (sys.send(fd, req, 0) !== req.length) throw new CkptError(errnoNow(), 'sock_diag', 'send');
     const buf = Buffer.alloc(1 << 16);
     for (;;) {
       const n = sys.recv(fd, buf, 0);
       if (n <= 0) throw new CkptError(errnoNow(), 'sock_diag', 'recv');
       for (let off = 0; off + 16 <= n; ) {
-        const len = buf.readUInt32LE(off);
-        const type = buf.readUInt16LE(off + 4);
+        const len = buf.readUInt32LE(off), type = buf.readUInt16LE(off + 4);
         if (type === NLMSG_DONE) return out;
         if (type === NLMSG_ERROR) throw new CkptError(-buf.readInt32LE(off + 16), 'sock_diag', 'netlink error');
-        const m = off + 16;
-        const info: UnixSockInfo = { type: buf.readUInt8(m + 1), state: buf.readUInt8(m + 2), ino: buf.readUInt32LE(m + 4), peer: 0, rqueue: 0, wqueue: 0 };
-        for (let a = m + 16; a + 4 <= off + len; ) {
-          const alen = buf.readUInt16LE(a), atype = buf.readUInt16LE(a + 2);
-          if (alen < 4) break;
-          if (atype === UNIX_DIAG_PEER) {
-            info.peer = buf.readUInt32LE(a + 4);
-            info.hasPeer = true;
-          } else if (atype === UNIX_DIAG_ICONS) {
-            info.icons = [];
-            for (let i = a + 4; i + 4 <= a + alen; i += 4) info.icons.push(buf.readUInt32LE(i));
-          }
-          else if (atype === UNIX_DIAG_RQLEN) {
-            info.rqueue = buf.readUInt32LE(a + 4);
-            info.wqueue = buf.readUInt32LE(a + 8);
-          }
-          else if (atype === UNIX_DIAG_NAME) info.name = buf.subarray(a + 4, a + alen).toString('latin1');
-          else if (atype === UNIX_DIAG_VFS) info.fileIno = buf.readUInt32LE(a + 4);
-          else if (atype === UNIX_DIAG_SHUTDOWN) info.shutdown = buf.readUInt8(a + 4);
-          a += (alen + 3) & ~3;
-        }
-        out.set(info.ino, info);
+        if (len < 16) return out;
+        out.push(Buffer.from(buf.subarray(off + 16, off + len)));
         off += (len + 3) & ~3;
-        if (len < 16) break;
       }
     }
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** Every unix socket of the system, by inode. */
+export function unixSockets(): Map<number, UnixSockInfo> {
+  const body = Buffer.alloc(24);
+  body.writeUInt8(AF_UNIX, 0);
+  body.writeUInt32LE(0xffffffff, 4); // all states
+  body.writeUInt32LE(UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN, 12);
+  const out = new Map<number, UnixSockInfo>();
+  for (const msg of diagDump(body)) {
+    const info: UnixSockInfo = { type: msg.readUInt8(1), state: msg.readUInt8(2), ino: msg.readUInt32LE(4), peer: 0, rqueue: 0, wqueue: 0 };
+    for (let a = 16; a + 4 <= msg.length; ) {
+      const alen = msg.readUInt16LE(a), atype = msg.readUInt16LE(a + 2);
+      if (alen < 4) break;
+      if (atype === UNIX_DIAG_PEER) {
+        info.peer = msg.readUInt32LE(a + 4);
+        info.hasPeer = true;
+      } else if (atype === UNIX_DIAG_ICONS) {
+        info.icons = [];
+        for (let k = a + 4; k + 4 <= a + alen; k += 4) info.icons.push(msg.readUInt32LE(k));
+      } else if (atype === UNIX_DIAG_RQLEN) {
+        info.rqueue = msg.readUInt32LE(a + 4);
+        info.wqueue = msg.readUInt32LE(a + 8);
+      } else if (atype === UNIX_DIAG_NAME) info.name = msg.subarray(a + 4, a + alen).toString('latin1');
+      else if (atype === UNIX_DIAG_VFS) info.fileIno = msg.readUInt32LE(a + 4);
+      else if (atype === UNIX_DIAG_SHUTDOWN) info.shutdown = msg.readUInt8(a + 4);
+      a += (alen + 3) & ~3;
+    }
+    out.set(info.ino, info);
+  }
+  return out;
 }

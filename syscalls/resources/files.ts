@@ -371,6 +371,24 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   Object.assign(table, { ...(tt.ptys ? { ptys: tt.ptys } : {}), ...(tt.terminal ? { terminal: tt.terminal } : {}) });
   for (const [pid, pty] of tt.ctty) perProc.get(pid)!.ctty = pty;
   tcp.finish((ino) => others.sockHolder(ino, new Set(procs)));
+  /**
+   * The descriptions of files in flight in one message queued on socket `on`
+   * (the supervisor's copies `fds`), captured as any descriptor; one held
+   * nowhere else is made, at restore, in the process that would receive it.
+   */
+  const flyingDescs = (on: { pid: number; fd: number }, fds: number[]): number[] => {
+    const receiver = on.pid === process.pid ? flyingHolder.get(on.fd)! : (nsPids(on.pid)[level] ?? on.pid);
+    return fds.map((mine) => {
+      const ref: FdRef[] = [];
+      const known = table.descs.length;
+      captureFd(process.pid, mine, ref);
+      const f = ref[0];
+      if (!f || !('desc' in f)) throw unsupported(on.pid, on.fd, `a descriptor in flight in an SCM_RIGHTS message that is one the supervisor was given`);
+      if (f.desc >= known) (table.flying ??= []).push({ desc: f.desc, pid: receiver });
+      flyingHolder.set(mine, receiver);
+      return f.desc;
+    });
+  };
   // Each pair's queues; files in flight in them are captured too (they may
   // be sockets of pairs with queues of their own: until none is left).
   const flying: number[] = []; // the supervisor's copies, closed at the end
@@ -397,20 +415,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
           for (const m of msgs) flying.push(...m.fds);
           table.socks[pair].queues[end] = msgs.map((m) => m.data.toString('base64'));
           // Made, if nothing else holds them, in the process that will receive them.
-          const receiver = h.pid === process.pid ? flyingHolder.get(h.fd)! : (nsPids(h.pid)[level] ?? h.pid);
           msgs.forEach((m, msg) => {
-            if (!m.fds.length) return;
-            const descs = m.fds.map((mine) => {
-              const ref: FdRef[] = [];
-              const known = table.descs.length;
-              captureFd(process.pid, mine, ref);
-              const f = ref[0];
-              if (!f || !('desc' in f)) throw unsupported(h.pid, h.fd, `a descriptor in flight in an SCM_RIGHTS message that is one the supervisor was given`);
-              if (f.desc >= known) (table.flying ??= []).push({ desc: f.desc, pid: receiver });
-              flyingHolder.set(mine, receiver);
-              return f.desc;
-            });
-            (table.socks[pair].inflight ??= []).push({ end, msg, descs });
+            if (m.fds.length) (table.socks[pair].inflight ??= []).push({ end, msg, descs: flyingDescs(h, m.fds) });
           });
           more = true;
         }
@@ -426,25 +432,14 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
           d.from = msgs.map((m) => m.from);
           sockFix.push({ desc: f.desc, from: d.from });
         }
-        const receiver = f.pid === process.pid ? flyingHolder.get(f.fd)! : (nsPids(f.pid)[level] ?? f.pid);
         msgs.forEach((m, msg) => {
-          if (!m.fds.length) return;
-          const descs = m.fds.map((mine) => {
-            const ref: FdRef[] = [];
-            const known = table.descs.length;
-            captureFd(process.pid, mine, ref);
-            const g = ref[0];
-            if (!g || !('desc' in g)) throw unsupported(f.pid, f.fd, `a descriptor in flight in an SCM_RIGHTS message that is one the supervisor was given`);
-            if (g.desc >= known) (table.flying ??= []).push({ desc: g.desc, pid: receiver });
-            flyingHolder.set(mine, receiver);
-            return g.desc;
-          });
-          (d.inflight ??= []).push({ msg, descs });
+          if (m.fds.length) (d.inflight ??= []).push({ msg, descs: flyingDescs(f, m.fds) });
         });
       }
     }
     capturePipeData(table, pipeIds, pipeHolders, others, new Set(procs));
     findMovedWatches(table, seen);
+    findWatchedGhosts(table.descs, seen);
     if (sockFix.length) linkSockets(table, sockFix, sockDescs, diag!, (desc) => seen.find((x) => x.desc === desc));
   } finally {
     for (const f of flying) fs.closeSync(f);
