@@ -67,13 +67,14 @@ import { execFileSync } from 'node:child_process';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, errnoNow, addressOf } from '../../lib/libc.js';
 import { listFds } from '../../lib/proc.js';
+import { diagDump } from '../../lib/sockdiag.js';
 import { logError } from '../../lib/log.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, u32, base64, type Same } from '../../lib/schema.js';
 
 export const AF_INET = 2, AF_INET6 = 10;
-const SOCK_STREAM = 1, SOCK_CLOEXEC = 0o2000000, IPPROTO_TCP = 6;
+const SOCK_STREAM = 1, SOCK_RAW = 3, SOCK_CLOEXEC = 0o2000000, IPPROTO_TCP = 6;
 const SOL_SOCKET = 1, SOL_IP = 0, SOL_IPV6 = 41;
 const SYS_socket = 41, SYS_connect = 42, SYS_bind = 49, SYS_listen = 50, SYS_getsockname = 51, SYS_getpeername = 52, SYS_setsockopt = 54, SYS_getsockopt = 55, SYS_shutdown = 48;
 const TCP_INFO = 11, TCP_REPAIR = 19, TCP_REPAIR_QUEUE = 20, TCP_QUEUE_SEQ = 21, TCP_REPAIR_OPTIONS = 22, TCP_TIMESTAMP = 24, TCP_REPAIR_WINDOW = 29, TCP_MAXSEG = 2;
@@ -337,61 +338,33 @@ export interface InetSockInfo {
   ulp?: boolean;
 }
 
-const AF_NETLINK = 16, SOCK_RAW = 3, NETLINK_SOCK_DIAG = 4, SOCK_DIAG_BY_FAMILY = 20;
-const NLM_F_REQUEST = 1, NLM_F_DUMP = 0x300, NLMSG_DONE = 3, NLMSG_ERROR = 2;
 const INET_DIAG_MD5SIG = 10, INET_DIAG_ULP_INFO = 20;
 
 /** Every TCP socket of this network namespace (both families), by inode (0: no file: in an accept queue, or orphaned). */
 export function tcpSockets(): InetSockInfo[] {
   const out: InetSockInfo[] = [];
-  const fd = sys.socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-  try {
-    for (const family of [AF_INET, AF_INET6]) {
-      const req = Buffer.alloc(16 + 56);
-      req.writeUInt32LE(req.length, 0);
-      req.writeUInt16LE(SOCK_DIAG_BY_FAMILY, 4);
-      req.writeUInt16LE(NLM_F_REQUEST | NLM_F_DUMP, 6);
-      req.writeUInt32LE(family, 8);
-      req.writeUInt8(family, 16);
-      req.writeUInt8(IPPROTO_TCP, 17);
-      req.writeUInt32LE(0xffffffff, 20); // every state
-      if (sys.send(fd, req, 0) !== req.length) throw new CkptError(errnoNow(), 'sock_diag', 'send');
-      const buf = Buffer.alloc(1 << 16);
-      let done = false;
-      while (!done) {
-        const n = sys.recv(fd, buf, 0);
-        if (n <= 0) throw new CkptError(errnoNow(), 'sock_diag', 'recv');
-        for (let off = 0; off + 16 <= n; ) {
-          const len = buf.readUInt32LE(off);
-          const type = buf.readUInt16LE(off + 4);
-          if (type === NLMSG_DONE) {
-            done = true;
-            break;
-          }
-          if (type === NLMSG_ERROR) throw new CkptError(-buf.readInt32LE(off + 16), 'sock_diag', 'netlink error');
-          const m = off + 16;
-          const fam = buf.readUInt8(m);
-          const addr = (o: number, port: number): InetAddr => ({ ip: buf.subarray(m + o, m + o + (fam === AF_INET ? 4 : 16)).toString('hex'), port });
-          const info: InetSockInfo = {
-            family: fam, state: buf.readUInt8(m + 1),
-            local: addr(8, buf.readUInt16BE(m + 4)), remote: addr(24, buf.readUInt16BE(m + 6)),
-            rqueue: buf.readUInt32LE(m + 56), wqueue: buf.readUInt32LE(m + 60), ino: buf.readUInt32LE(m + 68),
-          };
-          for (let a = m + 72; a + 4 <= off + len; ) {
-            const alen = buf.readUInt16LE(a), atype = buf.readUInt16LE(a + 2);
-            if (alen < 4) break;
-            if (atype === INET_DIAG_MD5SIG) info.md5 = true;
-            if (atype === INET_DIAG_ULP_INFO) info.ulp = true;
-            a += (alen + 3) & ~3;
-          }
-          out.push(info);
-          if (len < 16) break;
-          off += (len + 3) & ~3;
-        }
+  for (const family of [AF_INET, AF_INET6]) {
+    const body = Buffer.alloc(56); // struct inet_diag_req_v2
+    body.writeUInt8(family, 0);
+    body.writeUInt8(IPPROTO_TCP, 1);
+    body.writeUInt32LE(0xffffffff, 4); // every state
+    for (const msg of diagDump(body)) {
+      const fam = msg.readUInt8(0);
+      const addr = (o: number, port: number): InetAddr => ({ ip: msg.subarray(o, o + (fam === AF_INET ? 4 : 16)).toString('hex'), port });
+      const info: InetSockInfo = {
+        family: fam, state: msg.readUInt8(1),
+        local: addr(8, msg.readUInt16BE(4)), remote: addr(24, msg.readUInt16BE(6)),
+        rqueue: msg.readUInt32LE(56), wqueue: msg.readUInt32LE(60), ino: msg.readUInt32LE(68),
+      };
+      for (let a = 72; a + 4 <= msg.length; ) {
+        const alen = msg.readUInt16LE(a), atype = msg.readUInt16LE(a + 2);
+        if (alen < 4) break;
+        if (atype === INET_DIAG_MD5SIG) info.md5 = true;
+        if (atype === INET_DIAG_ULP_INFO) info.ulp = true;
+        a += (alen + 3) & ~3;
       }
+      out.push(info);
     }
-  } finally {
-    fs.closeSync(fd);
   }
   return out;
 }
