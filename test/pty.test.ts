@@ -1,7 +1,9 @@
 // Terminals: a pty pair made in the tree (tty.ts), kept across a restart
 // and a rollback; the fixture checks everything itself.
 import t from 'tap';
-import { bothWays, tmpdir, supervise, fixture } from './helpers.js';
+import fs from 'node:fs';
+import path from 'node:path';
+import { bothWays, tmpdir, supervise, fixture, CKPT, q } from './helpers.js';
 
 const dir = tmpdir('pty');
 const run = bothWays(dir, 'pty');
@@ -38,4 +40,18 @@ t.test('a rollback past the pty being closed: made again with its index, the liv
   }
   t.match(r.stdout, /pty closed: all good/, r.stdout + r.stderr);
   t.equal(r.status, 0);
+});
+
+// script (util-linux) waits in poll() with every signal blocked: after a
+// restart the call must go on (it died on an EINTR there before).
+t.test('script checkpointed with --kill from inside and restarted goes on to its end', { skip: fs.existsSync('/usr/bin/script') ? false : 'no /usr/bin/script' }, async (t) => {
+  const dir = tmpdir('script'), out = path.join(dir, 'typescript'), img = path.join(dir, 'script.img');
+  const ck = CKPT.map(q).join(' ');
+  const r = supervise(['sh', '-c', `script -qfc 'for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done' ${q(out)} > /dev/null & p=$!; sleep 2.5; ` +
+    `${ck} checkpoint $p -o ${q(img)} --kill; echo "ck=$?"; ${ck} restart -i ${q(img)} > /dev/null; echo "rs=$?"`], { timeout: 60_000 });
+  t.match(r.stdout, /^ck=0$/m, 'checkpointed and killed');
+  t.match(r.stdout, /^rs=0$/m, 'restarted, and script ended with status 0');
+  const text = fs.readFileSync(out, 'utf8').replace(/\r/g, '');
+  t.same(text.match(/^tick \d$/gm), ['tick 1', 'tick 2', 'tick 3', 'tick 4', 'tick 5', 'tick 6'], 'every tick once, in order');
+  t.match(text, /COMMAND_EXIT_CODE="0"/, 'its command ended normally');
 });
