@@ -883,6 +883,14 @@ function isCharDevice(pid: number, fd: number): boolean {
 }
 
 /** A process's cwd; one that was removed is made again (empty, as it must have been). */
+function readlinkOr(path: string): string | undefined {
+  try {
+    return fs.readlinkSync(path);
+  } catch {
+    return undefined;
+  }
+}
+
 function captureCwd(pid: number): { cwd: string; cwdDeleted?: { mode: number } } {
   const cwd = fs.readlinkSync(`/proc/${pid}/cwd`);
   if (!cwd.endsWith(' (deleted)')) return { cwd };
@@ -1022,7 +1030,9 @@ function settle(r: Remote, st: FilesState, live: boolean, kept: Map<number, Path
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFL, d.flags & SETFL_MASK);
     b.add(`restart:files fd ${f.fd}`, SYS.fcntl, f.fd, F_SETFD, f.cloexec ? 1 : 0);
   }
-  if (!st.cwdDeleted) b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(inTaskRoot(pid, st.cwd) + '\0'))); // a chrooted live process: from inside its root
+  // A live process still in its cwd is left there: it may no longer be allowed to enter it (it dropped root since).
+  const stays = live && !st.cwdDeleted && readlinkOr(`/proc/${pid}/cwd`) === st.cwd;
+  if (!st.cwdDeleted && !stays) b.add(`restart:files chdir ${st.cwd}`, SYS.chdir, b.put(Buffer.from(inTaskRoot(pid, st.cwd) + '\0'))); // a chrooted live process: from inside its root
   b.add(undefined, SYS.umask, st.umask);
   b.run();
   if (st.cwdDeleted) makeDeletedDir(r, { path: st.cwd, mode: st.cwdDeleted.mode }, 'cwd');
