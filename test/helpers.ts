@@ -11,6 +11,17 @@ export const SUPERVISE = [process.execPath, path.join(ROOT, 'dist/supervisor/cli
 export const CKPT = [process.execPath, path.join(ROOT, 'dist/supervisor/tool.js')];
 export const fixture = (name: string) => path.join(BIN, name);
 
+// Some tests run fixtures as uid 1000 or nobody: they must be able to reach
+// them (and the tree's cwd) even when the checkout lies below a private
+// directory (a CI clone under mktemp -d, mode 0700). Search permission only,
+// on the checkout's own directories and their parents.
+if (process.getuid?.() === 0) {
+  for (let d = ROOT.replace(/\/$/, ''); d && d !== '/'; d = path.dirname(d)) {
+    const mode = fs.statSync(d).mode;
+    if (!(mode & 0o001)) fs.chmodSync(d, (mode & 0o7777) | 0o001);
+  }
+}
+
 export interface RunResult {
   status: number | null;
   signal: NodeJS.Signals | null;
