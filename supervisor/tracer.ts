@@ -320,7 +320,11 @@ export class Tracer {
     }
     // We are the subreaper of the tree: what is left of it (husks, zombies
     // of killed processes) is reaped before we go, so no pid stays taken.
+    // Every child of ours too, registered or not: one stopped and forgotten
+    // (a husk that fell out of the registry) would never change state, and
+    // the wait below would block for good.
     for (const t of this.tasks.values()) sys.kill(t.tid, 9);
+    for (const pid of childrenOf(process.pid)) sys.kill(pid, 9);
     while (this.wait(-1)) { /* until ECHILD */ }
     const st = this.rootStatus;
     if (!st) return 1;
@@ -415,4 +419,17 @@ export function readTgid(tid: number): number | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** The processes whose parent is `pid` (from /proc: its children file lists only one thread's). */
+function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  for (const name of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${name}/stat`, 'utf8');
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) out.push(Number(name));
+    } catch { /* gone */ }
+  }
+  return out;
 }
