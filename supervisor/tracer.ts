@@ -339,11 +339,32 @@ export class Tracer {
    * undefined: nothing to dispatch (yet); null: no tracee left.
    */
   private next(): WaitEvent | null | undefined {
-    if (!this.io?.busy()) return this.wait(-1);
+    if (!this.io?.busy()) {
+      const ev = this.wait(-1, true);
+      if (ev !== null) return ev;
+      // Nothing to report now: before blocking, forget tasks that are gone
+      // without our seeing their exit (reaped by a parent's wait4 first).
+      // One left behind would keep the loop waiting for good once the
+      // program's last process is gone. Paid only when the tree is idle.
+      if (this.pruneDead() && !this.processes().length) return undefined;
+      return this.wait(-1);
+    }
     const ev = this.wait(-1, true);
     if (ev) return ev;
     if (!this.io.pump()) this.io.sleep(1);
     return undefined;
+  }
+
+  /** Drop registered tasks that no longer exist; whether any was dropped. */
+  private pruneDead(): boolean {
+    let dropped = false;
+    for (const t of [...this.tasks.values()]) {
+      if (sys.tgkill(t.tgid, t.tid, 0) === -1 && errnoNow() === errno('ESRCH')) {
+        this.tasks.delete(t.tid);
+        dropped = true;
+      }
+    }
+    return dropped;
   }
 
   /**
