@@ -40,6 +40,11 @@ bothWays('gone', 'sockets whose peer is gone (stream, seqpacket, datagram)', [
   "gone: the datagram socket's peer refuses (ECONNREFUSED)",
 ], 'GONE OK');
 
+bothWays('empty', 'empty datagrams and seqpacket messages among others (a named socket, a datagram pair, a seqpacket pair)', [
+  'empty: a named socket\'s datagrams, empty ones among them, in order', 'empty: a datagram pair\'s queue starting and ending with an empty datagram',
+  'empty: a seqpacket pair\'s empty message between two',
+], 'EMPTY OK');
+
 bothWays('dgram', 'datagrams with their senders\' names; a socketpair\'s; senders to a socket whose name and directory were removed', [
   "dgram: datagram 1, with its sender's name", "dgram: datagram 2, with its sender's name", "dgram: datagram 3, with its sender's name",
   "dgram: datagram 4, with its sender's name", "dgram: datagram 5, with its sender's name", 'dgram: the socket file a gone sender left is still there', 'dgram: nothing more queued', 'dgram: the named socket still reachable by its name',

@@ -291,7 +291,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const flies = info.type !== SOCK_STREAM && inFlight(pid, fd);
         if (flies) soloFlying.push({ desc: id, pid, fd });
         else refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
-        const queue = info.rqueue && !flies ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
+        // (An empty datagram at the head reads as a queue of 0 bytes: only a stream's length is all of it.)
+        const queue = (info.rqueue || info.type !== SOCK_STREAM) && !flies ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
         table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
       } else if (info.state === 7 || info.type === SOCK_DGRAM) {
         // Not connected (bound or not), or a datagram one connected to a
@@ -303,7 +304,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const flies = info.type === SOCK_DGRAM && inFlight(pid, fd);
         if (flies) soloFlying.push({ desc: id, pid, fd });
         else refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
-        const got = info.type === SOCK_DGRAM && info.rqueue && !flies ? peekDatagrams(pid, fd, true) : [];
+        const got = info.type === SOCK_DGRAM && !flies ? peekDatagrams(pid, fd, true) : [];
         const queue = got.length ? got.map((m) => m.data.toString('base64')) : undefined;
         const from = got.some((m) => m.from) ? got.map((m) => m.from) : undefined;
         // (The kernel purges a datagram socket's queue when it disconnects: an unnamed one has none on its own.)

@@ -17,6 +17,7 @@ import fs from 'node:fs';
 import { CkptError, errno } from '../../lib/errors.js';
 import { sys, addressOf, errnoNow } from '../../lib/libc.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
+import { endOfQueue } from './unixsock.js';
 
 const SOL_SOCKET = 1, SO_PEEK_OFF = 42, SCM_RIGHTS = 1, MSG_PEEK = 2, MSG_DONTWAIT = 0x40, MSG_CTRUNC = 8, MSG_CMSG_CLOEXEC = 0x40000000;
 const SYS_sendmsg = 46, SYS_recvmsg = 47, EAGAIN = 11;
@@ -72,7 +73,7 @@ export function peekWithFds(pid: number, fd: number, peer?: { pid: number; fd: n
         const got = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`);
         if (!got) break;
         out.push(got);
-        if (got.data.length === 0 && !got.fds.length) break; // end of stream
+        if (got.data.length === 0 && !got.fds.length && endOfQueue(mine)) break; // end of stream (else an empty message)
       }
     } catch (e) {
       for (const m of out) for (const f of m.fds) fs.closeSync(f);
@@ -105,8 +106,8 @@ export function peekDatagramsWithFds(pid: number, fd: number): (PeekedMessage & 
       for (;;) {
         const got = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`, data.length, name);
         if (!got) break;
-        // Nothing and no file: EOF (a seqpacket peer gone), or an empty datagram the peek offset cannot step over.
-        if (!got.data.length && !got.fds.length) break;
+        // Nothing and no file: EOF (a seqpacket peer gone), else an empty datagram.
+        if (!got.data.length && !got.fds.length && endOfQueue(mine)) break;
         out.push(got as PeekedMessage & { from: string });
       }
     } catch (e) {

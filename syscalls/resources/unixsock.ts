@@ -40,6 +40,7 @@ import path from 'node:path';
 import { sys, SYS, addressOf, errnoNow } from '../../lib/libc.js';
 import { inTaskRoot } from './attrs.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
+import { getsockoptInt } from '../../lib/netsock.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, id, base64, path as pathSchema, MANY, type Same } from '../../lib/schema.js';
@@ -48,7 +49,7 @@ import type { FilesTable } from './files.js';
 
 const AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, SOCK_NONBLOCK = 0o4000, EADDRINUSE = 98, EINPROGRESS = 115;
 const O_PATH = 0o10000000, O_DIRECTORY = 0o200000, O_CLOEXEC = 0o2000000;
-const SOL_SOCKET = 1, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
+const SOL_SOCKET = 1, SO_TYPE = 3, SOCK_STREAM = 1, POLLIN = 1, POLLHUP = 0x10, POLLRDHUP = 0x2000, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
 const SYS_rename = 82, SYS_chmod = 90, SYS_lchown = 94, SYS_recvfrom = 45, SYS_sendto = 44, SYS_chdir = 80, SYS_fchdir = 81, SYS_mkdir = 83, SYS_rmdir = 84, SYS_shutdown = 48, SYS_socket = 41, SYS_connect = 42, SYS_bind = 49, SYS_listen = 50, SYS_socketpair = 53, SYS_unlink = 87, SYS_accept4 = 288;
 
 /**
@@ -286,7 +287,7 @@ export function peekDatagrams(pid: number, fd: number, senders: boolean): { data
     for (;;) {
       alen.writeUInt32LE(addr.length, 0);
       const n = senders ? sys.syscall(SYS_recvfrom, mine, addressOf(buf), buf.length, MSG_PEEK | MSG_DONTWAIT, addressOf(addr), addressOf(alen)) : sys.recv(mine, buf, MSG_PEEK | MSG_DONTWAIT);
-      if (n <= 0) break; // EAGAIN: the queue is read
+      if (n < 0 || (n === 0 && endOfQueue(mine))) break; // EAGAIN: the queue is read
       // sun_path after the family; a path's NUL is kept, as sock_diag gives names.
       const len = Math.min(alen.readUInt32LE(0), addr.length);
       let from = senders && len > 2 ? addr.subarray(2, len).toString('latin1') : '';
@@ -297,6 +298,21 @@ export function peekDatagrams(pid: number, fd: number, senders: boolean): { data
     sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, -1);
     return out;
   }, 'socket fd');
+}
+
+/**
+ * A peek that read nothing: an empty datagram or seqpacket message (kept:
+ * the kernel returns each one once to peeks at an offset, then steps over
+ * it), or the end of the queue of a stream, or of a socket shut down for
+ * reading or whose peer is gone (then the queue is over: an empty message
+ * right before such an end is not told from it). Empty messages a peek
+ * returned before (the program's own MSG_PEEK, or an earlier checkpoint's)
+ * are stepped over by every later peek: the kernel does not show them.
+ */
+export function endOfQueue(mine: number): boolean {
+  const type = getsockoptInt(mine, SOL_SOCKET, SO_TYPE);
+  if (type === SOCK_STREAM || type === undefined) return true;
+  return (sys.pollOne(mine, POLLIN | POLLRDHUP, 0) & (POLLRDHUP | POLLHUP)) !== 0;
 }
 
 /** Among a tree's socket descriptions: who depends on whom, and each one's name. */
