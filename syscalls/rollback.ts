@@ -25,6 +25,7 @@ import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
 import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, needsVmFlags, sameVmFlags, type VmaState, type MemoryCapture } from './resources/memory.js';
 import { restoreFiles } from './resources/files.js';
+import { checkPeerCreds } from './resources/unixsock.js';
 import { TtyRestore } from './resources/tty.js';
 import { checkNetRights, checkNetPortsFree, firstHolder } from './resources/netdgram.js';
 import { dropRseq } from './resources/thread.js';
@@ -118,6 +119,7 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
     checkNetRights(tree.files.descs, firstHolder(tree.processes), (pid) => (keptPids.has(host(pid)) ? host(pid) : undefined));
     checkNetPortsFree(tree.files.descs, procs);
     checkNotifyPaths(tree.files.descs);
+    checkPeerCreds(tree.files, (pid) => (keptPids.has(host(pid)) ? host(pid) : undefined));
     ipc = SysvRestore.checkRollback(tracer, tree.sysvipc, procs);
     seccomp = checkSeccompRollback(tree.processes, (tid) => (keptPids.has(tracer.tasks.get(host(tid))?.tgid ?? -1) ? tracer.tasks.get(host(tid)) : undefined), c.crid);
   } catch (e) {

@@ -45,6 +45,11 @@ bothWays('empty', 'empty datagrams and seqpacket messages among others (a named 
   'empty: a seqpacket pair\'s empty message between two',
 ], 'EMPTY OK');
 
+bothWays('creds', 'SO_PEERCRED of a listener, of connections from a uid-1000 child (accepted, and not yet), of socketpairs made as other ids', [
+  "creds: the listener's own", 'creds: the accepted connection names its client (uid 1000)', 'creds: a socketpair made while acting as uid 1234', 'creds: and its supplementary groups (SO_PEERGROUPS)', "creds: the process's own groups",
+  'creds: a socketpair shared with the child', 'creds: a connection accepted after names its client (uid 1000)', "creds: the child's sockets", "creds: the process's own ids",
+], 'CREDS OK');
+
 bothWays('dgram', 'datagrams with their senders\' names; a socketpair\'s; senders to a socket whose name and directory were removed', [
   "dgram: datagram 1, with its sender's name", "dgram: datagram 2, with its sender's name", "dgram: datagram 3, with its sender's name",
   "dgram: datagram 4, with its sender's name", "dgram: datagram 5, with its sender's name", 'dgram: the socket file a gone sender left is still there', 'dgram: nothing more queued', 'dgram: the named socket still reachable by its name',

@@ -31,7 +31,7 @@ import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
 import { captureOwners, restoreOwners, hasOwner, ownerSchema, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
-import { UnixSockets, sockName, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, type Orphan, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { UnixSockets, sockName, peerCredOf, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, type Orphan, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { peekWithFds, peekDatagramsWithFds } from './inflight.js';
 import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
@@ -193,8 +193,13 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const seen: { key: string; pid: number; fd: number; desc: number }[] = [];
   const pipeIds = new Map<string, number>();
   const pipeHolders: { ino: string; pid: number; fd: number; end: 'r' | 'w' }[] = [];
-  const inTree = treeMember(new Set(procs));
+  const procSet = new Set(procs);
+  const inTree = treeMember(procSet);
   const level = procs.length ? nsLevel(procs[0]) : 0;
+  const withCred = (pid: number, fd: number) => {
+    const cred = peerCredOf(pid, fd, procSet, level);
+    return cred ? { cred } : {};
+  };
   // A table several processes share is listed once, by its owner.
   const tableOf = sharedTables(procs, others.pids, (p) => Number(readStat(p).field(4)));
   const probes: FdProbe[] = [];
@@ -272,18 +277,24 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         table.socks[pair].names![end] = name;
         if (info.shutdown) (table.socks[pair].shutdown ??= [0, 0])[end] = info.shutdown;
         table.descs.push({ id, kind: 'unix', pair, end, flags });
-        if (!sockHolders.has(ino)) sockHolders.set(ino, { pid, fd });
+        if (!sockHolders.has(ino)) {
+          sockHolders.set(ino, { pid, fd });
+          const c = peerCredOf(pid, fd, procSet, level);
+          if (c) (table.socks[pair].creds ??= [c, c])[end] = c;
+        }
       } else if (info.state === 10) {
         refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
         // Connections not yet accepted: their clients connect again, in order, once it listens.
         const waiting = info.rqueue ? waitingOn(pid, fd, target, info, diag) : undefined;
         if (waiting) sockFix.push({ desc: id, waiting });
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...name });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...withCred(pid, fd), ...name });
       } else if (listenerOf !== undefined) {
         // The client of a connection not yet accepted: connected again to its listener, after it.
         refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
         sockFix.push({ desc: id, pendingOn: listenerOf });
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
+        const st = statusOf(pid);
+        const connectAs = { pid: nsPids(pid)[level] ?? 0, uid: Number(st.get('Uid')?.split(/\s+/)[1] ?? 0), gid: Number(st.get('Gid')?.split(/\s+/)[1] ?? 0) };
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...withCred(pid, fd), connectAs, ...name });
       } else if (info.hasPeer && !info.peer) {
         // Its peer is gone: a stream reads what it has, then EOF; a datagram one sends into nothing.
         // Files in flight in its messages (not a stream's: where they attach in the bytes
@@ -293,7 +304,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         else refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
         // (An empty datagram at the head reads as a queue of 0 bytes: only a stream's length is all of it.)
         const queue = (info.rqueue || info.type !== SOCK_STREAM) && !flies ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...withCred(pid, fd), ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
       } else if (info.state === 7 || info.type === SOCK_DGRAM) {
         // Not connected (bound or not), or a datagram one connected to a
         // named socket (in the tree or not: /dev/log...) that is not
@@ -673,7 +684,15 @@ export function restoreFiles(ctx: FilesRestore): void {
     temps.push({ pid, fd: t });
     return { pid, fd: t };
   };
-  const sockets = new UnixSockets({ remote, host: ctx.host, park, listeners: new Map() });
+  const relocate = (from: Place, pid: number, fd?: number): Place => {
+    const to = fd ?? nextTemp++;
+    if (fd === undefined) temps.push({ pid, fd: to });
+    const r = remote(pid);
+    moveFd(r, r.takeFd(from.pid, from.fd, tempBase), to, true);
+    remote(from.pid).call(SYS.close, from.fd); // (a parked number is closed again at the end: nothing there by then)
+    return { pid, fd: to };
+  };
+  const sockets = new UnixSockets({ remote, host: ctx.host, park, listeners: new Map(), inTree: (pid) => perProc.has(pid), relocate });
   const tcp = new TcpRestore({ remote, host: ctx.host, park, live: !!ctx.live, descs: table.descs });
   const epolls: { pid: number; fd: number; ev: Extract<EventState, { kind: 'epoll' }> }[] = [];
   const notifies: { pid: number; fd: number; nt: NotifyState }[] = [];

@@ -40,17 +40,18 @@ import path from 'node:path';
 import { sys, SYS, addressOf, errnoNow } from '../../lib/libc.js';
 import { inTaskRoot } from './attrs.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
-import { getsockoptInt } from '../../lib/netsock.js';
+import { getsockopt, getsockoptInt } from '../../lib/netsock.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
-import { z, int, id, base64, path as pathSchema, MANY, type Same } from '../../lib/schema.js';
+import { z, int, id, pid0, base64, path as pathSchema, MANY, type Same } from '../../lib/schema.js';
+import { nsPids } from '../../supervisor/pidns.js';
 import { sendWithFds } from './inflight.js';
 import type { FilesTable } from './files.js';
 
 const AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, SOCK_NONBLOCK = 0o4000, EADDRINUSE = 98, EINPROGRESS = 115;
 const O_PATH = 0o10000000, O_DIRECTORY = 0o200000, O_CLOEXEC = 0o2000000;
-const SOL_SOCKET = 1, SO_TYPE = 3, SOCK_STREAM = 1, POLLIN = 1, POLLHUP = 0x10, POLLRDHUP = 0x2000, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
-const SYS_rename = 82, SYS_chmod = 90, SYS_lchown = 94, SYS_recvfrom = 45, SYS_sendto = 44, SYS_chdir = 80, SYS_fchdir = 81, SYS_mkdir = 83, SYS_rmdir = 84, SYS_shutdown = 48, SYS_socket = 41, SYS_connect = 42, SYS_bind = 49, SYS_listen = 50, SYS_socketpair = 53, SYS_unlink = 87, SYS_accept4 = 288;
+const SOL_SOCKET = 1, SO_TYPE = 3, SO_PEERCRED = 17, SO_PEERGROUPS = 59, SOCK_STREAM = 1, POLLIN = 1, POLLHUP = 0x10, POLLRDHUP = 0x2000, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
+const SYS_rename = 82, SYS_chmod = 90, SYS_lchown = 94, SYS_recvfrom = 45, SYS_sendto = 44, SYS_chdir = 80, SYS_fchdir = 81, SYS_mkdir = 83, SYS_rmdir = 84, SYS_shutdown = 48, SYS_socket = 41, SYS_connect = 42, SYS_bind = 49, SYS_listen = 50, SYS_socketpair = 53, SYS_unlink = 87, SYS_accept4 = 288, SYS_setresuid = 117, SYS_setresgid = 119, SYS_setgroups = 116;
 
 /**
  * A socket's name as the kernel keeps it, and, for a path, whether the
@@ -74,7 +75,19 @@ export interface SockPairState {
   shutdown?: [number, number];
   /** Files in flight: message `msg` of end `end`'s queue carries these descriptions (SCM_RIGHTS). */
   inflight?: { end: 0 | 1; msg: number; descs: number[] }[];
+  /** Per end, its SO_PEERCRED. */
+  creds?: [PeerCred, PeerCred];
 }
+
+/**
+ * SO_PEERCRED, as the kernel set it: a socketpair gives both ends its
+ * maker; a connection gives the accepted end its client (at connect) and
+ * the client the listener's (at listen); a listener has its own (at
+ * listen). `pid` as the tree names it, 0 for a process not of the tree (gone,
+ * or outside); `uid` and `gid` the effective ids that process had then, and
+ * `groups` its supplementary groups (SO_PEERGROUPS) where there are any.
+ */
+export interface PeerCred { pid: number; uid: number; gid: number; groups?: number[] }
 
 /**
  * A socket on its own: listening (backlog; `waiting`: the clients of the
@@ -99,6 +112,10 @@ export interface SoloSockState extends SockName {
   inflight?: { msg: number; descs: number[] }[];
   /** What is shut down (1 receiving, 2 sending), if anything. */
   shutdown?: number;
+  /** Its SO_PEERCRED (listening, connected, or its peer gone). */
+  cred?: PeerCred;
+  /** The client of a connection not yet accepted: who connected (its holder, with its effective ids at the checkpoint). */
+  connectAs?: PeerCred;
 }
 
 /** At most this many descriptors ride in one message (the kernel's SCM_MAX_FD). */
@@ -110,6 +127,7 @@ const queueSchema = z.array(base64(1 << 20)).max(MANY);
 const sockType = z.union([z.literal(1), z.literal(2), z.literal(5)]); // SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
 const nameFields = { name: sockNameString.optional(), fileThere: z.boolean().optional(), dir: pathSchema.optional(), file: z.strictObject({ mode: int(0, 0o7777), uid: id, gid: id }).optional() };
 export const sockNameSchema = z.strictObject(nameFields);
+const peerCredSchema = z.strictObject({ pid: pid0, uid: id, gid: id, groups: z.array(id).min(1).max(65536).optional() });
 export const sockPairSchema = z.strictObject({
   id: int(0, MANY),
   type: sockType,
@@ -117,6 +135,7 @@ export const sockPairSchema = z.strictObject({
   names: z.tuple([sockNameSchema, sockNameSchema]).optional(),
   shutdown: z.tuple([int(0, 3), int(0, 3)]).optional(),
   inflight: z.array(z.strictObject({ end: z.union([z.literal(0), z.literal(1)]), msg: int(0, MANY), descs: z.array(int(0, MANY)).min(1).max(SCM_MAX_FD) })).max(MANY).optional(),
+  creds: z.tuple([peerCredSchema, peerCredSchema]).optional(),
 });
 /** The fields of a socket on its own (a 'usock' description adds id, kind and flags). */
 export const soloSockFields = {
@@ -132,6 +151,8 @@ export const soloSockFields = {
   peerGone: z.literal(true).optional(),
   inflight: z.array(z.strictObject({ msg: int(0, MANY), descs: z.array(int(0, MANY)).min(1).max(SCM_MAX_FD) })).max(MANY).optional(),
   shutdown: int(0, 3).optional(),
+  cred: peerCredSchema.optional(),
+  connectAs: peerCredSchema.optional(),
 };
 const samePair: Same<z.infer<typeof sockPairSchema>, SockPairState> = true;
 const soloSchema = z.strictObject(soloSockFields);
@@ -266,6 +287,18 @@ export function linkSockets(table: FilesTable, fixes: SockFix[], descs: Map<numb
   }
 }
 
+/** A socket's SO_PEERCRED (undefined: none, not connected nor listening); `tree`: its processes (host pids), at `level`. */
+export function peerCredOf(pid: number, fd: number, tree: Set<number>, level: number): PeerCred | undefined {
+  return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
+    const b = getsockopt(mine, SOL_SOCKET, SO_PEERCRED, 12);
+    if (typeof b === 'number' || b.length < 12 || b.readInt32LE(0) <= 0) return undefined;
+    const host = b.readInt32LE(0);
+    const g = getsockopt(mine, SOL_SOCKET, SO_PEERGROUPS, 4 * 65536);
+    const groups = typeof g === 'number' ? [] : [...Array(g.length >> 2).keys()].map((i) => g.readUInt32LE(4 * i));
+    return { pid: tree.has(host) ? (nsPids(host)[level] ?? 0) : 0, uid: b.readUInt32LE(4), gid: b.readUInt32LE(8), ...(groups.length ? { groups } : {}) };
+  }, 'socket fd');
+}
+
 /**
  * What a socket has yet to read, without reading it: with SO_PEEK_OFF each
  * MSG_PEEK returns the next message (or stream bytes) after the last one.
@@ -375,6 +408,10 @@ export interface SockRestore {
   park: (pid: number, fd: bigint) => Place;
   /** Listening sockets made so far, by name. */
   listeners: Map<string, Place>;
+  /** Is `pid` a process of this restore (one sockets can be made in)? */
+  inTree: (pid: number) => boolean;
+  /** Move the socket at `from` into `pid` (at `fd`, else parked), closing it at `from`. */
+  relocate: (from: Place, pid: number, fd?: number) => Place;
 }
 
 /** The restore of one tree's sockets: knows which socket files live sockets hold. */
@@ -401,7 +438,7 @@ export class UnixSockets {
     const fd = r.check('restart:files socket', SYS_socket, AF_UNIX, s.type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     const at = this.ctx.park(pid, fd);
     if (s.name !== undefined) this.bind(pid, at.fd, s);
-    if (s.backlog !== undefined) r.check('restart:files listen', SYS_listen, at.fd, s.backlog);
+    if (s.backlog !== undefined) this.onAs(at, s.cred, (rx, fd) => void rx.check('restart:files listen', SYS_listen, fd, s.backlog!));
     // A name gone at the checkpoint is still there until every socket is made: connections are made through it.
     if (s.backlog !== undefined && s.name !== undefined) this.ctx.listeners.set(s.name, at);
     return at;
@@ -431,7 +468,9 @@ export class UnixSockets {
     // Connected only once its queue is back: a datagram socket connected to
     // another (itself, say) refuses what anyone else sends it (EPERM).
     const dest = target ?? (s.connectTo !== undefined ? { name: s.connectTo } : undefined);
-    if (dest?.name !== undefined) this.callWithName(r, 'connect', SYS_connect, at.fd, this.address(at.pid, dest), s.pendingOn !== undefined);
+    // A stream or seqpacket client connects as it did (the accepted end's SO_PEERCRED is who connected).
+    const to = dest?.name !== undefined ? this.address(at.pid, dest) : undefined;
+    if (to !== undefined) this.onAs(at, s.pendingOn !== undefined ? s.connectAs : undefined, (rx, fd) => this.callWithName(rx, 'connect', SYS_connect, fd, to, s.pendingOn !== undefined));
     if (s.shutdown) shutDown(r, at.fd, s.shutdown);
   }
 
@@ -444,6 +483,7 @@ export class UnixSockets {
     const pair: SockPairState = { id: 0, type: s.type, queues: [s.queue ?? [], []], names: [{ name: s.name, fileThere: s.fileThere, dir: s.dir, file: s.file }, {}] };
     if (s.type === SOCK_DGRAM && s.shutdown) pair.shutdown = [s.shutdown, 0];
     if (s.inflight?.length) pair.inflight = s.inflight.map((x) => ({ end: 0, ...x }));
+    if (s.cred) pair.creds = [s.cred, s.cred];
     const ends = this.makePair(pair, [pid, pid]);
     // With files in flight its queue is sent once every description exists (finishOrphan), its stand-in peer closed then.
     if (pair.inflight) late.push({ pair, ends });
@@ -465,11 +505,12 @@ export class UnixSockets {
     const names = p.names ?? [{}, {}];
     let ends: [Place, Place];
     if (names.every((n) => n.name === undefined) || p.type === SOCK_DGRAM) {
-      const r = this.ctx.remote(where[0]);
-      const scratch = r.scratch();
-      r.check('restart:files socketpair', SYS_socketpair, AF_UNIX, p.type | SOCK_CLOEXEC, 0, scratch);
-      const fds = r.mem.read(scratch, 8);
-      ends = [this.ctx.park(where[0], BigInt(fds.readInt32LE(0))), this.ctx.park(where[0], BigInt(fds.readInt32LE(4)))];
+      ends = this.madeAs(where[0], p.creds?.[0], (x, r) => {
+        const scratch = r.scratch();
+        r.check('restart:files socketpair', SYS_socketpair, AF_UNIX, p.type | SOCK_CLOEXEC, 0, scratch);
+        const fds = r.mem.read(scratch, 8);
+        return [this.ctx.park(x, BigInt(fds.readInt32LE(0))), this.ctx.park(x, BigInt(fds.readInt32LE(4)))];
+      }) as [Place, Place];
       names.forEach((n, e) => n.name !== undefined && this.bind(where[0], ends[e].fd, n));
     } else {
       // The server end: the one named as a listener that was made, else a named one.
@@ -478,11 +519,13 @@ export class UnixSockets {
       const sname = names[s].name!;
       let listener = this.ctx.listeners.get(sname);
       const temporary = !listener;
-      if (!listener) listener = this.makeSolo(where[s], { type: p.type, name: sname, dir: names[s].dir, backlog: 1, fileThere: names[s].fileThere, file: names[s].file });
+      // (A temporary listener listens as the one the client end names did: the client's SO_PEERCRED.)
+      if (!listener) listener = this.makeSolo(where[s], { type: p.type, name: sname, dir: names[s].dir, backlog: 1, fileThere: names[s].fileThere, file: names[s].file, ...(p.creds ? { cred: p.creds[c] } : {}) });
       const rc = this.ctx.remote(where[c]);
       const client = this.ctx.park(where[c], rc.check('restart:files socket', SYS_socket, AF_UNIX, p.type | SOCK_CLOEXEC, 0));
       if (names[c].name !== undefined) this.bind(where[c], client.fd, names[c]);
-      this.callWithName(rc, 'connect', SYS_connect, client.fd, this.address(where[c], names[s]));
+      const to = this.address(where[c], names[s]);
+      this.onAs(client, p.creds?.[s], (rx, fd) => this.callWithName(rx, 'connect', SYS_connect, fd, to));
       const rl = this.ctx.remote(listener.pid);
       const server = this.ctx.park(listener.pid, rl.check('restart:files accept', SYS_accept4, listener.fd, 0, 0, SOCK_CLOEXEC));
       if (temporary) {
@@ -522,6 +565,63 @@ export class UnixSockets {
       }, 'socket fd');
     }
     this.shutDownPair(p, ends);
+  }
+
+  /**
+   * Make what SO_PEERCRED records (a socketpair, a listen, a connect) as it
+   * was made: in the process named there if it is one of the tree's, else
+   * in `home`, and with the effective ids it had then (an injected
+   * setresuid/setresgid for the call, then back). The sockets `make`
+   * returns are moved to `home`. A process gone since, or one outside, is
+   * not there to make it: the socket then names `home`'s pid.
+   */
+  private madeAs(home: number, cred: PeerCred | undefined, make: (pid: number, r: Remote) => Place[]): Place[] {
+    const x = cred && cred.pid && cred.pid !== home && this.ctx.inTree(cred.pid) ? cred.pid : home;
+    const made = this.withIds(x, cred, () => make(x, this.ctx.remote(x)));
+    return x === home ? made : made.map((m) => this.ctx.relocate(m, home));
+  }
+
+  /** `call` on the socket at `at` as madeAs makes it; the socket comes back to the same place. */
+  private onAs(at: Place, cred: PeerCred | undefined, call: (r: Remote, fd: number) => void): void {
+    this.madeAs(at.pid, cred, (x, r) => {
+      const here = x === at.pid ? at : this.ctx.relocate(at, x);
+      call(r, here.fd);
+      return [here];
+    }).forEach((m) => m.fd !== at.fd && this.ctx.relocate(m, at.pid, at.fd));
+  }
+
+  /** Run `fn` while process `pid` acts with the effective ids of `cred`. */
+  private withIds<T>(pid: number, cred: PeerCred | undefined, fn: () => T): T {
+    if (!cred) return fn();
+    const ids = effectiveIds(this.ctx.host(pid));
+    const groups = cred.groups ?? [];
+    const sameGroups = sameSet(ids.groups, groups);
+    if (ids.uid[1] === cred.uid && ids.gid[1] === cred.gid && sameGroups) return fn();
+    const what = `task ${pid}: a unix socket made by uid ${cred.uid} gid ${cred.gid} (its SO_PEERCRED)`;
+    // Back afterwards: to its own effective uid, which must be its real or saved one (no capability is left then).
+    if (ids.uid[1] !== ids.uid[0] && ids.uid[1] !== ids.uid[2]) throw new CkptError(errno('EPERM'), 'restart:files peer credentials', `${what}: the process (euid ${ids.uid[1]}) could not act as it and come back`);
+    const r = this.ctx.remote(pid);
+    const set = (nr: number, v: number, name: string) => {
+      const res = r.call(nr, -1, v, -1);
+      if (res < 0n) throw new CkptError(Number(-res), 'restart:files peer credentials', `${what}: the process cannot set its effective ${name} to ${v}`);
+    };
+    const setGroups = (list: number[]) => {
+      const b = new CallBatch(r);
+      const buf = Buffer.alloc(Math.max(4, 4 * list.length));
+      list.forEach((g, i) => buf.writeUInt32LE(g, 4 * i));
+      b.add(`restart:files peer credentials: ${what}: setgroups`, SYS_setgroups, list.length, b.put(buf));
+      b.run();
+    };
+    try {
+      if (!sameGroups) setGroups(groups);
+      set(SYS_setresgid, cred.gid, 'gid');
+      set(SYS_setresuid, cred.uid, 'uid');
+      return fn();
+    } finally {
+      r.call(SYS_setresuid, -1, ids.uid[1], -1);
+      r.call(SYS_setresgid, -1, ids.gid[1], -1);
+      if (!sameGroups) setGroups(ids.groups);
+    }
   }
 
   /** Once every socket is made: the names that were gone at the checkpoint go again, and the directories made for them. */
@@ -737,4 +837,36 @@ function sendTo(host: number, fd: number | bigint, to: string, data: Buffer, pid
     const n = sys.syscall(SYS_sendto, mine, addressOf(data), data.length, MSG_DONTWAIT, addressOf(addr), addr.length);
     if (n !== data.length) throw new CkptError(n < 0 ? errnoNow() : errno('ENOMEM'), 'restart:files', `task ${pid}: cannot queue a datagram of ${data.length} bytes to ${printable(to)} again`);
   }, 'socket fd');
+}
+
+/** A task's uids and gids (real, effective, saved, fs) and effective capabilities, from its status. */
+export function effectiveIds(host: number): { uid: number[]; gid: number[]; groups: number[]; capEff: bigint } {
+  const st = fs.readFileSync(`/proc/${host}/status`, 'utf8');
+  const line = (k: string) => (new RegExp(`^${k}:[ \\t]*(.*)$`, 'm').exec(st)?.[1] ?? '').trim();
+  const ids = (k: string) => line(k).split(/\s+/).map(Number);
+  return { uid: ids('Uid'), gid: ids('Gid'), groups: line('Groups') ? ids('Groups') : [], capEff: BigInt('0x' + (line('CapEff') || '0')) };
+}
+
+const sameSet = (a: number[], b: number[]) => a.length === b.length && [...a].sort().every((x, i) => x === [...b].sort()[i]);
+
+const CAP_SETGID = 6n, CAP_SETUID = 7n;
+
+/**
+ * A rollback's check, before anything changes: a live process that will
+ * make a unix socket again as it made it (its SO_PEERCRED) must be able
+ * to act with those ids (the same as now, or CAP_SETUID and CAP_SETGID
+ * with a way back to its own). `live`: a process kept alive, to its host pid.
+ */
+export function checkPeerCreds(table: FilesTable, live: (pid: number) => number | undefined): void {
+  const creds = [...table.socks.flatMap((p) => p.creds ?? []), ...table.descs.flatMap((d) => (d.kind === 'usock' ? [d.cred, d.connectAs] : []))];
+  for (const c of creds) {
+    const host = c?.pid ? live(c.pid) : undefined;
+    if (!c || host === undefined) continue;
+    const ids = effectiveIds(host);
+    if (ids.uid[1] === c.uid && ids.gid[1] === c.gid && sameSet(ids.groups, c.groups ?? [])) continue;
+    const can = (ids.capEff >> CAP_SETUID) & (ids.capEff >> CAP_SETGID) & 1n;
+    if (!can || (ids.uid[1] !== ids.uid[0] && ids.uid[1] !== ids.uid[2])) {
+      throw new CkptError(errno('EPERM'), 'restart:files peer credentials', `task ${c.pid}: made a unix socket as uid ${c.uid} gid ${c.gid} (its SO_PEERCRED), and acting as uid ${ids.uid[1]} gid ${ids.gid[1]} now it cannot make it so again`);
+    }
+  }
 }
