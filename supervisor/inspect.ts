@@ -127,6 +127,7 @@ function describeKind(files: TreeState['files'], id: number): string {
   if (d.kind === 'pidfd') return `pidfd of process ${d.pid}${d.flags & 0o200 ? ' (thread)' : ''}${d.flags & 0o4000 ? ', non-blocking' : ''}`;
   if (d.kind === 'net') return describeNetSock(d.net);
   if (d.kind === 'mqueue') return `message queue /${d.mq.name}${d.mq.deleted ? ' (unlinked)' : ''} (maxmsg ${d.mq.maxmsg}, msgsize ${d.mq.msgsize}${d.mq.messages ? `, ${d.mq.messages.length} messages` : ''}) flags 0${d.flags.toString(8)}`;
+  if (d.kind === 'deldev') return `deleted device ${d.path} (${d.rdev >> 8}:${d.rdev & 0xff}, made again) mode 0${(d.mode & 0o7777).toString(8)}`;
   if (d.kind === 'deldir') return `deleted directory ${d.path} (made again empty) mode 0${d.mode.toString(8)}`;
   if (d.kind === 'tty') {
     if (d.side === 'hungup') return `hung-up pty slave (was /dev/pts/${d.pty}; its master closed)`;

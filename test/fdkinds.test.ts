@@ -33,10 +33,11 @@ bothWays('ghost', 'a deleted file open by two descriptions in one process and on
   'ghost: the child sees what the parent wrote', 'ghost: the parent sees what the child wrote', "ghost: the child's checks",
 ], 'GHOST2 OK', true);
 
-bothWays('deleted', 'a deleted cwd, a deleted directory held open and a deleted FIFO with data', [
+bothWays('deleted', 'a deleted cwd, a deleted directory held open, a deleted FIFO with data and a deleted device node', [
   'deleted cwd: still a removed directory, its mode', 'deleted cwd: nothing can be made in it',
   'deleted directory fd: removed, its mode', 'deleted directory fd: nothing can be made in it',
   'deleted FIFO: still a FIFO with no name, its mode', 'deleted FIFO: the data queued', 'deleted FIFO: its two ends still one pipe',
+  'deleted device node: the same device, mode and owner, no name', 'deleted device node: reads what the device gives, read-write', 'deleted device node: no name left behind',
 ], 'DELETED OK', true);
 
 bothWays('pidfd', 'pidfds of a running child (non-blocking), of a zombie child (CLONE_PIDFD) and of itself (PIDFD_THREAD)', [

@@ -27,13 +27,13 @@
  *   inotify and fanotify groups are kept by notify.ts.
  */
 import { CkptError, errno } from '../../lib/errors.js';
-import { sys } from '../../lib/libc.js';
+import { sys, SYS } from '../../lib/libc.js';
 import type { FdInfo } from '../../lib/proc.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { nsPids } from '../../supervisor/pidns.js';
 import fs from 'node:fs';
 
-const SYS_kcmp = 312, KCMP_FILES = 2, SYS_pidfd_open = 434, SYS_mkdir = 83, SYS_rmdir = 84, SYS_chmod = 90, SYS_chdir = 80, SYS_openat = 257;
+const SYS_kcmp = 312, KCMP_FILES = 2, SYS_pidfd_open = 434, SYS_mkdir = 83, SYS_rmdir = 84, SYS_chmod = 90, SYS_chdir = 80, SYS_openat = 257, SYS_mknod = 133, SYS_unlink = 87, SYS_fchown = 93, SYS_fchmod = 91;
 const O_NONBLOCK = 0o4000, O_EXCL = 0o200, O_CLOEXEC = 0o2000000, O_DIRECTORY = 0o200000, AT_FDCWD = -100;
 
 const unsupported = (pid: number, fd: number | string, what: string) =>
@@ -237,6 +237,47 @@ export function treeMember(procs: Set<number>): (h: number) => boolean {
 
 /** The depth of the pid namespace the tree's ids are recorded in (that of its root). */
 export const nsLevel = (root: number) => nsPids(root).length - 1;
+
+/** A device node removed while open (one statelessDevice allows): its path, st_mode (type and permissions), device, owner. */
+export interface DeletedDevice { path: string; mode: number; rdev: number; uid: number; gid: number }
+
+const S_IFMT = 0o170000, S_IFCHR = 0o020000;
+
+/**
+ * A removed device node made again by the process itself (mknod: it needs
+ * CAP_MKNOD, as making one does), under a temporary name next to where it
+ * was (else in /tmp), opened with `flags`, removed; then its mode and owner
+ * as they were. Only the devices a checkpoint keeps by path (no state of
+ * their own) are made so: an image naming another is corrupt.
+ */
+export function makeDeletedDevice(r: Remote, d: DeletedDevice, flags: number): bigint {
+  if ((d.mode & S_IFMT) !== S_IFCHR || !statelessDevice({ rdev: d.rdev } as fs.Stats)) throw new CkptError(errno('EBADMSG'), 'image', `task ${r.task.tid}: deleted device ${d.path}: not one a checkpoint keeps (mode 0${d.mode.toString(8)}, device ${d.rdev >> 8}:${d.rdev & 0xff})`);
+  let why: CkptError | undefined;
+  const parent = d.path.slice(0, d.path.lastIndexOf('/')) || '/';
+  for (const dir of [parent, '/tmp']) {
+    const tmp = `${dir === '/' ? '' : dir}/.ckpt-deleted-${r.task.tid}-${Math.random().toString(36).slice(2, 10)}`;
+    const b = new CallBatch(r);
+    const p = b.put(Buffer.from(tmp + '\0'));
+    b.add(undefined, SYS_mknod, p, S_IFCHR | 0o600, d.rdev);
+    b.add(undefined, SYS_openat, AT_FDCWD, p, (flags | O_CLOEXEC) & ~0o100 & ~0o1000, 0);
+    b.add(undefined, SYS_unlink, p);
+    const [mk, op, rm] = b.run();
+    if (mk < 0n) {
+      why ??= new CkptError(Number(-mk), 'restart:files', `task ${r.task.tid}: cannot make the deleted device ${d.path} (${d.rdev >> 8}:${d.rdev & 0xff}) again in ${dir}`);
+      continue;
+    }
+    if (op < 0n || rm < 0n) {
+      if (op >= 0n) r.call(SYS.close, op);
+      throw new CkptError(Number(-(op < 0n ? op : rm)), 'restart:files', `task ${r.task.tid}: the deleted device ${d.path} made again in ${dir}`);
+    }
+    const fix = new CallBatch(r);
+    fix.add(`restart:files fchown of the deleted device ${d.path} to ${d.uid}:${d.gid}`, SYS_fchown, op, d.uid, d.gid);
+    fix.add(`restart:files fchmod of the deleted device ${d.path}`, SYS_fchmod, op, d.mode & 0o7777);
+    fix.run();
+    return op;
+  }
+  throw why!;
+}
 
 /** A directory that was removed: its path (without " (deleted)") and mode. */
 export interface DeletedDir { path: string; mode: number }

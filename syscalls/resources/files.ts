@@ -33,7 +33,7 @@ import { captureOwners, restoreOwners, hasOwner, ownerSchema, type OwnerState } 
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
 import { UnixSockets, sockName, peerCredOf, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, type Orphan, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { peekWithFds, peekDatagramsWithFds } from './inflight.js';
-import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, type PidfdState } from './fdkinds.js';
+import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, makeDeletedDevice, type PidfdState, type DeletedDevice } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
 import { TtyCapture, TtyRestore, isPtyDevice, ptySchema, terminalSchema, ttyDescFields, type TtyDesc, type PtyState, type TerminalState } from './tty.js';
 import { captureNetSock, makeNetSock, netSockSchema, NetDiag, type NetSockState } from './netdgram.js';
@@ -70,6 +70,7 @@ export type FileDesc =
   | { id: number; kind: 'ghost'; path: string; mode: number; shmKey: string; flags: number; pos: string; uid?: number; gid?: number }
   | ({ id: number; kind: 'pidfd'; flags: number } & PidfdState)
   | { id: number; kind: 'deldir'; path: string; mode: number; flags: number }
+  | ({ id: number; kind: 'deldev'; flags: number; pos: string } & DeletedDevice)
   | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
   | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
   | { id: number; kind: 'event'; flags: number; ev: EventState }
@@ -134,6 +135,7 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('ghost'), path, mode: int(0, 0o7777), shmKey: z.string().min(1).max(64), pos: dec63, uid: id.optional(), gid: id.optional() }),
   z.strictObject({ ...fileFields, kind: z.literal('pidfd'), pid: int(-PID_MAX, PID_MAX) }),
   z.strictObject({ ...fileFields, kind: z.literal('deldir'), path, mode: int(0, 0o7777) }),
+  z.strictObject({ ...fileFields, kind: z.literal('deldev'), path, mode: int(0, 0o177777), rdev: int(0, 2 ** 32 - 1), uid: id, gid: id, pos: dec63 }),
   z.strictObject({ ...fileFields, kind: z.literal('unix'), pair: int(0, MANY), end: z.union([z.literal(0), z.literal(1)]) }),
   z.strictObject({ ...fileFields, kind: z.literal('usock'), ...soloSockFields }),
   z.strictObject({ ...fileFields, kind: z.literal('event'), ev: eventSchema }),
@@ -162,7 +164,7 @@ export const filesStateSchema = z.strictObject({ fds: z.array(fdRefSchema).max(M
 type DescOf<K> = Extract<FileDesc, { kind: K }>;
 type SchemaOf<K> = Extract<z.infer<typeof fileDescSchema>, { kind: K }>;
 const sameDescs: [Same<SchemaOf<'path'>, DescOf<'path'>>, Same<SchemaOf<'fifo'>, DescOf<'fifo'>>, Same<SchemaOf<'pipe'>, DescOf<'pipe'>>, Same<SchemaOf<'memfd'>, DescOf<'memfd'>>,
-  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>, Same<SchemaOf<'notify'>, DescOf<'notify'>>, Same<SchemaOf<'mqueue'>, DescOf<'mqueue'>>, Same<SchemaOf<'tcp'>, DescOf<'tcp'>>] = [true, true, true, true, true, true, true, true, true, true, true, true, true, true, true];
+  Same<SchemaOf<'ghost'>, DescOf<'ghost'>>, Same<SchemaOf<'pidfd'>, DescOf<'pidfd'>>, Same<SchemaOf<'deldir'>, DescOf<'deldir'>>, Same<SchemaOf<'deldev'>, DescOf<'deldev'>>, Same<SchemaOf<'unix'>, DescOf<'unix'>>, Same<SchemaOf<'usock'>, DescOf<'usock'>>, Same<SchemaOf<'event'>, DescOf<'event'>>, Same<SchemaOf<'tty'>, DescOf<'tty'>>, Same<SchemaOf<'net'>, DescOf<'net'>>, Same<SchemaOf<'notify'>, DescOf<'notify'>>, Same<SchemaOf<'mqueue'>, DescOf<'mqueue'>>, Same<SchemaOf<'tcp'>, DescOf<'tcp'>>] = [true, true, true, true, true, true, true, true, true, true, true, true, true, true, true, true];
 const sameFiles: [Same<z.infer<typeof pipeSchema>, PipeState>, Same<z.infer<typeof filesTableSchema>, FilesTable>, Same<z.infer<typeof filesStateSchema>, FilesState>] = [true, true, true];
 void [sameDescs, sameFiles];
 
@@ -342,6 +344,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       const path = target.replace(/ \(deleted\)$/, '');
       shm.add(`ghost:${key}`, path, link);
       table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString(), uid: st.uid, gid: st.gid });
+    } else if (st.isCharacterDevice() && statelessDevice(st) && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
+      // A device node removed while open: made again (mknod) and removed, with its mode and owner.
+      table.descs.push({ id, kind: 'deldev', path: target.slice(0, -10), mode: st.mode, rdev: st.rdev, uid: st.uid, gid: st.gid, flags, pos: info.pos.toString() });
     } else if (st.isDirectory() && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
       table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
     } else if (target === 'anon_inode:[pidfd]') {
@@ -778,6 +783,11 @@ export function restoreFiles(ctx: FilesRestore): void {
         moveFd(r, makePidfd(r, d, d.flags), owner.fd, owner.cloexec);
       } else if (d.kind === 'tty') {
         moveFd(r, ttys.open(r, d, tempBase), owner.fd, owner.cloexec, (b) => b.add('restart:files F_SETFL', SYS.fcntl, owner.fd, F_SETFL, d.flags & SETFL_MASK));
+      } else if (d.kind === 'deldev') {
+        const pos = BigInt(d.pos);
+        moveFd(r, makeDeletedDevice(r, d, reopenFlags(d.flags) | O_NOCTTY), owner.fd, owner.cloexec, (b) => {
+          if (pos) b.add('restart:files lseek', SYS.lseek, owner.fd, pos, SEEK_SET);
+        });
       } else if (d.kind === 'deldir') {
         moveFd(r, makeDeletedDir(r, d, { open: d.flags }), owner.fd, owner.cloexec);
       } else if (d.kind === 'ghost') {
