@@ -47,7 +47,7 @@ bothWays('empty', 'empty datagrams and seqpacket messages among others (a named 
 
 bothWays('creds', 'SO_PEERCRED of a listener, of connections from a uid-1000 child (accepted, and not yet), of socketpairs made as other ids', [
   "creds: the listener's own", 'creds: the accepted connection names its client (uid 1000)', 'creds: a socketpair made while acting as uid 1234', 'creds: and its supplementary groups (SO_PEERGROUPS)', "creds: the process's own groups",
-  'creds: a socketpair shared with the child', 'creds: a connection accepted after names its client (uid 1000)', "creds: the child's sockets", "creds: the process's own ids",
+  'creds: a socketpair shared with the child', 'creds: a datagram queued on a pair says who sent it (SCM_CREDENTIALS)', 'creds: a datagram queued on a named socket says who sent it', 'creds: unix socket options (SO_RCVTIMEO, SO_SNDBUF, SO_PEEK_OFF, SO_PASSCRED)', 'creds: a connection accepted after names its client (uid 1000)', "creds: the child's sockets", "creds: the process's own ids",
 ], 'CREDS OK');
 
 bothWays('dgram', 'datagrams with their senders\' names; a socketpair\'s; senders to a socket whose name and directory were removed', [

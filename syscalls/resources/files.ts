@@ -36,7 +36,7 @@ import { peekWithFds, peekDatagramsWithFds } from './inflight.js';
 import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, makeDeletedDevice, type PidfdState, type DeletedDevice } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
 import { TtyCapture, TtyRestore, isPtyDevice, ptySchema, terminalSchema, ttyDescFields, type TtyDesc, type PtyState, type TerminalState } from './tty.js';
-import { captureNetSock, makeNetSock, netSockSchema, NetDiag, type NetSockState } from './netdgram.js';
+import { captureNetSock, makeNetSock, netSockSchema, NetDiag, captureSockOpts, addSockOpts, knownOpt, sockOptsSchema, type NetSockState, type SockOpt } from './netdgram.js';
 import { TcpCapture, TcpRestore, silenceLiveTcp, tcpFields, type TcpState } from './tcp.js';
 import { eventSchema } from './events.js';
 import { refuseUring } from './aio.js';
@@ -71,8 +71,8 @@ export type FileDesc =
   | ({ id: number; kind: 'pidfd'; flags: number } & PidfdState)
   | { id: number; kind: 'deldir'; path: string; mode: number; flags: number }
   | ({ id: number; kind: 'deldev'; flags: number; pos: string } & DeletedDevice)
-  | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number }
-  | ({ id: number; kind: 'usock'; flags: number } & SoloSockState)
+  | { id: number; kind: 'unix'; pair: number; end: 0 | 1; flags: number; sockOpts?: SockOpt[] }
+  | ({ id: number; kind: 'usock'; flags: number; sockOpts?: SockOpt[] } & SoloSockState)
   | { id: number; kind: 'event'; flags: number; ev: EventState }
   | TtyDesc
   | { id: number; kind: 'net'; flags: number; net: NetSockState }
@@ -136,8 +136,8 @@ export const fileDescSchema = z.discriminatedUnion('kind', [
   z.strictObject({ ...fileFields, kind: z.literal('pidfd'), pid: int(-PID_MAX, PID_MAX) }),
   z.strictObject({ ...fileFields, kind: z.literal('deldir'), path, mode: int(0, 0o7777) }),
   z.strictObject({ ...fileFields, kind: z.literal('deldev'), path, mode: int(0, 0o177777), rdev: int(0, 2 ** 32 - 1), uid: id, gid: id, pos: dec63 }),
-  z.strictObject({ ...fileFields, kind: z.literal('unix'), pair: int(0, MANY), end: z.union([z.literal(0), z.literal(1)]) }),
-  z.strictObject({ ...fileFields, kind: z.literal('usock'), ...soloSockFields }),
+  z.strictObject({ ...fileFields, kind: z.literal('unix'), pair: int(0, MANY), end: z.union([z.literal(0), z.literal(1)]), sockOpts: sockOptsSchema.optional() }),
+  z.strictObject({ ...fileFields, kind: z.literal('usock'), ...soloSockFields, sockOpts: sockOptsSchema.optional() }),
   z.strictObject({ ...fileFields, kind: z.literal('event'), ev: eventSchema }),
   z.strictObject({ ...fileFields, kind: z.literal('tty'), ...ttyDescFields }),
   z.strictObject({ ...fileFields, kind: z.literal('net'), net: netSockSchema }),
@@ -198,6 +198,17 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
   const procSet = new Set(procs);
   const inTree = treeMember(procSet);
   const level = procs.length ? nsLevel(procs[0]) : 0;
+  // Who sent each queued message (SCM_CREDENTIALS), as the tree names it (0: not of the tree).
+  const msgCreds = (msgs: { cred?: { pid: number; uid: number; gid: number } }[]) =>
+    msgs.some((m) => m.cred) ? msgs.map((m) => (m.cred ? { ...m.cred, pid: procSet.has(m.cred.pid) ? (nsPids(m.cred.pid)[level] ?? 0) : 0 } : { pid: 0, uid: 65534, gid: 65534 })) : undefined;
+  const msgCredsOf = (msgs: { cred?: { pid: number; uid: number; gid: number } }[]) => {
+    const c = msgCreds(msgs);
+    return c ? { msgCreds: c } : {};
+  };
+  const pairMsgCreds = (p: SockPairState, end: 0 | 1, msgs: { cred?: { pid: number; uid: number; gid: number } }[]) => {
+    const c = msgCreds(msgs);
+    if (c) (p.msgCreds ??= [[], []])[end] = c;
+  };
   const withCred = (pid: number, fd: number) => {
     const cred = peerCredOf(pid, fd, procSet, level);
     return cred ? { cred } : {};
@@ -264,6 +275,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
       const name = sockName(pid, fd, info.name, info.fileIno);
       const peer = info.peer ? diag.get(info.peer) : undefined;
+      const opts = unixOpts(pid, fd, info.type); // (before any peek: its peek offset is one of them)
       const listenerOf = (pendingOf ??= waitingClients(diag)).get(ino);
       // A pair (its other end may be outside: refused below); a datagram
       // socket connected to its own name is one socket, below.
@@ -305,8 +317,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         if (flies) soloFlying.push({ desc: id, pid, fd });
         else refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
         // (An empty datagram at the head reads as a queue of 0 bytes: only a stream's length is all of it.)
-        const queue = (info.rqueue || info.type !== SOCK_STREAM) && !flies ? peekQueue(pid, fd).map((b) => b.toString('base64')) : undefined;
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...withCred(pid, fd), ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
+        const got = (info.rqueue || info.type !== SOCK_STREAM) && !flies ? peekQueue(pid, fd) : undefined;
+        const queue = got?.map((m) => m.data.toString('base64'));
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...withCred(pid, fd), ...msgCredsOf(got ?? []), ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
       } else if (info.state === 7 || info.type === SOCK_DGRAM) {
         // Not connected (bound or not), or a datagram one connected to a
         // named socket (in the tree or not: /dev/log...) that is not
@@ -324,9 +337,10 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         if (queue && name.name === undefined) throw unsupported(pid, fd, `${target}: datagrams queued to an unnamed unix socket on its own`);
         if (from) sockFix.push({ desc: id, from });
         if (info.peer && info.peer !== ino) sockFix.push({ desc: id, peer: info.peer });
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, from, connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, queue, from, ...msgCredsOf(got), connectTo: peer?.name, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...name });
       } else throw unsupported(pid, fd, `${target}: a connected unix socket ${printable(info.name)} in a state of its own (${info.state})`);
       sockDescs.set(ino, id);
+      if (opts.length) (table.descs[id] as Extract<FileDesc, { kind: 'unix' | 'usock' }>).sockOpts = opts;
     } else if (isShm(target)) {
       shm.add(key, target.replace(/ \(deleted\)$/, ''), link);
       table.descs.push({ id, kind: 'memfd', shmKey: key, flags, pos: info.pos.toString() });
@@ -424,13 +438,16 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
             throw unsupported(other.pid, other.fd, `unix socket connected to ${holderOf(ino)}, outside the subtree`);
           }
           if (!inFlight(h.pid, h.fd)) {
-            table.socks[pair].queues[end] = peekQueue(h.pid, h.fd).map((b) => b.toString('base64'));
+            const got = peekQueue(h.pid, h.fd);
+            table.socks[pair].queues[end] = got.map((m) => m.data.toString('base64'));
+            pairMsgCreds(table.socks[pair], end, got);
             continue;
           }
           const other = sockHolders.get(end === 0 ? peer : lo);
           const msgs = peekWithFds(h.pid, h.fd, table.socks[pair].type === SOCK_STREAM ? other : undefined);
           for (const m of msgs) flying.push(...m.fds);
           table.socks[pair].queues[end] = msgs.map((m) => m.data.toString('base64'));
+          pairMsgCreds(table.socks[pair], end, msgs);
           // Made, if nothing else holds them, in the process that will receive them.
           msgs.forEach((m, msg) => {
             if (m.fds.length) (table.socks[pair].inflight ??= []).push({ end, msg, descs: flyingDescs(h, m.fds) });
@@ -445,6 +462,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         const d = table.descs[f.desc] as Extract<FileDesc, { kind: 'usock' }>;
         if (msgs.length && d.name === undefined && !d.peerGone) throw unsupported(f.pid, f.fd, 'datagrams with files in flight queued to an unnamed unix socket');
         d.queue = msgs.map((m) => m.data.toString('base64'));
+        Object.assign(d, msgCredsOf(msgs));
         if (msgs.some((m) => m.from) && !d.peerGone) { // (a socket whose peer is gone gets its queue from a stand-in for it)
           d.from = msgs.map((m) => m.from);
           sockFix.push({ desc: f.desc, from: d.from });
@@ -864,6 +882,16 @@ export function restoreFiles(ctx: FilesRestore): void {
   for (const l of lateSolos) sockets.finishSolo(l.at, l.d, l.target, take);
   for (const o of lateOrphans) sockets.finishOrphan(o, take);
   sockets.finish(); // every socket is made: names gone at the checkpoint go again
+  // Their options last: with SO_PASSCRED set, a queue refilled through an unnamed socket would have bound it a name.
+  for (const d of table.descs) {
+    if ((d.kind !== 'unix' && d.kind !== 'usock') || !d.sockOpts?.length) continue;
+    const owner = holders.get(d.id)?.[0];
+    if (!owner) continue;
+    for (const o of d.sockOpts) if (!knownOpt(1, d.kind === 'usock' ? d.type : table.socks[d.pair].type, 0, o)) throw new CkptError(errno('EBADMSG'), 'image', `description ${d.id}: socket option ${o.level}/${o.name} is not one a checkpoint keeps`);
+    const b = new CallBatch(remote(owner.pid));
+    addSockOpts(b, owner.fd, d.sockOpts, `restart:files task ${owner.pid} fd ${owner.fd}`);
+    b.run();
+  }
   tcp.finish(); // every TCP socket made: out of repair mode together
   for (const f of deletedFifos.values()) unlinkIn(remote(f.pid), f.path);
   ttys.finish(remote, ctx.host, (pty, side) => table.descs.filter((x) => x.kind === 'tty' && x.pty === pty && x.side === side).flatMap((x) => holders.get(x.id) ?? []));
@@ -1086,6 +1114,16 @@ function moveFd(r: Remote, from: bigint, to: number, cloexec: boolean, then?: (b
   } else b.add('restart:files', SYS.fcntl, to, F_SETFD, cloexec ? 1 : 0);
   then?.(b);
   b.run();
+}
+
+/** A unix socket's options that differ from a new socket's of its type (netdgram.ts keeps the table). */
+function unixOpts(pid: number, fd: number, type: number): SockOpt[] {
+  const fresh = sys.socket(1 /* AF_UNIX */, type | O_CLOEXEC, 0);
+  try {
+    return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => captureSockOpts(mine, fresh, 1, type, 0), 'socket fd');
+  } finally {
+    fs.closeSync(fresh);
+  }
 }
 
 /** Give `to` the open file that `from` holds: a dup in one process, pidfd_getfd across two. */

@@ -18,13 +18,16 @@ import { CkptError, errno } from '../../lib/errors.js';
 import { sys, addressOf, errnoNow } from '../../lib/libc.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { endOfQueue } from './unixsock.js';
+import { getsockoptInt } from '../../lib/netsock.js';
 
-const SOL_SOCKET = 1, SO_PEEK_OFF = 42, SCM_RIGHTS = 1, MSG_PEEK = 2, MSG_DONTWAIT = 0x40, MSG_CTRUNC = 8, MSG_CMSG_CLOEXEC = 0x40000000;
+const getInt = (fd: number, opt: number) => getsockoptInt(fd, SOL_SOCKET, opt);
+
+const SOL_SOCKET = 1, SO_PEEK_OFF = 42, SCM_RIGHTS = 1, SCM_CREDENTIALS = 2, SO_PASSCRED = 16, SO_TYPE = 3, SOCK_STREAM = 1, MSG_PEEK = 2, MSG_DONTWAIT = 0x40, MSG_CTRUNC = 8, MSG_CMSG_CLOEXEC = 0x40000000;
 const SYS_sendmsg = 46, SYS_recvmsg = 47, EAGAIN = 11;
-const CONTROL = 4096; // room for SCM_MAX_FD (253) descriptors and more
+export const CONTROL = 4096; // room for SCM_MAX_FD (253) descriptors and more
 
-/** One queued message: its bytes and the supervisor's copies of the files it carries. */
-export interface PeekedMessage { data: Buffer; fds: number[] }
+/** One queued message: its bytes, the supervisor's copies of the files it carries, and (SCM_CREDENTIALS, with SO_PASSCRED on) who sent it: a host pid. */
+export interface PeekedMessage { data: Buffer; fds: number[]; cred?: { pid: number; uid: number; gid: number } }
 
 /** A struct msghdr for one buffer, a control buffer and a name (all kept alive by the caller). */
 function msghdr(iov: Buffer, data: Buffer, control: Buffer | null, controlLen: number, name?: Buffer): Buffer {
@@ -42,6 +45,36 @@ function msghdr(iov: Buffer, data: Buffer, control: Buffer | null, controlLen: n
     m.writeBigUInt64LE(BigInt(controlLen), 40);
   }
   return m;
+}
+
+/** The SCM_CREDENTIALS of a control buffer of `len` bytes. */
+function credsOf(control: Buffer, len: number): PeekedMessage['cred'] {
+  for (let off = 0; off + 16 <= len; ) {
+    const clen = Number(control.readBigUInt64LE(off));
+    if (clen < 16) break;
+    if (control.readInt32LE(off + 8) === SOL_SOCKET && control.readInt32LE(off + 12) === SCM_CREDENTIALS && clen >= 28) {
+      return { pid: control.readInt32LE(off + 16), uid: control.readUInt32LE(off + 20), gid: control.readUInt32LE(off + 24) };
+    }
+    off += (clen + 7) & ~7;
+  }
+  return undefined;
+}
+
+/**
+ * Run `fn` with SO_PASSCRED on the supervisor's copy `mine` of a datagram
+ * or seqpacket socket (the socket's own flag: set back after), so that each
+ * message peeked says who sent it. (A stream's messages merge: not asked.)
+ */
+export function withPassCred<T>(mine: number, fn: () => T): T {
+  const old = getInt(mine, SO_PASSCRED);
+  const stream = getInt(mine, SO_TYPE) === SOCK_STREAM;
+  if (stream || old === undefined) return fn();
+  if (!old) sys.setsockoptInt(mine, SOL_SOCKET, SO_PASSCRED, 1);
+  try {
+    return fn();
+  } finally {
+    if (!old) sys.setsockoptInt(mine, SOL_SOCKET, SO_PASSCRED, 0);
+  }
 }
 
 /** The SCM_RIGHTS descriptors of a control buffer of `len` bytes. */
@@ -65,21 +98,24 @@ function rightsOf(control: Buffer, len: number): number[] {
  */
 export function peekWithFds(pid: number, fd: number, peer?: { pid: number; fd: number }): PeekedMessage[] {
   return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
+    const old = getInt(mine, SO_PEEK_OFF) ?? -1; // the program's own, set back after
     if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd}: cannot peek at its queue`);
     const out: PeekedMessage[] = [];
     try {
       const data = Buffer.alloc(1 << 20), control = Buffer.alloc(CONTROL), iov = Buffer.alloc(16);
-      for (;;) {
-        const got = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`);
-        if (!got) break;
-        out.push(got);
-        if (got.data.length === 0 && !got.fds.length && endOfQueue(mine)) break; // end of stream (else an empty message)
-      }
+      withPassCred(mine, () => {
+        for (;;) {
+          const got = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`);
+          if (!got) break;
+          out.push(got);
+          if (got.data.length === 0 && !got.fds.length && endOfQueue(mine)) break; // end of stream (else an empty message)
+        }
+      });
     } catch (e) {
       for (const m of out) for (const f of m.fds) fs.closeSync(f);
       throw e;
     } finally {
-      sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, -1);
+      sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, old);
     }
     // A stream glues the bytes sent before a message with files to it, and
     // a peek brings the files of the next such message whatever its length:
@@ -99,29 +135,32 @@ export function peekWithFds(pid: number, fd: number, peer?: { pid: number; fd: n
  */
 export function peekDatagramsWithFds(pid: number, fd: number): (PeekedMessage & { from: string })[] {
   return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
+    const old = getInt(mine, SO_PEEK_OFF) ?? -1; // the program's own, set back after
     if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd}: cannot peek at its queue`);
     const out: (PeekedMessage & { from: string })[] = [];
     try {
       const data = Buffer.alloc(1 << 20), control = Buffer.alloc(CONTROL), iov = Buffer.alloc(16), name = Buffer.alloc(112);
-      for (;;) {
-        const got = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`, data.length, name);
-        if (!got) break;
-        // Nothing and no file: EOF (a seqpacket peer gone), else an empty datagram.
-        if (!got.data.length && !got.fds.length && endOfQueue(mine)) break;
-        out.push(got as PeekedMessage & { from: string });
-      }
+      withPassCred(mine, () => {
+        for (;;) {
+          const got = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`, data.length, name);
+          if (!got) break;
+          // Nothing and no file: EOF (a seqpacket peer gone), else an empty datagram.
+          if (!got.data.length && !got.fds.length && endOfQueue(mine)) break;
+          out.push(got as PeekedMessage & { from: string });
+        }
+      });
     } catch (e) {
       for (const m of out) for (const f of m.fds) fs.closeSync(f);
       throw e;
     } finally {
-      sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, -1);
+      sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, old);
     }
     return out;
   }, 'socket fd');
 }
 
 /** One recvmsg: its bytes and files (the supervisor's, close-on-exec), or undefined when nothing is queued; with `name`, the sender's name too. */
-function recvOne(sock: number, data: Buffer, control: Buffer, iov: Buffer, flags: number, what: string, len = data.length, name?: Buffer): (PeekedMessage & { from?: string }) | undefined {
+export function recvOne(sock: number, data: Buffer, control: Buffer, iov: Buffer, flags: number, what: string, len = data.length, name?: Buffer): (PeekedMessage & { from?: string }) | undefined {
   control.fill(0);
   const m = msghdr(iov, data.subarray(0, len), control, CONTROL, name);
   const n = sys.syscall(SYS_recvmsg, sock, addressOf(m), flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
@@ -132,13 +171,14 @@ function recvOne(sock: number, data: Buffer, control: Buffer, iov: Buffer, flags
     for (const f of fds) fs.closeSync(f);
     throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `${what}: a message carries more descriptors than can be read`);
   }
-  if (!name) return { data: Buffer.from(data.subarray(0, n)), fds };
+  const cred = credsOf(control, Number(m.readBigUInt64LE(40)));
+  if (!name) return { data: Buffer.from(data.subarray(0, n)), fds, ...(cred ? { cred } : {}) };
   // sun_path after the family, as sock_diag gives names (a path keeps its NUL).
   const nlen = Math.min(m.readUInt32LE(8), name.length);
   let from = nlen > 2 ? name.subarray(2, nlen).toString('latin1') : '';
   if (from && !from.startsWith('\0') && from.includes('\0')) from = from.slice(0, from.indexOf('\0') + 1);
   else if (from && !from.startsWith('\0')) from += '\0';
-  return { data: Buffer.from(data.subarray(0, n)), fds, from };
+  return { data: Buffer.from(data.subarray(0, n)), fds, from, ...(cred ? { cred } : {}) };
 }
 
 /**
@@ -190,15 +230,28 @@ function rotate(mine: number, chunks: PeekedMessage[], peer: { pid: number; fd: 
 }
 
 /** Send one message with files attached (`fds`: the supervisor's) through the supervisor's socket `mine`. */
-export function sendWithFds(mine: number, data: Buffer, fds: number[], what: string, to?: Buffer): void {
+export function sendWithFds(mine: number, data: Buffer, fds: number[], what: string, to?: Buffer, cred?: PeekedMessage['cred']): void {
   const clen = 16 + 4 * fds.length;
-  const control = Buffer.alloc((clen + 7) & ~7);
-  control.writeBigUInt64LE(BigInt(clen), 0);
-  control.writeInt32LE(SOL_SOCKET, 8);
-  control.writeInt32LE(SCM_RIGHTS, 12);
-  fds.forEach((f, i) => control.writeInt32LE(f, 16 + 4 * i));
+  const rights = Buffer.alloc(fds.length ? (clen + 7) & ~7 : 0);
+  if (fds.length) {
+    rights.writeBigUInt64LE(BigInt(clen), 0);
+    rights.writeInt32LE(SOL_SOCKET, 8);
+    rights.writeInt32LE(SCM_RIGHTS, 12);
+    fds.forEach((f, i) => rights.writeInt32LE(f, 16 + 4 * i));
+  }
+  // Sent as its sender sent it (the supervisor may name any existing process and ids).
+  const creds = Buffer.alloc(cred ? 32 : 0);
+  if (cred) {
+    creds.writeBigUInt64LE(28n, 0);
+    creds.writeInt32LE(SOL_SOCKET, 8);
+    creds.writeInt32LE(SCM_CREDENTIALS, 12);
+    creds.writeInt32LE(cred.pid, 16);
+    creds.writeUInt32LE(cred.uid, 20);
+    creds.writeUInt32LE(cred.gid, 24);
+  }
+  const control = Buffer.concat([rights, creds]);
   const iov = Buffer.alloc(16);
-  const m = msghdr(iov, data, fds.length ? control : null, fds.length ? control.length : 0, to);
+  const m = msghdr(iov, data, control.length ? control : null, control.length, to);
   const n = sys.syscall(SYS_sendmsg, mine, addressOf(m), MSG_DONTWAIT);
   if (n !== data.length) throw new CkptError(n < 0 ? errnoNow() : errno('ENOMEM'), 'restart:files', `${what}: cannot queue a message of ${data.length} bytes with ${fds.length} descriptors`);
 }

@@ -121,7 +121,19 @@ const NETLINK_OPTS: [number, number][] = [[3, 4] /* PKTINFO */, [4, 4] /* BROADC
  * also sets SO_PRIORITY, so the priority read back is set after it.
  * (SO_INCOMING_CPU is left out: the kernel sets it on every receive.)
  */
+/** The schema of a socket's options as captureSockOpts gives them. */
+export const sockOptsSchema = z.array(z.strictObject({ level: int(0, 65535), name: int(0, 255), val: base64(40) })).max(128);
+
+const AF_UNIX = 1;
+/** Those a unix socket has (buffers, timeouts, what it is told of each message, its own peek offset). */
+const UNIX_OPTS: [number, number][] = [
+  [SO_SNDBUF, 4], [SO_RCVBUF, 4], [12, 4] /* SO_PRIORITY */, [16, 4] /* SO_PASSCRED */, [18, 4] /* SO_RCVLOWAT */,
+  [20, 16] /* SO_RCVTIMEO_OLD */, [21, 16] /* SO_SNDTIMEO_OLD */, [29, 4] /* SO_TIMESTAMP_OLD */, [34, 4] /* SO_PASSSEC */,
+  [35, 4] /* SO_TIMESTAMPNS_OLD */, [40, 4] /* SO_RXQ_OVFL */, [SO_PEEK_OFF, 4], [76, 4] /* SO_PASSPIDFD */,
+];
+
 function optionTable(family: number, type: number, protocol: number): [number, [number, number][]][] {
+  if (family === AF_UNIX) return [[SOL_SOCKET, UNIX_OPTS]];
   const t: [number, [number, number][]][] = [];
   if (family === AF_INET) t.push([SOL_IP, IP_OPTS]);
   if (family === AF_INET6) t.push([SOL_IPV6, IPV6_OPTS]);
@@ -183,7 +195,7 @@ export const netSockSchema = z.strictObject({
   protocol: int(0, 65535),
   name: sockaddr.optional(),
   peer: sockaddr.optional(),
-  opts: z.array(z.strictObject({ level: int(0, 65535), name: int(0, 255), val: base64(40) })).max(128).optional(),
+  opts: sockOptsSchema.optional(),
   filter: base64(256 * 8).optional(),
   shutdown: int(0, 3).optional(),
   queue: z.array(z.strictObject({ data: base64(65536), from: sockaddr, to: base64(16).optional() })).max(MANY).optional(),
@@ -257,7 +269,7 @@ export function captureSockOpts(mine: number, fresh: number | undefined, family:
 }
 
 /** A known option? (a hostile image names nothing else) */
-function knownOpt(family: number, type: number, protocol: number, o: SockOpt): boolean {
+export function knownOpt(family: number, type: number, protocol: number, o: SockOpt): boolean {
   return optionTable(family, type, protocol).some(([l, opts]) => l === o.level && opts.some(([n]) => n === o.name));
 }
 

@@ -45,7 +45,7 @@ import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, id, pid0, base64, path as pathSchema, MANY, type Same } from '../../lib/schema.js';
 import { nsPids } from '../../supervisor/pidns.js';
-import { sendWithFds } from './inflight.js';
+import { sendWithFds, recvOne, withPassCred, CONTROL } from './inflight.js';
 import type { FilesTable } from './files.js';
 
 const AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, SOCK_NONBLOCK = 0o4000, EADDRINUSE = 98, EINPROGRESS = 115;
@@ -77,6 +77,8 @@ export interface SockPairState {
   inflight?: { end: 0 | 1; msg: number; descs: number[] }[];
   /** Per end, its SO_PEERCRED. */
   creds?: [PeerCred, PeerCred];
+  /** Per end (datagram, seqpacket), who sent each message of its queue (SCM_CREDENTIALS). */
+  msgCreds?: [PeerCred[], PeerCred[]];
 }
 
 /**
@@ -114,6 +116,8 @@ export interface SoloSockState extends SockName {
   shutdown?: number;
   /** Its SO_PEERCRED (listening, connected, or its peer gone). */
   cred?: PeerCred;
+  /** Who sent each message of its queue (SCM_CREDENTIALS). */
+  msgCreds?: PeerCred[];
   /** The client of a connection not yet accepted: who connected (its holder, with its effective ids at the checkpoint). */
   connectAs?: PeerCred;
 }
@@ -136,6 +140,7 @@ export const sockPairSchema = z.strictObject({
   shutdown: z.tuple([int(0, 3), int(0, 3)]).optional(),
   inflight: z.array(z.strictObject({ end: z.union([z.literal(0), z.literal(1)]), msg: int(0, MANY), descs: z.array(int(0, MANY)).min(1).max(SCM_MAX_FD) })).max(MANY).optional(),
   creds: z.tuple([peerCredSchema, peerCredSchema]).optional(),
+  msgCreds: z.tuple([z.array(peerCredSchema).max(MANY), z.array(peerCredSchema).max(MANY)]).optional(),
 });
 /** The fields of a socket on its own (a 'usock' description adds id, kind and flags). */
 export const soloSockFields = {
@@ -152,6 +157,7 @@ export const soloSockFields = {
   inflight: z.array(z.strictObject({ msg: int(0, MANY), descs: z.array(int(0, MANY)).min(1).max(SCM_MAX_FD) })).max(MANY).optional(),
   shutdown: int(0, 3).optional(),
   cred: peerCredSchema.optional(),
+  msgCreds: z.array(peerCredSchema).max(MANY).optional(),
   connectAs: peerCredSchema.optional(),
 };
 const samePair: Same<z.infer<typeof sockPairSchema>, SockPairState> = true;
@@ -301,34 +307,38 @@ export function peerCredOf(pid: number, fd: number, tree: Set<number>, level: nu
 
 /**
  * What a socket has yet to read, without reading it: with SO_PEEK_OFF each
- * MSG_PEEK returns the next message (or stream bytes) after the last one.
+ * MSG_PEEK returns the next message (or stream bytes) after the last one;
+ * a datagram or seqpacket message says who sent it (SCM_CREDENTIALS).
  */
-export function peekQueue(pid: number, fd: number): Buffer[] {
-  return peekDatagrams(pid, fd, false).map((m) => m.data);
+export function peekQueue(pid: number, fd: number): { data: Buffer; cred?: MsgCred }[] {
+  return peekDatagrams(pid, fd, false);
 }
+
+/** Who sent a queued message (SCM_CREDENTIALS): a host pid here. */
+export type MsgCred = { pid: number; uid: number; gid: number };
 
 /**
  * The queue as peekQueue reads it, with (`senders`) each message's sender
  * name as recvfrom gives it ('' for an unnamed sender).
  */
-export function peekDatagrams(pid: number, fd: number, senders: boolean): { data: Buffer; from: string }[] {
+export function peekDatagrams(pid: number, fd: number, senders: boolean): { data: Buffer; from: string; cred?: MsgCred }[] {
   return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
+    const old = getsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF) ?? -1; // the program's own, set back after
     if (sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, 0) !== 0) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${pid}: fd ${fd}: cannot peek at its queue`);
-    const out: { data: Buffer; from: string }[] = [];
-    const buf = Buffer.alloc(1 << 20);
-    const addr = Buffer.alloc(112), alen = Buffer.alloc(4);
-    for (;;) {
-      alen.writeUInt32LE(addr.length, 0);
-      const n = senders ? sys.syscall(SYS_recvfrom, mine, addressOf(buf), buf.length, MSG_PEEK | MSG_DONTWAIT, addressOf(addr), addressOf(alen)) : sys.recv(mine, buf, MSG_PEEK | MSG_DONTWAIT);
-      if (n < 0 || (n === 0 && endOfQueue(mine))) break; // EAGAIN: the queue is read
-      // sun_path after the family; a path's NUL is kept, as sock_diag gives names.
-      const len = Math.min(alen.readUInt32LE(0), addr.length);
-      let from = senders && len > 2 ? addr.subarray(2, len).toString('latin1') : '';
-      if (from && !from.startsWith('\0') && !from.endsWith('\0')) from += '\0';
-      if (from.startsWith('\0') === false && from.indexOf('\0') < from.length - 1) from = from.slice(0, from.indexOf('\0') + 1);
-      out.push({ data: Buffer.from(buf.subarray(0, n)), from });
+    const out: { data: Buffer; from: string; cred?: MsgCred }[] = [];
+    const data = Buffer.alloc(1 << 20), control = Buffer.alloc(CONTROL), iov = Buffer.alloc(16), name = Buffer.alloc(112);
+    try {
+      withPassCred(mine, () => {
+        for (;;) {
+          const m = recvOne(mine, data, control, iov, MSG_PEEK, `task ${pid}: fd ${fd}`, data.length, senders ? name : undefined);
+          if (!m || (m.data.length === 0 && endOfQueue(mine))) break; // EAGAIN: the queue is read
+          for (const f of m.fds) fs.closeSync(f); // (none: a queue with files is read by inflight.ts)
+          out.push({ data: m.data, from: m.from ?? '', ...(m.cred ? { cred: m.cred } : {}) });
+        }
+      });
+    } finally {
+      sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, old);
     }
-    sys.setsockoptInt(mine, SOL_SOCKET, SO_PEEK_OFF, -1);
     return out;
   }, 'socket fd');
 }
@@ -375,12 +385,14 @@ export function sockDependents(table: FilesTable) {
 }
 
 /** Send messages through a tracee's socket, via a duplicate of its descriptor. */
-function sendInto(pid: number, fd: number | bigint, msgs: string[]): void {
+function sendInto(pid: number, fd: number | bigint, msgs: string[], creds: (MsgCred | undefined)[] = []): void {
   if (!msgs.length) return;
   withTraceeFd(pid, fd, 'restart:files', (mine) => {
-    for (const m of msgs.map((x) => Buffer.from(x, 'base64'))) {
+    msgs.forEach((x, i) => {
+      const m = Buffer.from(x, 'base64');
+      if (creds[i]) return sendWithFds(mine, m, [], `task ${pid}`, undefined, creds[i]);
       if (sys.send(mine, m, MSG_DONTWAIT) !== m.length) throw new CkptError(errno('ENOMEM'), 'restart:files', `task ${pid}: cannot queue ${m.length} bytes on a socket`);
-    }
+    });
   }, 'socket fd');
 }
 
@@ -459,7 +471,7 @@ export class UnixSockets {
       s.queue.forEach((m, i) => {
         const fds = (s.inflight ?? []).filter((x) => x.msg === i).flatMap((x) => x.descs).map((d) => take!(d));
         try {
-          this.sendFrom(at.pid, s.from?.[i] ?? '', to, Buffer.from(m, 'base64'), fds);
+          this.sendFrom(at.pid, s.from?.[i] ?? '', to, Buffer.from(m, 'base64'), fds, this.sender(s.msgCreds?.[i]));
         } finally {
           for (const f of fds) fs.closeSync(f);
         }
@@ -484,6 +496,7 @@ export class UnixSockets {
     if (s.type === SOCK_DGRAM && s.shutdown) pair.shutdown = [s.shutdown, 0];
     if (s.inflight?.length) pair.inflight = s.inflight.map((x) => ({ end: 0, ...x }));
     if (s.cred) pair.creds = [s.cred, s.cred];
+    if (s.msgCreds) pair.msgCreds = [s.msgCreds, []];
     const ends = this.makePair(pair, [pid, pid]);
     // With files in flight its queue is sent once every description exists (finishOrphan), its stand-in peer closed then.
     if (pair.inflight) late.push({ pair, ends });
@@ -538,7 +551,7 @@ export class UnixSockets {
     // Each end's queue is refilled by sending from the other end; one with
     // files in flight once every description exists (finishPair).
     const late = new Set((p.inflight ?? []).map((x) => x.end));
-    p.queues.forEach((q, e) => !late.has(e as 0 | 1) && sendInto(this.ctx.host(ends[1 - e].pid), ends[1 - e].fd, q));
+    p.queues.forEach((q, e) => !late.has(e as 0 | 1) && sendInto(this.ctx.host(ends[1 - e].pid), ends[1 - e].fd, q, (p.msgCreds?.[e] ?? []).map((c) => this.sender(c))));
     if (!late.size) this.shutDownPair(p, ends);
     return ends;
   }
@@ -557,7 +570,7 @@ export class UnixSockets {
         p.queues[e].forEach((m, i) => {
           const fds = carried.filter((x) => x.msg === i).flatMap((x) => x.descs).map(take);
           try {
-            sendWithFds(mine, Buffer.from(m, 'base64'), fds, `task ${from.pid}`);
+            sendWithFds(mine, Buffer.from(m, 'base64'), fds, `task ${from.pid}`, undefined, this.sender(p.msgCreds?.[e][i]));
           } finally {
             for (const f of fds) fs.closeSync(f);
           }
@@ -565,6 +578,15 @@ export class UnixSockets {
       }, 'socket fd');
     }
     this.shutDownPair(p, ends);
+  }
+
+  /**
+   * A queued message's sender as the supervisor names it to send it again
+   * (SCM_CREDENTIALS): the process of the tree, else (gone, or outside) the
+   * supervisor itself, with the ids it sent with.
+   */
+  private sender(c: PeerCred | undefined): MsgCred | undefined {
+    return c && { pid: c.pid && this.ctx.inTree(c.pid) ? this.ctx.host(c.pid) : process.pid, uid: c.uid, gid: c.gid };
   }
 
   /**
@@ -640,16 +662,16 @@ export class UnixSockets {
   }
 
   /** Send one datagram to `to` from a socket named `from` ('' unnamed): the tree's socket of that name, else a temporary one. */
-  private sendFrom(pid: number, from: string, to: string, data: Buffer, fds: number[]): void {
+  private sendFrom(pid: number, from: string, to: string, data: Buffer, fds: number[], cred?: MsgCred): void {
     const own = from ? this.named.get(from) : undefined;
-    if (own) return sendTo(this.ctx.host(own.pid), own.fd, to, data, pid, fds);
+    if (own) return sendTo(this.ctx.host(own.pid), own.fd, to, data, pid, fds, cred);
     const r = this.ctx.remote(pid);
     // A socket file the sender left (it is gone) stays, as a socket file no one holds; one made here goes.
     const left = !!from && isPath(from) && fs.existsSync(this.supervisorPath(pid, { name: from }));
     const tmp = r.check('restart:files socket', SYS_socket, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     try {
       if (from) this.bindRaw(pid, Number(tmp), { name: from, fileThere: false }, true);
-      sendTo(this.ctx.host(pid), tmp, to, data, pid, fds);
+      sendTo(this.ctx.host(pid), tmp, to, data, pid, fds, cred);
     } finally {
       r.call(SYS.close, tmp);
       if (from && isPath(from) && !left) this.unlink(pid, this.processPath(pid, { name: from }));
@@ -830,10 +852,10 @@ function sockaddr(name: string): Buffer {
 }
 
 /** sendto from a tracee's socket (through the supervisor's duplicate of it). */
-function sendTo(host: number, fd: number | bigint, to: string, data: Buffer, pid: number, fds: number[]): void {
+function sendTo(host: number, fd: number | bigint, to: string, data: Buffer, pid: number, fds: number[], cred?: MsgCred): void {
   withTraceeFd(host, fd, 'restart:files', (mine) => {
     const addr = sockaddr(to);
-    if (fds.length) return sendWithFds(mine, data, fds, `task ${pid}`, addr);
+    if (fds.length || cred) return sendWithFds(mine, data, fds, `task ${pid}`, addr, cred);
     const n = sys.syscall(SYS_sendto, mine, addressOf(data), data.length, MSG_DONTWAIT, addressOf(addr), addr.length);
     if (n !== data.length) throw new CkptError(n < 0 ? errnoNow() : errno('ENOMEM'), 'restart:files', `task ${pid}: cannot queue a datagram of ${data.length} bytes to ${printable(to)} again`);
   }, 'socket fd');
