@@ -7,12 +7,11 @@
  * the stop to the event loop when it needs more (a ckpt call made meanwhile).
  */
 import { sys } from '../lib/libc.js';
+import { kcmp, KCMP } from '../lib/kcmp.js';
 import { CkptError, errno } from '../lib/errors.js';
 import { PT, PTRACE_EVENT } from '../lib/ptrace.js';
 import { listTids, readStat } from '../lib/proc.js';
 import type { Task, Tracer } from './tracer.js';
-
-const SYS_kcmp = 312, KCMP_VM = 1;
 
 export class Freeze {
   /** Tasks this freeze stopped (the caller, already stopped, is not one). */
@@ -111,7 +110,7 @@ export class Freeze {
 function sharingVfork(tracer: Tracer, t: Task): string | undefined {
   const other = t.vforkChild ?? t.vforkParent;
   if (other === undefined) return undefined;
-  if (tracer.tasks.has(other) && sys.syscall(SYS_kcmp, t.tgid, other, KCMP_VM, 0, 0) === 0) {
+  if (tracer.tasks.has(other) && kcmp(t.tgid, other, KCMP.VM) === 0) {
     return t.vforkChild ? `in vfork(): its child ${other} shares its memory until it calls exec or exits` : `a vfork child that has not called exec yet: it shares the memory of its parent ${other}`;
   }
   t.vforkChild = t.vforkParent = undefined;

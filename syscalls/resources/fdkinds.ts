@@ -26,14 +26,15 @@
  *   userfaultfd, namespaces...; io_uring with its reason, aio.ts).
  *   inotify and fanotify groups are kept by notify.ts.
  */
+import { kcmp, sharingGroups, KCMP } from '../../lib/kcmp.js';
 import { CkptError, errno } from '../../lib/errors.js';
-import { sys, SYS } from '../../lib/libc.js';
+import { SYS } from '../../lib/libc.js';
 import type { FdInfo } from '../../lib/proc.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { nsPids } from '../../supervisor/pidns.js';
 import fs from 'node:fs';
 
-const SYS_kcmp = 312, KCMP_FILES = 2, SYS_pidfd_open = 434, SYS_mkdir = 83, SYS_rmdir = 84, SYS_chmod = 90, SYS_chdir = 80, SYS_openat = 257, SYS_mknod = 133, SYS_unlink = 87, SYS_fchown = 93, SYS_fchmod = 91;
+const SYS_pidfd_open = 434, SYS_mkdir = 83, SYS_rmdir = 84, SYS_chmod = 90, SYS_chdir = 80, SYS_openat = 257, SYS_mknod = 133, SYS_unlink = 87, SYS_fchown = 93, SYS_fchmod = 91;
 const O_NONBLOCK = 0o4000, O_EXCL = 0o200, O_CLOEXEC = 0o2000000, O_DIRECTORY = 0o200000, AT_FDCWD = -100;
 
 const unsupported = (pid: number, fd: number | string, what: string) =>
@@ -66,7 +67,7 @@ export function statelessDevice(st: fs.Stats): boolean {
 }
 
 const CLONE_FILES = 0x400;
-const kcmpFiles = (a: number, b: number) => sys.syscall(SYS_kcmp, a, b, KCMP_FILES, 0, 0);
+const kcmpFiles = (a: number, b: number) => kcmp(a, b, KCMP.FILES);
 
 /**
  * Processes of a frozen tree (host pids, parents first; threads of one
@@ -79,20 +80,8 @@ const kcmpFiles = (a: number, b: number) => sys.syscall(SYS_kcmp, a, b, KCMP_FIL
 export function sharedTables(procs: number[], others: number[], ppid: (pid: number) => number): Map<number, number> {
   const out = new Map<number, number>();
   const inside = new Set(procs);
-  const cmp = (a: number, b: number) => {
-    const r = kcmpFiles(a, b);
-    return r === 1 ? -1 : r === 2 ? 1 : 0; // -1 (a task gone): keep the order
-  };
-  const all = [...procs, ...others.filter((p) => !inside.has(p))];
-  if (all.length < 2) return out;
-  const sorted = [...all].sort(cmp);
   const rank = new Map(procs.map((p, i) => [p, i]));
-  for (let i = 0; i < sorted.length; ) {
-    let j = i + 1;
-    while (j < sorted.length && kcmpFiles(sorted[i], sorted[j]) === 0) j++;
-    const group = sorted.slice(i, j);
-    i = j;
-    if (group.length < 2) continue;
+  for (const group of sharingGroups([...procs, ...others.filter((p) => !inside.has(p))], KCMP.FILES)) {
     const out1 = group.find((p) => !inside.has(p)), in1 = group.find((p) => inside.has(p));
     if (in1 === undefined) continue; // among processes outside: not ours
     if (out1 !== undefined) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:files', `task ${in1}: shares its descriptor table with process ${out1} outside the subtree (clone CLONE_FILES without CLONE_THREAD)`);

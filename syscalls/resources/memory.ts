@@ -6,6 +6,7 @@
  * file mappings the pages the program modified (present and no longer the
  * file's page). Unmodified file pages come back from the file itself.
  */
+import { sharingGroups, KCMP } from '../../lib/kcmp.js';
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { CkptError, errno, errnoName } from '../../lib/errors.js';
@@ -13,7 +14,7 @@ import { readSmaps, readMaps, readPagemapFlags, type MapEntry, PM_PRESENT, PM_SW
 import { Pagemap, PAGE as PG } from './dirty.js';
 import { RemoteMem } from '../../lib/mem.js';
 import type { ImageHeader } from '../../lib/image.js';
-import { SYS, sys } from '../../lib/libc.js';
+import { SYS } from '../../lib/libc.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { isShm, shmKeyOfMap, type ShmCapture, type ShmRestore } from './shm.js';
 import { z, int, path, pageAddr, hexBelow, MANY, type Same } from '../../lib/schema.js';
@@ -278,27 +279,17 @@ export function checkMappings(pid: number, shm: ShmCapture, status?: Map<string,
   return maps;
 }
 
-/** A page run with its data, held by the supervisor. */
 /**
  * Refuse processes of the tree that share one address space (clone with
  * CLONE_VM but not CLONE_THREAD; a vfork is caught earlier, by the freeze):
- * a restart would give each its own. kcmp orders address spaces, so a sort
- * puts sharers side by side.
+ * a restart would give each its own.
  */
 export function refuseSharedMm(procs: number[]): void {
-  const KCMP_VM = 1, SYS_kcmp = 312;
-  const cmp = (a: number, b: number) => {
-    const r = sys.syscall(SYS_kcmp, a, b, KCMP_VM, 0, 0);
-    return r === 1 ? -1 : r === 2 ? 1 : 0;
-  };
-  const sorted = procs.length > 1 ? [...procs].sort(cmp) : procs;
-  for (let i = 1; i < sorted.length; i++) {
-    if (sys.syscall(SYS_kcmp, sorted[i - 1], sorted[i], KCMP_VM, 0, 0) === 0) {
-      throw unsupported(sorted[i], `shares its address space with process ${sorted[i - 1]} (clone CLONE_VM without CLONE_THREAD)`);
-    }
-  }
+  const group = sharingGroups(procs, KCMP.VM)[0];
+  if (group) throw unsupported(group[1], `shares its address space with process ${group[0]} (clone CLONE_VM without CLONE_THREAD)`);
 }
 
+/** A page run with its data, held by the supervisor. */
 export interface HeldRun { addr: bigint; data: Buffer }
 
 /**
