@@ -68,11 +68,38 @@ function pgrpState(pgid: number): string | undefined {
 
 const sleepMs = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 
+/** The process group of a process, or undefined. */
+function pgidOf(pid: number | string): number | undefined {
+  try {
+    const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return Number(s.slice(s.lastIndexOf(')') + 2).split(' ')[2]);
+  } catch {
+    return undefined;
+  }
+}
+
+/** The supervisor: this process's tracer, or 0. */
+function tracerPid(): number {
+  try {
+    return Number(/^TracerPid:\s*(\d+)/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
+}
+
 /**
  * Job control for a restored foreground job in a group of its own: when ^Z
  * stops it, the terminal goes back to this job (the shell's), which is
  * stopped in turn so the shell sees it; when the shell continues it, the
  * restored job gets the terminal (and its termios) back and continues.
+ *
+ * Two shapes of job: `ckpt-supervise -- ckpt restart` started by a shell
+ * outside (the supervisor, untraced, leads the group: it stops, while this
+ * process, its tracee, ignores the stop so that the supervisor is not asked
+ * to serve it while stopped, and waits until the supervisor runs again);
+ * or `ckpt restart` started by a job-control shell inside the tree (the
+ * group holds no supervisor: this process stops with the rest of its group
+ * and goes on when the shell continues it).
  */
 function jobControl(giveBack: () => void): () => void {
   return () => {
@@ -81,12 +108,18 @@ function jobControl(giveBack: () => void): () => void {
     const mine = sys.syscall(SYS_getpgrp);
     if (fg.readInt32LE(0) === mine) return; // in this group: the kernel stopped it with us
     giveBack();
-    sys.signalIgnore(SIGTSTP);
-    sys.kill(-mine, SIGTSTP);
-    // Until the shell continues this job (its leader stops, then runs again).
-    for (let i = 0; i < 50 && pgrpState(mine) !== 'T'; i++) sleepMs(20);
-    while (pgrpState(mine) === 'T') sleepMs(20);
-    sys.signalDefault(SIGTSTP);
+    const tracer = tracerPid();
+    if (tracer > 0 && pgidOf(tracer) === mine) {
+      sys.signalIgnore(SIGTSTP);
+      sys.kill(-mine, SIGTSTP);
+      // Until the shell continues this job (its leader stops, then runs again).
+      for (let i = 0; i < 50 && pgrpState(mine) !== 'T'; i++) sleepMs(20);
+      while (pgrpState(mine) === 'T') sleepMs(20);
+      sys.signalDefault(SIGTSTP);
+    } else {
+      sys.signalDefault(SIGTSTP);
+      sys.kill(-mine, SIGTSTP); // stops this process too, before the call returns; it returns once continued
+    }
     sys.signalIgnore(SIGTTOU);
     sys.ioctl(0, TIOCSPGRP, fg);
     sys.ioctl(0, TCSETS2, theirs);
