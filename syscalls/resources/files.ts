@@ -358,8 +358,9 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       const path = target.replace(/ \(deleted\)$/, '');
       shm.add(`ghost:${key}`, path, link);
       table.descs.push({ id, kind: 'ghost', path, mode: st.mode & 0o7777, shmKey: `ghost:${key}`, flags, pos: info.pos.toString(), uid: st.uid, gid: st.gid });
-    } else if (st.isCharacterDevice() && statelessDevice(st) && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
+    } else if (st.isCharacterDevice() && statelessDevice(st) && !isPtyDevice(st) && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
       // A device node removed while open: made again (mknod) and removed, with its mode and owner.
+      // Not a pty slave: its /dev/pts node goes with its pair (a hung-up slave), which tty.ts keeps.
       table.descs.push({ id, kind: 'deldev', path: target.slice(0, -10), mode: st.mode, rdev: st.rdev, uid: st.uid, gid: st.gid, flags, pos: info.pos.toString() });
     } else if (st.isDirectory() && target.startsWith('/') && target.endsWith(' (deleted)') && st.nlink === 0) {
       table.descs.push({ id, kind: 'deldir', path: target.slice(0, -10), mode: st.mode & 0o7777, flags });
