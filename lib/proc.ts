@@ -68,6 +68,24 @@ export function listTids(pid: number): number[] {
   return fs.readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => a - b);
 }
 
+const PF_IO_WORKER = 0x10;
+
+/**
+ * Is task `tid` a kernel thread of io_uring (PF_IO_WORKER: an SQPOLL poller
+ * "iou-sqp-N" or an io-wq worker "iou-wrk-N")? Listed among the threads of
+ * the process that set the ring up, yet no user thread: it has no user
+ * registers and cannot be traced. Its comm, or undefined for a user thread
+ * (and for one gone meanwhile).
+ */
+export function ioWorker(pid: number, tid: number): string | undefined {
+  try {
+    const { comm, fields } = parseStat(fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8'));
+    return Number(fields[9 - 3]) & PF_IO_WORKER ? comm : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 export function listFds(pid: number): number[] {
   return fs.readdirSync(`/proc/${pid}/fd`).map(Number).sort((a, b) => a - b);
 }

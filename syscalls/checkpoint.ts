@@ -11,7 +11,7 @@ import { sys } from '../lib/libc.js';
 import { FORMAT_VERSION, ARCH, PAGE_SIZE } from '../lib/image.js';
 import type { ImagePlan } from '../lib/imagejob.js';
 import type { IoOutcome } from '../supervisor/io.js';
-import { readStatus, listTids, readStat, type MapEntry } from '../lib/proc.js';
+import { readStatus, readStat, type MapEntry } from '../lib/proc.js';
 import { log, Phases } from '../lib/log.js';
 import { Freeze, subtree } from '../supervisor/freeze.js';
 import { hostPid, nsPids } from '../supervisor/pidns.js';
@@ -29,7 +29,7 @@ import { openUffd, newHuskPageCache } from './resources/dirty.js';
 import { captureThread, captureAltstacks, AltstackQuery, findTidAddress, peekPending, type ThreadState } from './resources/thread.js';
 import { captureSignals } from './resources/signals.js';
 import { captureFiles, OutsideHolders } from './resources/files.js';
-import { captureAio } from './resources/aio.js';
+import { captureAio, userThreads } from './resources/aio.js';
 import { ShmCapture, nonZeroRuns } from './resources/shm.js';
 import { captureIds, captureMm, parseCreds } from './resources/process.js';
 import { captureThreadAttrs, queryUninherited, captureProcAttrs } from './resources/attrs.js';
@@ -95,7 +95,7 @@ export function captureTree(tracer: Tracer, root: number, procs: number[], calle
     settleSyscallExits(tracer, procs); // a SEM_UNDO semop caught at its exit stop: its adjustments noted now
     // Registers and pending signals first, before any injected syscall
     // touches them (a task resumed for one may take a signal on its way back).
-    const threads = procs.map((pid) => listTids(pid).map((tid) => captureThread(tid, tid === caller.tid, undefined, tid !== caller.tid && tracer.tasks.get(tid)?.inFlight !== undefined)));
+    const threads = procs.map((pid) => userThreads(pid).map((tid) => captureThread(tid, tid === caller.tid, undefined, tid !== caller.tid && tracer.tasks.get(tid)?.inFlight !== undefined)));
     const sharedPending = procs.map((pid) => peekPending(pid, true));
     for (const t of threads.flat()) t.seccomp = captureSeccomp(t.tid, seccomp); // their filters suspended until the end of the capture
     ph.mark('threads');

@@ -20,11 +20,17 @@
  *
  * io_uring instances are refused, their descriptors and their mappings
  * alike: their rings, registered files and buffers and requests in flight
- * are not kept.
+ * are not kept. The kernel threads io_uring adds to a process (an SQPOLL
+ * ring's poller "iou-sqp-N", io-wq workers "iou-wrk-N") are listed among
+ * its threads but are none of its own: no registers, not traceable. A
+ * poller belongs to a live SQPOLL ring, refused by that (even when the ring
+ * went to a process outside the subtree); a worker alone holds no state of
+ * the program (it lingers a few seconds after its ring is gone) and is left
+ * out of the threads.
  */
 import { CkptError, errno } from '../../lib/errors.js';
 import type { MapEntry } from '../../lib/proc.js';
-import { readMaps } from '../../lib/proc.js';
+import { readMaps, listTids, ioWorker } from '../../lib/proc.js';
 import { RemoteMem } from '../../lib/mem.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { z, int, u32, pageAddr, base64, type Same } from '../../lib/schema.js';
@@ -54,6 +60,18 @@ export const isAioRing = (m: MapEntry) => m.path === '/[aio] (deleted)' && m.per
 /** An io_uring mapping (its descriptor may be closed): refused, named. */
 export function refuseUringMapping(m: MapEntry, pid: number): void {
   if (m.path === 'anon_inode:[io_uring]') throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:memory', `task ${pid}: mapping 0x${m.start.toString(16)}-0x${m.end.toString(16)} of an io_uring instance (io_uring is not kept: its rings, registered files and buffers and requests in flight)`);
+}
+
+/**
+ * The threads of process `pid` to capture: its own, in order, without the
+ * io_uring kernel threads; an SQPOLL poller is refused, named.
+ */
+export function userThreads(pid: number): number[] {
+  return listTids(pid).filter((tid) => {
+    const io = ioWorker(pid, tid);
+    if (io?.startsWith('iou-sqp')) throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:threads', `task ${pid}: thread ${tid} (${io}) is the kernel poller of an io_uring instance set up with IORING_SETUP_SQPOLL (io_uring is not kept: its rings, registered files and buffers and requests in flight)`);
+    return io === undefined;
+  });
 }
 
 /** An io_uring descriptor: refused, named (nothing for any other kind). */
