@@ -25,6 +25,7 @@ import { spawn } from 'node:child_process';
 import { CKPT, SUPERVISE, tmpdir } from './helpers.js';
 
 const dir = tmpdir('nodehttp');
+t.teardown(() => fs.rmSync(dir, { recursive: true, force: true })); // images of about 30 MB each
 
 /**
  * The server. State: a request counter, a Map the requests change (and
