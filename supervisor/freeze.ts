@@ -74,6 +74,14 @@ export class Freeze {
             t.parked = now?.kind === 'stopped' ? now : undefined;
             if (!t.parked) this.tasks.pop();
           }
+        } else if (ev.event === PTRACE_EVENT.EXEC) {
+          // Still inside execve (a child of a shell, just past its vfork):
+          // execve's own result would overwrite the first injected call's
+          // (a husk's clone came back as 0), so it is moved past the event.
+          this.tracer.noteExec(t);
+          const now = this.tracer.pastEvent(t);
+          t.parked = now?.kind === 'stopped' ? now : undefined;
+          if (!t.parked) this.tasks.pop();
         }
       }
     }
@@ -84,6 +92,17 @@ export class Freeze {
     if (inVfork.size) {
       const [tid, why] = [...inVfork][0];
       throw new CkptError(errno('EOPNOTSUPP'), 'checkpoint:vfork', `task ${tid}: ${why}; try again once it has`);
+    }
+    // A vfork parent kept at its event whose child has exec'd or exited since
+    // (the child runs while the parent reports the event) is free again, but
+    // still inside vfork: its result would overwrite the first injected
+    // call's, and the registers saved there (rax -ENOSYS, the value at entry)
+    // would be the program's vfork result (ENOSYS). Moved past the event.
+    for (const t of [...this.tasks]) {
+      if (t.parked?.kind !== 'stopped' || t.parked.event !== PTRACE_EVENT.VFORK) continue;
+      const now = this.tracer.pastEvent(t);
+      t.parked = now?.kind === 'stopped' ? now : undefined;
+      if (!t.parked) this.tasks.splice(this.tasks.indexOf(t), 1);
     }
     const alive = (tgid: number) => this.tracer.tasks.has(tgid) && this.tracer.tasks.get(tgid)!.stop !== 'running';
     return [...procs].filter(alive);

@@ -233,11 +233,24 @@ export class Tracer {
     return pid;
   }
 
+  /** An exec event of `task`: a new program, in a new address space, its only thread. */
+  noteExec(task: Task): void {
+    // execve by a non-leader thread: the other threads are gone and the
+    // thread now runs under the leader's id.
+    const former = getEventMsg(task.tid);
+    this.execs.set(task.tgid, this.execGen(task.tgid) + 1);
+    this.forkAdvice.delete(task.tgid); // a new address space
+    this.vmAdvice.delete(task.tgid);
+    this.lockFuture.delete(task.tgid);
+    for (const t of this.threadsOf(task.tgid)) if (t.tid !== task.tid) this.tasks.delete(t.tid);
+    if (former !== task.tid) this.tasks.delete(former);
+  }
+
   /**
-   * Move a task stopped at a fork or clone event past it, to a stop from
+   * Move a task stopped at a fork, clone or exec event past it, to a stop from
    * which calls can be injected: at the event the kernel is still inside
-   * the fork, whose own result would overwrite an injected call's number.
-   * Interrupted, then let go, the task finishes the fork and traps at once,
+   * the fork (or the execve), whose own result would overwrite an injected
+   * call's number. Interrupted, then let go, the task finishes the call and traps at once,
    * before an instruction of its own. Returns the stop it is in now (or
    * its death).
    */
@@ -404,19 +417,10 @@ export class Tracer {
         if (!task.forkNoted) this.noteFork(task, ev.event);
         this.resume(task);
         return;
-      case PTRACE_EVENT.EXEC: {
-        // execve by a non-leader thread: the other threads are gone and the
-        // thread now runs under the leader's id.
-        const former = getEventMsg(task.tid);
-        this.execs.set(task.tgid, this.execGen(task.tgid) + 1);
-        this.forkAdvice.delete(task.tgid); // a new address space
-        this.vmAdvice.delete(task.tgid);
-        this.lockFuture.delete(task.tgid);
-        for (const t of this.threadsOf(task.tgid)) if (t.tid !== task.tid) this.tasks.delete(t.tid);
-        if (former !== task.tid) this.tasks.delete(former);
+      case PTRACE_EVENT.EXEC:
+        this.noteExec(task);
         this.resume(task);
         return;
-      }
       case PTRACE_EVENT.STOP:
         if (STOP_SIGNALS.has(ev.signal)) this.listen(task, ev.signal);
         else this.resume(task);
