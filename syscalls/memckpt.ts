@@ -318,8 +318,12 @@ export function reapChild(tracer: Tracer, parent: number, child: number): void {
   }
   if (ppid !== parent || !tracer.tasks.has(parent)) return; // a namespace's init, or a parent out of reach, reaps it
   const freeze = new Freeze(tracer);
-  freeze.add([parent]);
   try {
+    // Inside the try: a parent in the middle of a vfork cannot be frozen
+    // (EOPNOTSUPP), and the child the freeze stopped meanwhile must be let
+    // go again, or the parent waits for it for good. The zombie is then
+    // left to the parent (a wait of its own with __WALL, or its exit).
+    freeze.add([parent]);
     const r = new Remote(tracer, tracer.tasks.get(parent)!);
     try {
       r.call(SYS.wait4, viewPid(parent, child) || child, 0, WALL, 0); // as the parent sees it (a container's namespace)
