@@ -329,6 +329,36 @@ t.test('a checkpoint during a vfork is refused (parent and child), and works onc
   t.match(r.stdout, /^fixture=0$/m);
 });
 
+// A shell loop forks all the time (dash: vfork, then exec): a freeze finds a
+// child at its exec event, or the parent at its vfork event after the child
+// exec'd; both are still inside the call, whose result would overwrite an
+// injected one's (a husk's clone came back 0: ENOMEM; the parent's vfork
+// came back ENOSYS, "Cannot fork"). And a release reaping a husk while the
+// parent is in vfork left the vfork child stopped: the loop hung for good.
+t.test('a shell loop that forks all the time: checkpoint --defer, undo and release, again and again; only vfork refusals, and the loop runs on', async (t) => {
+  const d = tmpdir('forkloop');
+  const ckpt = CKPT.map(q).join(' ');
+  const r = supervise(['bash', '-c', [
+    `sh -c 'n=0; while [ ! -e ${d}/stop ]; do /bin/true; n=$((n+1)); done; echo "loop ended after $n"' & S=$!`,
+    'ok=0; refused=0; other=0; undone=0',
+    'for i in $(seq 12); do',
+    `  if C=$(${ckpt} checkpoint $S --defer 2> ${d}/err); then ok=$((ok+1))`,
+    `    for j in $(seq 10); do ${ckpt} undo $C 2> ${d}/uerr && { undone=$((undone+1)); break; }; grep -q EOPNOTSUPP ${d}/uerr || { other=$((other+1)); cat ${d}/uerr; break; }; done`,
+    `    ${ckpt} release $C 2> ${d}/rerr || { other=$((other+1)); cat ${d}/rerr; }`,
+    `  elif grep -q EOPNOTSUPP ${d}/err; then refused=$((refused+1)); else other=$((other+1)); cat ${d}/err; fi`,
+    'done',
+    'echo "ok=$ok refused=$refused other=$other undone=$undone"',
+    `touch ${d}/stop; wait $S; echo "loop status $?"`,
+  ].join('\n')], { timeout: 180_000 });
+  t.match(r.stdout, /^ok=\d+ refused=\d+ other=0 /m, `no error but a vfork refusal (${r.stdout.slice(-400)} ${r.stderr.split('\n').filter((l) => !/EOPNOTSUPP: checkpoint:vfork/.test(l)).join('\n').slice(-600)})`);
+  const [ok, undone] = [Number(r.stdout.match(/ok=(\d+)/)?.[1]), Number(r.stdout.match(/undone=(\d+)/)?.[1])];
+  t.ok(ok >= 5, `most checkpoints work (${ok} of 12)`);
+  t.equal(undone, ok, 'every checkpoint taken was undone');
+  t.notMatch(r.stderr, /Cannot fork/, 'the loop never saw its vfork fail');
+  t.match(r.stdout, /^loop ended after \d+$/m, 'the loop ran on and ended when told to');
+  t.match(r.stdout, /^loop status 0$/m);
+});
+
 t.test('processes sharing an address space (clone CLONE_VM) are refused, and run on', async (t) => {
   const r = supervise([fixture('sharedvm')], { timeout: 60_000 });
   t.match(r.stdout, /^ok a checkpoint of processes sharing an address space is refused$/m);
