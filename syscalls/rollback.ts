@@ -23,8 +23,8 @@ import { Remote, CallBatch } from '../supervisor/remote.js';
 import type { Tracer } from '../supervisor/tracer.js';
 import { NO_RETURN, type HandlerResult, type SyscallCtx } from './context.js';
 import type { ProcessState } from './state.js';
-import { fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, needsVmFlags, sameVmFlags, type VmaState, type MemoryCapture } from './resources/memory.js';
-import { restoreFiles } from './resources/files.js';
+import { checkMappedFilesThere, fillPages, pickGadget, installGadget, GADGET_SIZE, mapVmas, placeSpecials, vmaStart, vmaEnd, needsVmFlags, sameVmFlags, type VmaState, type MemoryCapture } from './resources/memory.js';
+import { restoreFiles, checkPathsThere } from './resources/files.js';
 import { checkPeerCreds } from './resources/unixsock.js';
 import { TtyRestore } from './resources/tty.js';
 import { checkNetRights, checkNetPortsFree, firstHolder } from './resources/netdgram.js';
@@ -114,6 +114,8 @@ export function rollback(ctx: SyscallCtx, c: MemCheckpoint): HandlerResult {
   let seccomp, ttys: TtyRestore;
   let ipc: SysvRollback | undefined;
   try {
+    checkPathsThere(tree.files, tree.processes, host, c.crid);
+    checkMappedFilesThere(tree.processes, host, c.crid);
     checkLocksFree(tree.files, new Set(procs), tree.processes.map((p) => host(p.ids.pid)));
     ttys = new TtyRestore(tree, { host, kept: keptPids, all: procs }); // ptys still open are used again
     checkNetRights(tree.files.descs, firstHolder(tree.processes), (pid) => (keptPids.has(host(pid)) ? host(pid) : undefined));

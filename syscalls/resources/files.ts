@@ -25,7 +25,7 @@ import { sys, SYS } from '../../lib/libc.js';
 import { logError } from '../../lib/log.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
-import { openIn } from './memory.js';
+import { openIn, pathGone } from './memory.js';
 import { isShm, type ShmCapture, type ShmRestore } from './shm.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
@@ -1049,6 +1049,28 @@ function unlinkIn(r: Remote, path: string): void {
  * their offset set back, is the same to the program as opening them again,
  * and saves closing, reopening and moving each.
  */
+/**
+ * Before a rollback changes anything: what it would open again by path must
+ * still be there, the files and FIFOs the checkpoint's descriptors held by
+ * path and the processes' working directories. Whatever is gone since (a
+ * program removed its file after the checkpoint: SQLite deletes its journal
+ * when a transaction ends) would make the rollback fail half-way, with the
+ * subtree killed; refused here with ENOENT instead, the subtree left as it
+ * is. Only what is gone is refused: a descriptor still open on its file
+ * stays as it is (keptFiles), and one whose file is there is opened again.
+ */
+export function checkPathsThere(table: FilesTable, processes: { ids: { pid: number }; files: FilesState }[], host: (pid: number) => number, crid: number): void {
+  const gone = (what: string, p: string) => new CkptError(errno('ENOENT'), 'restart:files', `checkpoint ${crid}: ${what}: ${p} is gone since the checkpoint (removed or renamed), and a rollback would have to open it again`);
+  for (const p of processes) {
+    for (const f of p.files.fds) {
+      if (!('desc' in f)) continue;
+      const d = table.descs[f.desc];
+      if ((d?.kind === 'path' || (d?.kind === 'fifo' && !d.deleted)) && pathGone(d.path)) throw gone(`task ${host(p.ids.pid)} fd ${f.fd}`, d.path);
+    }
+    if (!p.files.cwdDeleted && pathGone(p.files.cwd)) throw gone(`task ${host(p.ids.pid)} cwd`, p.files.cwd);
+  }
+}
+
 function keptFiles(host: number, st: FilesState, table: FilesTable, holders: Map<number, unknown[]>): Map<number, PathDesc> {
   const kept = new Map<number, PathDesc>();
   const MASK = O_ACCMODE | SETFL_MASK;

@@ -520,6 +520,36 @@ export function placeSpecials(r: Remote, current: MapEntry[], vmas: VmaState[], 
   want.forEach((v, i) => move(r, from[i], vmaEnd(v) - vmaStart(v), vmaStart(v)));
 }
 
+/** Does nothing answer at path `p` now (removed or renamed since), as opposed to a path the supervisor may not look at? */
+export function pathGone(p: string): boolean {
+  try {
+    fs.statSync(p);
+    return false;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    return code === 'ENOENT' || code === 'ENOTDIR';
+  }
+}
+
+/**
+ * Before a rollback changes anything: every file the checkpoint had mapped
+ * must still be there. A mapping of a file gone since cannot still be in
+ * place as at the checkpoint (its path in the maps reads "(deleted)" or
+ * another name), so the rollback would have to map it again by its path and
+ * fail half-way, with the subtree killed: refused here with ENOENT instead
+ * (SQLite's WAL index, its -shm file, is removed by the last connection to
+ * close the database).
+ */
+export function checkMappedFilesThere(processes: { ids: { pid: number }; memory: VmaState[] }[], host: (pid: number) => number, crid: number): void {
+  for (const p of processes) {
+    for (const v of p.memory) {
+      if (v.kind === 'file' && v.path && pathGone(v.path)) {
+        throw new CkptError(errno('ENOENT'), 'restart:memory', `checkpoint ${crid}: task ${host(p.ids.pid)}: ${v.path}, mapped at ${v.start}-${v.end}, is gone since the checkpoint (removed or renamed), and a rollback would have to map it again`);
+      }
+    }
+  }
+}
+
 /** mmap each VMA at its place (MAP_FIXED), files opened in the tracee. */
 export function mapVmas(r: Remote, vmas: VmaState[], shm?: ShmRestore): void {
   const pid = r.task.tid;
