@@ -1,5 +1,5 @@
 /** Shared by the tests: paths and running things under ckpt-supervise. */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -70,4 +70,27 @@ export function bothWays(dir: string, name: string, args: string[] = [], opts: {
     if (mode === 'undo') return { first, r: first };
     return { first, r: supervise([...CKPT, 'restart', '-i', img], { timeout: opts.timeout ?? 60_000 }) };
   };
+}
+
+/**
+ * The commands `cmds` of Debian package `pkg`, installed with apt-get first
+ * if they are missing (as root). false when they are there, else why a test
+ * needing them is skipped.
+ */
+export function needPackage(pkg: string, cmds: string[]): string | false {
+  const have = () => cmds.every((c) => spawnSync('sh', ['-c', `command -v ${c}`], { stdio: 'ignore' }).status === 0);
+  if (have()) return false;
+  if (process.getuid?.() === 0) spawnSync('apt-get', ['install', '-y', pkg], { stdio: 'ignore', timeout: 600_000, env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
+  return have() ? false : `${cmds.join(', ')} not installed, and apt-get could not install ${pkg}`;
+}
+
+/** Run a command to its end without blocking this process (a client of the program lives here meanwhile). */
+export function runAsync(cmd: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ status: number | null; out: string }> {
+  return new Promise((res) => {
+    const p = spawn(cmd[0], cmd.slice(1), { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (out += d));
+    p.on('exit', (status) => res({ status, out }));
+  });
 }

@@ -21,8 +21,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import http from 'node:http';
 import path from 'node:path';
-import { spawn } from 'node:child_process';
-import { CKPT, SUPERVISE, tmpdir } from './helpers.js';
+import { CKPT, SUPERVISE, tmpdir, runAsync } from './helpers.js';
 
 const dir = tmpdir('nodehttp');
 t.teardown(() => fs.rmSync(dir, { recursive: true, force: true })); // images of about 30 MB each
@@ -79,15 +78,6 @@ server.listen(port, '127.0.0.1', () => fs.writeFileSync(rd + '/READY', String(pr
 `;
 
 /** Run a command to its end without blocking this process (the outside clients live here meanwhile). */
-function runAsync(cmd: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ status: number | null; out: string }> {
-  return new Promise((res) => {
-    const p = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env });
-    let out = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (out += d));
-    p.on('exit', (status) => res({ status, out }));
-  });
-}
 
 const until = async (what: () => boolean, ms: number) => {
   for (let i = 0; i < ms / 25 && !what(); i++) await new Promise((r) => setTimeout(r, 25));

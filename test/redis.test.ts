@@ -8,37 +8,9 @@ import t from 'tap';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { spawn, execFileSync } from 'node:child_process';
-import { CKPT, SUPERVISE, tmpdir } from './helpers.js';
+import { CKPT, SUPERVISE, tmpdir, needPackage, runAsync } from './helpers.js';
 
 const dir = tmpdir('redis');
-
-function haveRedis(): boolean {
-  const has = () => {
-    try {
-      execFileSync('sh', ['-c', 'command -v redis-server && command -v redis-cli'], { stdio: 'ignore' });
-      return true;
-    } catch {
-      return false;
-    }
-  };
-  if (has()) return true;
-  try {
-    execFileSync('apt-get', ['install', '-y', 'redis-server'], { stdio: 'ignore', timeout: 300_000, env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
-  } catch { /* no network, no apt */ }
-  return has();
-}
-
-/** Run a command to its end without blocking this process (the outside client lives here meanwhile). */
-function runAsync(cmd: string[]): Promise<{ status: number | null; out: string }> {
-  return new Promise((res) => {
-    const p = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (out += d));
-    p.on('exit', (status) => res({ status, out }));
-  });
-}
 
 const until = async (what: () => boolean, ms: number) => {
   for (let i = 0; i < ms / 25 && !what(); i++) await new Promise((r) => setTimeout(r, 25));
@@ -101,7 +73,7 @@ function tree(rd: string, port: number, extra: string): string {
 }
 
 const ckpt = CKPT.map((a) => `'${a}'`).join(' ');
-const skip = haveRedis() ? false : 'redis-server not installed and apt-get failed';
+const skip = needPackage('redis-server', ['redis-server', 'redis-cli']);
 
 t.test('redis with 100,000 keys, a client inside the subtree and one outside: checkpoint --kill, restart, both connections go on with the data', { skip }, async (t) => {
   const rd = fs.mkdtempSync(path.join(dir, 'kill-'));

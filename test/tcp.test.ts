@@ -6,7 +6,7 @@ import t from 'tap';
 import path from 'node:path';
 import fs from 'node:fs';
 import { spawn, execFileSync } from 'node:child_process';
-import { supervise, fixture, CKPT, SUPERVISE, tmpdir } from './helpers.js';
+import { supervise, fixture, CKPT, SUPERVISE, tmpdir, needPackage, runAsync } from './helpers.js';
 
 const dir = tmpdir('tcp');
 const restart = (img: string) => supervise([...CKPT, 'restart', '-i', img]);
@@ -85,34 +85,8 @@ t.test('a rollback keeps a connection to a peer outside when nothing was sent or
   t.same(rules().filter((l) => l.includes(`:${peer.port}`)), [], 'no rule left');
 });
 
-/** Run a command to its end without blocking the loop (a client's socket lives in it meanwhile). */
-function runAsync(cmd: string[], env = process.env): Promise<{ status: number | null; out: string }> {
-  return new Promise((res) => {
-    const p = spawn(cmd[0], cmd.slice(1), { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (out += d));
-    p.on('exit', (status) => res({ status, out }));
-  });
-}
 
-function haveRedis(): boolean {
-  const has = () => {
-    try {
-      execFileSync('sh', ['-c', 'command -v redis-server && command -v redis-cli'], { stdio: 'ignore' });
-      return true;
-    } catch {
-      return false;
-    }
-  };
-  if (has()) return true;
-  try {
-    execFileSync('apt-get', ['install', '-y', 'redis-server'], { stdio: 'ignore', timeout: 300_000 });
-  } catch { /* no network, no apt */ }
-  return has();
-}
-
-t.test('redis-server with a client connected from outside: CKPT_KILL, restart, and the client\'s next command on the same connection is answered with the data set before', { skip: haveRedis() ? false : 'redis-server not installed and apt-get failed' }, async (t) => {
+t.test('redis-server with a client connected from outside: CKPT_KILL, restart, and the client\'s next command on the same connection is answered with the data set before', { skip: needPackage('redis-server', ['redis-server', 'redis-cli']) }, async (t) => {
   const { default: net } = await import('node:net');
   const rd = fs.mkdtempSync(path.join(dir, 'redis-'));
   const port = 20000 + Math.floor(Math.random() * 20000);

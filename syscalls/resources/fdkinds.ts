@@ -240,30 +240,40 @@ const S_IFMT = 0o170000, S_IFCHR = 0o020000;
  * their own) are made so: an image naming another is corrupt.
  */
 export function makeDeletedDevice(r: Remote, d: DeletedDevice, flags: number): bigint {
-  if ((d.mode & S_IFMT) !== S_IFCHR || !statelessDevice({ rdev: d.rdev } as fs.Stats)) throw new CkptError(errno('EBADMSG'), 'image', `task ${r.task.tid}: deleted device ${d.path}: not one a checkpoint keeps (mode 0${d.mode.toString(8)}, device ${d.rdev >> 8}:${d.rdev & 0xff})`);
-  let why: CkptError | undefined;
-  const parent = d.path.slice(0, d.path.lastIndexOf('/')) || '/';
-  for (const dir of [parent, '/tmp']) {
-    const tmp = `${dir === '/' ? '' : dir}/.ckpt-deleted-${r.task.tid}-${Math.random().toString(36).slice(2, 10)}`;
-    const b = new CallBatch(r);
-    const p = b.put(Buffer.from(tmp + '\0'));
+  const dev = `${d.rdev >> 8}:${d.rdev & 0xff}`;
+  if ((d.mode & S_IFMT) !== S_IFCHR || !statelessDevice({ rdev: d.rdev } as fs.Stats)) throw new CkptError(errno('EBADMSG'), 'image', `task ${r.task.tid}: deleted device ${d.path}: not one a checkpoint keeps (mode 0${d.mode.toString(8)}, device ${dev})`);
+  const { res: [, op, rm], dir } = makeAside(r, d.path, `the deleted device ${d.path} (${dev})`, (b, p) => {
     b.add(undefined, SYS_mknod, p, S_IFCHR | 0o600, d.rdev);
     b.add(undefined, SYS_openat, AT_FDCWD, p, (flags | O_CLOEXEC) & ~0o100 & ~0o1000, 0);
     b.add(undefined, SYS_unlink, p);
-    const [mk, op, rm] = b.run();
-    if (mk < 0n) {
-      why ??= new CkptError(Number(-mk), 'restart:files', `task ${r.task.tid}: cannot make the deleted device ${d.path} (${d.rdev >> 8}:${d.rdev & 0xff}) again in ${dir}`);
-      continue;
-    }
-    if (op < 0n || rm < 0n) {
-      if (op >= 0n) r.call(SYS.close, op);
-      throw new CkptError(Number(-(op < 0n ? op : rm)), 'restart:files', `task ${r.task.tid}: the deleted device ${d.path} made again in ${dir}`);
-    }
-    const fix = new CallBatch(r);
-    fix.add(`restart:files fchown of the deleted device ${d.path} to ${d.uid}:${d.gid}`, SYS_fchown, op, d.uid, d.gid);
-    fix.add(`restart:files fchmod of the deleted device ${d.path}`, SYS_fchmod, op, d.mode & 0o7777);
-    fix.run();
-    return op;
+  });
+  if (op < 0n || rm < 0n) {
+    if (op >= 0n) r.call(SYS.close, op);
+    throw new CkptError(Number(-(op < 0n ? op : rm)), 'restart:files', `task ${r.task.tid}: the deleted device ${d.path} made again in ${dir}`);
+  }
+  const fix = new CallBatch(r);
+  fix.add(`restart:files fchown of the deleted device ${d.path} to ${d.uid}:${d.gid}`, SYS_fchown, op, d.uid, d.gid);
+  fix.add(`restart:files fchmod of the deleted device ${d.path}`, SYS_fchmod, op, d.mode & 0o7777);
+  fix.run();
+  return op;
+}
+
+/**
+ * A removed thing made again by the process itself under a temporary name
+ * next to where it was (else in /tmp): `calls` adds the call that makes it
+ * (first), then those that use and remove it. Their results, and where;
+ * one that cannot be made in either place fails with the first reason.
+ */
+function makeAside(r: Remote, path: string, what: string, calls: (b: CallBatch, at: bigint) => void): { res: bigint[]; dir: string } {
+  let why: CkptError | undefined;
+  const parent = path.slice(0, path.lastIndexOf('/')) || '/';
+  for (const dir of [parent, '/tmp']) {
+    const tmp = `${dir === '/' ? '' : dir}/.ckpt-deleted-${r.task.tid}-${Math.random().toString(36).slice(2, 10)}`;
+    const b = new CallBatch(r);
+    calls(b, b.put(Buffer.from(tmp + '\0')));
+    const res = b.run();
+    if (res[0] >= 0n) return { res, dir };
+    why ??= new CkptError(Number(-res[0]), 'restart:files', `task ${r.task.tid}: cannot make ${what} again in ${dir}`);
   }
   throw why!;
 }
@@ -277,27 +287,16 @@ export interface DeletedDir { path: string; mode: number }
  * cwd), removed. Returns the descriptor, or -1n for a cwd.
  */
 export function makeDeletedDir(r: Remote, d: DeletedDir, how: { open: number } | 'cwd'): bigint {
-  let why: CkptError | undefined;
-  const parent = d.path.slice(0, d.path.lastIndexOf('/')) || '/';
-  for (const dir of [parent, '/tmp']) {
-    const tmp = `${dir === '/' ? '' : dir}/.ckpt-deleted-${r.task.tid}-${Math.random().toString(36).slice(2, 10)}`;
-    const b = new CallBatch(r);
-    const p = b.put(Buffer.from(tmp + '\0'));
+  const { res: [, ch, op, rm], dir } = makeAside(r, d.path, `the deleted directory ${d.path}`, (b, p) => {
     b.add(undefined, SYS_mkdir, p, 0o700);
     b.add(undefined, SYS_chmod, p, d.mode & 0o7777); // as it was, whatever the umask
     if (how === 'cwd') b.add(undefined, SYS_chdir, p);
     else b.add(undefined, SYS_openat, AT_FDCWD, p, (how.open | O_DIRECTORY | O_CLOEXEC) & ~0o100, 0);
     b.add(undefined, SYS_rmdir, p);
-    const [mk, ch, op, rm] = b.run();
-    if (mk < 0n) {
-      why ??= new CkptError(Number(-mk), 'restart:files', `task ${r.task.tid}: cannot make the deleted directory ${d.path} again in ${dir}`);
-      continue;
-    }
-    if (ch < 0n || op < 0n || rm < 0n) {
-      const e = [ch, op, rm].find((x) => x < 0n)!;
-      throw new CkptError(Number(-e), 'restart:files', `task ${r.task.tid}: the deleted directory ${d.path} made again in ${dir}`);
-    }
-    return how === 'cwd' ? -1n : op;
+  });
+  if (ch < 0n || op < 0n || rm < 0n) {
+    const e = [ch, op, rm].find((x) => x < 0n)!;
+    throw new CkptError(Number(-e), 'restart:files', `task ${r.task.tid}: the deleted directory ${d.path} made again in ${dir}`);
   }
-  throw why!;
+  return how === 'cwd' ? -1n : op;
 }
