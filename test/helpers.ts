@@ -94,3 +94,23 @@ export function runAsync(cmd: string[], env: NodeJS.ProcessEnv = process.env): P
     p.on('exit', (status) => res({ status, out }));
   });
 }
+
+/** Wait (polling every 25 ms) until `what` holds, at most `ms`; whether it held. */
+export async function until(what: () => boolean, ms: number): Promise<boolean> {
+  for (let i = 0; i < ms / 25 && !what(); i++) await new Promise((r) => setTimeout(r, 25));
+  return what();
+}
+
+/**
+ * Shell steps, for a tree whose subtree root is $S, that take a CKPT_DEFER
+ * checkpoint of it (file CKPTED in `dir` once taken), wait for the file ROLL,
+ * roll back (`undo status N`), and say ROLLED.
+ */
+export function deferThenUndo(dir: string): string {
+  const ckpt = CKPT.map((a) => `'${a}'`).join(' ');
+  return [
+    `C=$(${ckpt} checkpoint $S --defer); echo "crid $C"; touch ${dir}/CKPTED`,
+    `while [ ! -e ${dir}/ROLL ]; do sleep 0.05; done`,
+    `${ckpt} undo $C; echo "undo status $?"; touch ${dir}/ROLLED`,
+  ].join('; ');
+}

@@ -21,7 +21,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import http from 'node:http';
 import path from 'node:path';
-import { CKPT, SUPERVISE, tmpdir, runAsync } from './helpers.js';
+import { CKPT, SUPERVISE, tmpdir, runAsync, until, deferThenUndo } from './helpers.js';
 
 const dir = tmpdir('nodehttp');
 t.teardown(() => fs.rmSync(dir, { recursive: true, force: true })); // images of about 30 MB each
@@ -79,10 +79,6 @@ server.listen(port, '127.0.0.1', () => fs.writeFileSync(rd + '/READY', String(pr
 
 /** Run a command to its end without blocking this process (the outside clients live here meanwhile). */
 
-const until = async (what: () => boolean, ms: number) => {
-  for (let i = 0; i < ms / 25 && !what(); i++) await new Promise((r) => setTimeout(r, 25));
-  return what();
-};
 
 interface State { requests: number; conn: number; size: number; ticks: number; v?: string | null; file?: number | string; key?: string }
 
@@ -236,11 +232,7 @@ t.test('node HTTP server rolled back: a CKPT_DEFER checkpoint, the state changed
   const rd = fs.mkdtempSync(path.join(dir, 'undo-'));
   const p = port();
   const flag = (f: string) => fs.existsSync(path.join(rd, f));
-  const extra = [
-    `C=$(${ckpt} checkpoint $S --defer); echo "crid $C"; touch ${rd}/CKPTED`,
-    `while [ ! -e ${rd}/ROLL ]; do sleep 0.05; done`,
-    `${ckpt} undo $C; echo "undo status $?"; touch ${rd}/ROLLED`,
-  ].join('; ');
+  const extra = deferThenUndo(rd);
   const run = runAsync([...SUPERVISE, '--', 'bash', '-c', tree(rd, p, extra)]);
   t.ok(await until(() => flag('READY'), 60_000), 'the server listens');
   const idle = await keepAlive(p);

@@ -8,14 +8,10 @@ import t from 'tap';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { CKPT, SUPERVISE, tmpdir, needPackage, runAsync } from './helpers.js';
+import { CKPT, SUPERVISE, tmpdir, needPackage, runAsync, until, deferThenUndo } from './helpers.js';
 
 const dir = tmpdir('redis');
 
-const until = async (what: () => boolean, ms: number) => {
-  for (let i = 0; i < ms / 25 && !what(); i++) await new Promise((r) => setTimeout(r, 25));
-  return what();
-};
 
 /** A RESP client on one connection: each command's whole answer (as many lines as `lines`). */
 async function connect(port: number) {
@@ -108,11 +104,7 @@ t.test('redis rolled back: a CKPT_DEFER checkpoint, the data wiped through anoth
   const rd = fs.mkdtempSync(path.join(dir, 'undo-'));
   const port = 20000 + Math.floor(Math.random() * 20000);
   const flag = (f: string) => fs.existsSync(path.join(rd, f));
-  const extra = [
-    `C=$(${ckpt} checkpoint $S --defer); echo "crid $C"; touch ${rd}/CKPTED`,
-    `while [ ! -e ${rd}/ROLL ]; do sleep 0.05; done`,
-    `${ckpt} undo $C; echo "undo status $?"; touch ${rd}/ROLLED`,
-  ].join('; ');
+  const extra = deferThenUndo(rd);
   const run = runAsync([...SUPERVISE, '--', 'bash', '-c', tree(rd, port, extra)]);
   t.ok(await until(() => flag('READY'), 120_000), 'redis loaded, the inside client connected');
   const idle = await connect(port);
