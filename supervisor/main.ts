@@ -18,6 +18,7 @@ const PR_SET_CHILD_SUBREAPER = 36, PRIO_PROCESS = 0;
 // Everything after "--" is the program, untouched by option parsing.
 const raw = hideBin(process.argv);
 const dash = raw.indexOf('--');
+refuseUnknownOptions(dash < 0 ? raw : raw.slice(0, dash));
 const argv = yargs(dash < 0 ? raw : raw.slice(0, dash))
   .scriptName('ckpt-supervise')
   .usage('$0 [options] -- prog [args...]\n\nRun prog as the root of a supervised tree that may call the ckpt system calls.')
@@ -64,3 +65,37 @@ sys.signalIgnore(3);
 sys.setpriority(PRIO_PROCESS, 0, -10);
 sv.io.warm(); // the first call in flight does not wait for a worker to start
 process.exit(sv.tracer.run());
+
+/**
+ * An option of ours misspelled would otherwise be taken for the program's
+ * start (or ignored) and the program run without it: refused, with the
+ * nearest option named. Options end at the program's name (or at "--").
+ */
+function refuseUnknownOptions(args: string[]): void {
+  const known = ['max-checkpoints', 'track-dirty', 'warm-up', 'pidns', 'help', 'version'];
+  const takesValue = new Set(['max-checkpoints']);
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    if (!a.startsWith('-')) return; // the program
+    const name = a.replace(/^--?/, '').replace(/=.*$/, '').replace(/^no-/, '');
+    if (known.includes(name)) {
+      if (takesValue.has(name) && !a.includes('=')) i++;
+      continue;
+    }
+    const near = known.map((k) => ({ k, d: editDistance(name, k) })).sort((x, y) => x.d - y.d)[0];
+    const hint = near && near.d <= Math.max(2, Math.floor(near.k.length / 3)) ? `; did you mean --${near.k}?` : '';
+    logError(`unknown option ${a}${hint} (usage: ckpt-supervise [options] -- prog args...; see --help)`);
+    process.exit(2);
+  }
+}
+
+/** Levenshtein distance, for the hint. */
+function editDistance(a: string, b: string): number {
+  let prev = [...Array(b.length + 1).keys()];
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) cur[j] = Math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    prev = cur;
+  }
+  return prev[b.length];
+}

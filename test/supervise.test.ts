@@ -71,3 +71,16 @@ t.test('the warm-up checkpoint of the launcher leaves the program nothing to see
   t.equal(warm.stdout, cold.stdout, 'descriptors and signal state are the same with and without it');
   t.notMatch(warm.stdout, /T/, 'the program is not left stopped');
 });
+
+t.test('an unknown or misspelled option is refused with a hint, and the program does not run', async (t) => {
+  const typo = run([...SUPERVISE, '--pidsn', '--', 'sh', '-c', 'echo ran']);
+  t.equal(typo.status, 2);
+  t.notMatch(typo.stdout, /ran/, 'the program did not run');
+  t.match(typo.stderr, /unknown option --pidsn; did you mean --pidns\?/);
+  const bogus = run([...SUPERVISE, '--bogus', 'sh', '-c', 'echo ran']);
+  t.equal(bogus.status, 2);
+  t.match(bogus.stderr, /unknown option --bogus \(usage: ckpt-supervise/);
+  const fine = run([...SUPERVISE, '--no-warm-up', '--max-checkpoints', '3', 'sh', '-c', 'echo ran --bogus']);
+  t.equal(fine.status, 0, 'known options, and the program\'s own options after its name, are left alone');
+  t.match(fine.stdout, /^ran --bogus$/m);
+});
