@@ -5,7 +5,7 @@
  */
 import fs from 'node:fs';
 import { sys, errnoNow } from '../lib/libc.js';
-import { errno } from '../lib/errors.js';
+import { errno, CkptError } from '../lib/errors.js';
 import { PT, PTRACE_EVENT, WALL, WNOHANG, decodeWaitStatus, getEventMsg, getRegs, setRegs, type WaitEvent } from '../lib/ptrace.js';
 import { log, logError } from '../lib/log.js';
 
@@ -216,6 +216,21 @@ export class Tracer {
     for (const t of tasks) t.heldSignals = t.heldSignals.filter((s) => s !== sig);
   }
 
+  /**
+   * Read what an event stop says, unless the task was killed since it was
+   * reported (ESRCH: it is no longer in the stop; its exit comes next, and
+   * a child it made reports its own first stop). false then.
+   */
+  private ifAlive(read: () => unknown): boolean {
+    try {
+      read();
+      return true;
+    } catch (e) {
+      if (e instanceof CkptError && e.errno === errno('ESRCH')) return false;
+      throw e;
+    }
+  }
+
   /** A fork, vfork or clone event of `task`: its new task joins the registry. Returns its id. */
   noteFork(task: Task, event: number): number {
     const pid = getEventMsg(task.tid);
@@ -414,11 +429,11 @@ export class Tracer {
       case PTRACE_EVENT.FORK:
       case PTRACE_EVENT.VFORK:
       case PTRACE_EVENT.CLONE:
-        if (!task.forkNoted) this.noteFork(task, ev.event);
+        if (!task.forkNoted && !this.ifAlive(() => this.noteFork(task, ev.event))) return;
         this.resume(task);
         return;
       case PTRACE_EVENT.EXEC:
-        this.noteExec(task);
+        if (!this.ifAlive(() => this.noteExec(task))) return;
         this.resume(task);
         return;
       case PTRACE_EVENT.STOP:
