@@ -31,15 +31,16 @@ import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { captureEvent, makeEvent, addWatches, addMovedWatch, watchesFile, type EventState } from './events.js';
 import { captureOwners, restoreOwners, hasOwner, ownerSchema, type OwnerState } from './fown.js';
 import { captureLocks, restoreLocks, lockSchema, type LockState } from './locks.js';
-import { UnixSockets, sockName, peerCredOf, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, type Orphan, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
+import { UnixSockets, sockName, sockSelf, peekQueue, peekDatagrams, waitingClients, waitingOn, linkSockets, sockDependents, holderOf, printable, type SockFix, type Orphan, soloSockFields, sockPairSchema, type SockPairState, type SoloSockState, type Place } from './unixsock.js';
 import { peekWithFds, peekDatagramsWithFds } from './inflight.js';
 import { sharedTables, refuseInFlight, unknownKind, statelessDevice, capturePidfd, makePidfd, treeMember, nsLevel, makeDeletedDir, makeDeletedDevice, type PidfdState, type DeletedDevice } from './fdkinds.js';
 import { inTaskRoot } from './attrs.js';
 import { TtyCapture, TtyRestore, isPtyDevice, ptySchema, terminalSchema, ttyDescFields, type TtyDesc, type PtyState, type TerminalState } from './tty.js';
-import { captureNetSock, makeNetSock, netSockSchema, NetDiag, captureSockOpts, addSockOpts, knownOpt, sockOptsSchema, type NetSockState, type SockOpt } from './netdgram.js';
+import { captureNetSock, makeNetSock, netSockSchema, NetDiag, addSockOpts, knownOpt, sockOptsSchema, type NetSockState, type SockOpt } from './netdgram.js';
 import { TcpCapture, TcpRestore, silenceLiveTcp, tcpFields, type TcpState } from './tcp.js';
 import { eventSchema } from './events.js';
 import { refuseUring } from './aio.js';
+import { parseCreds } from './process.js';
 import { captureNotify, findWatchedGhosts, makeNotify, addMarks, notifySchema, type NotifyState } from './notify.js';
 import { z, int, id, fd, path, openFlags, base64, dec63, MANY, PID_MAX, type Same } from '../../lib/schema.js';
 
@@ -209,10 +210,6 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
     const c = msgCreds(msgs);
     if (c) (p.msgCreds ??= [[], []])[end] = c;
   };
-  const withCred = (pid: number, fd: number) => {
-    const cred = peerCredOf(pid, fd, procSet, level);
-    return cred ? { cred } : {};
-  };
   // A table several processes share is listed once, by its owner.
   const tableOf = sharedTables(procs, others.pids, (p) => Number(readStat(p).field(4)));
   const probes: FdProbe[] = [];
@@ -275,7 +272,8 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
       if (!info) throw unsupported(pid, fd, `${target}: a socket that is not a unix socket`);
       const name = sockName(pid, fd, info.name, info.fileIno);
       const peer = info.peer ? diag.get(info.peer) : undefined;
-      const opts = unixOpts(pid, fd, info.type); // (before any peek: its peek offset is one of them)
+      const { opts, cred } = sockSelf(pid, fd, info.type, procSet, level); // (before any peek: its peek offset is one of its options)
+      const withCred = cred ? { cred } : {};
       const listenerOf = (pendingOf ??= waitingClients(diag)).get(ino);
       // A pair (its other end may be outside: refused below); a datagram
       // socket connected to its own name is one socket, below.
@@ -293,22 +291,21 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         table.descs.push({ id, kind: 'unix', pair, end, flags });
         if (!sockHolders.has(ino)) {
           sockHolders.set(ino, { pid, fd });
-          const c = peerCredOf(pid, fd, procSet, level);
-          if (c) (table.socks[pair].creds ??= [c, c])[end] = c;
+          if (cred) (table.socks[pair].creds ??= [cred, cred])[end] = cred;
         }
       } else if (info.state === 10) {
         refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
         // Connections not yet accepted: their clients connect again, in order, once it listens.
         const waiting = info.rqueue ? waitingOn(pid, fd, target, info, diag) : undefined;
         if (waiting) sockFix.push({ desc: id, waiting });
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...withCred(pid, fd), ...name });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, backlog: info.wqueue, ...withCred, ...name });
       } else if (listenerOf !== undefined) {
         // The client of a connection not yet accepted: connected again to its listener, after it.
         refuseInFlight(pid, fd, target, readFdinfo(pid, fd));
         sockFix.push({ desc: id, pendingOn: listenerOf });
-        const st = statusOf(pid);
-        const connectAs = { pid: nsPids(pid)[level] ?? 0, uid: Number(st.get('Uid')?.split(/\s+/)[1] ?? 0), gid: Number(st.get('Gid')?.split(/\s+/)[1] ?? 0) };
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...withCred(pid, fd), connectAs, ...name });
+        const ids = parseCreds(statusOf(pid));
+        const connectAs = { pid: nsPids(pid)[level] ?? 0, uid: ids.uid[1] ?? 0, gid: ids.gid[1] ?? 0 };
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, ...(info.shutdown ? { shutdown: info.shutdown } : {}), ...withCred, connectAs, ...name });
       } else if (info.hasPeer && !info.peer) {
         // Its peer is gone: a stream reads what it has, then EOF; a datagram one sends into nothing.
         // Files in flight in its messages (not a stream's: where they attach in the bytes
@@ -319,7 +316,7 @@ export function captureFiles(procs: number[], outside: number[], statusOf: (pid:
         // (An empty datagram at the head reads as a queue of 0 bytes: only a stream's length is all of it.)
         const got = (info.rqueue || info.type !== SOCK_STREAM) && !flies ? peekQueue(pid, fd) : undefined;
         const queue = got?.map((m) => m.data.toString('base64'));
-        table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...withCred(pid, fd), ...msgCredsOf(got ?? []), ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
+        table.descs.push({ id, kind: 'usock', type: info.type, flags, peerGone: true, ...withCred, ...msgCredsOf(got ?? []), ...(queue?.length ? { queue } : {}), ...(info.shutdown && info.type === SOCK_DGRAM ? { shutdown: info.shutdown } : {}), ...name });
       } else if (info.state === 7 || info.type === SOCK_DGRAM) {
         // Not connected (bound or not), or a datagram one connected to a
         // named socket (in the tree or not: /dev/log...) that is not
@@ -1137,16 +1134,6 @@ function moveFd(r: Remote, from: bigint, to: number, cloexec: boolean, then?: (b
   } else b.add('restart:files', SYS.fcntl, to, F_SETFD, cloexec ? 1 : 0);
   then?.(b);
   b.run();
-}
-
-/** A unix socket's options that differ from a new socket's of its type (netdgram.ts keeps the table). */
-function unixOpts(pid: number, fd: number, type: number): SockOpt[] {
-  const fresh = sys.socket(1 /* AF_UNIX */, type | O_CLOEXEC, 0);
-  try {
-    return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => captureSockOpts(mine, fresh, 1, type, 0), 'socket fd');
-  } finally {
-    fs.closeSync(fresh);
-  }
 }
 
 /** Give `to` the open file that `from` holds: a dup in one process, pidfd_getfd across two. */

@@ -41,6 +41,9 @@ import { sys, SYS, addressOf, errnoNow } from '../../lib/libc.js';
 import { inTaskRoot } from './attrs.js';
 import { unixSockets, type UnixSockInfo } from '../../lib/sockdiag.js';
 import { getsockopt, getsockoptInt } from '../../lib/netsock.js';
+import { readStatus } from '../../lib/proc.js';
+import { parseCreds, type Creds } from './process.js';
+import { captureSockOpts, type SockOpt } from './netdgram.js';
 import { CallBatch, type Remote } from '../../supervisor/remote.js';
 import { withTraceeFd } from '../../supervisor/callerfd.js';
 import { z, int, id, pid0, base64, path as pathSchema, MANY, type Same } from '../../lib/schema.js';
@@ -51,7 +54,7 @@ import type { FilesTable } from './files.js';
 const AF_UNIX = 1, SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000, SOCK_NONBLOCK = 0o4000, EADDRINUSE = 98, EINPROGRESS = 115;
 const O_PATH = 0o10000000, O_DIRECTORY = 0o200000, O_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1, SO_TYPE = 3, SO_PEERCRED = 17, SO_PEERGROUPS = 59, SOCK_STREAM = 1, POLLIN = 1, POLLHUP = 0x10, POLLRDHUP = 0x2000, SO_PEEK_OFF = 42, MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
-const SYS_rename = 82, SYS_chmod = 90, SYS_lchown = 94, SYS_recvfrom = 45, SYS_sendto = 44, SYS_chdir = 80, SYS_fchdir = 81, SYS_mkdir = 83, SYS_rmdir = 84, SYS_shutdown = 48, SYS_socket = 41, SYS_connect = 42, SYS_bind = 49, SYS_listen = 50, SYS_socketpair = 53, SYS_unlink = 87, SYS_accept4 = 288, SYS_setresuid = 117, SYS_setresgid = 119, SYS_setgroups = 116;
+const SYS_rename = 82, SYS_chmod = 90, SYS_lchown = 94, SYS_sendto = 44, SYS_chdir = 80, SYS_fchdir = 81, SYS_mkdir = 83, SYS_rmdir = 84, SYS_shutdown = 48, SYS_socket = 41, SYS_connect = 42, SYS_bind = 49, SYS_listen = 50, SYS_socketpair = 53, SYS_unlink = 87, SYS_accept4 = 288, SYS_setresuid = 117, SYS_setresgid = 119, SYS_setgroups = 116;
 
 /**
  * A socket's name as the kernel keeps it, and, for a path, whether the
@@ -293,16 +296,30 @@ export function linkSockets(table: FilesTable, fixes: SockFix[], descs: Map<numb
   }
 }
 
-/** A socket's SO_PEERCRED (undefined: none, not connected nor listening); `tree`: its processes (host pids), at `level`. */
-export function peerCredOf(pid: number, fd: number, tree: Set<number>, level: number): PeerCred | undefined {
+/**
+ * What a unix socket says of itself, from one copy of its descriptor: its
+ * SO_PEERCRED (none: not connected nor listening) and its options that
+ * differ from a new socket's of its type (read before any peek: its peek
+ * offset is one of them). `tree`: the tree's processes (host pids), at `level`.
+ */
+export function sockSelf(pid: number, fd: number, type: number, tree: Set<number>, level: number): { cred?: PeerCred; opts: SockOpt[] } {
   return withTraceeFd(pid, fd, 'checkpoint:files', (mine) => {
+    const opts = captureSockOpts(mine, freshSocket(type), AF_UNIX, type, 0);
     const b = getsockopt(mine, SOL_SOCKET, SO_PEERCRED, 12);
-    if (typeof b === 'number' || b.length < 12 || b.readInt32LE(0) <= 0) return undefined;
+    if (typeof b === 'number' || b.length < 12 || b.readInt32LE(0) <= 0) return { opts };
     const host = b.readInt32LE(0);
     const g = getsockopt(mine, SOL_SOCKET, SO_PEERGROUPS, 4 * 65536);
     const groups = typeof g === 'number' ? [] : [...Array(g.length >> 2).keys()].map((i) => g.readUInt32LE(4 * i));
-    return { pid: tree.has(host) ? (nsPids(host)[level] ?? 0) : 0, uid: b.readUInt32LE(4), gid: b.readUInt32LE(8), ...(groups.length ? { groups } : {}) };
+    return { opts, cred: { pid: tree.has(host) ? (nsPids(host)[level] ?? 0) : 0, uid: b.readUInt32LE(4), gid: b.readUInt32LE(8), ...(groups.length ? { groups } : {}) } };
   }, 'socket fd');
+}
+
+/** A new unix socket of each type, made once: what a socket's options are compared with (the kernel's defaults). */
+const fresh = new Map<number, number>();
+function freshSocket(type: number): number {
+  let f = fresh.get(type);
+  if (f === undefined) fresh.set(type, (f = sys.socket(AF_UNIX, type | SOCK_CLOEXEC, 0)));
+  return f;
 }
 
 /**
@@ -615,7 +632,7 @@ export class UnixSockets {
   /** Run `fn` while process `pid` acts with the effective ids of `cred`. */
   private withIds<T>(pid: number, cred: PeerCred | undefined, fn: () => T): T {
     if (!cred) return fn();
-    const ids = effectiveIds(this.ctx.host(pid));
+    const ids = idsOf(this.ctx.host(pid));
     const groups = cred.groups ?? [];
     const sameGroups = sameSet(ids.groups, groups);
     if (ids.uid[1] === cred.uid && ids.gid[1] === cred.gid && sameGroups) return fn();
@@ -861,15 +878,16 @@ function sendTo(host: number, fd: number | bigint, to: string, data: Buffer, pid
   }, 'socket fd');
 }
 
-/** A task's uids and gids (real, effective, saved, fs) and effective capabilities, from its status. */
-export function effectiveIds(host: number): { uid: number[]; gid: number[]; groups: number[]; capEff: bigint } {
-  const st = fs.readFileSync(`/proc/${host}/status`, 'utf8');
-  const line = (k: string) => (new RegExp(`^${k}:[ \\t]*(.*)$`, 'm').exec(st)?.[1] ?? '').trim();
-  const ids = (k: string) => line(k).split(/\s+/).map(Number);
-  return { uid: ids('Uid'), gid: ids('Gid'), groups: line('Groups') ? ids('Groups') : [], capEff: BigInt('0x' + (line('CapEff') || '0')) };
+/** A task's credentials (uids and gids: real, effective, saved, fs; groups) and effective capabilities. */
+function idsOf(host: number): Creds & { capEff: bigint } {
+  const st = readStatus(host);
+  return { ...parseCreds(st), capEff: BigInt('0x' + (st.get('CapEff') || '0')) };
 }
 
-const sameSet = (a: number[], b: number[]) => a.length === b.length && [...a].sort().every((x, i) => x === [...b].sort()[i]);
+const sameSet = (a: number[], b: number[]) => {
+  const x = [...a].sort(), y = [...b].sort();
+  return x.length === y.length && x.every((v, i) => v === y[i]);
+};
 
 const CAP_SETGID = 6n, CAP_SETUID = 7n;
 
@@ -884,7 +902,7 @@ export function checkPeerCreds(table: FilesTable, live: (pid: number) => number 
   for (const c of creds) {
     const host = c?.pid ? live(c.pid) : undefined;
     if (!c || host === undefined) continue;
-    const ids = effectiveIds(host);
+    const ids = idsOf(host);
     if (ids.uid[1] === c.uid && ids.gid[1] === c.gid && sameSet(ids.groups, c.groups ?? [])) continue;
     const can = (ids.capEff >> CAP_SETUID) & (ids.capEff >> CAP_SETGID) & 1n;
     if (!can || (ids.uid[1] !== ids.uid[0] && ids.uid[1] !== ids.uid[2])) {
